@@ -1,0 +1,109 @@
+"""The result of running the model on one study: the small typed object that the worker hands
+to the report builders (DICOM SR in ``gateway``, FHIR in ``fhir_mappings``).
+
+It carries identifiers and numbers only, never pixel data, so it can be stored as JSON and
+rebuilt later (for a re-delivery or an amendment) without touching the images again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model that produced a finding (from the model artifact)."""
+
+    name: str
+    version: str
+    content_hash: str  # hex sha256 of the artifact's weights; changes whenever the model does
+    manufacturer: str = "cxr-gateway project"
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """A DICOM image the finding was computed from (or that was declined)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class DeclinedImage:
+    """An image of the study that was not used, with the reason recorded for the audit log."""
+
+    image: SourceImage
+    reason: str  # e.g. "lateral view", "body part is KNEE", "out of distribution (score 3.2)"
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """Patient and study attributes copied from the source images (PHI: never log these)."""
+
+    study_instance_uid: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""  # DICOM DA, YYYYMMDD or ""
+    patient_sex: str = ""  # "M", "F", "O" or ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_date: str = ""  # DICOM DA
+    study_time: str = ""  # DICOM TM
+    study_description: str = ""
+    referring_physician_name: str = ""
+
+
+@dataclass(frozen=True)
+class StudyFinding:
+    """One finding per study version.
+
+    ``probability`` is the calibrated probability of pneumonia; ``present`` is the decision at
+    the model's operating threshold. Both are None when no image of the study could be used
+    ("no result"); ``declined`` then says why.
+    """
+
+    study: StudyContext
+    model: ModelInfo
+    probability: float | None
+    present: bool | None
+    images: tuple[SourceImage, ...]  # the images the finding came from
+    declined: tuple[DeclinedImage, ...] = ()
+    rule: str = "maximum probability over the frontal chest images"
+    report_id: str = ""  # our stable identifier of this report (study uid + version)
+    version: int = 1  # study version; > 1 means this report amends an earlier one
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+    @property
+    def has_result(self) -> bool:
+        return self.probability is not None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StudyFinding:
+        def image(d: dict[str, Any]) -> SourceImage:
+            return SourceImage(**d)
+
+        return cls(
+            study=StudyContext(**data["study"]),
+            model=ModelInfo(**data["model"]),
+            probability=data["probability"],
+            present=data["present"],
+            images=tuple(image(d) for d in data["images"]),
+            declined=tuple(
+                DeclinedImage(image=image(d["image"]), reason=d["reason"])
+                for d in data["declined"]
+            ),
+            rule=data["rule"],
+            report_id=data["report_id"],
+            version=data["version"],
+            created_at=dt.datetime.fromisoformat(data["created_at"]),
+        )
