@@ -1,0 +1,364 @@
+"""Build the DICOM Structured Report of a finding (pure: no network, no files).
+
+The report is a highdicom TID 1500 Measurement Report in a Comprehensive SR, placed in a new
+series of the SOURCE study, and follows the IHE AI Results (AIR) profile:
+
+- Procedure Reported is the imaging procedure (the source's Procedure Code Sequence when it
+  carries a standard code, else SNOMED CT 399208008 "Plain X-ray of chest"), never the algorithm.
+- The algorithm appears in the Contributing Equipment Sequence (manufacturer, model name,
+  software version, and a Device UID derived from the model's content hash, so it changes
+  whenever the model does), as the device observer, and as TID 4019 Algorithm Identification.
+- One TID 1501 measurement group: finding type SNOMED CT 233604007 Pneumonia, a qualitative
+  evaluation Pneumonia = Present / Absent (CID 240), the calibrated probability as a numeric
+  measurement (DCM 122157 "Probability", UCUM "1"), and the source images.
+- Verification Flag UNVERIFIED, Completion Flag COMPLETE, Preliminary Flag FINAL.
+
+"No result" (every image declined): an SR is still produced, stating Pneumonia = Undetermined
+(SNOMED CT 373068000, CID 240) with no probability, referencing the examined images. The PACS
+user then sees that the AI looked at the study and could not assess it, instead of silence.
+
+UIDs are deterministic: the SR's series and SOP Instance UIDs derive from (report_id, version),
+so a re-sent finding overwrites the same object on the PACS instead of adding a second one.
+An amendment (version > 1) names the SR it replaces in the Predecessor Documents Sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import ComprehensiveSRStorage
+from pydicom.valuerep import validate_value
+
+from inference.finding import ModelInfo, StudyFinding
+
+# Codes (all from standard coding schemes, so dciodvfy has nothing to warn about).
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+PRESENT = Code("52101004", "SCT", "Present")  # CID 240 Present-Absent
+ABSENT = Code("2667000", "SCT", "Absent")  # CID 240 (272519000 is the code it replaced)
+UNDETERMINED = Code("373068000", "SCT", "Undetermined")  # CID 240
+PROBABILITY = Code("122157", "DCM", "Probability")
+UNITLESS = Code("1", "UCUM", "no units")
+CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain X-ray of chest")
+
+SR_SOP_CLASS_UID = ComprehensiveSRStorage
+SR_SERIES_NUMBER = 9901  # a high number keeps the AI series after the acquired ones in viewers
+SERIES_DESCRIPTION = "AI pneumonia finding (UNVERIFIED)"
+
+# A fixed namespace makes every derived UID reproducible across processes and hosts.
+_NAMESPACE = uuid.UUID("6f1c2b1e-3f0a-5b7e-9a61-2c5d0e8f4a10")
+
+# Patient and study attributes copied from the source (type 2 ones are written empty when the
+# source lacks them or holds an invalid value: real inputs are imperfect, the SR must not be).
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_TYPE3_COPIED = ("IssuerOfPatientID", "StudyDescription", "PatientAge", "SpecificCharacterSet")
+_CONTEXT_FALLBACK = {
+    "PatientName": "patient_name",
+    "PatientID": "patient_id",
+    "IssuerOfPatientID": "issuer_of_patient_id",
+    "PatientBirthDate": "patient_birth_date",
+    "PatientSex": "patient_sex",
+    "AccessionNumber": "accession_number",
+    "StudyID": "study_id",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "StudyDescription": "study_description",
+    "ReferringPhysicianName": "referring_physician_name",
+}
+
+
+class SRBuildError(ValueError):
+    """The finding and its source headers cannot make a valid SR (bad input, not a bug)."""
+
+    def __init__(self, message: str, *, study_instance_uid: str = "") -> None:
+        super().__init__(f"{message} (study {study_instance_uid})" if study_instance_uid else message)
+        self.study_instance_uid = study_instance_uid
+
+
+@dataclass(frozen=True)
+class SRReference:
+    """Where an SR lives: enough to reference it (e.g. as the predecessor of an amendment)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = SR_SOP_CLASS_UID
+
+
+def uid_from(*parts: str) -> str:
+    """A deterministic DICOM UID under the 2.25 root (PS3.5 B.2) from the given strings."""
+    name = "\x1f".join(parts)
+    return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+def device_uid(model: ModelInfo) -> str:
+    """The algorithm's Device UID: the same for the same weights, new for any new model."""
+    return uid_from("device", model.name, model.content_hash)
+
+
+def sr_reference(*, study_instance_uid: str, report_id: str, version: int) -> SRReference:
+    """The UIDs the SR of ``(report_id, version)`` has (or will have) in ``study_instance_uid``.
+
+    The integrator uses it to name the predecessor of an amendment without storing the SR.
+    """
+    key = report_id or study_instance_uid
+    return SRReference(
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=uid_from("sr-series", key, str(version)),
+        sop_instance_uid=uid_from("sr-instance", key, str(version)),
+    )
+
+
+def build_sr(
+    finding: StudyFinding,
+    sources: Sequence[Dataset],
+    *,
+    replaces: SRReference | Sequence[SRReference] | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """Build the SR of one finding.
+
+    ``sources`` are the headers (read with ``stop_before_pixels``) of the study's images: at
+    least every image in ``finding.images`` (or, for "no result", in ``finding.declined``);
+    other headers are ignored. ``replaces`` names the SR(s) an amendment replaces; it is
+    required when ``finding.version > 1``.
+
+    Returns a highdicom ``ComprehensiveSR`` (a pydicom Dataset with file meta, ready for
+    ``save_as`` or C-STORE). Raises ``SRBuildError`` for inconsistent input: no source image,
+    a source from another study, a used image whose header is missing, a missing predecessor.
+    """
+    study_uid = finding.study.study_instance_uid
+    if not study_uid:
+        raise SRBuildError("finding has no Study Instance UID")
+    if finding.has_result != (finding.present is not None):
+        raise SRBuildError("probability and present must be both set or both None", study_instance_uid=study_uid)
+    if finding.probability is not None and not 0.0 <= finding.probability <= 1.0:
+        raise SRBuildError(f"probability {finding.probability} is outside [0, 1]", study_instance_uid=study_uid)
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    for ds in sources:
+        if str(ds.get("StudyInstanceUID", "")) != study_uid:
+            raise SRBuildError(
+                f"source {ds.get('SOPInstanceUID', '?')} belongs to another study",
+                study_instance_uid=study_uid,
+            )
+    examined = finding.images if finding.has_result else tuple(d.image for d in finding.declined)
+    if not examined:
+        raise SRBuildError("finding references no image", study_instance_uid=study_uid)
+    missing = [im.sop_instance_uid for im in examined if im.sop_instance_uid not in by_uid]
+    if missing:
+        raise SRBuildError(f"no source header for images {missing}", study_instance_uid=study_uid)
+
+    predecessors = _as_list(replaces)
+    if finding.version > 1 and not predecessors:
+        raise SRBuildError(
+            f"version {finding.version} is an amendment and must name the SR it replaces",
+            study_instance_uid=study_uid,
+        )
+
+    evidence = [_evidence_header(by_uid[im.sop_instance_uid], finding) for im in examined]
+    ref = sr_reference(study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version)
+    dev_uid = device_uid(finding.model)
+    procedure = _procedure_reported([by_uid[im.sop_instance_uid] for im in examined])
+    content = _measurement_report(finding, evidence, dev_uid, procedure)
+
+    created = finding.created_at
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=ref.series_instance_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=ref.sop_instance_uid,
+        instance_number=finding.version,
+        manufacturer=finding.model.manufacturer,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        previous_versions=[_predecessor_header(p) for p in predecessors] or None,
+        contributing_equipment=[_algorithm_equipment(finding.model, dev_uid, created)],
+        series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=finding.model.name,
+        software_versions=finding.model.version,
+        content_date=created.date(),
+        content_time=created.time().replace(tzinfo=None),
+        series_date=created.date(),
+        series_time=created.time().replace(tzinfo=None),
+    )
+    sr.DeviceUID = dev_uid
+    # Instance creation time follows the finding, so the same finding gives the same object.
+    sr.InstanceCreationDate = created.strftime("%Y%m%d")
+    sr.InstanceCreationTime = created.strftime("%H%M%S")
+    return sr
+
+
+def _as_list(replaces: SRReference | Sequence[SRReference] | None) -> list[SRReference]:
+    if replaces is None:
+        return []
+    if isinstance(replaces, SRReference):
+        return [replaces]
+    return list(replaces)
+
+
+def _predecessor_header(ref: SRReference) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = ref.study_instance_uid
+    ds.SeriesInstanceUID = ref.series_instance_uid
+    ds.SOPInstanceUID = ref.sop_instance_uid
+    ds.SOPClassUID = ref.sop_class_uid
+    return ds
+
+
+def _valid(keyword: str, value: object) -> bool:
+    try:
+        validate_value(dictionary_VR(keyword), value, pydicom_config.RAISE)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def _evidence_header(src: Dataset, finding: StudyFinding) -> Dataset:
+    """A small, clean copy of a source header: the UIDs and image size the SR references,
+    and the patient/study attributes it copies, with invalid values dropped (e.g. a Patient's
+    Age of "81", which is not a valid AS and would make the SR itself invalid)."""
+    ds = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
+        ds[kw] = src[kw] if kw in src else None
+        if kw not in src:
+            raise SRBuildError(f"source header lacks {kw}", study_instance_uid=finding.study.study_instance_uid)
+    # highdicom's image library adds TID 1603 projection descriptors (orientation, imager
+    # pixel spacing) when Modality is CR/DX. Offer them only when the source has usable
+    # values (RG1's spacing is zero); otherwise a neutral Modality skips the descriptors.
+    # Modality here only steers the library: the SR's own Modality is always SR.
+    orientation = src.get("PatientOrientation")
+    spacing = src.get("ImagerPixelSpacing")
+    if (
+        orientation is not None
+        and len(orientation) == 2
+        and all(orientation)
+        and spacing is not None
+        and len(spacing) == 2
+        and all(float(v) > 0 for v in spacing)
+    ):
+        ds.Modality = src.get("Modality", "OT")
+        ds.PatientOrientation = orientation
+        ds.ImagerPixelSpacing = spacing
+    else:
+        ds.Modality = "OT"
+    for kw in (*_TYPE2_COPIED, *_TYPE3_COPIED):
+        value = src.get(kw)
+        if value in (None, "") and kw in _CONTEXT_FALLBACK:
+            value = getattr(finding.study, _CONTEXT_FALLBACK[kw]) or None
+        if kw == "PatientSex" and value not in ("M", "F", "O"):
+            value = None
+        if value not in (None, "") and _valid(kw, str(value) if kw != "SpecificCharacterSet" else value):
+            setattr(ds, kw, value)
+        elif kw in _TYPE2_COPIED:
+            setattr(ds, kw, "")
+    return ds
+
+
+def _algorithm_equipment(model: ModelInfo, dev_uid: str, created: object) -> hd.ContributingEquipment:
+    item = hd.ContributingEquipment(
+        manufacturer=model.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        device_serial_number=_short_hash(model.content_hash),
+        contribution_description="AI pneumonia detection on frontal chest radiographs",
+    )
+    item.DeviceUID = dev_uid
+    return item
+
+
+def _short_hash(content_hash: str) -> str:
+    # LO holds 64 characters: a sha256 hex fits exactly; anything else is hashed to fit.
+    if len(content_hash) <= 64:
+        return content_hash
+    return hashlib.sha256(content_hash.encode()).hexdigest()
+
+
+def _procedure_reported(sources: Iterable[Dataset]) -> list[Code]:
+    """AIR: the procedure reported is the imaging procedure. Use the source's own code when it
+    is from a standard scheme; a private ("99...") code would draw warnings and mean little."""
+    for src in sources:
+        for item in src.get("ProcedureCodeSequence", []):
+            scheme = str(item.get("CodingSchemeDesignator", ""))
+            value = str(item.get("CodeValue", ""))
+            meaning = str(item.get("CodeMeaning", ""))
+            if value and meaning and scheme in ("LN", "SCT", "DCM", "RADLEX", "RADLEX_PLAYBOOK"):
+                return [Code(value, scheme, meaning)]
+    return [CHEST_RADIOGRAPH]
+
+
+def _measurement_report(
+    finding: StudyFinding, evidence: Sequence[Dataset], dev_uid: str, procedure: list[Code]
+) -> hd.sr.MeasurementReport:
+    model = finding.model
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"threshold={model.threshold:g}", f"sha256={model.content_hash}", f"rule={finding.rule}"],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=dev_uid,
+            name=model.name,
+            manufacturer_name=model.manufacturer,
+            model_name=f"{model.name} {model.version}",
+        ),
+    )
+    if finding.present is None:
+        value = UNDETERMINED
+    else:
+        value = PRESENT if finding.present else ABSENT
+    measurements = None
+    if finding.probability is not None:
+        measurements = [
+            hd.sr.Measurement(
+                name=PROBABILITY,
+                value=round(float(finding.probability), 6),
+                unit=UNITLESS,
+                algorithm_id=algorithm,
+            )
+        ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid_from("tracking", finding.report_id or finding.study.study_instance_uid, "pneumonia"),
+            identifier="AI pneumonia finding",
+        ),
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=PNEUMONIA, value=value)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            )
+            for ds in evidence
+        ],
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        imaging_measurements=[group],
+        referenced_images=list(evidence),
+    )
