@@ -1,0 +1,202 @@
+"""One function per FHIR R4 resource of the report: plain JSON dicts, validated elsewhere.
+
+References between the resources of a bundle are ``urn:uuid:`` full URLs that the server
+replaces with the ids it assigns (or finds, for a conditional create that matched).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fhir_mappings import codes
+from fhir_mappings.config import FhirMappingConfig
+from fhir_mappings.dates import instant, study_datetime
+from fhir_mappings.summary import conclusion_text, summary_text
+from inference.finding import StudyFinding
+
+Json = dict[str, Any]
+
+
+def identifier(system: str, value: str, **extra: Any) -> Json:
+    return {"system": system, "value": value, **extra} if system else {"value": value, **extra}
+
+
+def dicom_uid(uid: str) -> Json:
+    """A DICOM UID as a FHIR Identifier (system urn:dicom:uid, value urn:oid:...)."""
+    return {"system": codes.DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}
+
+
+def imaging_study_reference(finding: StudyFinding) -> Json:
+    """Logical reference to the ImagingStudy by Study Instance UID (the EHR may not hold one)."""
+    return {
+        "type": "ImagingStudy",
+        "identifier": dicom_uid(finding.study.study_instance_uid),
+        "display": "Source imaging study",
+    }
+
+
+def ai_meta() -> Json:
+    """AI Transparency on FHIR: label the resource as asserted by an AI."""
+    return {"security": [codes.AI_ASSERTED]}
+
+
+def device(finding: StudyFinding, config: FhirMappingConfig) -> Json:
+    """The algorithm as a Device; identified by the model's content hash (new model, new Device)."""
+    m = finding.model
+    return {
+        "resourceType": "Device",
+        "identifier": [identifier(config.device_identifier_system, m.content_hash)],
+        "status": "active",
+        "manufacturer": m.manufacturer,
+        "deviceName": [{"name": m.name, "type": codes.DEVICE_NAME_TYPE}],
+        "type": {"text": "AI algorithm: pneumonia detection on chest radiographs"},
+        "version": [{"value": m.version}],
+        "note": [{"text": f"Operating threshold {m.threshold:.4f}; sha256 {m.content_hash}"}],
+    }
+
+
+def _observation_base(
+    finding: StudyFinding,
+    config: FhirMappingConfig,
+    *,
+    obs_id: str,
+    subject: Json,
+    device_url: str,
+    status: str,
+) -> Json:
+    obs: Json = {
+        "resourceType": "Observation",
+        "meta": ai_meta(),
+        "identifier": [identifier_for(finding, config, obs_id)],
+        "status": status,
+        "category": [{"coding": [codes.IMAGING_CATEGORY]}],
+        "subject": subject,
+        "issued": instant(finding.created_at),
+        "device": {"reference": device_url},
+        "derivedFrom": [imaging_study_reference(finding)],
+    }
+    effective = study_datetime(finding.study.study_date, finding.study.study_time, config.timezone)
+    if effective:
+        obs["effectiveDateTime"] = effective
+    return obs
+
+
+def identifier_for(finding: StudyFinding, config: FhirMappingConfig, suffix: str) -> Json:
+    """Our stable identifier of one resource of this study's report (same for every version)."""
+    uid = finding.study.study_instance_uid
+    return identifier(config.report_identifier_system, f"{uid}/{suffix}" if suffix else uid)
+
+
+def probability_observation(
+    finding: StudyFinding,
+    config: FhirMappingConfig,
+    *, subject: Json, device_url: str, status: str
+) -> Json:
+    """The calibrated probability of pneumonia, in percent (UCUM ``%``)."""
+    assert finding.probability is not None
+    obs = _observation_base(
+        finding, config, obs_id="probability", subject=subject, device_url=device_url, status=status
+    )
+    obs["code"] = {"coding": [codes.PROBABILITY_CODE], "text": "Probability of pneumonia (AI)"}
+    obs["valueQuantity"] = {"value": round(finding.probability * 100, 2), **codes.PERCENT}
+    obs["method"] = {"text": f"{finding.model.name} {finding.model.version}; {finding.rule}"}
+    obs["note"] = [{"text": f"Operating threshold {finding.model.threshold * 100:.1f} %"}]
+    return obs
+
+
+def finding_observation(
+    finding: StudyFinding,
+    config: FhirMappingConfig,
+    *, subject: Json, device_url: str, status: str, probability_url: str
+) -> Json:
+    """Pneumonia present/absent at the model's operating threshold."""
+    obs = _observation_base(
+        finding, config, obs_id="finding", subject=subject, device_url=device_url, status=status
+    )
+    obs["code"] = {"coding": [codes.PNEUMONIA], "text": "Pneumonia (AI finding)"}
+    present = bool(finding.present)
+    obs["valueCodeableConcept"] = {"coding": [codes.PRESENT if present else codes.ABSENT]}
+    obs["interpretation"] = [{"coding": [codes.POSITIVE if present else codes.NEGATIVE]}]
+    obs["derivedFrom"].append({"reference": probability_url})
+    return obs
+
+
+def diagnostic_report(
+    finding: StudyFinding,
+    config: FhirMappingConfig,
+    *,
+    subject: Json,
+    result_urls: list[str],
+) -> Json:
+    """The DiagnosticReport; ``amended`` from version 2 on."""
+    study = finding.study
+    ids = [identifier_for(finding, config, "")]
+    if finding.report_id:
+        ids.append(identifier(config.report_identifier_system + ":version", finding.report_id))
+    if study.accession_number:
+        ids.insert(
+            0,
+            identifier(
+                config.accession_identifier_system,
+                study.accession_number,
+                type={"coding": [codes.ACCESSION_TYPE]},
+            ),
+        )
+    report: Json = {
+        "resourceType": "DiagnosticReport",
+        "meta": ai_meta(),
+        "identifier": ids,
+        "status": "amended" if finding.version > 1 else "final",
+        "category": [{"coding": codes.CATEGORY_RADIOLOGY}],
+        "code": {
+            "coding": [codes.REPORT_CODE],
+            "text": "AI chest radiograph analysis (pneumonia)",
+        },
+        "subject": subject,
+        "issued": instant(finding.created_at),
+        "imagingStudy": [imaging_study_reference(finding)],
+        "conclusion": conclusion_text(finding),
+        "presentedForm": [
+            {
+                "contentType": "text/plain; charset=utf-8",
+                "language": "en",
+                "data": base64.b64encode(summary_text(finding).encode("utf-8")).decode("ascii"),
+                "title": "AI result summary (unverified)",
+                "creation": instant(finding.created_at),
+            }
+        ],
+    }
+    effective = study_datetime(study.study_date, study.study_time, config.timezone)
+    if effective:
+        report["effectiveDateTime"] = effective
+    if result_urls:
+        report["result"] = [{"reference": u} for u in result_urls]
+    if finding.has_result and finding.present:
+        # Only a positive finding gets a conclusion code: SNOMED CT has no pre-coordinated
+        # "no pneumonia" concept we would trust here; the negative is in the conclusion text
+        # and in the Observation (Absent).
+        report["conclusionCode"] = [{"coding": [codes.PNEUMONIA]}]
+    return report
+
+
+def provenance(
+    finding: StudyFinding,
+    *,
+    target_urls: list[str],
+    device_url: str,
+    tag: Json,
+) -> Json:
+    """AI Transparency on FHIR: the AI Device is author and assembler of the report."""
+    return {
+        "resourceType": "Provenance",
+        "meta": {"tag": [tag]},
+        "target": [{"reference": u} for u in target_urls],
+        "recorded": instant(finding.created_at),
+        "activity": {"coding": [codes.UPDATE if finding.version > 1 else codes.CREATE]},
+        "agent": [
+            {"type": {"coding": [codes.AUTHOR]}, "who": {"reference": device_url}},
+            {"type": {"coding": [codes.ASSEMBLER]}, "who": {"reference": device_url}},
+        ],
+        "entity": [{"role": "source", "what": imaging_study_reference(finding)}],
+    }
