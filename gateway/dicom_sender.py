@@ -1,0 +1,263 @@
+"""C-STORE SCU: send DICOM instances (our SRs, heat-map captures, test files) to one destination.
+
+``send`` makes one association and returns a status per instance; ``send_with_retries`` wraps
+it with bounded retries and exponential backoff, re-sending only what did not succeed. Errors
+are typed so that the caller can record them per destination:
+
+- ``AssociationFailedError``: no connection, association rejected, or aborted by the peer. An
+  abort with no status is what Orthanc does when it does not know the calling AE title, so an
+  abort is reported as such, never as success. Transient: worth retrying.
+- ``StoreFailedError``: the association worked but the peer answered a failure status for at
+  least one instance (``results`` holds every instance's status). Retried only when the
+  failure is of a transient kind (out of resources, processing failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID,
+)
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.status import code_to_category
+
+log = logging.getLogger(__name__)
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Failure statuses a later attempt may clear: 0xA7xx "out of resources", 0x0110 "processing
+# failure", 0x0213 "resource limitation". Everything else (SOP class not supported, dataset does
+# not match, cannot understand) would fail the same way again.
+_TRANSIENT_FAILURES = frozenset({0x0110, 0x0213})
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where to send: the peer's AE title, host and port, and how we call ourselves.
+
+    ``tls``: an ``ssl.SSLContext`` (client side, with the peer's CA loaded; add our certificate
+    for mutual TLS) turns on DICOM TLS (PS3.15 B.1); ``server_hostname`` is checked against the
+    peer certificate when the context checks host names.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "CXRGW"
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    timeout: float = 30.0
+
+    def __str__(self) -> str:
+        scheme = "dicom-tls" if self.tls else "dicom"
+        return f"{scheme}://{self.calling_ae_title}->{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The peer's answer for one instance. ``status`` is None when no answer came."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    status: int | None
+
+    @property
+    def category(self) -> str:
+        """'Success', 'Warning', 'Failure' (or 'No response' when ``status`` is None)."""
+        if self.status is None:
+            return "No response"
+        return str(code_to_category(self.status))
+
+    @property
+    def ok(self) -> bool:
+        """Stored: success, or a warning (e.g. 0xB000 coercion of data elements)."""
+        return self.category in ("Success", "Warning")
+
+
+class DicomSendError(Exception):
+    """A DICOM delivery did not complete. ``destination`` says where it was going."""
+
+    def __init__(self, message: str, *, destination: Destination) -> None:
+        super().__init__(f"{message} [{destination}]")
+        self.destination = destination
+
+
+class AssociationFailedError(DicomSendError):
+    """No usable association: connection refused or timed out, rejected, or aborted."""
+
+    def __init__(
+        self, message: str, *, destination: Destination, results: Sequence[StoreResult] = ()
+    ) -> None:
+        super().__init__(message, destination=destination)
+        self.results = tuple(results)  # instances already answered before an abort
+
+
+class StoreFailedError(DicomSendError):
+    """The peer answered a failure status for at least one instance."""
+
+    def __init__(self, *, destination: Destination, results: Sequence[StoreResult]) -> None:
+        self.results = tuple(results)
+        failed = [r for r in self.results if not r.ok]
+        detail = ", ".join(
+            f"{r.sop_instance_uid}: {'none' if r.status is None else f'0x{r.status:04X}'}"
+            for r in failed
+        )
+        super().__init__(f"C-STORE failed for {len(failed)} instance(s): {detail}", destination=destination)
+
+    @property
+    def failed(self) -> tuple[StoreResult, ...]:
+        return tuple(r for r in self.results if not r.ok)
+
+    @property
+    def transient(self) -> bool:
+        """True when every failure is of a kind that a later attempt may clear."""
+        return all(
+            r.status is None or (r.status & 0xFF00) == 0xA700 or r.status in _TRANSIENT_FAILURES
+            for r in self.failed
+        )
+
+
+Item = Dataset | str | Path
+
+
+def _load(item: Item) -> Dataset:
+    if isinstance(item, Dataset):
+        return item
+    return dcmread(item)
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return UID(meta.TransferSyntaxUID)
+    return ExplicitVRLittleEndian
+
+
+def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
+    """One presentation context per SOP class, proposing the data's own transfer syntax, and
+    both little-endian uncompressed ones for uncompressed data (pynetdicom re-encodes those)."""
+    wanted: dict[str, list[str]] = {}
+    for ds in datasets:
+        syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
+        ts = _transfer_syntax(ds)
+        candidates = [ts]
+        if ts in _UNCOMPRESSED or ts in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
+            candidates += list(_UNCOMPRESSED)
+        for syntax in candidates:
+            if syntax not in syntaxes:
+                syntaxes.append(syntax)
+    if len(wanted) > 128:
+        raise ValueError(f"{len(wanted)} SOP classes exceed the 128 presentation contexts limit")
+    return list(wanted.items())
+
+
+def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Association:
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.connection_timeout = destination.timeout
+    ae.acse_timeout = destination.timeout
+    ae.dimse_timeout = destination.timeout
+    ae.network_timeout = destination.timeout
+    contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(datasets)]
+    tls_args = (destination.tls, destination.server_hostname) if destination.tls else None
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,  # type: ignore[arg-type]
+    )
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        reason = "association rejected (check the called and calling AE titles)"
+    elif assoc.is_aborted:
+        reason = "association aborted by the peer during negotiation"
+    else:
+        reason = "could not connect (peer down, wrong port, TLS failure, or timeout)"
+    raise AssociationFailedError(reason, destination=destination)
+
+
+def send(destination: Destination, items: Sequence[Item]) -> list[StoreResult]:
+    """Send ``items`` (datasets or file paths) over one association; return one result each.
+
+    Raises ``AssociationFailedError`` (cannot associate, or the peer aborted: ``results`` then
+    holds the answers received before the abort) and ``StoreFailedError`` (a failure status;
+    all instances were still attempted and ``results`` holds every answer).
+    """
+    datasets = [_load(item) for item in items]
+    if not datasets:
+        return []
+    assoc = _associate(destination, datasets)
+    results: list[StoreResult] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if "Status" in status else None
+            results.append(StoreResult(str(ds.SOPInstanceUID), str(ds.SOPClassUID), code))
+            if code is None:
+                if assoc.is_aborted:
+                    raise AssociationFailedError(
+                        "association aborted by the peer with no C-STORE status "
+                        "(an unknown calling AE title makes Orthanc do this)",
+                        destination=destination,
+                        results=results,
+                    )
+                # No status without an abort: a DIMSE timeout or an unacceptable context.
+                log.warning("no C-STORE status for %s to %s", ds.SOPInstanceUID, destination)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if any(not r.ok for r in results):
+        raise StoreFailedError(destination=destination, results=results)
+    return results
+
+
+def send_with_retries(
+    destination: Destination,
+    items: Sequence[Item],
+    *,
+    attempts: int = 4,
+    backoff: float = 1.0,
+    max_backoff: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[StoreResult]:
+    """``send`` with at most ``attempts`` tries and exponential backoff (``backoff``, then
+    doubled, capped at ``max_backoff`` seconds). Each retry re-sends only the instances not yet
+    stored. Returns one result per item; raises the last error when every attempt failed or
+    when a failure is permanent (``StoreFailedError`` that is not ``transient``)."""
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    datasets = [_load(item) for item in items]
+    done: dict[str, StoreResult] = {}
+    delay = backoff
+    for attempt in range(1, attempts + 1):
+        pending = [ds for ds in datasets if str(ds.SOPInstanceUID) not in done]
+        try:
+            for r in send(destination, pending):
+                done[r.sop_instance_uid] = r
+            break
+        except (AssociationFailedError, StoreFailedError) as exc:
+            for r in exc.results:
+                if r.ok:
+                    done[r.sop_instance_uid] = r
+            permanent = isinstance(exc, StoreFailedError) and not exc.transient
+            if permanent or attempt == attempts:
+                raise
+            log.warning(
+                "C-STORE attempt %d/%d to %s failed (%s); retrying in %.1f s",
+                attempt, attempts, destination, type(exc).__name__, delay,
+            )
+            sleep(delay)
+            delay = min(delay * 2, max_backoff)
+    return [done[str(ds.SOPInstanceUID)] for ds in datasets]
