@@ -55,7 +55,9 @@ class FhirDeliveryPlan:
     bundle: Json | None = None
 
 
-def patient_identifier(finding: StudyFinding, config: FhirMappingConfig) -> PatientIdentifier | None:
+def patient_identifier(
+    finding: StudyFinding, config: FhirMappingConfig
+) -> PatientIdentifier | None:
     """The patient identifier to resolve in the EHR, or None when the study has none usable.
 
     The system is the configured one; without it, the DICOM Issuer of Patient ID when present.
@@ -67,15 +69,16 @@ def patient_identifier(finding: StudyFinding, config: FhirMappingConfig) -> Pati
     return PatientIdentifier(system=system, value=value)
 
 
-def subject_reference(
-    *, patient_id: str | None, identifier: PatientIdentifier | None
-) -> Json:
+def subject_reference(*, patient_id: str | None, identifier: PatientIdentifier | None) -> Json:
     """``Patient/<id>`` when resolved, else a logical reference by identifier."""
     if patient_id:
         return {"reference": f"Patient/{patient_id}"}
     if identifier is None:
         raise ValueError("either patient_id or identifier is required")
-    return {"type": "Patient", "identifier": {"system": identifier.system, "value": identifier.value}}
+    return {
+        "type": "Patient",
+        "identifier": {"system": identifier.system, "value": identifier.value},
+    }
 
 
 def plan_delivery(

@@ -89,9 +89,7 @@ def identifier_for(finding: StudyFinding, config: FhirMappingConfig, suffix: str
 
 
 def probability_observation(
-    finding: StudyFinding,
-    config: FhirMappingConfig,
-    *, subject: Json, device_url: str, status: str
+    finding: StudyFinding, config: FhirMappingConfig, *, subject: Json, device_url: str, status: str
 ) -> Json:
     """The calibrated probability of pneumonia, in percent (UCUM ``%``)."""
     assert finding.probability is not None
@@ -108,7 +106,11 @@ def probability_observation(
 def finding_observation(
     finding: StudyFinding,
     config: FhirMappingConfig,
-    *, subject: Json, device_url: str, status: str, probability_url: str
+    *,
+    subject: Json,
+    device_url: str,
+    status: str,
+    probability_url: str,
 ) -> Json:
     """Pneumonia present/absent at the model's operating threshold."""
     obs = _observation_base(

@@ -18,10 +18,28 @@ from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
 
 _STATUS = {
-    "DiagnosticReport": {"registered", "partial", "preliminary", "final", "amended", "corrected",
-                         "appended", "cancelled", "entered-in-error", "unknown"},
-    "Observation": {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
-                    "entered-in-error", "unknown"},
+    "DiagnosticReport": {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
+    "Observation": {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
     "Device": {"active", "inactive", "entered-in-error", "unknown"},
 }
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"}

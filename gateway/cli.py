@@ -2,14 +2,143 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import sys
+from typing import Annotated
+
 import typer
+
+from gateway.errors import ConfigurationError
+from gateway.settings import Settings, get_settings
 
 app = typer.Typer(
     name="cxr-gateway",
     help="AI imaging gateway for chest radiographs: DICOM in, DICOM SR and FHIR R4 out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log: list, export, verify.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        typer.echo(f"cxr-gateway: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+@app.command()
+def serve() -> None:
+    """Run the whole gateway (DICOM listener, study assembly, workers) with the settings from
+    CXR_* variables; with none set, embedded defaults (SQLite, a queue needing no server)."""
+    from gateway.service import configure_logging
+    from gateway.service import serve as run
+
+    configure_logging()
+    run(_settings())
+
+
+@app.command()
+def listen() -> None:
+    """Run only the DICOM listener with study assembly and the reconciler (production)."""
+    from gateway.service import configure_logging, run_listener
+
+    configure_logging()
+    run_listener(_settings())
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
+) -> None:
+    """Run a Celery worker that processes completed studies."""
+    from gateway.service import configure_logging, run_worker
+
+    configure_logging()
+    run_worker(_settings(), concurrency=concurrency, pool=pool)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations (safe to repeat)."""
+    from gateway.db.migrate import current_revision, upgrade
+    from gateway.db.session import make_engine
+
+    engine = make_engine(_settings().database)
+    upgrade(engine)
+    typer.echo(f"database at revision {current_revision(engine)}")
+
+
+def _parse_time(value: str | None, option: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time", param_hint=option) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@audit_app.command("list")
+def audit_list(
+    since: Annotated[str | None, typer.Option(help="ISO time, e.g. 2026-11-27T08:00")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time (exclusive)")] = None,
+    kind: Annotated[str | None, typer.Option(help="event kind, or a prefix ending in '.'")] = None,
+    outcome: Annotated[str | None, typer.Option(help="success, warning or failure")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID")] = None,
+    actor: Annotated[str | None, typer.Option(help="AE title, user or process")] = None,
+    peer: Annotated[str | None, typer.Option(help="peer IP address")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """List audit events, most recent first."""
+    from gateway.audit import AuditFilter, event_as_dict, list_events
+    from gateway.db.session import make_engine, make_session_factory
+
+    flt = AuditFilter(
+        since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), kind=kind,
+        outcome=outcome, study_uid=study, actor=actor, peer_address=peer,
+    )
+    sessions = make_session_factory(make_engine(_settings().database))
+    with sessions() as session:
+        events = [event_as_dict(e) for e in list_events(session, flt, limit=limit)]
+    for e in events:
+        if as_json:
+            typer.echo(json.dumps(e, sort_keys=True))
+        else:
+            detail = json.dumps(e["detail"], sort_keys=True) if e["detail"] else ""
+            typer.echo(
+                f"{e['id']:>7} {e['occurred_at'][:23]} {e['kind']:<24} {e['outcome']:<8} "
+                f"{e['actor'] or '-':<16} {e['peer_address'] or '-':<15} "
+                f"{e['study_uid'] or '-'} {detail}"
+            )
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; exit 1 and name the first bad row if broken."""
+    from gateway.audit import verify_chain
+    from gateway.db.session import make_engine, make_session_factory
+
+    sessions = make_session_factory(make_engine(_settings().database))
+    with sessions() as session:
+        result = verify_chain(session)
+    if result.intact:
+        typer.echo(f"audit log intact: {result.checked} events")
+        return
+    typer.echo(
+        f"audit log BROKEN at event {result.first_bad_id}: {result.problem} "
+        f"({result.checked} events verified before it)",
+        err=True,
+    )
+    raise typer.Exit(code=1)
 
 
 def _register_model_commands() -> None:
@@ -22,3 +151,7 @@ def _register_model_commands() -> None:
 def main() -> None:
     _register_model_commands()
     app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

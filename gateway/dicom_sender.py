@@ -206,18 +206,21 @@ def send(destination: Destination, items: Sequence[Item]) -> list[StoreResult]:
             code = int(status.Status) if "Status" in status else None
             results.append(StoreResult(str(ds.SOPInstanceUID), str(ds.SOPClassUID), code))
             if code is None:
-                if assoc.is_aborted:
-                    raise AssociationFailedError(
-                        "association aborted by the peer with no C-STORE status "
-                        "(an unknown calling AE title makes Orthanc do this)",
-                        destination=destination,
-                        results=results,
-                    )
-                # No status without an abort: a DIMSE timeout or an unacceptable context.
-                log.warning("no C-STORE status for %s to %s", ds.SOPInstanceUID, destination)
+                # pynetdicom returns an empty status on an abort, a DIMSE timeout or a lost
+                # connection; the abort flag may not be set yet when it returns, so any
+                # missing status ends this association and is reported as such.
+                what = "aborted by the peer" if assoc.is_aborted else "aborted or timed out"
+                raise AssociationFailedError(
+                    f"association {what} with no C-STORE status for {ds.SOPInstanceUID} "
+                    "(Orthanc aborts like this when it does not know the calling AE title)",
+                    destination=destination,
+                    results=results[:-1],
+                )
     finally:
         if assoc.is_established:
             assoc.release()
+        else:
+            assoc.abort()
     if any(not r.ok for r in results):
         raise StoreFailedError(destination=destination, results=results)
     return results

@@ -184,8 +184,10 @@ class FhirClient:
 
         Raises FhirPatientAmbiguous (several matches), FhirRejected, FhirUnavailable.
         """
-        params = {"identifier": f"{system}|{value}", "_count": "2", "_elements": "id"}
-        response = self._request("GET", "Patient", what="Patient search", params=params)
+        # POST _search: the identifier (PHI) travels in the body, never in a URL that proxies,
+        # server access logs or httpx's own request log would record.
+        form = {"identifier": f"{system}|{value}", "_count": "2"}
+        response = self._request("POST", "Patient/_search", what="Patient search", form=form)
         bundle = response.json()
         ids = [
             e["resource"]["id"]
@@ -255,7 +257,7 @@ class FhirClient:
         path: str,
         *,
         what: str,
-        params: dict[str, str] | None = None,
+        form: dict[str, str] | None = None,
         json_body: dict[str, Any] | None = None,
     ) -> httpx.Response:
         cfg = self.config
@@ -275,7 +277,7 @@ class FhirClient:
             reraise=True,
         )
         try:
-            return retrying(self._attempt, method, path, what, params, json_body)
+            return retrying(self._attempt, method, path, what, form, json_body)
         except _Transient as exc:
             attempts = retrying.statistics.get("attempt_number", cfg.max_attempts)
             log.warning("FHIR %s unavailable after %s attempts: %s", what, attempts, exc)
@@ -290,7 +292,7 @@ class FhirClient:
         method: str,
         path: str,
         what: str,
-        params: dict[str, str] | None,
+        form: dict[str, str] | None,
         json_body: dict[str, Any] | None,
     ) -> httpx.Response:
         headers = {"Content-Type": _FHIR_JSON} if json_body is not None else {}
@@ -300,7 +302,7 @@ class FhirClient:
                 response = self._client().request(
                     method,
                     path,
-                    params=params,
+                    data=form,
                     content=None if json_body is None else json.dumps(json_body).encode(),
                     headers=headers,
                 )

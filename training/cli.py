@@ -1,10 +1,80 @@
-"""Model commands of the ``cxr-gateway`` CLI: train, evaluate, predict (placeholder until written)."""
+"""Model commands of the ``cxr-gateway`` CLI: train, evaluate, predict.
+
+TensorFlow is imported inside the commands only, so that the CLI starts fast for the others.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
+
+
+def _quiet_tensorflow() -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ subfolders")],
+    out: Annotated[Path, typer.Option(help="Output folder (checkpoints, artifact, report)")],
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per member")] = 40,
+    image_size: Annotated[int, typer.Option(help="Model input size in pixels")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, augmentation")] = 42,
+    arch: Annotated[str, typer.Option(help="cnn-s or cnn-m")] = "cnn-s",
+    members: Annotated[int, typer.Option(help="Ensemble members (different seeds)")] = 1,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of patients for validation")] = 0.15,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs")] = 8,
+    aug_strength: Annotated[float, typer.Option(help="Augmentation strength (0 = none)")] = 1.0,
+) -> None:
+    """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
+    _quiet_tensorflow()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from training.train import TrainConfig
+    from training.train import train as run
+
+    command = "cxr-gateway " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = TrainConfig(
+        data=data,
+        out=out,
+        epochs=epochs,
+        image_size=image_size,
+        seed=seed,
+        arch=arch,
+        members=members,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        val_fraction=val_fraction,
+        patience=patience,
+        aug_strength=aug_strength,
+        command=command,
+    )
+    artifact = run(config)
+    typer.echo(f"model artifact: {artifact}")
+
+
+def evaluate() -> None:
+    """Evaluate a model artifact on a folder (not written yet)."""
+    raise typer.Exit(2)
+
+
+def predict() -> None:
+    """Predict (not written yet)."""
+    raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:
-    """Add the model commands to the gateway's CLI app."""
-    del app
+    """Add the model commands (train, evaluate, predict) to the gateway's CLI app."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)

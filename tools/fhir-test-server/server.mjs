@@ -174,7 +174,10 @@ export function createServer({ bearerToken, tokenClientId, tokenClientSecret } =
     let body;
     if (req.method === 'POST' || req.method === 'PUT' || req.method === 'PATCH') {
       const text = await readBody(req);
-      if (text) {
+      if ((req.headers['content-type'] ?? '').startsWith('application/x-www-form-urlencoded')) {
+        // POST Type/_search: parameters in the body keep identifiers out of URLs and logs.
+        body = toQuery(new URLSearchParams(text));
+      } else if (text) {
         try {
           body = JSON.parse(text);
         } catch {

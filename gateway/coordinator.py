@@ -1,0 +1,128 @@
+"""Background loops of the listener process: complete quiet studies (assembly) and reconcile
+the queue with the database (design.md steps 2-3).
+
+Both are safe to run in several processes at once: every state change is a conditional UPDATE,
+so exactly one process wins it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from celery import Celery
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway import studies
+from gateway.audit import record_event
+from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.session import transaction
+from gateway.queue import publish_job
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Runs assembly every ``assembly_interval_seconds`` and reconciliation on start and every
+    ``reconcile_interval_seconds``, in one daemon thread."""
+
+    def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], app: Celery) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.app = app
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        next_reconcile = 0.0
+        clock = 0.0
+        while not self._stop.is_set():
+            try:
+                if clock >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = clock + self.settings.reconcile_interval_seconds
+                self.assemble()
+            except SQLAlchemyError as exc:
+                log.error("coordinator: database error %s; retrying", type(exc).__name__)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+                log.exception("coordinator pass failed; retrying")
+            self._stop.wait(self.settings.assembly_interval_seconds)
+            clock += self.settings.assembly_interval_seconds
+
+    def assemble(self) -> list[int]:
+        """Complete every study that has been quiet long enough and publish its job."""
+        quiet = self.settings.quiet_seconds
+        with self.sessions() as session:
+            candidates = studies.quiet_study_ids(session, quiet)
+        jobs: list[int] = []
+        for study_id in candidates:
+            with transaction(self.sessions) as session:
+                job = studies.complete_study(session=session, study_id=study_id, quiet_seconds=quiet)
+                if job is not None:
+                    jobs.append(job.id)
+        for job_id in jobs:
+            publish_job(app=self.app, sessions=self.sessions, job_id=job_id)
+        return jobs
+
+    def reconcile(self) -> list[int]:
+        """Publish jobs the broker never took, lost, or whose worker died; fail jobs that ran
+        out of attempts. Returns the ids of the jobs published again."""
+        now = utcnow()
+        requeue_before = now - dt.timedelta(seconds=self.settings.requeue_after_seconds)
+        retry_pending_before = now - dt.timedelta(seconds=max(5.0, self.settings.assembly_interval_seconds * 4))
+        with self.sessions() as session:
+            rows = session.execute(
+                select(Job.id, Job.state, Job.attempts).where(
+                    or_(
+                        and_(
+                            Job.state == JobState.PENDING,
+                            or_(Job.enqueued_at.is_(None), Job.enqueued_at < retry_pending_before),
+                        ),
+                        and_(Job.state == JobState.QUEUED, Job.enqueued_at < requeue_before),
+                        and_(Job.state == JobState.RUNNING, Job.lease_until < now),
+                    )
+                )
+            ).all()
+        republished = []
+        for row in rows:
+            if row.state == JobState.RUNNING and row.attempts >= self.settings.max_job_attempts:
+                self._give_up(row.id)
+                continue
+            reason = {
+                JobState.PENDING: "broker did not take it",
+                JobState.QUEUED: "not started in time (message lost?)",
+                JobState.RUNNING: "worker lease expired (worker died?)",
+            }[JobState(row.state)]
+            if publish_job(app=self.app, sessions=self.sessions, job_id=row.id, reason=reason):
+                republished.append(row.id)
+        return republished
+
+    def _give_up(self, job_id: int) -> None:
+        with transaction(self.sessions) as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state != JobState.RUNNING:
+                return
+            study = session.get(Study, job.study_id)
+            assert study is not None
+            job.state = JobState.FAILED
+            job.finished_at = utcnow()
+            job.last_error = (job.last_error + "\nlease expired after the last attempt").strip()
+            study.state = StudyState.FAILED
+            record_event(
+                session=session, kind="job.failed", outcome="failure", actor="reconciler",
+                study_uid=study.study_uid,
+                detail={"job_id": job_id, "attempts": job.attempts, "error": "lease expired"},
+            )

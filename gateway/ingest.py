@@ -1,0 +1,246 @@
+"""Accepting one received instance: check it, spool it durably, record it (design.md step 1).
+
+``Ingestor.store`` never raises for bad input: it returns the DICOM status to answer and writes
+an audit event saying why. Success is returned only after the file is fsynced and the database
+row is committed, so an acknowledged instance survives a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway import studies
+from gateway.audit import record_event
+from gateway.db.models import Instance, utcnow
+from gateway.db.session import transaction
+from gateway.errors import IngestError
+from gateway.spool import Spool, SpoolFull, is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# DICOM statuses (PS3.4 Annex B, PS3.7 Annex C)
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+
+SUPPORTED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+
+_DB_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_instance_bytes: int
+    max_instances_per_study: int
+
+
+class Ingestor:
+    """Stores instances into the spool and the database. Thread-safe (one session per call)."""
+
+    def __init__(
+        self, *, spool: Spool, session_factory: sessionmaker[Session], limits: Limits
+    ) -> None:
+        self.spool = spool
+        self.sessions = session_factory
+        self.limits = limits
+
+    def store(self, *, peer: Peer, dataset: Dataset, file_bytes: bytes, transfer_syntax: str) -> int:
+        """Handle one C-STORE whose dataset decoded; return the status to send back."""
+        sop_uid = str(dataset.get("SOPInstanceUID", ""))
+        study_uid = str(dataset.get("StudyInstanceUID", ""))
+        try:
+            self._check(dataset, file_bytes, transfer_syntax)
+            return self._store_checked(peer, dataset, file_bytes, transfer_syntax)
+        except IngestError as exc:
+            self.audit_failure(peer, exc)
+            return exc.status
+        except Exception as exc:  # noqa: BLE001 - a handler answers with a status, always
+            log.exception("unexpected error storing instance %s", sop_uid)
+            failure = IngestError(
+                str(exc),
+                status=OUT_OF_RESOURCES,
+                reason="internal_error",
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
+            )
+            self.audit_failure(peer, failure)
+            return OUT_OF_RESOURCES
+
+    def _check(self, ds: Dataset, file_bytes: bytes, transfer_syntax: str) -> None:
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        study_uid = str(ds.get("StudyInstanceUID", ""))
+
+        def fail(status: int, reason: str, message: str) -> IngestError:
+            return IngestError(
+                message, status=status, reason=reason, study_uid=study_uid, sop_instance_uid=sop_uid
+            )
+
+        if len(file_bytes) > self.limits.max_instance_bytes:
+            raise fail(
+                OUT_OF_RESOURCES,
+                "too_large",
+                f"instance is {len(file_bytes)} bytes, limit {self.limits.max_instance_bytes}",
+            )
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class not in SUPPORTED_SOP_CLASSES:
+            raise fail(SOP_CLASS_NOT_SUPPORTED, "sop_class_not_supported", f"SOP class {sop_class}")
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not is_valid_uid(str(ds.get(keyword, ""))):
+                raise fail(DATASET_DOES_NOT_MATCH, "missing_uid", f"{keyword} missing or invalid")
+        if "PixelData" not in ds:
+            raise fail(DATASET_DOES_NOT_MATCH, "no_pixel_data", "no Pixel Data")
+        problem = _pixel_data_problem(ds, transfer_syntax)
+        if problem:
+            raise fail(DATASET_DOES_NOT_MATCH, "bad_pixel_data", problem)
+
+    def _store_checked(
+        self, peer: Peer, ds: Dataset, file_bytes: bytes, transfer_syntax: str
+    ) -> int:
+        sop_uid = str(ds.SOPInstanceUID)
+        study_uid = str(ds.StudyInstanceUID)
+        if self._is_duplicate(peer, sop_uid, study_uid):
+            return SUCCESS
+        try:
+            spooled = self.spool.write(study_uid, sop_uid, file_bytes)
+        except SpoolFull as exc:
+            raise IngestError(
+                str(exc), status=OUT_OF_RESOURCES, reason="spool_full",
+                study_uid=study_uid, sop_instance_uid=sop_uid,
+            ) from exc
+        except OSError as exc:
+            log.error("spool write failed for instance %s: %s", sop_uid, exc.strerror)
+            raise IngestError(
+                f"spool write failed: {exc.strerror}", status=OUT_OF_RESOURCES,
+                reason="spool_write_failed", study_uid=study_uid, sop_instance_uid=sop_uid,
+            ) from exc
+
+        meta = studies.InstanceMeta.from_dataset(ds)
+        for attempt in range(1, _DB_ATTEMPTS + 1):
+            try:
+                with transaction(self.sessions) as session:
+                    study = studies.study_for_new_instance(
+                        session=session, meta=meta, peer_ae=peer.ae_title,
+                        max_instances=self.limits.max_instances_per_study,
+                    )
+                    session.add(
+                        Instance(
+                            study_id=study.id,
+                            sop_instance_uid=sop_uid,
+                            sop_class_uid=meta.sop_class_uid,
+                            series_uid=meta.series_uid,
+                            transfer_syntax=transfer_syntax,
+                            modality=meta.modality,
+                            path=str(spooled.path),
+                            size_bytes=spooled.size_bytes,
+                            sha256=spooled.sha256,
+                            calling_ae=peer.ae_title,
+                            peer_address=peer.address,
+                            received_at=utcnow(),
+                        )
+                    )
+                    session.flush()
+                    record_event(
+                        session=session, kind="instance.stored", actor=peer.ae_title,
+                        peer_address=peer.address, study_uid=study_uid, sop_instance_uid=sop_uid,
+                        detail={
+                            "study_id": study.id, "version": study.version,
+                            "bytes": spooled.size_bytes, "transfer_syntax": transfer_syntax,
+                            "sop_class": meta.sop_class_uid,
+                        },
+                    )
+                return SUCCESS
+            except IngestError:
+                self.spool.discard(spooled.path)
+                raise
+            except IntegrityError:
+                # Another association stored the same SOP Instance UID (or created the same
+                # study version) between our check and our insert: look again.
+                if self._is_duplicate(peer, sop_uid, study_uid):
+                    self.spool.discard(spooled.path)
+                    return SUCCESS
+                if attempt == _DB_ATTEMPTS:
+                    self.spool.discard(spooled.path)
+                    raise
+            except SQLAlchemyError as exc:
+                self.spool.discard(spooled.path)
+                log.error("database unavailable storing instance %s: %s", sop_uid, type(exc).__name__)
+                raise IngestError(
+                    "database unavailable", status=OUT_OF_RESOURCES, reason="database_unavailable",
+                    study_uid=study_uid, sop_instance_uid=sop_uid,
+                ) from exc
+        raise AssertionError("unreachable")
+
+    def _is_duplicate(self, peer: Peer, sop_uid: str, study_uid: str) -> bool:
+        with transaction(self.sessions) as session:
+            existing = session.execute(
+                select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)
+            ).first()
+            if existing is None:
+                return False
+            record_event(
+                session=session, kind="instance.duplicate", outcome="warning",
+                actor=peer.ae_title, peer_address=peer.address, study_uid=study_uid,
+                sop_instance_uid=sop_uid,
+                detail={"instance_id": existing.id, "study_id": existing.study_id,
+                        "action": "not stored again"},
+            )
+            return True
+
+    def audit_failure(self, peer: Peer, exc: IngestError) -> None:
+        """Record a refused instance. Best effort: the database may be what failed."""
+        log.warning(
+            "instance %s refused: %s (status 0x%04X)", exc.sop_instance_uid or "?", exc.reason,
+            exc.status,
+        )
+        try:
+            with transaction(self.sessions) as session:
+                record_event(
+                    session=session, kind="instance.failed", outcome="failure",
+                    actor=peer.ae_title, peer_address=peer.address, study_uid=exc.study_uid,
+                    sop_instance_uid=exc.sop_instance_uid,
+                    detail={"reason": exc.reason, "status": f"0x{exc.status:04X}",
+                            "message": str(exc)[:500]},
+                )
+        except SQLAlchemyError as db_exc:
+            log.error("could not audit a refused instance: %s", type(db_exc).__name__)
+
+
+def _pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str:
+    """A cheap structural check of Pixel Data; the full decode happens in the worker."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return "image pixel module incomplete (Rows, Columns, BitsAllocated)"
+    if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32):
+        return "invalid image dimensions"
+    pixel = ds["PixelData"]
+    if UID(transfer_syntax).is_encapsulated:
+        return "" if pixel.value else "empty encapsulated Pixel Data"
+    expected = rows * cols * samples * frames * bits // 8
+    length = len(pixel.value) if pixel.value is not None else 0
+    if length < expected:
+        return f"Pixel Data has {length} bytes, {expected} expected (truncated?)"
+    return ""

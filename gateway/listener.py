@@ -1,0 +1,252 @@
+"""The DICOM listener (pynetdicom SCP): C-ECHO and C-STORE, peer allow-list, optional TLS.
+
+Associations are checked before any presentation context is negotiated: a wrong called AE or
+a calling AE / host that is not allowed gets an A-ASSOCIATE-RJ and an audit event. Each
+association runs in its own thread; a handler always answers with a status and never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.audit import record_event
+from gateway.db.session import transaction
+from gateway.ingest import CANNOT_UNDERSTAND, SUCCESS, Ingestor, Peer
+from gateway.settings import AllowedPeer, Settings
+
+log = logging.getLogger(__name__)
+
+# Everything a PACS may send as stored, so that it never has to transcode for us.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+]
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+PeerPolicy = Callable[[str, str, str], str | None]
+
+
+def make_peer_policy(settings: Settings) -> PeerPolicy:
+    """Return ``policy(calling_ae, called_ae, address) -> rejection reason | None``."""
+    allowed: list[AllowedPeer] = list(settings.allowed_peers)
+    our_ae = settings.ae_title
+
+    def policy(calling_ae: str, called_ae: str, address: str) -> str | None:
+        if called_ae.strip() != our_ae:
+            return "called_ae_not_recognised"
+        if allowed:
+            if not any(peer.matches(calling_ae, address) for peer in allowed):
+                return "calling_ae_or_host_not_allowed"
+        elif address not in ("127.0.0.1", "::1") and not address.startswith("127."):
+            # No allow-list configured: the embedded default trusts loopback only.
+            return "calling_host_not_allowed"
+        return None
+
+    return policy
+
+
+class _CheckingACSE(ACSE):
+    """ACSE that applies the gateway's peer policy before negotiating anything."""
+
+    def __init__(self, assoc: Association, policy: PeerPolicy, on_reject: Callable[..., None]):
+        super().__init__(assoc)
+        self._policy = policy
+        self._on_reject = on_reject
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = self.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        address = str(self.assoc.requestor.address)
+        reason = self._policy(calling, called, address)
+        if reason is None:
+            super()._negotiate_as_acceptor()
+            return
+        self.requestor.ae_title = calling
+        rsd = REJECT_CALLED_AE if reason == "called_ae_not_recognised" else REJECT_CALLING_AE
+        self.send_reject(*rsd)
+        self._on_reject(calling=calling, called=called, address=address, reason=reason)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+class Listener:
+    """Owns the pynetdicom AE and its server thread."""
+
+    def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], ingestor: Ingestor):
+        self.settings = settings
+        self.sessions = sessions
+        self.ingestor = ingestor
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.require_called_aet = True
+        contexts = [build_context(Verification)]
+        contexts += [
+            build_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            for cx in AllStoragePresentationContexts
+        ]
+        ae.supported_contexts = contexts
+
+        policy = make_peer_policy(self.settings)
+        audit_reject = self._audit_rejection
+
+        class Handler(RequestHandler):
+            def _create_association(self) -> Association:
+                assoc = super()._create_association()
+                assoc.acse = _CheckingACSE(assoc, policy, audit_reject)
+                return assoc
+
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        server = ae.make_server(
+            (self.settings.dicom_bind, self.settings.dicom_port),
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+            server_class=ThreadedAssociationServer,
+            request_handler=Handler,
+        )
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True).start()
+        self._server = server
+        log.info(
+            "DICOM listener %s on %s:%s (TLS %s)", self.settings.ae_title,
+            self.settings.dicom_bind, self.port, "on" if self.settings.tls_cert else "off",
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=str(s.tls_cert), keyfile=str(s.tls_key))
+        if s.tls_ca is not None:
+            context.load_verify_locations(cafile=str(s.tls_ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    # Event handlers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _peer(event: evt.Event) -> Peer:
+        requestor = event.assoc.requestor
+        return Peer(ae_title=str(requestor.ae_title).strip(), address=str(requestor.address))
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        peer = self._peer(event)
+        transfer_syntax = str(event.context.transfer_syntax)
+        try:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            file_bytes = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - undecodable input is answered, not raised
+            from gateway.errors import IngestError
+
+            request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+            self.ingestor.audit_failure(
+                peer,
+                IngestError(
+                    f"cannot decode dataset: {type(exc).__name__}",
+                    status=CANNOT_UNDERSTAND, reason="undecodable", sop_instance_uid=request_uid,
+                ),
+            )
+            return CANNOT_UNDERSTAND
+        return self.ingestor.store(
+            peer=peer, dataset=dataset, file_bytes=file_bytes, transfer_syntax=transfer_syntax
+        )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        peer = self._peer(event)
+        self._audit(
+            "association.accepted", "success", peer.ae_title, peer.address,
+            {"contexts": len(event.assoc.accepted_contexts)},
+        )
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        peer = self._peer(event)
+        self._audit("association.aborted", "warning", peer.ae_title, peer.address, {})
+
+    def _audit_rejection(self, *, calling: str, called: str, address: str, reason: str) -> None:
+        log.warning("association rejected: %s", reason)
+        self._audit(
+            "association.rejected", "failure", calling, address,
+            {"reason": reason, "called_ae": called},
+        )
+
+    def _audit(
+        self, kind: str, outcome: str, actor: str, address: str, detail: dict[str, Any]
+    ) -> None:
+        try:
+            with transaction(self.sessions) as session:
+                record_event(
+                    session=session, kind=kind, outcome=outcome, actor=actor,
+                    peer_address=address, detail=detail,
+                )
+        except SQLAlchemyError as exc:
+            log.error("could not audit %s: %s", kind, type(exc).__name__)

@@ -1,0 +1,118 @@
+"""The Celery application and publishing of jobs (design.md step 3).
+
+The task message carries a job id and nothing else. The database is the source of truth: a job
+that the broker did not take stays PENDING and the reconciler publishes it again later.
+
+Embedded default: kombu's SQLAlchemy transport on a SQLite file in the data folder. It needs no
+server, survives restarts (messages are rows in a file), and goes through exactly the same
+Celery code path as Redis in production.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import KombuError
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.audit import record_event
+from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.session import transaction
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_PROCESS_STUDY = "cxr_gateway.process_study"
+QUEUE_NAME = "cxr-studies"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Create the Celery app for the gateway's broker. Tasks are added by gateway.tasks."""
+    app = Celery("cxr_gateway", broker=settings.broker, set_as_current=False)
+    transport_options: dict[str, Any]
+    if settings.broker_is_embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        transport_options = {}  # kombu passes these to create_engine: none needed
+    else:
+        transport_options = {
+            # Longer than a job's lease: the reconciler, not Redis, decides on redelivery.
+            "visibility_timeout": int(settings.job_lease_seconds * 2),
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+            "retry_on_timeout": True,
+        }
+    app.conf.update(
+        task_default_queue=QUEUE_NAME,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,  # a message is acknowledged only after the work is done
+        task_reject_on_worker_lost=True,  # a killed worker's message goes back to the queue
+        worker_prefetch_multiplier=1,  # a worker holds one study at a time
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # workers reconnect forever after a broker restart
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    return app
+
+
+def publish_job(
+    *, app: Celery, sessions: sessionmaker[Session], job_id: int, reason: str = "completed"
+) -> bool:
+    """Hand a job to the broker. Returns False (and audits it) when the broker is unreachable;
+    the job then stays as it was and the reconciler tries again later."""
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state not in (JobState.PENDING, JobState.QUEUED, JobState.RUNNING):
+            return False
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        study_uid, study_id = study.study_uid, study.id
+        attempt = job.publish_count + 1
+        job.publish_count = attempt
+        job.enqueued_at = utcnow()
+    try:
+        app.send_task(
+            TASK_PROCESS_STUDY,
+            args=[job_id],
+            task_id=f"job-{job_id}-publish-{attempt}",
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+                "interval_max": 1.0,
+            },
+        )
+    except (KombuError, OSError) as exc:
+        log.warning("broker did not take job %s: %s", job_id, type(exc).__name__)
+        with transaction(sessions) as session:
+            record_event(
+                session=session, kind="study.queue_failed", outcome="failure", actor="queue",
+                study_uid=study_uid,
+                detail={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+        return False
+    with transaction(sessions) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.PENDING)
+            .values(state=JobState.QUEUED)
+        )
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.state == StudyState.COMPLETE)
+            .values(state=StudyState.QUEUED)
+        )
+        record_event(
+            session=session, kind="study.requeued" if attempt > 1 else "study.queued",
+            actor="queue", study_uid=study_uid,
+            detail={"job_id": job_id, "publish": attempt, "reason": reason},
+        )
+    return True

@@ -1,0 +1,222 @@
+"""Typed settings from ``CXR_*`` environment variables and an optional TOML config file.
+
+Precedence (highest first): environment variables, the file named by ``CXR_CONFIG_FILE``,
+the defaults below. Everything is validated at start-up; a bad value stops the process with a
+message naming the variable. Settings are built in the entrypoint (``get_settings()``), never
+at import time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigurationError
+
+AE_TITLE_MAX = 16
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > AE_TITLE_MAX:
+        raise ValueError(f"an AE title has 1 to {AE_TITLE_MAX} characters, got {value!r}")
+    if "\\" in value or not value.isprintable():
+        raise ValueError(f"an AE title cannot contain backslashes or control characters: {value!r}")
+    return value
+
+
+class AllowedPeer(BaseModel):
+    """A calling AE allowed to send to us, from one host (IP address, network or hostname)."""
+
+    ae_title: str
+    host: str
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        try:
+            network = ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            # A hostname: resolved at association time so that DNS changes are followed.
+            import socket
+
+            try:
+                infos = socket.getaddrinfo(self.host, None)
+            except OSError:
+                return False
+            return any(info[4][0] == address for info in infos)
+        try:
+            return ipaddress.ip_address(address) in network
+        except ValueError:
+            return False
+
+
+class DicomDestination(BaseModel):
+    """A PACS that receives our DICOM SR by C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Settings(BaseSettings):
+    """All settings of the gateway. Environment variables are ``CXR_`` + the upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="forbid", frozen=True)
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("cxr-data")
+
+    # DICOM listener
+    ae_title: str = "CXRGW"
+    dicom_port: int = Field(default=11112, ge=0, le=65535)
+    dicom_bind: str = "127.0.0.1"
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1, le=256)
+    max_pdu_bytes: int = Field(default=0, ge=0)  # 0 = unlimited (fastest for large images)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, peers must present a certificate signed by it
+
+    # Storage and limits
+    spool_dir: Path | None = None  # default: DATA_DIR/spool
+    spool_min_free_mb: int = Field(default=200, ge=0)
+    max_instance_mb: int = Field(default=512, ge=1)
+    max_instances_per_study: int = Field(default=2000, ge=1)
+
+    # Database and queue
+    database_url: str | None = None  # default: SQLite in DATA_DIR
+    broker_url: str | None = None  # default: an embedded SQLite-backed queue in DATA_DIR
+
+    # Study assembly and reconciliation
+    quiet_seconds: float = Field(default=5.0, gt=0, le=3600)
+    assembly_interval_seconds: float = Field(default=0.5, gt=0, le=60)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0, le=3600)
+    requeue_after_seconds: float = Field(default=300.0, gt=0)
+    job_lease_seconds: float = Field(default=600.0, gt=0)
+    max_job_attempts: int = Field(default=5, ge=1, le=100)
+
+    # Results
+    pacs_destinations: list[DicomDestination] = Field(default_factory=list)
+
+    # Web console
+    web_port: int = Field(default=8080, ge=0, le=65535)
+    web_bind: str = "127.0.0.1"
+
+    # Workers started by `serve`
+    workers: int = Field(default=1, ge=0, le=64)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("dicom_bind", "web_bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"a bind address is an IP address, got {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key are set together (both or neither)")
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file not found: {path}")
+        names = [d.name for d in self.pacs_destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("pacs_destinations have duplicate names")
+        if self.environment == "production":
+            if self.database_url is None or self.database_url.startswith("sqlite"):
+                raise ValueError("production needs CXR_DATABASE_URL (PostgreSQL), not SQLite")
+            if self.broker_url is None:
+                raise ValueError("production needs CXR_BROKER_URL (Redis)")
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gateway.sqlite3').resolve()}"
+
+    @property
+    def broker(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'queue.sqlite3').resolve()}"
+
+    @property
+    def broker_is_embedded(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def max_instance_bytes(self) -> int:
+        return self.max_instance_mb * 1024 * 1024
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Values from the TOML file named by CXR_CONFIG_FILE (keys are the lower-case names)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = os.environ.get("CXR_CONFIG_FILE")
+        self._data: dict[str, Any] = {}
+        if path:
+            try:
+                with open(path, "rb") as fh:
+                    self._data = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigurationError(f"CXR_CONFIG_FILE={path}: {exc}") from exc
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; raise ConfigurationError with readable messages."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = "CXR_" + str(err["loc"][0]).upper() if err["loc"] else "CXR_*"
+            lines.append(f"  {name} ({env}): {err['msg']}")
+        raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,88 @@
+"""The spool: received instances as files, written durably before we answer success.
+
+Layout: ``SPOOL/<study-uid>/<sop-instance-uid>.<token>.dcm``. The random token makes every
+write land on its own path, so two associations racing with the same SOP Instance UID never
+overwrite each other's file; the database decides which one is kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolFull(OSError):
+    """Free space on the spool's file system is below the configured reserve."""
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    size_bytes: int
+    sha256: str
+
+
+def is_valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
+
+
+class Spool:
+    """Writes files with temp file + fsync + atomic rename + directory fsync."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self._tmp = root / ".incoming"
+
+    def prepare(self) -> None:
+        """Create the folders and remove temp files left by a crash (never acknowledged)."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def check_space(self, needed_bytes: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - needed_bytes < self.min_free_bytes:
+            raise SpoolFull(errno.ENOSPC, f"spool has {free // 2**20} MB free")
+
+    def write(self, study_uid: str, sop_instance_uid: str, data: bytes) -> SpooledFile:
+        """Store ``data`` durably; raise OSError (SpoolFull included) when it cannot be."""
+        if not (is_valid_uid(study_uid) and is_valid_uid(sop_instance_uid)):
+            raise ValueError("UIDs must be dotted digits (they become file names)")
+        self.check_space(len(data))
+        folder = self.root / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(4)
+        final = folder / f"{sop_instance_uid}.{token}.dcm"
+        tmp = self._tmp / f"{sop_instance_uid}.{token}.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return SpooledFile(final, len(data), hashlib.sha256(data).hexdigest())
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

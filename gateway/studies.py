@@ -1,0 +1,161 @@
+"""Study assembly (design.md step 2): instances grouped by StudyInstanceUID; a study is complete
+after a quiet time with no new instance, whatever the associations did.
+
+Versions: an instance for a study whose processing has not started reopens that study (so a
+slow sender never splits one study in two); an instance for a study already processing or done
+starts version + 1, to be reported as an amendment.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from gateway.audit import record_event
+from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.errors import IngestError
+
+OUT_OF_RESOURCES = 0xA700
+_REOPENABLE = (StudyState.COMPLETE, StudyState.QUEUED)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """The header values the database keeps for an instance and its study."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    study_date: str
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceMeta:
+        def text(keyword: str, limit: int) -> str:
+            return str(ds.get(keyword, "") or "")[:limit]
+
+        return cls(
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            modality=text("Modality", 16),
+            patient_id=text("PatientID", 64),
+            patient_name=text("PatientName", 324),
+            accession_number=text("AccessionNumber", 16),
+            study_date=text("StudyDate", 8),
+        )
+
+
+def _latest_version(session: Session, study_uid: str) -> Study | None:
+    query = select(Study).where(Study.study_uid == study_uid).order_by(Study.version.desc()).limit(1)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.execute(query).scalars().first()
+
+
+def study_for_new_instance(
+    *, session: Session, meta: InstanceMeta, peer_ae: str, max_instances: int
+) -> Study:
+    """Return the study version a new instance belongs to (creating or reopening it) and count
+    the instance in it. Raises IngestError when the study is over the instance limit."""
+    now = utcnow()
+    study = _latest_version(session, meta.study_uid)
+    if study is not None and study.state in _REOPENABLE:
+        superseded = session.execute(
+            update(Job)
+            .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+            .values(state=JobState.SUPERSEDED, finished_at=now)
+        ).rowcount
+        if superseded:
+            study.state = StudyState.RECEIVING
+            study.completed_at = None
+            record_event(
+                session=session, kind="study.reopened", outcome="success", actor=peer_ae,
+                study_uid=meta.study_uid,
+                detail={"study_id": study.id, "version": study.version,
+                        "reason": "new instance before processing started"},
+            )
+    if study is None or study.state != StudyState.RECEIVING:
+        previous = study
+        study = Study(
+            study_uid=meta.study_uid,
+            version=(previous.version + 1) if previous else 1,
+            state=StudyState.RECEIVING,
+            patient_id=meta.patient_id,
+            patient_name=meta.patient_name,
+            accession_number=meta.accession_number,
+            study_date=meta.study_date,
+            modalities=meta.modality,
+            calling_ae=peer_ae,
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(study)
+        session.flush()
+        record_event(
+            session=session,
+            kind="study.new_version" if previous else "study.created",
+            actor=peer_ae, study_uid=meta.study_uid,
+            detail={"study_id": study.id, "version": study.version,
+                    "previous_study_id": previous.id if previous else None},
+        )
+    if study.instance_count >= max_instances:
+        raise IngestError(
+            f"study has {study.instance_count} instances, limit {max_instances}",
+            status=OUT_OF_RESOURCES, reason="too_many_instances", study_uid=meta.study_uid,
+        )
+    study.instance_count += 1
+    study.last_received_at = now
+    if meta.modality and meta.modality not in study.modalities.split("\\"):
+        study.modalities = "\\".join(filter(None, [study.modalities, meta.modality]))[:64]
+    return study
+
+
+def quiet_study_ids(session: Session, quiet_seconds: float) -> Sequence[int]:
+    cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
+    return (
+        session.execute(
+            select(Study.id).where(
+                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
+            )
+        )
+        .scalars()
+        .all()
+    )
+
+
+def complete_study(*, session: Session, study_id: int, quiet_seconds: float) -> Job | None:
+    """Mark one quiet study complete and create its job, in the caller's transaction.
+    Returns None when another process got there first or an instance arrived meanwhile."""
+    cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
+    claimed = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            Study.state == StudyState.RECEIVING,
+            Study.last_received_at <= cutoff,
+        )
+        .values(state=StudyState.COMPLETE, completed_at=utcnow())
+    ).rowcount
+    if not claimed:
+        return None
+    study = session.get(Study, study_id)
+    assert study is not None
+    job = Job(study_id=study_id, state=JobState.PENDING)
+    session.add(job)
+    session.flush()
+    record_event(
+        session=session, kind="study.completed", study_uid=study.study_uid, actor="assembler",
+        detail={"study_id": study.id, "version": study.version, "instances": study.instance_count,
+                "quiet_seconds": quiet_seconds, "job_id": job.id},
+    )
+    return job

@@ -1,0 +1,152 @@
+"""The C-STORE sender against a real Orthanc (started by the fixture on free ports)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from gateway.dicom_sender import (
+    AssociationFailedError,
+    Destination,
+    StoreFailedError,
+    StoreResult,
+    send,
+    send_with_retries,
+)
+from gateway.sr import build_sr
+from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
+from tests.sr.conftest import FIXTURES, Orthanc, free_port
+
+pytestmark = pytest.mark.slow
+
+SCU = "CXRGW"
+MODEL = ModelInfo(name="cxr-pneumonia-cnn", version="1.2.0", content_hash="0f" * 32)
+
+
+def sr_for(source: Path, probability: float = 0.9) -> pydicom.Dataset:
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    study = str(header.StudyInstanceUID)
+    finding = StudyFinding(
+        study=StudyContext(study_instance_uid=study),
+        model=MODEL,
+        probability=probability,
+        present=probability >= 0.5,
+        images=(SourceImage(str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID)),),
+        report_id=f"{study}/v1",
+        created_at=dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC),
+    )
+    return build_sr(finding, [header])
+
+
+@pytest.fixture
+def orthanc(orthanc_factory) -> Orthanc:  # type: ignore[no-untyped-def]
+    return orthanc_factory(modalities={"gateway": [SCU, "127.0.0.1", free_port()]})
+
+
+def dest(orthanc: Orthanc, **kwargs: object) -> Destination:
+    return Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title=SCU, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+
+def sr_instances(orthanc: Orthanc, study_id: str) -> list[dict[str, str]]:
+    out = []
+    for series in orthanc.get(f"/studies/{study_id}/series"):
+        if series["MainDicomTags"].get("Modality") == "SR":
+            for instance_id in series["Instances"]:
+                out.append(orthanc.get(f"/instances/{instance_id}/simplified-tags"))
+    return out
+
+
+def test_sr_lands_in_the_source_study_once(orthanc: Orthanc) -> None:
+    source = FIXTURES / "rg1_cr_small.dcm"
+    uploaded = orthanc.upload(source)
+    study_id = uploaded["ParentStudy"]
+    sr = sr_for(source)
+
+    results = send(dest(orthanc), [sr])
+    assert [(r.sop_instance_uid, r.status, r.ok) for r in results] == [(sr.SOPInstanceUID, 0x0000, True)]
+
+    # Same study on the PACS (Orthanc's study id derives from the Study Instance UID).
+    assert orthanc.get("/studies") == [study_id]
+    (tags,) = sr_instances(orthanc, study_id)
+    assert tags["SOPInstanceUID"] == sr.SOPInstanceUID
+    assert tags["StudyInstanceUID"] == pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    assert tags["VerificationFlag"] == "UNVERIFIED"
+    assert tags["CompletionFlag"] == "COMPLETE"
+    assert tags["PatientID"] == "9RG1"
+
+    # Re-sending the same finding (rebuilt, same deterministic UIDs) leaves one SR instance.
+    send(dest(orthanc), [sr_for(source)])
+    assert len(sr_instances(orthanc, study_id)) == 1
+    series = orthanc.get(f"/studies/{study_id}/series")
+    assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CR", "SR"]
+
+
+def test_files_and_several_instances_in_one_association(orthanc: Orthanc, tmp_path: Path) -> None:
+    paths = [FIXTURES / "nih_sc_small.dcm", FIXTURES / "nih_sc_minimal_header.dcm"]
+    sr_path = tmp_path / "sr.dcm"
+    sr_for(paths[0]).save_as(sr_path, enforce_file_format=True)
+    results = send(dest(orthanc), [*paths, sr_path])
+    assert [r.ok for r in results] == [True, True, True]
+    assert len(orthanc.get("/instances")) == 3
+
+
+def test_unknown_calling_ae_is_an_abort_mapped_to_a_clear_error(orthanc: Orthanc) -> None:
+    sr = sr_for(FIXTURES / "rg1_cr_small.dcm")
+    stranger = Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title="STRANGER", timeout=10)
+    with pytest.raises(AssociationFailedError) as info:
+        send(stranger, [sr])
+    assert info.value.destination == stranger
+    assert "STRANGER" in str(info.value)
+    assert orthanc.get("/instances") == []
+
+
+def test_wrong_called_ae_is_rejected(orthanc: Orthanc) -> None:
+    wrong = Destination(ae_title="NOTORTHANC", host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title=SCU, timeout=10)
+    with pytest.raises(AssociationFailedError, match="rejected"):
+        send(wrong, [sr_for(FIXTURES / "rg1_cr_small.dcm")])
+
+
+def test_peer_down_fails_after_bounded_retries_with_backoff() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = Destination(ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=2)
+    sleeps: list[float] = []
+    with pytest.raises(AssociationFailedError, match="could not connect"):
+        send_with_retries(down, [sr_for(FIXTURES / "rg1_cr_small.dcm")], attempts=4, backoff=0.5, max_backoff=1.5, sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0, 1.5]
+
+
+def test_peer_down_then_up_delivers_once(orthanc_factory) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    sr = sr_for(FIXTURES / "rg1_cr_small.dcm")
+    started: list[Orthanc] = []
+
+    def start_on_first_backoff(seconds: float) -> None:
+        if not started:
+            started.append(orthanc_factory(dicom_port=port, modalities={"gateway": [SCU, "127.0.0.1", free_port()]}))
+
+    destination = Destination(ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=5)
+    results = send_with_retries(destination, [sr], attempts=3, backoff=0.1, sleep=start_on_first_backoff)
+    assert [r.ok for r in results] == [True]
+    assert len(started) == 1
+    assert len(started[0].get("/instances")) == 1
+
+
+def test_store_failed_error_reports_statuses() -> None:
+    from gateway.dicom_sender import _TRANSIENT_FAILURES  # noqa: F401  (documented set)
+
+    d = Destination(ae_title="X", host="127.0.0.1", port=1)
+    ok = StoreResult("1.2.3", "1.2.840.10008.5.1.4.1.1.88.33", 0x0000)
+    busy = StoreResult("1.2.4", "1.2.840.10008.5.1.4.1.1.88.33", 0xA700)
+    bad = StoreResult("1.2.5", "1.2.840.10008.5.1.4.1.1.88.33", 0xA900)
+    assert StoreFailedError(destination=d, results=[ok, busy]).transient
+    err = StoreFailedError(destination=d, results=[ok, busy, bad])
+    assert not err.transient
+    assert err.failed == (busy, bad)
+    assert "0xA900" in str(err)
+    assert StoreResult("1", "2", 0xB000).ok  # warning = stored

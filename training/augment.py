@@ -1,0 +1,168 @@
+"""Radiograph augmentation and the fixed "stress" shifts used to test robustness.
+
+Augmentations act on the raw image (before :func:`inference.preprocess.preprocess`), the way a
+different acquisition would: geometry (scale, aspect, rotation, shift, crop), resolution,
+blur/sharpening, exposure/contrast/gamma with clipping, noise and JPEG recompression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+Image = npt.NDArray[np.float32]
+
+
+def _affine(
+    img: Image, *, scale_x: float, scale_y: float, angle: float, tx: float, ty: float, fill: float
+) -> Image:
+    h, w = img.shape
+    c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+    rot = np.array([[c, -s], [s, c]]) @ np.diag([scale_x, scale_y])
+    centre = np.array([w / 2.0, h / 2.0])
+    offset = centre - rot @ centre + np.array([tx * w, ty * h])
+    m = np.hstack([rot, offset[:, None]]).astype(np.float32)
+    out = cv2.warpAffine(
+        img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
+    )
+    return np.asarray(out, dtype=np.float32)
+
+
+def _resample(img: Image, factor: float) -> Image:
+    h, w = img.shape
+    small = cv2.resize(
+        img, (max(8, int(w * factor)), max(8, int(h * factor))), interpolation=cv2.INTER_AREA
+    )
+    return np.asarray(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+
+
+def _blur(img: Image, sigma: float) -> Image:
+    return np.asarray(cv2.GaussianBlur(img, (0, 0), sigma), dtype=np.float32)
+
+
+def _sharpen(img: Image, amount: float) -> Image:
+    return np.asarray(
+        np.clip(img + amount * (img - _blur(img, 1.5)), 0, 255), dtype=np.float32
+    )
+
+
+def _tone(img: Image, *, gain: float, bias: float, gamma: float) -> Image:
+    x = np.clip(img / 255.0 * gain + bias, 0.0, 1.0)
+    return np.asarray(255.0 * np.power(x, gamma), dtype=np.float32)
+
+
+def _jpeg(img: Image, quality: int) -> Image:
+    ok, buf = cv2.imencode(".jpg", np.clip(img, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        return img
+    return np.asarray(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), dtype=np.float32)
+
+
+def _noise(img: Image, rng: np.random.Generator, sigma: float) -> Image:
+    return np.asarray(
+        np.clip(img + rng.normal(0.0, sigma * 255.0, img.shape).astype(np.float32), 0, 255),
+        dtype=np.float32,
+    )
+
+
+def augment(image: npt.NDArray[np.uint8], rng: np.random.Generator, strength: float = 1.0) -> Image:
+    """One random training augmentation of a 2-D uint8 radiograph; returns float32 0..255."""
+    img = image.astype(np.float32)
+    k = strength
+    if rng.random() < 0.5:
+        img = img[:, ::-1].copy()
+    if rng.random() < 0.9:
+        zoom = float(np.exp(rng.uniform(-0.15, 0.2) * k))
+        aspect = float(np.exp(rng.uniform(-0.15, 0.15) * k))
+        img = _affine(
+            img,
+            scale_x=zoom * aspect,
+            scale_y=zoom / aspect,
+            angle=float(rng.uniform(-10, 10) * k),
+            tx=float(rng.uniform(-0.07, 0.07) * k),
+            ty=float(rng.uniform(-0.07, 0.07) * k),
+            fill=float(rng.choice([0.0, float(np.median(img[:4])), 255.0 * rng.random()])),
+        )
+    if rng.random() < 0.4 * k:
+        img = _resample(img, float(rng.uniform(0.3, 0.9)))
+    r = rng.random()
+    if r < 0.3 * k:
+        img = _blur(img, float(rng.uniform(0.3, 1.6)))
+    elif r < 0.45 * k:
+        img = _sharpen(img, float(rng.uniform(0.3, 1.5)))
+    if rng.random() < 0.8:
+        img = _tone(
+            img,
+            gain=float(np.exp(rng.uniform(-0.3, 0.3) * k)),
+            bias=float(rng.uniform(-0.12, 0.12) * k),
+            gamma=float(np.exp(rng.uniform(-0.5, 0.5) * k)),
+        )
+    if rng.random() < 0.35 * k:
+        img = _noise(img, rng, float(rng.uniform(0.005, 0.04)))
+    if rng.random() < 0.3 * k:
+        img = _jpeg(img, int(rng.integers(25, 90)))
+    if rng.random() < 0.2 * k:
+        h, w = img.shape
+        eh, ew = int(h * rng.uniform(0.1, 0.25)), int(w * rng.uniform(0.1, 0.25))
+        y, x = int(rng.integers(0, h - eh)), int(rng.integers(0, w - ew))
+        img[y : y + eh, x : x + ew] = float(rng.uniform(0, 255))
+    return img
+
+
+def _stress(name: str) -> Callable[[npt.NDArray[np.uint8]], Image]:
+    def f(image: npt.NDArray[np.uint8]) -> Image:
+        img = image.astype(np.float32)
+        if name == "dark":
+            return _tone(img, gain=0.7, bias=-0.05, gamma=1.5)
+        if name == "bright":
+            return _tone(img, gain=1.3, bias=0.08, gamma=0.7)
+        if name == "low_contrast":
+            return _tone(img, gain=0.6, bias=0.2, gamma=1.0)
+        if name == "blur":
+            return _blur(img, 1.5)
+        if name == "sharpen":
+            return _sharpen(img, 1.5)
+        if name == "noise":
+            return _noise(img, np.random.default_rng(0), 0.04)
+        if name == "low_res":
+            return _resample(img, 0.35)
+        if name == "zoom_in":
+            return _affine(img, scale_x=1.2, scale_y=1.2, angle=0, tx=0, ty=0, fill=0)
+        if name == "zoom_out":
+            return _affine(img, scale_x=0.8, scale_y=0.8, angle=0, tx=0, ty=0, fill=0)
+        if name == "wide":
+            return _affine(img, scale_x=1.0, scale_y=0.8, angle=0, tx=0, ty=0, fill=0)
+        if name == "tall":
+            return _affine(img, scale_x=0.8, scale_y=1.0, angle=0, tx=0, ty=0, fill=0)
+        if name == "rotate":
+            return _affine(img, scale_x=1, scale_y=1, angle=8, tx=0, ty=0, fill=0)
+        if name == "jpeg":
+            return _jpeg(img, 20)
+        raise ValueError(f"unknown stress {name}")
+
+    return f
+
+
+STRESS_NAMES = (
+    "dark",
+    "bright",
+    "low_contrast",
+    "blur",
+    "sharpen",
+    "noise",
+    "low_res",
+    "zoom_in",
+    "zoom_out",
+    "wide",
+    "tall",
+    "rotate",
+    "jpeg",
+)
+
+
+def stress(image: npt.NDArray[np.uint8], name: str) -> Image:
+    """Apply one named, deterministic acquisition shift (see STRESS_NAMES)."""
+    return _stress(name)(image)

@@ -1,0 +1,113 @@
+"""Kermany-layout folders: listing, labels, subgroups, patients and the patient-level split.
+
+A folder has ``NORMAL/`` and ``PNEUMONIA/`` subfolders of images. File names carry the patient
+(see shared/data/README.md): ``personN_bacteria_M.jpeg`` / ``personN_virus_M.jpeg`` belong to
+patient N; ``IM-NNNN-0001.jpeg`` and ``NORMAL2-IM-NNNN-0001.jpeg`` to patient NNNN.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+
+_PERSON = re.compile(r"^(person\d+)_(bacteria|virus)", re.IGNORECASE)
+_IM = re.compile(r"IM-(\d+)-", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The data folder does not have the expected layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 NORMAL, 1 PNEUMONIA
+    patient: str
+    subgroup: str  # "normal", "bacteria", "virus" or "unknown"
+
+
+def patient_of(filename: str, label: int) -> str:
+    """Patient identifier from a Kermany file name; falls back to the file stem (own patient).
+
+    The class is part of the key because normal and pneumonia files use separate numberings.
+    """
+    m = _PERSON.match(filename)
+    if m:
+        return f"{CLASS_NAMES[label]}:{m.group(1).lower()}"
+    m = _IM.search(filename)
+    if m:
+        return f"{CLASS_NAMES[label]}:im{int(m.group(1))}"
+    return f"{CLASS_NAMES[label]}:{Path(filename).stem}"
+
+
+def subgroup_of(filename: str, label: int) -> str:
+    if label == 0:
+        return "normal"
+    low = filename.lower()
+    if "bacteria" in low:
+        return "bacteria"
+    if "virus" in low:
+        return "virus"
+    return "unknown"
+
+
+def list_samples(root: Path) -> list[Sample]:
+    """All images under ``root/NORMAL`` and ``root/PNEUMONIA``, sorted by path.
+
+    Raises DataError if a class folder is missing or no image is found.
+    """
+    samples: list[Sample] = []
+    for label, name in enumerate(CLASS_NAMES):
+        folder = root / name
+        if not folder.is_dir():
+            raise DataError(f"{root} has no {name}/ subfolder")
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                samples.append(
+                    Sample(path, label, patient_of(path.name, label), subgroup_of(path.name, label))
+                )
+    if not samples:
+        raise DataError(f"no images under {root}")
+    return samples
+
+
+def patient_split(
+    samples: list[Sample], *, val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Split by patient, stratified by class: each patient's images all go to one side.
+
+    Within each class, patients are shuffled with ``seed`` and the first ``val_fraction`` of
+    them (by count, at least one) form the validation side.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    val_patients: set[str] = set()
+    for label in (0, 1):
+        patients = sorted({s.patient for s in samples if s.label == label})
+        rng.shuffle(patients)
+        n_val = max(1, round(len(patients) * val_fraction)) if patients else 0
+        val_patients.update(patients[:n_val])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
+def read_gray(path: Path) -> npt.NDArray[np.uint8]:
+    """Read an image file as 2-D uint8 (colour averaged by OpenCV's grayscale conversion)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise DataError(f"cannot read image {path}")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_images(samples: list[Sample]) -> list[npt.NDArray[np.uint8]]:
+    return [read_gray(s.path) for s in samples]

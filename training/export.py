@@ -1,0 +1,3 @@
+"""Placeholder, replaced below."""
+def finalize(*a, **k):
+    raise NotImplementedError
