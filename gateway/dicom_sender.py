@@ -29,7 +29,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     UID,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
@@ -170,21 +170,27 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
     ae.network_timeout = destination.timeout
     contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(datasets)]
     tls_args = (destination.tls, destination.server_hostname) if destination.tls else None
+    connected: list[bool] = []
     assoc = ae.associate(
         destination.host,
         destination.port,
         contexts=contexts,
         ae_title=destination.ae_title,
         tls_args=tls_args,  # type: ignore[arg-type]
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
     )
     if assoc.is_established:
         return assoc
-    if assoc.is_rejected:
+    # pynetdicom flags a refused connection as "aborted" too: tell them apart by whether the
+    # transport connection ever opened.
+    if not connected:
+        reason = "could not connect (peer down, wrong host or port, or timeout)"
+    elif assoc.is_rejected:
         reason = "association rejected (check the called and calling AE titles)"
     elif assoc.is_aborted:
-        reason = "association aborted by the peer during negotiation"
+        reason = "association aborted during negotiation (TLS failure or peer abort)"
     else:
-        reason = "could not connect (peer down, wrong port, TLS failure, or timeout)"
+        reason = "association not established (no acceptable presentation context or timeout)"
     raise AssociationFailedError(reason, destination=destination)
 
 

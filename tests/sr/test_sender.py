@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -19,7 +20,7 @@ from gateway.dicom_sender import (
 )
 from gateway.sr import build_sr
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
-from tests.sr.conftest import FIXTURES, Orthanc, free_port
+from tests.sr.conftest import FIXTURES, Orthanc, free_port, start_orthanc
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +43,21 @@ def sr_for(source: Path, probability: float = 0.9) -> pydicom.Dataset:
     return build_sr(finding, [header])
 
 
+@pytest.fixture(scope="module")
+def shared_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    # One Orthanc for the module: it stops in about 3 s, so not one per test.
+    orthanc = start_orthanc(
+        tmp_path_factory.mktemp("orthanc"), modalities={"gateway": [SCU, "127.0.0.1", free_port()]}
+    )
+    yield orthanc
+    orthanc.stop()
+
+
 @pytest.fixture
-def orthanc(orthanc_factory) -> Orthanc:  # type: ignore[no-untyped-def]
-    return orthanc_factory(modalities={"gateway": [SCU, "127.0.0.1", free_port()]})
+def orthanc(shared_orthanc: Orthanc) -> Orthanc:
+    for patient in shared_orthanc.get("/patients"):
+        shared_orthanc.request("DELETE", f"/patients/{patient}")
+    return shared_orthanc
 
 
 def dest(orthanc: Orthanc, **kwargs: object) -> Destination:
