@@ -23,11 +23,11 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    UID,
 )
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
@@ -113,7 +113,9 @@ class StoreFailedError(DicomSendError):
             f"{r.sop_instance_uid}: {'none' if r.status is None else f'0x{r.status:04X}'}"
             for r in failed
         )
-        super().__init__(f"C-STORE failed for {len(failed)} instance(s): {detail}", destination=destination)
+        super().__init__(
+            f"C-STORE failed for {len(failed)} instance(s): {detail}", destination=destination
+        )
 
     @property
     def failed(self) -> tuple[StoreResult, ...]:
@@ -265,7 +267,11 @@ def send_with_retries(
                 raise
             log.warning(
                 "C-STORE attempt %d/%d to %s failed (%s); retrying in %.1f s",
-                attempt, attempts, destination, type(exc).__name__, delay,
+                attempt,
+                attempts,
+                destination,
+                type(exc).__name__,
+                delay,
             )
             sleep(delay)
             delay = min(delay * 2, max_backoff)

@@ -24,6 +24,7 @@ An amendment (version > 1) names the SR it replaces in the Predecessor Documents
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
@@ -89,7 +90,9 @@ class SRBuildError(ValueError):
     """The finding and its source headers cannot make a valid SR (bad input, not a bug)."""
 
     def __init__(self, message: str, *, study_instance_uid: str = "") -> None:
-        super().__init__(f"{message} (study {study_instance_uid})" if study_instance_uid else message)
+        super().__init__(
+            f"{message} (study {study_instance_uid})" if study_instance_uid else message
+        )
         self.study_instance_uid = study_instance_uid
 
 
@@ -148,9 +151,13 @@ def build_sr(
     if not study_uid:
         raise SRBuildError("finding has no Study Instance UID")
     if finding.has_result != (finding.present is not None):
-        raise SRBuildError("probability and present must be both set or both None", study_instance_uid=study_uid)
+        raise SRBuildError(
+            "probability and present must be both set or both None", study_instance_uid=study_uid
+        )
     if finding.probability is not None and not 0.0 <= finding.probability <= 1.0:
-        raise SRBuildError(f"probability {finding.probability} is outside [0, 1]", study_instance_uid=study_uid)
+        raise SRBuildError(
+            f"probability {finding.probability} is outside [0, 1]", study_instance_uid=study_uid
+        )
 
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     for ds in sources:
@@ -174,7 +181,9 @@ def build_sr(
         )
 
     evidence = [_evidence_header(by_uid[im.sop_instance_uid], finding) for im in examined]
-    ref = sr_reference(study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version)
+    ref = sr_reference(
+        study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version
+    )
     dev_uid = device_uid(finding.model)
     procedure = _procedure_reported([by_uid[im.sop_instance_uid] for im in examined])
     content = _measurement_report(finding, evidence, dev_uid, procedure)
@@ -203,8 +212,8 @@ def build_sr(
     )
     sr.DeviceUID = dev_uid
     # Instance creation time follows the finding, so the same finding gives the same object.
-    sr.InstanceCreationDate = created.strftime("%Y%m%d")
-    sr.InstanceCreationTime = created.strftime("%H%M%S")
+    sr["InstanceCreationDate"].value = created.strftime("%Y%m%d")
+    sr["InstanceCreationTime"].value = created.strftime("%H%M%S")
     return sr
 
 
@@ -238,10 +247,19 @@ def _evidence_header(src: Dataset, finding: StudyFinding) -> Dataset:
     and the patient/study attributes it copies, with invalid values dropped (e.g. a Patient's
     Age of "81", which is not a valid AS and would make the SR itself invalid)."""
     ds = Dataset()
-    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"):
-        ds[kw] = src[kw] if kw in src else None
+    for kw in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Rows",
+        "Columns",
+    ):
         if kw not in src:
-            raise SRBuildError(f"source header lacks {kw}", study_instance_uid=finding.study.study_instance_uid)
+            raise SRBuildError(
+                f"source header lacks {kw}", study_instance_uid=finding.study.study_instance_uid
+            )
+        ds[kw] = src[kw]
     # highdicom's image library adds TID 1603 projection descriptors (orientation, imager
     # pixel spacing) when Modality is CR/DX. Offer them only when the source has usable
     # values (RG1's spacing is zero); otherwise a neutral Modality skips the descriptors.
@@ -267,20 +285,25 @@ def _evidence_header(src: Dataset, finding: StudyFinding) -> Dataset:
             value = getattr(finding.study, _CONTEXT_FALLBACK[kw]) or None
         if kw == "PatientSex" and value not in ("M", "F", "O"):
             value = None
-        if value not in (None, "") and _valid(kw, str(value) if kw != "SpecificCharacterSet" else value):
+        if value not in (None, "") and _valid(
+            kw, str(value) if kw != "SpecificCharacterSet" else value
+        ):
             setattr(ds, kw, value)
         elif kw in _TYPE2_COPIED:
             setattr(ds, kw, "")
     return ds
 
 
-def _algorithm_equipment(model: ModelInfo, dev_uid: str, created: object) -> hd.ContributingEquipment:
+def _algorithm_equipment(
+    model: ModelInfo, dev_uid: str, created: dt.datetime
+) -> hd.ContributingEquipment:
     item = hd.ContributingEquipment(
         manufacturer=model.manufacturer,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model.name,
         software_versions=model.version,
         device_serial_number=_short_hash(model.content_hash),
+        contribution_datetime=created,
         contribution_description="AI pneumonia detection on frontal chest radiographs",
     )
     item.DeviceUID = dev_uid
@@ -314,7 +337,11 @@ def _measurement_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
-        parameters=[f"threshold={model.threshold:g}", f"sha256={model.content_hash}", f"rule={finding.rule}"],
+        parameters=[
+            f"threshold={model.threshold:g}",
+            f"sha256={model.content_hash}",
+            f"rule={finding.rule}",
+        ],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -325,10 +352,7 @@ def _measurement_report(
             model_name=f"{model.name} {model.version}",
         ),
     )
-    if finding.present is None:
-        value = UNDETERMINED
-    else:
-        value = PRESENT if finding.present else ABSENT
+    value = UNDETERMINED if finding.present is None else PRESENT if finding.present else ABSENT
     measurements = None
     if finding.probability is not None:
         measurements = [
@@ -341,7 +365,9 @@ def _measurement_report(
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uid_from("tracking", finding.report_id or finding.study.study_instance_uid, "pneumonia"),
+            uid=uid_from(
+                "tracking", finding.report_id or finding.study.study_instance_uid, "pneumonia"
+            ),
             identifier="AI pneumonia finding",
         ),
         finding_type=PNEUMONIA,

@@ -31,13 +31,12 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "dicom"
 @pytest.fixture(autouse=True)
 def _strict_pydicom() -> Iterator[None]:
     """Strict value validation while our code builds datasets (highdicom's habit)."""
-    old_read, old_write = pydicom_config.settings.reading_validation_mode, pydicom_config.settings.writing_validation_mode
+    old = pydicom_config.settings.writing_validation_mode
     pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
     try:
         yield
     finally:
-        pydicom_config.settings.reading_validation_mode = old_read
-        pydicom_config.settings.writing_validation_mode = old_write
+        pydicom_config.settings.writing_validation_mode = old
 
 
 def free_port() -> int:
@@ -63,10 +62,10 @@ class Orthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(self.url + path, data=body, method=method)  # noqa: S310
+        req = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", "application/dicom")
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=30) as resp:
             data = resp.read()
         return json.loads(data) if data else None
 
@@ -125,7 +124,7 @@ def start_orthanc(
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [ORTHANC_BIN, f"--logfile={log_path}", str(config_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -26,7 +26,9 @@ def save(ds: Dataset, path: Path) -> Path:
 def dciodvfy(path: Path) -> Verdict:
     if shutil.which("dciodvfy") is None:
         pytest.skip("dicom3tools (dciodvfy) is not installed")
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     out = proc.stdout + proc.stderr
     lines = [line.strip() for line in out.splitlines()]
     return Verdict(
@@ -39,7 +41,9 @@ def dciodvfy(path: Path) -> Verdict:
 def dsrdump(path: Path) -> str:
     if shutil.which("dsrdump") is None:
         pytest.skip("DCMTK (dsrdump) is not installed")
-    proc = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["dsrdump", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "E:" not in proc.stderr, proc.stderr
     return proc.stdout

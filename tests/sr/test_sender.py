@@ -36,7 +36,11 @@ def sr_for(source: Path, probability: float = 0.9) -> pydicom.Dataset:
         model=MODEL,
         probability=probability,
         present=probability >= 0.5,
-        images=(SourceImage(str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID)),),
+        images=(
+            SourceImage(
+                str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID)
+            ),
+        ),
         report_id=f"{study}/v1",
         created_at=dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC),
     )
@@ -61,7 +65,14 @@ def orthanc(shared_orthanc: Orthanc) -> Orthanc:
 
 
 def dest(orthanc: Orthanc, **kwargs: object) -> Destination:
-    return Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title=SCU, timeout=10, **kwargs)  # type: ignore[arg-type]
+    return Destination(
+        ae_title=orthanc.aet,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        calling_ae_title=SCU,
+        timeout=10,
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def sr_instances(orthanc: Orthanc, study_id: str) -> list[dict[str, str]]:
@@ -80,13 +91,18 @@ def test_sr_lands_in_the_source_study_once(orthanc: Orthanc) -> None:
     sr = sr_for(source)
 
     results = send(dest(orthanc), [sr])
-    assert [(r.sop_instance_uid, r.status, r.ok) for r in results] == [(sr.SOPInstanceUID, 0x0000, True)]
+    assert [(r.sop_instance_uid, r.status, r.ok) for r in results] == [
+        (sr.SOPInstanceUID, 0x0000, True)
+    ]
 
     # Same study on the PACS (Orthanc's study id derives from the Study Instance UID).
     assert orthanc.get("/studies") == [study_id]
     (tags,) = sr_instances(orthanc, study_id)
     assert tags["SOPInstanceUID"] == sr.SOPInstanceUID
-    assert tags["StudyInstanceUID"] == pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    assert (
+        tags["StudyInstanceUID"]
+        == pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID
+    )
     assert tags["VerificationFlag"] == "UNVERIFIED"
     assert tags["CompletionFlag"] == "COMPLETE"
     assert tags["PatientID"] == "9RG1"
@@ -109,7 +125,13 @@ def test_files_and_several_instances_in_one_association(orthanc: Orthanc, tmp_pa
 
 def test_unknown_calling_ae_is_an_abort_mapped_to_a_clear_error(orthanc: Orthanc) -> None:
     sr = sr_for(FIXTURES / "rg1_cr_small.dcm")
-    stranger = Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title="STRANGER", timeout=10)
+    stranger = Destination(
+        ae_title=orthanc.aet,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        calling_ae_title="STRANGER",
+        timeout=10,
+    )
     with pytest.raises(AssociationFailedError) as info:
         send(stranger, [sr])
     assert info.value.destination == stranger
@@ -118,7 +140,13 @@ def test_unknown_calling_ae_is_an_abort_mapped_to_a_clear_error(orthanc: Orthanc
 
 
 def test_wrong_called_ae_is_rejected(orthanc: Orthanc) -> None:
-    wrong = Destination(ae_title="NOTORTHANC", host="127.0.0.1", port=orthanc.dicom_port, calling_ae_title=SCU, timeout=10)
+    wrong = Destination(
+        ae_title="NOTORTHANC",
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        calling_ae_title=SCU,
+        timeout=10,
+    )
     with pytest.raises(AssociationFailedError, match="rejected"):
         send(wrong, [sr_for(FIXTURES / "rg1_cr_small.dcm")])
 
@@ -127,10 +155,19 @@ def test_peer_down_fails_after_bounded_retries_with_backoff() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    down = Destination(ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=2)
+    down = Destination(
+        ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=2
+    )
     sleeps: list[float] = []
     with pytest.raises(AssociationFailedError, match="could not connect"):
-        send_with_retries(down, [sr_for(FIXTURES / "rg1_cr_small.dcm")], attempts=4, backoff=0.5, max_backoff=1.5, sleep=sleeps.append)
+        send_with_retries(
+            down,
+            [sr_for(FIXTURES / "rg1_cr_small.dcm")],
+            attempts=4,
+            backoff=0.5,
+            max_backoff=1.5,
+            sleep=sleeps.append,
+        )
     assert sleeps == [0.5, 1.0, 1.5]
 
 
@@ -141,10 +178,18 @@ def test_peer_down_then_up_delivers_once(orthanc_factory) -> None:  # type: igno
 
     def start_on_first_backoff(seconds: float) -> None:
         if not started:
-            started.append(orthanc_factory(dicom_port=port, modalities={"gateway": [SCU, "127.0.0.1", free_port()]}))
+            started.append(
+                orthanc_factory(
+                    dicom_port=port, modalities={"gateway": [SCU, "127.0.0.1", free_port()]}
+                )
+            )
 
-    destination = Destination(ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=5)
-    results = send_with_retries(destination, [sr], attempts=3, backoff=0.1, sleep=start_on_first_backoff)
+    destination = Destination(
+        ae_title="ORTHANC", host="127.0.0.1", port=port, calling_ae_title=SCU, timeout=5
+    )
+    results = send_with_retries(
+        destination, [sr], attempts=3, backoff=0.1, sleep=start_on_first_backoff
+    )
     assert [r.ok for r in results] == [True]
     assert len(started) == 1
     assert len(started[0].get("/instances")) == 1

@@ -28,7 +28,8 @@ ACCEPTED_WARNINGS = (
     # Device UID in a Contributing Equipment item is in the current standard (PS3.3 C.12.1,
     # highdicom's module tables list it) and IHE AIR asks for it; this dicom3tools predates it.
     "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
-    "Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard Extended SOP Class",
+    "Dicom dataset contains attributes not present in standard DICOM IOD"
+    " - this is a Standard Extended SOP Class",
     # Copied verbatim from the source (single-component names): rewriting PHI would make the
     # SR disagree with its own study.
     "Retired Person Name form",
@@ -74,7 +75,9 @@ def finding_for(
         probability=probability,
         present=present,
         images=images if probability is not None else (),
-        declined=() if probability is not None else tuple(DeclinedImage(i, "out of distribution") for i in images),
+        declined=()
+        if probability is not None
+        else tuple(DeclinedImage(i, "out of distribution") for i in images),
         report_id=f"{study_uid}/v{version}",
         version=version,
         created_at=CREATED,
@@ -94,7 +97,9 @@ def variants() -> dict[str, tuple[StudyFinding, list[Dataset], SRReference | Non
     minimal = header("nih_sc_minimal_header.dcm")
     amend = finding_for([rg1], probability=0.35, version=2)
     previous = sr_reference(
-        study_instance_uid=str(rg1.StudyInstanceUID), report_id=f"{rg1.StudyInstanceUID}/v1", version=1
+        study_instance_uid=str(rg1.StudyInstanceUID),
+        report_id=f"{rg1.StudyInstanceUID}/v1",
+        version=1,
     )
     two = [rg1, second_image(rg1)]
     return {
@@ -120,7 +125,7 @@ def test_every_variant_passes_dciodvfy_and_dsrdump(name: str, tmp_path: Path) ->
 
     tree = dsrdump(path)
     assert "Imaging Measurement Report" in tree
-    assert "(233604007,SCT,\"Pneumonia\")" in tree
+    assert '(233604007,SCT,"Pneumonia")' in tree
     assert "Verification Flag   : UNVERIFIED" in tree
     assert "Completion Flag     : COMPLETE" in tree
 
@@ -135,7 +140,15 @@ def test_present_sr_content_and_header() -> None:
     # Same study, new series; patient and study attributes copied from the source.
     assert sr.StudyInstanceUID == rg1.StudyInstanceUID
     assert sr.SeriesInstanceUID != rg1.SeriesInstanceUID
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+    ):
         assert sr[kw].value == rg1[kw].value, kw
     assert sr.VerificationFlag == "UNVERIFIED"
     assert sr.CompletionFlag == "COMPLETE"
@@ -152,7 +165,10 @@ def test_present_sr_content_and_header() -> None:
     # Evidence: the source image, by SOP class and instance UID.
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (rg1.SOPClassUID, rg1.SOPInstanceUID)
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        rg1.SOPClassUID,
+        rg1.SOPInstanceUID,
+    )
 
     assert procedure_reported(sr).CodeValue == srmod.CHEST_RADIOGRAPH.value
     groups = report_of(sr).get_image_measurement_groups()
@@ -164,7 +180,11 @@ def test_present_sr_content_and_header() -> None:
     (probability,) = group.get_measurements(name=srmod.PROBABILITY)
     assert probability.value == pytest.approx(0.91)
     assert probability.unit == srmod.UNITLESS
-    texts = {(i.ConceptNameCodeSequence[0].CodeValue, i.TextValue) for i in group[0].ContentSequence if i.ValueType == "TEXT"}
+    texts = {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.TextValue)
+        for i in group[0].ContentSequence
+        if i.ValueType == "TEXT"
+    }
     assert ("111001", MODEL.name) in texts  # TID 4019 Algorithm Name
     assert ("111003", MODEL.version) in texts  # TID 4019 Algorithm Version
     assert [s.referenced_sop_instance_uid for s in group.source_images] == [rg1.SOPInstanceUID]
@@ -172,10 +192,14 @@ def test_present_sr_content_and_header() -> None:
 
 def test_absent_and_no_result_values() -> None:
     rg1 = header("rg1_cr_small.dcm")
-    absent = report_of(build_sr(finding_for([rg1], probability=0.1), [rg1])).get_image_measurement_groups()[0]
+    absent = report_of(
+        build_sr(finding_for([rg1], probability=0.1), [rg1])
+    ).get_image_measurement_groups()[0]
     assert absent.get_qualitative_evaluations()[0].value == srmod.ABSENT
 
-    none = report_of(build_sr(finding_for([rg1], probability=None), [rg1])).get_image_measurement_groups()[0]
+    none = report_of(
+        build_sr(finding_for([rg1], probability=None), [rg1])
+    ).get_image_measurement_groups()[0]
     assert none.get_qualitative_evaluations()[0].value == srmod.UNDETERMINED
     assert none.get_measurements() == []
     # The examined (declined) image is still referenced.
@@ -188,7 +212,9 @@ def test_uids_are_deterministic_per_report_and_version() -> None:
     a, b = build_sr(f1, [rg1]), build_sr(f1, [rg1])
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
     assert a.SOPInstanceUID.startswith("2.25.") and len(a.SOPInstanceUID) <= 64
-    expected = sr_reference(study_instance_uid=f1.study.study_instance_uid, report_id=f1.report_id, version=1)
+    expected = sr_reference(
+        study_instance_uid=f1.study.study_instance_uid, report_id=f1.report_id, version=1
+    )
     assert a.SOPInstanceUID == expected.sop_instance_uid
     # Rebuilding later (e.g. a re-delivery) gives the same bytes apart from nothing at all.
     assert a.InstanceCreationTime == b.InstanceCreationTime
