@@ -1,0 +1,310 @@
+"""The FHIR client and the mapped bundles against the real FHIR R4 test server (Medplum engine)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+
+from fhir_mappings import DeliveryStatus, FhirMappingConfig, patient_identifier, plan_delivery
+from gateway.fhir_client import (
+    FhirAuthError,
+    FhirClient,
+    FhirClientConfig,
+    FhirPatientAmbiguous,
+    FhirRejected,
+    FhirUnavailable,
+)
+from tests.fhir.conftest import (
+    BEARER_TOKEN,
+    MRN,
+    MRN_SYSTEM,
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
+    PATIENT_NAME,
+    FhirTestServer,
+    make_finding,
+)
+
+pytestmark = pytest.mark.slow
+
+
+class Sleeps(list[float]):
+    """Records the client's back-off sleeps instead of sleeping (keeps the suite fast)."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client_for(
+    server: FhirTestServer, sleeps: Sleeps | None = None, **overrides: Any
+) -> FhirClient:
+    config = FhirClientConfig(base_url=server.base_url, max_attempts=4, **overrides)
+    return FhirClient(config, sleep=sleeps if sleeps is not None else Sleeps())
+
+
+def create_patient(
+    server: FhirTestServer, value: str = MRN, headers: dict[str, str] | None = None
+) -> str:
+    response = httpx.post(
+        f"{server.base_url}/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": MRN_SYSTEM, "value": value}],
+            "name": [{"family": "Doe", "given": ["Jane"]}],
+        },
+        headers={"Content-Type": "application/fhir+json", **(headers or {})},
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["Location"].startswith(f"{server.base_url}/Patient/")
+    assert response.headers["ETag"].startswith('W/"')
+    patient_id: str = response.json()["id"]
+    return patient_id
+
+
+def deliver(client: FhirClient, finding: Any, config: FhirMappingConfig) -> Any:
+    """What the worker does: resolve, plan, post."""
+    ident = patient_identifier(finding, config)
+    assert ident is not None
+    pid = client.resolve_patient(ident.system, ident.value)
+    plan = plan_delivery(finding, config, resolved_patient_id=pid)
+    assert plan.status is DeliveryStatus.READY, plan.reason
+    return client.post_transaction(plan.bundle)
+
+
+def search(server: FhirTestServer, path: str, **params: Any) -> list[dict[str, Any]]:
+    return [e["resource"] for e in server.get(path, **params).get("entry", [])]
+
+
+def test_server_serves_metadata(fhir_server):
+    cap = fhir_server.get("metadata")
+    assert cap["resourceType"] == "CapabilityStatement"
+    assert cap["fhirVersion"] == "4.0.1"
+    assert fhir_server.start_seconds < 30
+
+
+def test_posted_report_is_found_by_patient_with_observations_device_provenance(
+    fhir_server, mapping_config
+):
+    pid = create_patient(fhir_server)
+    with client_for(fhir_server) as client:
+        assert client.resolve_patient(MRN_SYSTEM, MRN) == pid
+        result = deliver(client, make_finding(0.873), mapping_config)
+    assert result.created_count == 5
+    [report_id] = result.ids("DiagnosticReport")
+
+    found = fhir_server.get(
+        "DiagnosticReport", patient=f"Patient/{pid}", _include="DiagnosticReport:result"
+    )
+    kinds = [(e["resource"]["resourceType"], e["search"]["mode"]) for e in found["entry"]]
+    assert kinds.count(("DiagnosticReport", "match")) == 1
+    assert kinds.count(("Observation", "include")) == 2
+    report = found["entry"][0]["resource"]
+    assert report["id"] == report_id
+    assert report["status"] == "final"
+    assert report["subject"]["reference"] == f"Patient/{pid}"
+
+    [device] = search(fhir_server, "Device")
+    assert device["deviceName"][0]["name"] == "cxr-pneumonia-cnn"
+    for obs in search(fhir_server, "Observation", subject=f"Patient/{pid}"):
+        assert obs["device"]["reference"] == f"Device/{device['id']}"
+    [prov] = search(fhir_server, "Provenance", target=f"DiagnosticReport/{report_id}")
+    assert {a["who"]["reference"] for a in prov["agent"]} == {f"Device/{device['id']}"}
+
+
+def test_same_bundle_twice_makes_one_report(fhir_server, mapping_config):
+    create_patient(fhir_server)
+    with client_for(fhir_server) as client:
+        first = deliver(client, make_finding(), mapping_config)
+        second = deliver(client, make_finding(), mapping_config)
+    assert second.created_count == 0
+    assert {(e.resource_type, e.id) for e in second.entries} == {
+        (e.resource_type, e.id) for e in first.entries
+    }
+    for rtype, count in (
+        ("DiagnosticReport", 1),
+        ("Observation", 2),
+        ("Device", 1),
+        ("Provenance", 1),
+    ):
+        assert len(search(fhir_server, rtype)) == count, rtype
+
+
+def test_amended_version_replaces_report_and_old_resend_changes_nothing(
+    fhir_server, mapping_config
+):
+    pid = create_patient(fhir_server)
+    with client_for(fhir_server) as client:
+        v1 = deliver(client, make_finding(0.873), mapping_config)
+        v2 = deliver(client, make_finding(0.10, version=2), mapping_config)
+        deliver(client, make_finding(0.873), mapping_config)  # a late re-send of version 1
+    assert v2.ids("DiagnosticReport") == v1.ids("DiagnosticReport")
+    [report] = search(fhir_server, "DiagnosticReport", patient=f"Patient/{pid}")
+    assert report["status"] == "amended"
+    assert "conclusionCode" not in report  # version 2 is negative
+    history = fhir_server.get(f"DiagnosticReport/{report['id']}/_history")
+    assert len(history["entry"]) == 2
+    assert len(search(fhir_server, "Observation")) == 2
+    assert {o["status"] for o in search(fhir_server, "Observation")} == {"amended"}
+    assert len(search(fhir_server, "Provenance")) == 2  # one per version
+
+
+def test_unknown_patient_by_reference_policy(fhir_server):
+    config = FhirMappingConfig(
+        patient_identifier_system=MRN_SYSTEM, unknown_patient_policy="reference"
+    )
+    with client_for(fhir_server) as client:
+        assert client.resolve_patient(MRN_SYSTEM, MRN) is None
+        plan = plan_delivery(make_finding(), config, resolved_patient_id=None)
+        assert plan.bundle is not None
+        client.post_transaction(plan.bundle)
+    assert search(fhir_server, "Patient") == []  # never creates patients
+    [report] = search(fhir_server, "DiagnosticReport")
+    assert report["subject"]["identifier"] == {"system": MRN_SYSTEM, "value": MRN}
+
+
+def test_no_result_report_accepted(fhir_server, mapping_config):
+    create_patient(fhir_server)
+    with client_for(fhir_server) as client:
+        result = deliver(client, make_finding(None), mapping_config)
+    assert sorted(e.resource_type for e in result.entries) == [
+        "Device",
+        "DiagnosticReport",
+        "Provenance",
+    ]
+
+
+def test_ambiguous_patient_raises(fhir_server):
+    create_patient(fhir_server)
+    create_patient(fhir_server)
+    with client_for(fhir_server) as client, pytest.raises(FhirPatientAmbiguous):
+        client.resolve_patient(MRN_SYSTEM, MRN)
+
+
+def test_503_then_ok_posts_once_honouring_retry_after(fhir_server, mapping_config):
+    create_patient(fhir_server)
+    sleeps = Sleeps()
+    with client_for(fhir_server, sleeps) as client:
+        ident = patient_identifier(make_finding(), mapping_config)
+        assert ident is not None
+        pid = client.resolve_patient(ident.system, ident.value)
+        plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id=pid)
+        fhir_server.fail_next(2, status=503, retry_after="3")
+        result = client.post_transaction(plan.bundle)
+    assert result.created_count == 5
+    assert sleeps == [3.0, 3.0]  # Retry-After wins over the exponential back-off
+    assert fhir_server.stats()["POST /"] == 3
+    assert len(search(fhir_server, "DiagnosticReport")) == 1
+
+
+def test_429_and_network_errors_are_retried_with_backoff(fhir_server, mapping_config):
+    sleeps = Sleeps()
+    fhir_server.fail_next(1, status=429)
+    with client_for(fhir_server, sleeps, backoff_initial=0.25) as client:
+        assert client.resolve_patient(MRN_SYSTEM, "nobody") is None
+    assert sleeps == [0.25]
+    sleeps.clear()
+    dead = FhirClientConfig(
+        base_url="http://127.0.0.1:9/fhir/R4", max_attempts=3, connect_timeout=1
+    )
+    with FhirClient(dead, sleep=sleeps) as client, pytest.raises(FhirUnavailable) as info:
+        client.resolve_patient(MRN_SYSTEM, MRN)
+    assert info.value.attempts == 3
+    assert sleeps == [0.5, 1.0]
+    assert MRN not in str(info.value)
+
+
+def test_persistent_503_gives_up_with_fhir_unavailable(fhir_server, mapping_config):
+    fhir_server.fail_next(10, status=503)
+    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    with client_for(fhir_server) as client, pytest.raises(FhirUnavailable) as info:
+        client.post_transaction(plan.bundle)
+    assert info.value.status == 503
+    assert info.value.attempts == 4
+    assert fhir_server.stats()["POST /"] == 4
+
+
+def test_too_long_retry_after_gives_up_at_once(fhir_server, mapping_config):
+    fhir_server.fail_next(1, status=503, retry_after="3600")
+    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    with client_for(fhir_server) as client, pytest.raises(FhirUnavailable):
+        client.post_transaction(plan.bundle)
+    assert fhir_server.stats()["POST /"] == 1
+
+
+def test_400_raises_rejected_with_outcome_not_retried_and_rolls_back(fhir_server, mapping_config):
+    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    assert plan.bundle is not None
+    # The server validates: an element unknown to R4 in the last entry fails the transaction.
+    plan.bundle["entry"][-1]["resource"]["unknownElement"] = True
+    sleeps = Sleeps()
+    with client_for(fhir_server, sleeps) as client, pytest.raises(FhirRejected) as info:
+        client.post_transaction(plan.bundle)
+    assert info.value.status == 400
+    assert info.value.outcome is not None
+    assert info.value.outcome["resourceType"] == "OperationOutcome"
+    assert "unknownElement" in info.value.outcome_text  # verbatim, for the audit log
+    assert sleeps == []
+    assert fhir_server.stats()["POST /"] == 1
+    # The front-end rolled the transaction back: the entries before the bad one are gone too.
+    assert search(fhir_server, "Device") == []
+
+
+def test_bearer_token_sent_and_required(fhir_auth_server):
+    pid = create_patient(fhir_auth_server, headers={"Authorization": f"Bearer {BEARER_TOKEN}"})
+    with client_for(fhir_auth_server, auth="bearer", bearer_token=BEARER_TOKEN) as client:
+        assert client.resolve_patient(MRN_SYSTEM, MRN) == pid
+    with client_for(fhir_auth_server) as client, pytest.raises(FhirAuthError) as info:
+        client.resolve_patient(MRN_SYSTEM, MRN)
+    assert info.value.status == 401
+
+
+def test_oauth2_client_credentials_token_cached(fhir_auth_server, mapping_config):
+    pid = create_patient(fhir_auth_server, headers={"Authorization": f"Bearer {BEARER_TOKEN}"})
+    oauth = {
+        "auth": "oauth2",
+        "token_url": f"{fhir_auth_server.root_url}/oauth2/token",
+        "client_id": OAUTH_CLIENT_ID,
+        "client_secret": OAUTH_CLIENT_SECRET,
+        "scope": "system/DiagnosticReport.c system/Patient.r",
+    }
+    with client_for(fhir_auth_server, **oauth) as client:
+        assert client.resolve_patient(MRN_SYSTEM, MRN) == pid
+        deliver(client, make_finding(), mapping_config)
+    assert fhir_auth_server.stats()["POST /oauth2/token"] == 1
+    bad = {**oauth, "client_secret": "wrong"}
+    with client_for(fhir_auth_server, **bad) as client, pytest.raises(FhirAuthError):
+        client.resolve_patient(MRN_SYSTEM, MRN)
+
+
+def test_no_phi_in_logs(fhir_server, mapping_config, caplog):
+    create_patient(fhir_server)
+    caplog.set_level(logging.DEBUG)
+    with client_for(fhir_server) as client:
+        fhir_server.fail_next(1, status=503, retry_after="0")
+        deliver(client, make_finding(), mapping_config)
+        other = make_finding(study_uid="1.2.826.0.1.3680043.8.498.999")
+        bad = plan_delivery(other, mapping_config, resolved_patient_id="x").bundle
+        assert bad is not None
+        bad["entry"][-2]["resource"]["bogus"] = MRN  # the new DiagnosticReport
+        with pytest.raises(FhirRejected) as info:
+            client.post_transaction(bad)
+    assert caplog.records, "the client should log what it does"
+    for secret in (MRN, "Doe", "19700101"):
+        assert secret not in caplog.text
+        assert secret not in str(info.value)
+    assert PATIENT_NAME not in caplog.text
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        FhirClientConfig(base_url="ftp://x")
+    with pytest.raises(ValueError):
+        FhirClientConfig(base_url="https://ehr/fhir", auth="bearer")
+    with pytest.raises(ValueError):
+        FhirClientConfig(base_url="https://ehr/fhir", auth="oauth2", token_url="https://t")
+    config = FhirClientConfig(base_url="https://ehr/fhir", auth="bearer", bearer_token="s3cret")
+    assert "s3cret" not in repr(config)
+    assert config.verify_tls is True
