@@ -64,7 +64,12 @@ class FhirTestServer:
         return result
 
 
-def _start_server(env_extra: dict[str, str]) -> FhirTestServer:
+def start_fhir_test_server(env_extra: dict[str, str]) -> FhirTestServer:
+    """Start the FHIR test server on a free port (env_extra: FHIR_TEST_* settings).
+
+    Reusable by other test packages (e.g. end-to-end tests): import it from here and call
+    stop_fhir_test_server() when done. Skips (fails under CI=true) when it is not installed.
+    """
     if not NODE.exists():
         reason = (
             f"FHIR test server not installed ({NODE} missing): "
@@ -110,7 +115,7 @@ def _start_server(env_extra: dict[str, str]) -> FhirTestServer:
     pytest.fail("FHIR test server did not start:\n" + "".join(seen))
 
 
-def _stop(server: FhirTestServer) -> None:
+def stop_fhir_test_server(server: FhirTestServer) -> None:
     server.process.terminate()
     try:
         server.process.wait(timeout=5)
@@ -126,9 +131,9 @@ OAUTH_CLIENT_SECRET = "test-secret-8c1d"
 
 @pytest.fixture(scope="session")
 def fhir_server_session() -> Iterator[FhirTestServer]:
-    server = _start_server({})
+    server = start_fhir_test_server({})
     yield server
-    _stop(server)
+    stop_fhir_test_server(server)
 
 
 @pytest.fixture
@@ -140,7 +145,7 @@ def fhir_server(fhir_server_session: FhirTestServer) -> FhirTestServer:
 
 @pytest.fixture(scope="session")
 def fhir_auth_server_session() -> Iterator[FhirTestServer]:
-    server = _start_server(
+    server = start_fhir_test_server(
         {
             "FHIR_TEST_BEARER_TOKEN": BEARER_TOKEN,
             "FHIR_TEST_TOKEN_CLIENT_ID": OAUTH_CLIENT_ID,
@@ -148,7 +153,7 @@ def fhir_auth_server_session() -> Iterator[FhirTestServer]:
         }
     )
     yield server
-    _stop(server)
+    stop_fhir_test_server(server)
 
 
 @pytest.fixture
