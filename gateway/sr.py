@@ -180,7 +180,7 @@ def build_sr(
             study_instance_uid=study_uid,
         )
 
-    evidence = [_evidence_header(by_uid[im.sop_instance_uid], finding) for im in examined]
+    evidence = [source_header(by_uid[im.sop_instance_uid], finding) for im in examined]
     ref = sr_reference(
         study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version
     )
@@ -201,7 +201,7 @@ def build_sr(
         is_final=True,
         is_verified=False,
         previous_versions=[_predecessor_header(p) for p in predecessors] or None,
-        contributing_equipment=[_algorithm_equipment(finding.model, dev_uid, created)],
+        contributing_equipment=[algorithm_equipment(finding.model, dev_uid, created)],
         series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=finding.model.name,
         software_versions=finding.model.version,
@@ -242,8 +242,8 @@ def _valid(keyword: str, value: object) -> bool:
     return True
 
 
-def _evidence_header(src: Dataset, finding: StudyFinding) -> Dataset:
-    """A small, clean copy of a source header: the UIDs and image size the SR references,
+def source_header(src: Dataset, finding: StudyFinding) -> Dataset:
+    """A small, clean copy of a source header: the UIDs and image size a derived object references,
     and the patient/study attributes it copies, with invalid values dropped (e.g. a Patient's
     Age of "81", which is not a valid AS and would make the SR itself invalid)."""
     ds = Dataset()
@@ -294,7 +294,7 @@ def _evidence_header(src: Dataset, finding: StudyFinding) -> Dataset:
     return ds
 
 
-def _algorithm_equipment(
+def algorithm_equipment(
     model: ModelInfo, dev_uid: str, created: dt.datetime
 ) -> hd.ContributingEquipment:
     item = hd.ContributingEquipment(

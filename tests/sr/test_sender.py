@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -18,7 +19,8 @@ from gateway.dicom_sender import (
     send,
     send_with_retries,
 )
-from gateway.sr import build_sr
+from gateway.heatmap_sc import build_heatmap_sc
+from gateway.sr import build_sr, sr_reference
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.sr.conftest import FIXTURES, Orthanc, free_port, start_orthanc
 
@@ -196,8 +198,6 @@ def test_peer_down_then_up_delivers_once(orthanc_factory) -> None:  # type: igno
 
 
 def test_store_failed_error_reports_statuses() -> None:
-    from gateway.dicom_sender import _TRANSIENT_FAILURES  # noqa: F401  (documented set)
-
     d = Destination(ae_title="X", host="127.0.0.1", port=1)
     ok = StoreResult("1.2.3", "1.2.840.10008.5.1.4.1.1.88.33", 0x0000)
     busy = StoreResult("1.2.4", "1.2.840.10008.5.1.4.1.1.88.33", 0xA700)
@@ -208,3 +208,42 @@ def test_store_failed_error_reports_statuses() -> None:
     assert err.failed == (busy, bad)
     assert "0xA900" in str(err)
     assert StoreResult("1", "2", 0xB000).ok  # warning = stored
+
+
+def test_amendment_and_heatmap_land_in_the_same_study(orthanc: Orthanc) -> None:
+    source = FIXTURES / "nih_sc_small.dcm"
+    study_id = orthanc.upload(source)["ParentStudy"]
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    first = sr_for(source, probability=0.9)
+    finding_v1_uid = str(first.SOPInstanceUID)
+
+    study = str(header.StudyInstanceUID)
+    previous = sr_reference(study_instance_uid=study, report_id=f"{study}/v1", version=1)
+    assert previous.sop_instance_uid == finding_v1_uid
+    image = SourceImage(
+        str(header.SOPClassUID), str(header.SOPInstanceUID), str(header.SeriesInstanceUID)
+    )
+    v2 = StudyFinding(
+        study=StudyContext(study_instance_uid=study),
+        model=MODEL,
+        probability=0.2,
+        present=False,
+        images=(image,),
+        report_id=f"{study}/v2",
+        version=2,
+    )
+    amended = build_sr(v2, [header], replaces=previous)
+    heat = build_heatmap_sc(v2, header, np.zeros((64, 64, 3), np.uint8))
+
+    results = send(dest(orthanc), [first, amended, heat])
+    assert [r.ok for r in results] == [True, True, True]
+
+    assert orthanc.get("/studies") == [study_id]
+    srs = sr_instances(orthanc, study_id)
+    assert sorted(t["SOPInstanceUID"] for t in srs) == sorted(
+        [finding_v1_uid, amended.SOPInstanceUID]
+    )
+    modalities = sorted(
+        s["MainDicomTags"]["Modality"] for s in orthanc.get(f"/studies/{study_id}/series")
+    )
+    assert modalities == ["DX", "OT", "SR", "SR"]  # source, heat map, SR v1, SR v2

@@ -18,26 +18,10 @@ from gateway import sr as srmod
 from gateway.sr import SRBuildError, SRReference, build_sr, device_uid, sr_reference
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.sr.conftest import FIXTURES
-from tests.sr.dicom_tools import dciodvfy, dsrdump, save
+from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, dsrdump, save
 
 MODEL = ModelInfo(name="cxr-pneumonia-cnn", version="1.2.0", content_hash="0f" * 32, threshold=0.42)
 CREATED = dt.datetime(2026, 11, 27, 12, 30, 5, tzinfo=dt.UTC)
-
-# dciodvfy (dicom3tools 2022-06) warnings we accept, each with its reason. Anything else fails.
-ACCEPTED_WARNINGS = (
-    # Device UID in a Contributing Equipment item is in the current standard (PS3.3 C.12.1,
-    # highdicom's module tables list it) and IHE AIR asks for it; this dicom3tools predates it.
-    "Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
-    "Dicom dataset contains attributes not present in standard DICOM IOD"
-    " - this is a Standard Extended SOP Class",
-    # Copied verbatim from the source (single-component names): rewriting PHI would make the
-    # SR disagree with its own study.
-    "Retired Person Name form",
-    # The source has no Study Date / Time / ID: the SR keeps them empty (type 2), not invented.
-    "Missing attribute or value that would be needed to build DICOMDIR - Study Date",
-    "Missing attribute or value that would be needed to build DICOMDIR - Study Time",
-    "Missing attribute or value that would be needed to build DICOMDIR - Study ID",
-)
 
 
 def report_of(sr: Dataset) -> hd.sr.MeasurementReport:
