@@ -360,7 +360,8 @@ def _measurement_report(
                 name=PROBABILITY,
                 value=round(float(finding.probability), 6),
                 unit=UNITLESS,
-                algorithm_id=algorithm,
+                # The group's TID 4019 below covers this measurement too; repeating it here
+                # would double the tree for no information.
             )
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(

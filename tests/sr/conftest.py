@@ -55,7 +55,7 @@ class Orthanc:
     workdir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
-    modalities: dict[str, list[Any]] = field(default_factory=dict)
+    modalities: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -90,15 +90,16 @@ def start_orthanc(
     workdir: Path,
     *,
     aet: str = "ORTHANC",
-    modalities: dict[str, list[Any]] | None = None,
+    modalities: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
     dicom_port: int | None = None,
     startup_timeout: float = 20.0,
 ) -> Orthanc:
     """Start Orthanc on free ports (or ``dicom_port``) with a temporary, strict config.
 
-    ``modalities``: Orthanc's ``DicomModalities`` (name -> [AET, host, port]); only these may
-    store. Waits until ``GET /system`` answers; raises RuntimeError with the log tail if not.
+    ``modalities``: Orthanc's ``DicomModalities`` (name -> [AET, host, port] or an object);
+    only these may store. Waits until ``GET /system`` answers; raises RuntimeError with the
+    log tail if not.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     http_port = free_port()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,3 +250,53 @@ def test_amendment_and_heatmap_land_in_the_same_study(orthanc: Orthanc) -> None:
         s["MainDicomTags"]["Modality"] for s in orthanc.get(f"/studies/{study_id}/series")
     )
     assert modalities == ["DX", "OT", "SR", "SR"]  # source, heat map, SR v1, SR v2
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_dicom_tls_with_mutual_authentication(orthanc_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    server_key, server_crt = _self_signed(tmp_path, "orthanc")
+    client_key, client_crt = _self_signed(tmp_path, "gateway")
+    orthanc = orthanc_factory(
+        modalities={
+            "gateway": {"AET": SCU, "Host": "127.0.0.1", "Port": free_port(), "UseDicomTls": True}
+        },
+        extra_config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(server_crt),
+            "DicomTlsPrivateKey": str(server_key),
+            "DicomTlsTrustedCertificates": str(client_crt),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_crt))
+    context.load_cert_chain(str(client_crt), str(client_key))
+    results = send(
+        dest(orthanc, tls=context, server_hostname="127.0.0.1"),
+        [sr_for(FIXTURES / "rg1_cr_small.dcm")],
+    )
+    assert [r.ok for r in results] == [True]
+    assert len(orthanc.get("/instances")) == 1
+
+    # Without TLS the same peer does not talk to us.
+    with pytest.raises(AssociationFailedError):
+        send(dest(orthanc), [sr_for(FIXTURES / "rg1_cr_small.dcm")])
+    # A server certificate we do not trust fails the handshake: a clear error, not a hang.
+    _, stranger_crt = _self_signed(tmp_path, "stranger")
+    untrusting = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(stranger_crt))
+    with pytest.raises(AssociationFailedError):
+        send(
+            dest(orthanc, tls=untrusting, server_hostname="127.0.0.1"),
+            [sr_for(FIXTURES / "rg1_cr_small.dcm")],
+        )
