@@ -36,6 +36,16 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients for validation")] = 0.15,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs")] = 8,
     aug_strength: Annotated[float, typer.Option(help="Augmentation strength (0 = none)")] = 1.0,
+    threshold_sensitivity: Annotated[
+        float, typer.Option(help="Operating point: keep at least this validation sensitivity")
+    ] = 0.95,
+    threshold_on: Annotated[
+        str, typer.Option(help="'stress' (validation + shifted copies) or 'clean' validation")
+    ] = "stress",
+    ood_dicom_dir: Annotated[
+        Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Use at most N images per class (smoke tests)")] = 0,
 ) -> None:
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
     _quiet_tensorflow()
@@ -58,6 +68,12 @@ def train(
         patience=patience,
         aug_strength=aug_strength,
         command=command,
+        extra={
+            "threshold_sensitivity": threshold_sensitivity,
+            "threshold_on": threshold_on,
+            "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
+            "limit": limit,
+        },
     )
     artifact = run(config)
     typer.echo(f"model artifact: {artifact}")

@@ -1,3 +1,249 @@
-"""Placeholder, replaced below."""
-def finalize(*a, **k):
-    raise NotImplementedError
+"""After training: serving models, TFLite, calibration, threshold, input check, report, card."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from inference.artifact import ArtifactMeta, write_meta
+from inference.input_check import fit_ood, thumbnail
+from inference.preprocess import PreprocessConfig, preprocess_batch
+from training.augment import STRESS_NAMES, stress
+from training.calibration import fit_temperature, sigmoid, threshold_for_sensitivity
+from training.data import CLASS_NAMES
+from training.metrics import binary_metrics
+from training.report import write_report
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "cxr-pneumonia"
+MODEL_VERSION = "1.0.0"
+
+
+def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tuple[Any, Any]:
+    """(logits, embeddings) for a preprocessed (N, S, S, 1) array."""
+    logits, embs = [], []
+    for i in range(0, len(x), batch):
+        raw = runner.run(x[i : i + batch])
+        logits.append(raw.logits)
+        embs.append(raw.embedding)
+    return np.concatenate(logits), np.concatenate(embs)
+
+
+def _thumbs(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.stack([thumbnail(xi[..., 0]) for xi in x])
+
+
+def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path]) -> Path:
+    """Export the artifact into ``config.out / "artifact"`` and return its path."""
+    import keras
+
+    from inference.model import ModelRunner, serving_model, to_tflite
+    from training.model_card import write_model_card
+    from training.synthetic_ood import negatives
+
+    art = config.out / "artifact"
+    if art.exists():
+        shutil.rmtree(art)
+    art.mkdir(parents=True)
+    stems = []
+    for i, path in enumerate(members):
+        serve = serving_model(keras.models.load_model(path, compile=False))
+        serve.save(art / f"member{i}.keras")
+        (art / f"member{i}.tflite").write_bytes(to_tflite(serve))
+        stems.append(f"member{i}")
+
+    draft = ArtifactMeta(
+        name=MODEL_NAME,
+        version=MODEL_VERSION,
+        class_names=CLASS_NAMES,
+        preprocess=pre,
+        members=tuple(stems),
+        temperature=1.0,
+        threshold=0.5,
+        threshold_rule="",
+        ood_threshold=1.0,
+        arch=config.arch,
+    )
+    runner = ModelRunner(art, draft, backend="tflite")
+    keras_runner = ModelRunner(art, draft, backend="keras")
+
+    y_val = prep.val_y
+    val_logit, val_emb = run_batches(runner, prep.val_x)
+    k_logit, _ = run_batches(keras_runner, prep.val_x)
+    tflite_diff = float(np.max(np.abs(k_logit - val_logit)))
+    log.info("TFLite vs Keras: max |logit difference| %.2e on %d images", tflite_diff, len(k_logit))
+    s1_logit, s1_emb = run_batches(runner, prep.val_stress_x)
+
+    # Every validation image under every named shift.
+    stress_logits: dict[str, npt.NDArray[Any]] = {}
+    for name in STRESS_NAMES:
+        xs = preprocess_batch([stress(img, name) for img in prep.val_images], pre)
+        stress_logits[name], _ = run_batches(runner, xs)
+    all_stress = np.concatenate([stress_logits[n] for n in STRESS_NAMES])
+    y_all_stress = np.tile(y_val, len(STRESS_NAMES))
+
+    # Temperature on clean + one-shift-per-image validation: calibrated for shifted inputs too.
+    cal_logits = np.concatenate([val_logit, s1_logit])
+    cal_y = np.concatenate([y_val, y_val])
+    temperature = fit_temperature(cal_y, cal_logits)
+
+    # Threshold: highest threshold keeping the target sensitivity on the chosen validation set.
+    target = float(config.extra.get("threshold_sensitivity", 0.95))
+    on = str(config.extra.get("threshold_on", "stress"))
+    if on == "clean":
+        thr_y, thr_logits = y_val, val_logit
+        rule_set = "the clean validation split"
+    else:
+        thr_y = np.concatenate([y_val, y_all_stress])
+        thr_logits = np.concatenate([val_logit, all_stress])
+        rule_set = f"the validation split plus its {len(STRESS_NAMES)} shifted copies"
+    threshold = threshold_for_sensitivity(thr_y, sigmoid(thr_logits / temperature), target)
+    rule = f"highest threshold with sensitivity >= {target:.2f} on {rule_set}"
+
+    # Input check: fitted on training images, scaled and thresholded on validation.
+    train_x = preprocess_batch(list(prep.train_images), pre)
+    _, train_emb = run_batches(runner, train_x)
+    val_both_emb = np.concatenate([val_emb, s1_emb])
+    val_both_thumbs = np.concatenate([_thumbs(prep.val_x), _thumbs(prep.val_stress_x)])
+    ood = fit_ood(train_emb, prep.train_y, _thumbs(train_x), val_both_emb, val_both_thumbs)
+    ood.save(art / "ood.npz")
+    val_ood, _, _ = ood.scores(val_both_emb, val_both_thumbs)
+    ood_quantile = float(config.extra.get("ood_quantile", 99.5))
+    ood_margin = float(config.extra.get("ood_margin", 1.25))
+    ood_threshold = float(np.percentile(val_ood, ood_quantile)) * ood_margin
+
+    neg_kinds, neg_imgs = zip(*negatives(list(prep.val_images)), strict=True)
+    neg_x = preprocess_batch(list(neg_imgs), pre)
+    _, neg_emb = run_batches(runner, neg_x)
+    neg_score, _, _ = ood.scores(neg_emb, _thumbs(neg_x))
+    ood_eval: dict[str, Any] = {
+        "validation_declined": float(np.mean(val_ood > ood_threshold)),
+        "validation_clean_declined": float(
+            np.mean(val_ood[: len(y_val)] > ood_threshold)
+        ),
+        "synthetic": {},
+    }
+    for kind in sorted(set(neg_kinds)):
+        m = np.array([k == kind for k in neg_kinds])
+        ood_eval["synthetic"][kind] = {
+            "n": int(m.sum()),
+            "declined": float(np.mean(neg_score[m] > ood_threshold)),
+            "median_score": float(np.median(neg_score[m])),
+        }
+    ood_eval["dicom_files"] = _score_dicom_folder(
+        config.extra.get("ood_dicom_dir"), runner, ood, pre, ood_threshold
+    )
+
+    # Validation reports.
+    p_val = sigmoid(val_logit / temperature)
+    subgroups = [s.subgroup for s in prep.val]
+    val_report = write_report(
+        y_val, p_val, threshold, art / "validation", subgroups=subgroups,
+        title="validation (clean)",
+    )
+    stress_table = {}
+    for name in STRESS_NAMES:
+        p = sigmoid(stress_logits[name] / temperature)
+        m = binary_metrics(y_val, p, threshold)
+        stress_table[name] = {k: m[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")}
+    p_all = sigmoid(all_stress / temperature)
+    pooled = write_report(
+        y_all_stress, p_all, threshold, art / "validation_shifted",
+        title="validation, shifted copies", n_boot=200,
+    )
+    uncal = binary_metrics(y_val, sigmoid(val_logit), 0.5)
+    uncal_stress = binary_metrics(y_all_stress, sigmoid(all_stress), 0.5)
+
+    history = []
+    for i in range(len(members)):
+        state_path = config.out / "members" / str(i) / "state.json"
+        if state_path.exists():
+            history.append(json.loads(state_path.read_text()))
+    training_info = {
+        "command": config.command,
+        "seed": config.seed,
+        "config": config.to_json(),
+        "data": {
+            "source": "Kermany et al. 2018 chest X-ray (training split), doi:10.17632/rscbjbr9sj.2",
+            "n_train": len(prep.train),
+            "n_val": len(prep.val),
+            "train_counts": {c: int(np.sum(prep.train_y == i)) for i, c in enumerate(CLASS_NAMES)},
+            "val_counts": {c: int(np.sum(y_val == i)) for i, c in enumerate(CLASS_NAMES)},
+            "split": "patient-level, stratified by class, seed as above",
+        },
+        "members": [
+            {"best_epoch": h.get("best_epoch"), "epochs_run": h.get("epoch"),
+             "best_score": h.get("best")} for h in history
+        ],
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "tflite_max_abs_logit_diff": tflite_diff,
+    }
+    meta = ArtifactMeta(
+        name=MODEL_NAME,
+        version=MODEL_VERSION,
+        class_names=CLASS_NAMES,
+        preprocess=pre,
+        members=tuple(stems),
+        temperature=temperature,
+        threshold=threshold,
+        threshold_rule=rule,
+        ood_threshold=ood_threshold,
+        arch=config.arch,
+        training=training_info,
+    )
+    meta = write_meta(art, meta)
+    summary = {
+        "validation": val_report,
+        "validation_shifted_pooled": pooled,
+        "stress": stress_table,
+        "uncalibrated_threshold_0.5": {"clean": uncal, "shifted": uncal_stress},
+        "temperature": temperature,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "ood": ood_eval,
+        "ood_threshold": ood_threshold,
+        "ood_rule": f"{ood_quantile}th percentile of validation scores (clean + shifted) x {ood_margin}",
+        "history": history,
+    }
+    (art / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    np.savez_compressed(
+        config.out / "validation_predictions.npz",
+        y=y_val, logit=val_logit, stress_logit=all_stress,
+        stress_names=np.array(STRESS_NAMES), subgroups=np.array(subgroups),
+    )
+    write_model_card(art, meta, summary)
+    log.info("artifact written to %s (hash %s)", art, meta.content_hash[:12])
+    return art
+
+
+def _score_dicom_folder(
+    folder: Any, runner: Any, ood: Any, pre: PreprocessConfig, threshold: float
+) -> dict[str, Any]:
+    """OOD score and header decision of each DICOM file under ``folder`` (informational)."""
+    if not folder:
+        return {}
+    import pydicom
+
+    from inference.dicom_pixels import dicom_to_image
+    from inference.input_check import header_decline_reason
+    from inference.preprocess import preprocess
+
+    out: dict[str, Any] = {}
+    for path in sorted(Path(folder).rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        x = preprocess(dicom_to_image(ds).image, pre)[None, ..., None]
+        raw = runner.run(x)
+        score, _, _ = ood.scores(raw.embedding, _thumbs(x))
+        out[path.name] = {
+            "ood_score": float(score[0]),
+            "ood_declined": bool(score[0] > threshold),
+            "header_reason": header_decline_reason(ds),
+        }
+    return out

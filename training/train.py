@@ -76,6 +76,10 @@ class Prepared:
 
 def prepare(config: TrainConfig, pre: PreprocessConfig) -> Prepared:
     samples = list_samples(config.data)
+    limit = int(config.extra.get("limit", 0))
+    if limit:
+        # Smoke tests: the first ``limit`` images of each class (sorted by name).
+        samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][:limit]]
     train, val = patient_split(samples, val_fraction=config.val_fraction, seed=config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     split = {

@@ -1,0 +1,38 @@
+"""Heat map overlay (class-activation map over the radiograph) as PNG bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+MAX_SIDE = 512
+
+
+def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float = 0.4) -> bytes:
+    """Blend the positive part of ``cam`` (logit units, any size) over ``image`` (2-D, any range).
+
+    The output keeps the image's aspect ratio, longest side at most 512 px. Regions that push
+    towards PNEUMONIA are warm; a map with no positive evidence shows the plain image.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = float(img.min()), float(img.max())
+    gray = np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
+    h, w = gray.shape
+    scale = min(1.0, MAX_SIDE / max(h, w))
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    gray8 = (cv2.resize(gray, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
+    heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    peak = float(heat.max())
+    heat = heat / peak if peak > 0 else heat
+    heat = cv2.resize(heat, size, interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    base = cv2.cvtColor(gray8, cv2.COLOR_GRAY2BGR)
+    weight = (alpha * heat)[..., None]
+    out = (base * (1 - weight) + colour * weight).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", out)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return bytes(buf.tobytes())

@@ -1,0 +1,145 @@
+"""Run the artifact's network(s): Keras or the TFLite fast path, one or several members.
+
+Each member is a Keras model with three outputs: ``logit`` (N, 1), ``embedding`` (N, C) (the
+globally pooled last feature map, used by the input check) and ``cam`` (N, h, w, 1) (the
+class-activation map: the final dense layer applied at every position, whose mean equals the
+logit, so it is exactly what Grad-CAM gives for a GAP + dense head, without gradients).
+The ensemble's logit is the mean of the members' logits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from inference.artifact import ArtifactError, ArtifactMeta
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class RawOutput:
+    logits: F32  # (N,) ensemble mean logit, before temperature
+    embedding: F32  # (N, C) member 0's pooled features
+    cam: F32  # (N, h, w) ensemble mean class-activation map (logit units)
+
+
+def _split_outputs(outputs: list[F32]) -> tuple[F32, F32, F32]:
+    logit = emb = cam = None
+    for o in outputs:
+        if o.ndim == 4:
+            cam = o[..., 0]
+        elif o.ndim == 2 and o.shape[1] == 1:
+            logit = o[:, 0]
+        elif o.ndim == 2:
+            emb = o
+    if logit is None or emb is None or cam is None:
+        raise ArtifactError(f"unexpected model outputs {[o.shape for o in outputs]}")
+    return logit, emb, cam
+
+
+class _KerasMember:
+    def __init__(self, path: Path) -> None:
+        import keras
+
+        self.model = keras.models.load_model(path, compile=False)
+
+    def __call__(self, x: F32) -> tuple[F32, F32, F32]:
+        out = self.model.predict_on_batch(x)
+        outs = list(out.values()) if isinstance(out, dict) else list(out)
+        return _split_outputs([np.asarray(o, dtype=np.float32) for o in outs])
+
+
+class _TFLiteMember:
+    def __init__(self, path: Path, num_threads: int) -> None:
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            self.interp = tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
+        self.input = self.interp.get_input_details()[0]["index"]
+        self.batch = -1
+        self.lock = threading.Lock()  # an Interpreter is not thread-safe
+
+    def __call__(self, x: F32) -> tuple[F32, F32, F32]:
+        with self.lock:
+            if x.shape[0] != self.batch:
+                self.interp.resize_tensor_input(self.input, list(x.shape))
+                self.interp.allocate_tensors()
+                self.batch = x.shape[0]
+            self.interp.set_tensor(self.input, np.ascontiguousarray(x, dtype=np.float32))
+            self.interp.invoke()
+            outs = [
+                np.array(self.interp.get_tensor(d["index"]), dtype=np.float32)
+                for d in self.interp.get_output_details()
+            ]
+        return _split_outputs(outs)
+
+
+class ModelRunner:
+    """Loads the members once; ``run`` is safe to call from several threads."""
+
+    def __init__(self, folder: Path, meta: ArtifactMeta, *, backend: str = "tflite") -> None:
+        if backend not in ("tflite", "keras"):
+            raise ValueError(f"backend must be 'tflite' or 'keras', not {backend!r}")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        threads = int(os.environ.get("CXR_INFERENCE_THREADS", "0")) or (os.cpu_count() or 1)
+        self.backend = backend
+        self.members: list[Any] = []
+        for stem in meta.members:
+            path = folder / f"{stem}.{backend}"
+            if not path.exists():
+                raise ArtifactError(f"artifact has no {path.name}")
+            member = _TFLiteMember(path, threads) if backend == "tflite" else _KerasMember(path)
+            self.members.append(member)
+
+    def run(self, x: F32) -> RawOutput:
+        """``x``: (N, S, S, 1) preprocessed batch."""
+        logits, cams = [], []
+        emb: F32 | None = None
+        for i, member in enumerate(self.members):
+            lg, e, c = member(x)
+            logits.append(lg)
+            cams.append(c)
+            if i == 0:
+                emb = e
+        assert emb is not None
+        return RawOutput(
+            logits=np.mean(logits, axis=0).astype(np.float32),
+            embedding=emb,
+            cam=np.mean(cams, axis=0).astype(np.float32),
+        )
+
+
+def serving_model(trained: Any) -> Any:
+    """Wrap a trained member (see training.models) into the three-output serving model."""
+    import keras
+    from keras import layers
+
+    dense = trained.get_layer("logit")
+    fmap = trained.get_layer("features").output
+    kernel, bias = dense.get_weights()
+    h, w = int(fmap.shape[1]), int(fmap.shape[2])
+    cam_layer = layers.Dense(1, name="cam")
+    cam = cam_layer(fmap)
+    cam_layer.set_weights([kernel, bias])
+    emb = layers.GlobalAveragePooling2D(name="embedding")(fmap)
+    logit = trained.outputs[0]
+    del h, w
+    return keras.Model(trained.inputs, {"logit": logit, "embedding": emb, "cam": cam})
+
+
+def to_tflite(model: Any) -> bytes:
+    """Convert a Keras serving model to TFLite (float32, no quantisation: same outputs)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return bytes(converter.convert())

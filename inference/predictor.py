@@ -1,0 +1,140 @@
+"""Public API for the gateway worker and the CLI: load the artifact once, predict per image.
+
+    predictor = Predictor.load()                    # or Predictor.load(Path("models/..."))
+    reason = header_decline_reason(ds)              # inference.input_check, header only
+    pred = predictor.predict_dataset(ds)            # DICOM: header check + decode + predict
+    pred = predictor.predict_array(img2d)           # any 2-D image (JPEG/PNG/decoded DICOM)
+    predictor.model_info                            # inference.finding.ModelInfo
+
+A declined image (header rule or out-of-distribution score above the artifact's threshold)
+has ``probability`` and ``present`` None and ``declined_reason`` set: never a number.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from inference.artifact import ArtifactMeta, read_meta
+from inference.dicom_pixels import PixelDecodeError, dicom_to_image
+from inference.finding import ModelInfo
+from inference.heatmap import overlay_png
+from inference.input_check import OODModel, header_decline_reason, thumbnail
+from inference.preprocess import preprocess
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
+
+
+def default_model_dir() -> Path:
+    """``$CXR_MODEL_DIR`` if set, else the model shipped in the repository's models/."""
+    env = os.environ.get("CXR_MODEL_DIR", "")
+    return Path(env) if env else DEFAULT_MODEL_DIR
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: float | None  # calibrated P(pneumonia); None when declined
+    present: bool | None  # probability >= threshold; None when declined
+    ood_score: float | None  # > ood_threshold means out of distribution; None if not computed
+    declined_reason: str | None
+    heatmap_png: bytes | None = None
+    threshold: float = 0.5
+    n_frames: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (the heat map is left out: it is binary)."""
+        return {
+            "probability": self.probability,
+            "present": self.present,
+            "ood_score": self.ood_score,
+            "declined_reason": self.declined_reason,
+            "threshold": self.threshold,
+            "has_heatmap": self.heatmap_png is not None,
+        }
+
+
+class Predictor:
+    """Holds the loaded model; construct with :meth:`load` once per process."""
+
+    def __init__(self, folder: Path, meta: ArtifactMeta, runner: Any, ood: OODModel) -> None:
+        self.folder = folder
+        self.meta = meta
+        self.runner = runner
+        self.ood = ood
+
+    @classmethod
+    def load(cls, folder: Path | None = None, *, backend: str = "auto") -> Predictor:
+        """Load and verify the artifact (content hash). ``backend``: "tflite", "keras" or
+        "auto" (TFLite when present). Raises inference.artifact.ArtifactError."""
+        from inference.model import ModelRunner
+
+        folder = folder or default_model_dir()
+        meta = read_meta(folder)
+        if backend == "auto":
+            backend = "tflite" if (folder / f"{meta.members[0]}.tflite").exists() else "keras"
+        runner = ModelRunner(folder, meta, backend=backend)
+        return cls(folder, meta, runner, OODModel.load(folder / "ood.npz"))
+
+    @property
+    def threshold(self) -> float:
+        return self.meta.threshold
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.meta.name,
+            version=self.meta.version,
+            content_hash=self.meta.content_hash,
+            threshold=self.meta.threshold,
+        )
+
+    def predict_arrays(
+        self, images: list[npt.NDArray[Any]], *, heatmap: bool = False
+    ) -> list[Prediction]:
+        """Predict a batch of 2-D images (any size and range; colour is averaged)."""
+        if not images:
+            return []
+        cfg = self.meta.preprocess
+        x = np.stack([preprocess(img, cfg) for img in images])[..., None]
+        raw = self.runner.run(x)
+        thumbs = np.stack([thumbnail(xi[..., 0]) for xi in x])
+        ood, _, _ = self.ood.scores(raw.embedding, thumbs)
+        probs = 1.0 / (1.0 + np.exp(-raw.logits.astype(np.float64) / self.meta.temperature))
+        out = []
+        for i, img in enumerate(images):
+            score = float(ood[i])
+            if score > self.meta.ood_threshold:
+                out.append(
+                    Prediction(
+                        None,
+                        None,
+                        score,
+                        f"out of distribution (score {score:.2f} > {self.meta.ood_threshold:.2f})",
+                        threshold=self.threshold,
+                    )
+                )
+                continue
+            p = float(probs[i])
+            png = overlay_png(np.asarray(img, np.float32), raw.cam[i]) if heatmap else None
+            out.append(Prediction(p, p >= self.threshold, score, None, png, self.threshold))
+        return out
+
+    def predict_array(self, image: npt.NDArray[Any], *, heatmap: bool = True) -> Prediction:
+        """Predict one 2-D image (e.g. from a JPEG, PNG or :func:`dicom_to_image`)."""
+        return self.predict_arrays([image], heatmap=heatmap)[0]
+
+    def predict_dataset(self, ds: Any, *, heatmap: bool = True) -> Prediction:
+        """Header check, decode (any transfer syntax, LUTs, MONOCHROME1) and predict a DICOM."""
+        reason = header_decline_reason(ds)
+        if reason is not None:
+            return Prediction(None, None, None, reason, threshold=self.threshold)
+        try:
+            pixels = dicom_to_image(ds)
+        except PixelDecodeError as exc:
+            return Prediction(None, None, None, str(exc), threshold=self.threshold)
+        return self.predict_array(pixels.image, heatmap=heatmap)
