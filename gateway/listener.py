@@ -164,6 +164,7 @@ class Listener:
             request_handler=Handler,
         )
         server.daemon_threads = True
+        ae._servers.append(server)  # as AE.start_server does; shutdown() removes it
         threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True).start()
         self._server = server
         log.info(
