@@ -70,7 +70,7 @@ _TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
-_TYPE3_COPIED = ("IssuerOfPatientID", "StudyDescription", "PatientAge", "SpecificCharacterSet")
+_TYPE3_COPIED = ("IssuerOfPatientID", "StudyDescription", "PatientAge")
 _CONTEXT_FALLBACK = {
     "PatientName": "patient_name",
     "PatientID": "patient_id",
@@ -279,15 +279,17 @@ def source_header(src: Dataset, finding: StudyFinding) -> Dataset:
         ds.ImagerPixelSpacing = spacing
     else:
         ds.Modality = "OT"
+    # The character set is copied as it is (it may be multi-valued, ISO 2022): the copied
+    # names and descriptions are only readable with it.
+    if "SpecificCharacterSet" in src:
+        ds.SpecificCharacterSet = src.SpecificCharacterSet
     for kw in (*_TYPE2_COPIED, *_TYPE3_COPIED):
         value = src.get(kw)
         if value in (None, "") and kw in _CONTEXT_FALLBACK:
             value = getattr(finding.study, _CONTEXT_FALLBACK[kw]) or None
         if kw == "PatientSex" and value not in ("M", "F", "O"):
             value = None
-        if value not in (None, "") and _valid(
-            kw, str(value) if kw != "SpecificCharacterSet" else value
-        ):
+        if value not in (None, "") and _valid(kw, str(value)):
             setattr(ds, kw, value)
         elif kw in _TYPE2_COPIED:
             setattr(ds, kw, "")

@@ -276,3 +276,22 @@ def test_build_time_once_warm() -> None:
     per_build_ms = (time.perf_counter() - start) / 5 * 1000
     # Generous bound for a shared 2-core machine; measured about 35 ms here.
     assert per_build_ms < 250, per_build_ms
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        ("ISO_IR 192", "Müller^Hans"),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),
+    ],
+)
+def test_character_set_is_kept_with_the_names(
+    charset: str | list[str], name: str, tmp_path: Path
+) -> None:
+    rg1 = header("rg1_cr_small.dcm")
+    rg1.SpecificCharacterSet = charset
+    rg1.PatientName = name
+    path = save(build_sr(finding_for([rg1]), [rg1]), tmp_path / "sr.dcm")
+    back = pydicom.dcmread(path)
+    assert str(back.PatientName) == name
+    assert dciodvfy(path).errors == []
