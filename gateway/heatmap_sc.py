@@ -19,7 +19,14 @@ from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from gateway.sr import SRBuildError, algorithm_equipment, device_uid, source_header, uid_from
+from gateway.sr import (
+    SRBuildError,
+    algorithm_equipment,
+    device_uid,
+    local_time,
+    source_header,
+    uid_from,
+)
 from inference.finding import StudyFinding
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
@@ -80,7 +87,7 @@ def build_heatmap_sc(
     header = source_header(source, finding)
     key = finding.report_id or study_uid
     orientation = _orientation(source)
-    created = finding.created_at
+    created = local_time(finding.created_at)
     model = finding.model
     dev_uid = device_uid(model)
 
@@ -115,7 +122,7 @@ def build_heatmap_sc(
         manufacturer_model_name=model.name,
         software_versions=model.version,
         content_date=created.date(),
-        content_time=created.time().replace(tzinfo=None),
+        content_time=created.time(),
     )
     if orientation is None:
         sc["PatientOrientation"].value = None

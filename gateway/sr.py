@@ -188,7 +188,9 @@ def build_sr(
     procedure = _procedure_reported([by_uid[im.sop_instance_uid] for im in examined])
     content = _measurement_report(finding, evidence, dev_uid, procedure)
 
-    created = finding.created_at
+    # DICOM dates and times are local unless the instance says otherwise, and the study's are
+    # copied as the modality wrote them (local): the SR's own times follow the same convention.
+    created = local_time(finding.created_at)
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=content,
@@ -206,15 +208,20 @@ def build_sr(
         manufacturer_model_name=finding.model.name,
         software_versions=finding.model.version,
         content_date=created.date(),
-        content_time=created.time().replace(tzinfo=None),
+        content_time=created.time(),
         series_date=created.date(),
-        series_time=created.time().replace(tzinfo=None),
+        series_time=created.time(),
     )
     sr.DeviceUID = dev_uid
     # Instance creation time follows the finding, so the same finding gives the same object.
     sr["InstanceCreationDate"].value = created.strftime("%Y%m%d")
     sr["InstanceCreationTime"].value = created.strftime("%H%M%S")
     return sr
+
+
+def local_time(moment: dt.datetime) -> dt.datetime:
+    """``moment`` as a naive local time (a naive input is taken as already local)."""
+    return moment.astimezone().replace(tzinfo=None) if moment.tzinfo else moment
 
 
 def _as_list(replaces: SRReference | Sequence[SRReference] | None) -> list[SRReference]:
