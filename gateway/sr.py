@@ -44,7 +44,9 @@ from inference.finding import ModelInfo, StudyFinding
 # Codes (all from standard coding schemes, so dciodvfy has nothing to warn about).
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PRESENT = Code("52101004", "SCT", "Present")  # CID 240 Present-Absent
-ABSENT = Code("2667000", "SCT", "Absent")  # CID 240 (272519000 is the code it replaced)
+# SNOMED CT "Absent (qualifier value)", the partner of 52101004; pydicom 3.0's CID 240 table
+# still lists 272519000 ("Absence findings", a finding concept, not a qualifier value).
+ABSENT = Code("2667000", "SCT", "Absent")
 UNDETERMINED = Code("373068000", "SCT", "Undetermined")  # CID 240
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNITLESS = Code("1", "UCUM", "no units")
