@@ -89,7 +89,7 @@ class AuditFilter:
     peer_address: str | None = None
 
 
-def _filtered(flt: AuditFilter) -> Select[tuple[AuditEvent]]:
+def _filtered(flt: AuditFilter) -> Select[AuditEvent]:
     query = select(AuditEvent)
     if flt.since:
         query = query.where(AuditEvent.occurred_at >= flt.since)
@@ -144,7 +144,10 @@ def _iter_chain(session: Session, batch: int = 5000) -> Iterator[AuditEvent]:
     while True:
         rows = (
             session.execute(
-                select(AuditEvent).where(AuditEvent.id > last_id).order_by(AuditEvent.id).limit(batch)
+                select(AuditEvent)
+                .where(AuditEvent.id > last_id)
+                .order_by(AuditEvent.id)
+                .limit(batch)
             )
             .scalars()
             .all()

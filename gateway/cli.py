@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from typing import Annotated
 
 import typer
@@ -103,8 +102,13 @@ def audit_list(
     from gateway.db.session import make_engine, make_session_factory
 
     flt = AuditFilter(
-        since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), kind=kind,
-        outcome=outcome, study_uid=study, actor=actor, peer_address=peer,
+        since=_parse_time(since, "--since"),
+        until=_parse_time(until, "--until"),
+        kind=kind,
+        outcome=outcome,
+        study_uid=study,
+        actor=actor,
+        peer_address=peer,
     )
     sessions = make_session_factory(make_engine(_settings().database))
     with sessions() as session:
@@ -154,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -57,7 +57,7 @@ class Coordinator:
                 self.assemble()
             except SQLAlchemyError as exc:
                 log.error("coordinator: database error %s; retrying", type(exc).__name__)
-            except Exception:  # noqa: BLE001 - the loop must outlive any one bad pass
+            except Exception:
                 log.exception("coordinator pass failed; retrying")
             self._stop.wait(self.settings.assembly_interval_seconds)
             clock += self.settings.assembly_interval_seconds
@@ -70,7 +70,9 @@ class Coordinator:
         jobs: list[int] = []
         for study_id in candidates:
             with transaction(self.sessions) as session:
-                job = studies.complete_study(session=session, study_id=study_id, quiet_seconds=quiet)
+                job = studies.complete_study(
+                    session=session, study_id=study_id, quiet_seconds=quiet
+                )
                 if job is not None:
                     jobs.append(job.id)
         for job_id in jobs:
@@ -82,7 +84,9 @@ class Coordinator:
         out of attempts. Returns the ids of the jobs published again."""
         now = utcnow()
         requeue_before = now - dt.timedelta(seconds=self.settings.requeue_after_seconds)
-        retry_pending_before = now - dt.timedelta(seconds=max(5.0, self.settings.assembly_interval_seconds * 4))
+        retry_pending_before = now - dt.timedelta(
+            seconds=max(5.0, self.settings.assembly_interval_seconds * 4)
+        )
         with self.sessions() as session:
             rows = session.execute(
                 select(Job.id, Job.state, Job.attempts).where(
@@ -122,7 +126,10 @@ class Coordinator:
             job.last_error = (job.last_error + "\nlease expired after the last attempt").strip()
             study.state = StudyState.FAILED
             record_event(
-                session=session, kind="job.failed", outcome="failure", actor="reconciler",
+                session=session,
+                kind="job.failed",
+                outcome="failure",
+                actor="reconciler",
                 study_uid=study.study_uid,
                 detail={"job_id": job_id, "attempts": job.attempts, "error": "lease expired"},
             )

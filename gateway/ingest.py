@@ -64,7 +64,9 @@ class Ingestor:
         self.sessions = session_factory
         self.limits = limits
 
-    def store(self, *, peer: Peer, dataset: Dataset, file_bytes: bytes, transfer_syntax: str) -> int:
+    def store(
+        self, *, peer: Peer, dataset: Dataset, file_bytes: bytes, transfer_syntax: str
+    ) -> int:
         """Handle one C-STORE whose dataset decoded; return the status to send back."""
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         study_uid = str(dataset.get("StudyInstanceUID", ""))
@@ -74,7 +76,7 @@ class Ingestor:
         except IngestError as exc:
             self.audit_failure(peer, exc)
             return exc.status
-        except Exception as exc:  # noqa: BLE001 - a handler answers with a status, always
+        except Exception as exc:
             log.exception("unexpected error storing instance %s", sop_uid)
             failure = IngestError(
                 str(exc),
@@ -124,14 +126,20 @@ class Ingestor:
             spooled = self.spool.write(study_uid, sop_uid, file_bytes)
         except SpoolFull as exc:
             raise IngestError(
-                str(exc), status=OUT_OF_RESOURCES, reason="spool_full",
-                study_uid=study_uid, sop_instance_uid=sop_uid,
+                str(exc),
+                status=OUT_OF_RESOURCES,
+                reason="spool_full",
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
             ) from exc
         except OSError as exc:
             log.error("spool write failed for instance %s: %s", sop_uid, exc.strerror)
             raise IngestError(
-                f"spool write failed: {exc.strerror}", status=OUT_OF_RESOURCES,
-                reason="spool_write_failed", study_uid=study_uid, sop_instance_uid=sop_uid,
+                f"spool write failed: {exc.strerror}",
+                status=OUT_OF_RESOURCES,
+                reason="spool_write_failed",
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
             ) from exc
 
         meta = studies.InstanceMeta.from_dataset(ds)
@@ -139,7 +147,9 @@ class Ingestor:
             try:
                 with transaction(self.sessions) as session:
                     study = studies.study_for_new_instance(
-                        session=session, meta=meta, peer_ae=peer.ae_title,
+                        session=session,
+                        meta=meta,
+                        peer_ae=peer.ae_title,
                         max_instances=self.limits.max_instances_per_study,
                     )
                     session.add(
@@ -160,11 +170,17 @@ class Ingestor:
                     )
                     session.flush()
                     record_event(
-                        session=session, kind="instance.stored", actor=peer.ae_title,
-                        peer_address=peer.address, study_uid=study_uid, sop_instance_uid=sop_uid,
+                        session=session,
+                        kind="instance.stored",
+                        actor=peer.ae_title,
+                        peer_address=peer.address,
+                        study_uid=study_uid,
+                        sop_instance_uid=sop_uid,
                         detail={
-                            "study_id": study.id, "version": study.version,
-                            "bytes": spooled.size_bytes, "transfer_syntax": transfer_syntax,
+                            "study_id": study.id,
+                            "version": study.version,
+                            "bytes": spooled.size_bytes,
+                            "transfer_syntax": transfer_syntax,
                             "sop_class": meta.sop_class_uid,
                         },
                     )
@@ -183,10 +199,15 @@ class Ingestor:
                     raise
             except SQLAlchemyError as exc:
                 self.spool.discard(spooled.path)
-                log.error("database unavailable storing instance %s: %s", sop_uid, type(exc).__name__)
+                log.error(
+                    "database unavailable storing instance %s: %s", sop_uid, type(exc).__name__
+                )
                 raise IngestError(
-                    "database unavailable", status=OUT_OF_RESOURCES, reason="database_unavailable",
-                    study_uid=study_uid, sop_instance_uid=sop_uid,
+                    "database unavailable",
+                    status=OUT_OF_RESOURCES,
+                    reason="database_unavailable",
+                    study_uid=study_uid,
+                    sop_instance_uid=sop_uid,
                 ) from exc
         raise AssertionError("unreachable")
 
@@ -198,28 +219,44 @@ class Ingestor:
             if existing is None:
                 return False
             record_event(
-                session=session, kind="instance.duplicate", outcome="warning",
-                actor=peer.ae_title, peer_address=peer.address, study_uid=study_uid,
+                session=session,
+                kind="instance.duplicate",
+                outcome="warning",
+                actor=peer.ae_title,
+                peer_address=peer.address,
+                study_uid=study_uid,
                 sop_instance_uid=sop_uid,
-                detail={"instance_id": existing.id, "study_id": existing.study_id,
-                        "action": "not stored again"},
+                detail={
+                    "instance_id": existing.id,
+                    "study_id": existing.study_id,
+                    "action": "not stored again",
+                },
             )
             return True
 
     def audit_failure(self, peer: Peer, exc: IngestError) -> None:
         """Record a refused instance. Best effort: the database may be what failed."""
         log.warning(
-            "instance %s refused: %s (status 0x%04X)", exc.sop_instance_uid or "?", exc.reason,
+            "instance %s refused: %s (status 0x%04X)",
+            exc.sop_instance_uid or "?",
+            exc.reason,
             exc.status,
         )
         try:
             with transaction(self.sessions) as session:
                 record_event(
-                    session=session, kind="instance.failed", outcome="failure",
-                    actor=peer.ae_title, peer_address=peer.address, study_uid=exc.study_uid,
+                    session=session,
+                    kind="instance.failed",
+                    outcome="failure",
+                    actor=peer.ae_title,
+                    peer_address=peer.address,
+                    study_uid=exc.study_uid,
                     sop_instance_uid=exc.sop_instance_uid,
-                    detail={"reason": exc.reason, "status": f"0x{exc.status:04X}",
-                            "message": str(exc)[:500]},
+                    detail={
+                        "reason": exc.reason,
+                        "status": f"0x{exc.status:04X}",
+                        "message": str(exc)[:500],
+                    },
                 )
         except SQLAlchemyError as db_exc:
             log.error("could not audit a refused instance: %s", type(db_exc).__name__)

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -32,7 +33,6 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,7 +45,7 @@ from gateway.settings import AllowedPeer, Settings
 log = logging.getLogger(__name__)
 
 # Everything a PACS may send as stored, so that it never has to transcode for us.
-TRANSFER_SYNTAXES = [
+TRANSFER_SYNTAXES: list[str | UID] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
@@ -60,6 +60,8 @@ TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -97,6 +99,7 @@ class _CheckingACSE(ACSE):
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
+        assert request is not None
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = str(self.assoc.requestor.address)
@@ -134,9 +137,9 @@ class Listener:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.require_called_aet = True
-        contexts = [build_context(Verification)]
+        contexts = [build_context(VERIFICATION_SOP_CLASS)]
         contexts += [
-            build_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            build_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
             for cx in AllStoragePresentationContexts
         ]
         ae.supported_contexts = contexts
@@ -150,7 +153,7 @@ class Listener:
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject)
                 return assoc
 
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -168,8 +171,11 @@ class Listener:
         threading.Thread(target=server.serve_forever, name="dicom-server", daemon=True).start()
         self._server = server
         log.info(
-            "DICOM listener %s on %s:%s (TLS %s)", self.settings.ae_title,
-            self.settings.dicom_bind, self.port, "on" if self.settings.tls_cert else "off",
+            "DICOM listener %s on %s:%s (TLS %s)",
+            self.settings.ae_title,
+            self.settings.dicom_bind,
+            self.port,
+            "on" if self.settings.tls_cert else "off",
         )
 
     def stop(self) -> None:
@@ -214,7 +220,9 @@ class Listener:
                 peer,
                 IngestError(
                     f"cannot decode dataset: {type(exc).__name__}",
-                    status=CANNOT_UNDERSTAND, reason="undecodable", sop_instance_uid=request_uid,
+                    status=CANNOT_UNDERSTAND,
+                    reason="undecodable",
+                    sop_instance_uid=request_uid,
                 ),
             )
             return CANNOT_UNDERSTAND
@@ -225,7 +233,10 @@ class Listener:
     def _on_accepted(self, event: evt.Event) -> None:
         peer = self._peer(event)
         self._audit(
-            "association.accepted", "success", peer.ae_title, peer.address,
+            "association.accepted",
+            "success",
+            peer.ae_title,
+            peer.address,
             {"contexts": len(event.assoc.accepted_contexts)},
         )
 
@@ -236,7 +247,10 @@ class Listener:
     def _audit_rejection(self, *, calling: str, called: str, address: str, reason: str) -> None:
         log.warning("association rejected: %s", reason)
         self._audit(
-            "association.rejected", "failure", calling, address,
+            "association.rejected",
+            "failure",
+            calling,
+            address,
             {"reason": reason, "called_ae": called},
         )
 
@@ -246,8 +260,12 @@ class Listener:
         try:
             with transaction(self.sessions) as session:
                 record_event(
-                    session=session, kind=kind, outcome=outcome, actor=actor,
-                    peer_address=address, detail=detail,
+                    session=session,
+                    kind=kind,
+                    outcome=outcome,
+                    actor=actor,
+                    peer_address=address,
+                    detail=detail,
                 )
         except SQLAlchemyError as exc:
             log.error("could not audit %s: %s", kind, type(exc).__name__)

@@ -94,7 +94,10 @@ def publish_job(
         log.warning("broker did not take job %s: %s", job_id, type(exc).__name__)
         with transaction(sessions) as session:
             record_event(
-                session=session, kind="study.queue_failed", outcome="failure", actor="queue",
+                session=session,
+                kind="study.queue_failed",
+                outcome="failure",
+                actor="queue",
                 study_uid=study_uid,
                 detail={"job_id": job_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
             )
@@ -111,8 +114,10 @@ def publish_job(
             .values(state=StudyState.QUEUED)
         )
         record_event(
-            session=session, kind="study.requeued" if attempt > 1 else "study.queued",
-            actor="queue", study_uid=study_uid,
+            session=session,
+            kind="study.requeued" if attempt > 1 else "study.queued",
+            actor="queue",
+            study_uid=study_uid,
             detail={"job_id": job_id, "publish": attempt, "reason": reason},
         )
     return True

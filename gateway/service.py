@@ -87,7 +87,8 @@ def wait_for_signal() -> None:
 def run_listener(settings: Settings) -> None:
     process = ListenerProcess(settings)
     process.start()
-    print(f"cxr-gateway listening: AE {settings.ae_title} port {process.listener.port if process.listener else '?'}", flush=True)
+    port = process.listener.port if process.listener else settings.dicom_port
+    print(f"cxr-gateway listening: AE {settings.ae_title} port {port}", flush=True)
     try:
         wait_for_signal()
     finally:
@@ -120,13 +121,23 @@ def serve(settings: Settings) -> None:
     process = ListenerProcess(settings)
     process.start()
     port = process.listener.port if process.listener else settings.dicom_port
-    print(f"cxr-gateway serving: DICOM AE {settings.ae_title} on {settings.dicom_bind}:{port}, "
-          f"data in {settings.data_dir.resolve()}", flush=True)
+    print(
+        f"cxr-gateway serving: DICOM AE {settings.ae_title} on {settings.dicom_bind}:{port}, "
+        f"data in {settings.data_dir.resolve()}",
+        flush=True,
+    )
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
 
     def start_worker() -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "gateway.cli", "worker", "--concurrency", str(settings.workers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "worker",
+            "--concurrency",
+            str(settings.workers),
+        ]
         return subprocess.Popen(cmd, env=os.environ.copy())
 
     def supervise() -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.session import rows_changed
 from gateway.errors import IngestError
 
 OUT_OF_RESOURCES = 0xA700
@@ -55,7 +56,9 @@ class InstanceMeta:
 
 
 def _latest_version(session: Session, study_uid: str) -> Study | None:
-    query = select(Study).where(Study.study_uid == study_uid).order_by(Study.version.desc()).limit(1)
+    query = (
+        select(Study).where(Study.study_uid == study_uid).order_by(Study.version.desc()).limit(1)
+    )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
     return session.execute(query).scalars().first()
@@ -69,19 +72,27 @@ def study_for_new_instance(
     now = utcnow()
     study = _latest_version(session, meta.study_uid)
     if study is not None and study.state in _REOPENABLE:
-        superseded = session.execute(
-            update(Job)
-            .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
-            .values(state=JobState.SUPERSEDED, finished_at=now)
-        ).rowcount
+        superseded = rows_changed(
+            session.execute(
+                update(Job)
+                .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+                .values(state=JobState.SUPERSEDED, finished_at=now)
+            )
+        )
         if superseded:
             study.state = StudyState.RECEIVING
             study.completed_at = None
             record_event(
-                session=session, kind="study.reopened", outcome="success", actor=peer_ae,
+                session=session,
+                kind="study.reopened",
+                outcome="success",
+                actor=peer_ae,
                 study_uid=meta.study_uid,
-                detail={"study_id": study.id, "version": study.version,
-                        "reason": "new instance before processing started"},
+                detail={
+                    "study_id": study.id,
+                    "version": study.version,
+                    "reason": "new instance before processing started",
+                },
             )
     if study is None or study.state != StudyState.RECEIVING:
         previous = study
@@ -104,14 +115,20 @@ def study_for_new_instance(
         record_event(
             session=session,
             kind="study.new_version" if previous else "study.created",
-            actor=peer_ae, study_uid=meta.study_uid,
-            detail={"study_id": study.id, "version": study.version,
-                    "previous_study_id": previous.id if previous else None},
+            actor=peer_ae,
+            study_uid=meta.study_uid,
+            detail={
+                "study_id": study.id,
+                "version": study.version,
+                "previous_study_id": previous.id if previous else None,
+            },
         )
     if study.instance_count >= max_instances:
         raise IngestError(
             f"study has {study.instance_count} instances, limit {max_instances}",
-            status=OUT_OF_RESOURCES, reason="too_many_instances", study_uid=meta.study_uid,
+            status=OUT_OF_RESOURCES,
+            reason="too_many_instances",
+            study_uid=meta.study_uid,
         )
     study.instance_count += 1
     study.last_received_at = now
@@ -137,15 +154,17 @@ def complete_study(*, session: Session, study_id: int, quiet_seconds: float) -> 
     """Mark one quiet study complete and create its job, in the caller's transaction.
     Returns None when another process got there first or an instance arrived meanwhile."""
     cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
-    claimed = session.execute(
-        update(Study)
-        .where(
-            Study.id == study_id,
-            Study.state == StudyState.RECEIVING,
-            Study.last_received_at <= cutoff,
+    claimed = rows_changed(
+        session.execute(
+            update(Study)
+            .where(
+                Study.id == study_id,
+                Study.state == StudyState.RECEIVING,
+                Study.last_received_at <= cutoff,
+            )
+            .values(state=StudyState.COMPLETE, completed_at=utcnow())
         )
-        .values(state=StudyState.COMPLETE, completed_at=utcnow())
-    ).rowcount
+    )
     if not claimed:
         return None
     study = session.get(Study, study_id)
@@ -154,8 +173,16 @@ def complete_study(*, session: Session, study_id: int, quiet_seconds: float) -> 
     session.add(job)
     session.flush()
     record_event(
-        session=session, kind="study.completed", study_uid=study.study_uid, actor="assembler",
-        detail={"study_id": study.id, "version": study.version, "instances": study.instance_count,
-                "quiet_seconds": quiet_seconds, "job_id": job.id},
+        session=session,
+        kind="study.completed",
+        study_uid=study.study_uid,
+        actor="assembler",
+        detail={
+            "study_id": study.id,
+            "version": study.version,
+            "instances": study.instance_count,
+            "quiet_seconds": quiet_seconds,
+            "job_id": job.id,
+        },
     )
     return job

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
-from gateway.db.session import make_engine, make_session_factory, transaction
+from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
 from gateway.errors import GatewayError
 from gateway.queue import TASK_PROCESS_STUDY
 from gateway.settings import Settings
@@ -51,27 +51,31 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     return WorkerRuntime(settings, make_session_factory(engine), mark_ready_for_inference)
 
 
-def claim_job(sessions: sessionmaker[Session], job_id: int, lease_seconds: float, worker: str) -> Study | None:
+def claim_job(
+    sessions: sessionmaker[Session], job_id: int, lease_seconds: float, worker: str
+) -> Study | None:
     """Take the job if nobody holds it. Returns its study, or None if there is nothing to do."""
     now = utcnow()
     with transaction(sessions) as session:
-        claimed = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                or_(
-                    Job.state.in_([JobState.PENDING, JobState.QUEUED]),
-                    (Job.state == JobState.RUNNING) & (Job.lease_until < now),
-                ),
+        claimed = rows_changed(
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    or_(
+                        Job.state.in_([JobState.PENDING, JobState.QUEUED]),
+                        (Job.state == JobState.RUNNING) & (Job.lease_until < now),
+                    ),
+                )
+                .values(
+                    state=JobState.RUNNING,
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    lease_until=now + _seconds(lease_seconds),
+                    worker=worker[:128],
+                )
             )
-            .values(
-                state=JobState.RUNNING,
-                attempts=Job.attempts + 1,
-                started_at=now,
-                lease_until=now + _seconds(lease_seconds),
-                worker=worker[:128],
-            )
-        ).rowcount
+        )
         if not claimed:
             return None
         job = session.get(Job, job_id)
@@ -80,7 +84,10 @@ def claim_job(sessions: sessionmaker[Session], job_id: int, lease_seconds: float
         assert study is not None
         study.state = StudyState.PROCESSING
         record_event(
-            session=session, kind="job.started", actor=worker, study_uid=study.study_uid,
+            session=session,
+            kind="job.started",
+            actor=worker,
+            study_uid=study.study_uid,
             detail={"job_id": job_id, "study_id": study.id, "attempt": job.attempts},
         )
         return study
@@ -93,8 +100,13 @@ def _seconds(value: float) -> Any:
 
 
 def finish_job(
-    sessions: sessionmaker[Session], job_id: int, *, state: JobState, study_state: StudyState,
-    error: str = "", worker: str = "",
+    sessions: sessionmaker[Session],
+    job_id: int,
+    *,
+    state: JobState,
+    study_state: StudyState,
+    error: str = "",
+    worker: str = "",
 ) -> None:
     with transaction(sessions) as session:
         job = session.get(Job, job_id)
@@ -112,16 +124,26 @@ def finish_job(
             JobState.QUEUED: "job.retry_scheduled",
         }[state]
         record_event(
-            session=session, kind=kind,
+            session=session,
+            kind=kind,
             outcome="success" if state == JobState.DONE else "failure",
-            actor=worker, study_uid=study.study_uid,
-            detail={"job_id": job_id, "study_id": study.id, "attempt": job.attempts,
-                    "study_state": str(study_state), "error": error[:500]},
+            actor=worker,
+            study_uid=study.study_uid,
+            detail={
+                "job_id": job_id,
+                "study_id": study.id,
+                "attempt": job.attempts,
+                "study_state": str(study_state),
+                "error": error[:500],
+            },
         )
         if state == JobState.DONE and study_state == StudyState.READY:
             record_event(
-                session=session, kind="study.ready_for_inference", actor=worker,
-                study_uid=study.study_uid, detail={"study_id": study.id, "version": study.version},
+                session=session,
+                kind="study.ready_for_inference",
+                actor=worker,
+                study_uid=study.study_uid,
+                detail={"study_id": study.id, "version": study.version},
             )
 
 
@@ -137,16 +159,34 @@ def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: 
         new_state = runtime.process(runtime, study)
     except TransientError as exc:
         if attempts < attempt_limit:
-            finish_job(runtime.sessions, job_id, state=JobState.QUEUED,
-                       study_state=StudyState.QUEUED, error=str(exc), worker=worker)
+            finish_job(
+                runtime.sessions,
+                job_id,
+                state=JobState.QUEUED,
+                study_state=StudyState.QUEUED,
+                error=str(exc),
+                worker=worker,
+            )
             return "retry"
-        finish_job(runtime.sessions, job_id, state=JobState.FAILED,
-                   study_state=StudyState.FAILED, error=f"gave up: {exc}", worker=worker)
+        finish_job(
+            runtime.sessions,
+            job_id,
+            state=JobState.FAILED,
+            study_state=StudyState.FAILED,
+            error=f"gave up: {exc}",
+            worker=worker,
+        )
         return "failed"
-    except Exception as exc:  # noqa: BLE001 - recorded as a permanent, visible failure
+    except Exception as exc:
         log.exception("job %s failed", job_id)
-        finish_job(runtime.sessions, job_id, state=JobState.FAILED, study_state=StudyState.FAILED,
-                   error=f"{type(exc).__name__}: {exc}", worker=worker)
+        finish_job(
+            runtime.sessions,
+            job_id,
+            state=JobState.FAILED,
+            study_state=StudyState.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+            worker=worker,
+        )
         return "failed"
     finish_job(runtime.sessions, job_id, state=JobState.DONE, study_state=new_state, worker=worker)
     return "done"
@@ -163,12 +203,16 @@ def register_tasks(app: Celery, runtime_factory: Callable[[], WorkerRuntime]) ->
             holder[pid] = runtime_factory()
         return holder[pid]
 
-    @app.task(name=TASK_PROCESS_STUDY, bind=True, acks_late=True, max_retries=None)
+    @app.task(name=TASK_PROCESS_STUDY, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_study(self: Task, job_id: int) -> str:  # type: ignore[type-arg]
         rt = runtime()
         worker = f"{socket.gethostname()}:{os.getpid()}"
-        outcome = run_job(rt, int(job_id), attempt_limit=rt.settings.max_job_attempts, worker=worker)
+        outcome = run_job(
+            rt, int(job_id), attempt_limit=rt.settings.max_job_attempts, worker=worker
+        )
         if outcome == "retry":
             attempt = self.request.retries + 1
-            raise self.retry(countdown=min(300, 2**attempt), max_retries=rt.settings.max_job_attempts)
+            raise self.retry(
+                countdown=min(300, 2**attempt), max_retries=rt.settings.max_job_attempts
+            )
         return outcome

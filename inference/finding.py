@@ -99,8 +99,7 @@ class StudyFinding:
             present=data["present"],
             images=tuple(image(d) for d in data["images"]),
             declined=tuple(
-                DeclinedImage(image=image(d["image"]), reason=d["reason"])
-                for d in data["declined"]
+                DeclinedImage(image=image(d["image"]), reason=d["reason"]) for d in data["declined"]
             ),
             rule=data["rule"],
             report_id=data["report_id"],

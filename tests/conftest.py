@@ -89,7 +89,9 @@ class RunningGateway:
 
 
 @pytest.fixture
-def gateway_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., RunningGateway]]:
+def gateway_factory(
+    make_settings: Callable[..., Settings],
+) -> Iterator[Callable[..., RunningGateway]]:
     """``start(**settings) -> RunningGateway``: listener + assembly + reconciler in this
     process (no worker). Stopped after the test."""
     started: list[RunningGateway] = []
@@ -105,3 +107,20 @@ def gateway_factory(make_settings: Callable[..., Settings]) -> Iterator[Callable
     yield start
     for gw in started:
         gw.process.stop()
+
+
+@pytest.fixture
+def orthanc_start(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``start(**kwargs) -> Orthanc`` (a real Orthanc on free ports); stopped after the test."""
+    from tests.sr.conftest import start_orthanc
+
+    started: list[Any] = []
+
+    def start(**kwargs: Any) -> Any:
+        orthanc = start_orthanc(tmp_path / f"orthanc{len(started)}", **kwargs)
+        started.append(orthanc)
+        return orthanc
+
+    yield start
+    for orthanc in started:
+        orthanc.stop()

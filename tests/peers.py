@@ -31,11 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before port {port} opened")
+            raise RuntimeError(
+                f"process exited with {process.returncode} before port {port} opened"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -80,9 +84,21 @@ class Redis:
 
 def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -112,8 +128,19 @@ class Postgres:
 
     def create_database(self, name: str) -> str:
         subprocess.run(
-            [str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name],
-            check=True, capture_output=True, timeout=60,
+            [
+                str(PG_BIN / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         return self.url(name)
 
@@ -122,8 +149,17 @@ class Postgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._pg("pg_ctl", "-D", str(self.datadir), "-o", options, "-w", "-l",
-                 str(self.datadir / "server.log"), "start")
+        self._pg(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.datadir / "server.log"),
+            "start",
+        )
 
 
 def start_postgres() -> Postgres:
@@ -172,7 +208,11 @@ def start_gateway(
     fh = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *command],
-        env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        env=env,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
     )
     gw = GatewayProcess(env, process, log_path, int(env["CXR_DICOM_PORT"]))
     if "listen" in command or "serve" in command:
@@ -181,15 +221,33 @@ def start_gateway(
 
 
 def storescu(
-    port: int, files: Sequence[Path], *, aet: str = "TESTSCU", aec: str = "CXRGW",
-    extra: Sequence[str] = (), timeout: float = 120,
+    port: int,
+    files: Sequence[Path],
+    *,
+    aet: str = "TESTSCU",
+    aec: str = "CXRGW",
+    extra: Sequence[str] = (),
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu (Nagle off, as in the benchmarks). Returns the completed process."""
     if shutil.which("storescu") is None:
         missing_peer("DCMTK is not installed (apt-get install dcmtk)")
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run(
-        ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
-         *[str(f) for f in files]],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            aet,
+            "-aec",
+            aec,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *[str(f) for f in files],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )

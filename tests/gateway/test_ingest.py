@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,9 @@ from tests.peers import storescu
 def audit(gw: RunningGateway, kind: str) -> list[AuditEvent]:
     with gw.sessions() as session:
         return list(
-            session.execute(select(AuditEvent).where(AuditEvent.kind == kind).order_by(AuditEvent.id))
+            session.execute(
+                select(AuditEvent).where(AuditEvent.kind == kind).order_by(AuditEvent.id)
+            )
             .scalars()
             .all()
         )
@@ -47,7 +49,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def send_raw(port: int, body: bytes, sop_class: str, sop_instance: str, transfer_syntax: str) -> int:
+def send_raw(
+    port: int, body: bytes, sop_class: str, sop_instance: str, transfer_syntax: str
+) -> int:
     """Send dataset bytes exactly as given (no encoding by the sender, so they can be broken)
     in a C-STORE over a real association; return the status the gateway answered."""
     ae = AE(ae_title="RAWSCU")
@@ -82,10 +86,16 @@ def dataset_bytes(path: Path) -> bytes:
     return data[144 + meta_length :]
 
 
-def test_echo_and_store_one_study(gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path) -> None:
+def test_echo_and_store_one_study(
+    gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path
+) -> None:
     gw = gateway_factory(database_url=database_url)
-    echo = subprocess.run(["echoscu", "-aet", "TESTSCU", "-aec", "CXRGW", "127.0.0.1", str(gw.port)],
-                          capture_output=True, text=True, timeout=30)
+    echo = subprocess.run(
+        ["echoscu", "-aet", "TESTSCU", "-aec", "CXRGW", "127.0.0.1", str(gw.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert echo.returncode == 0, echo.stderr
     paths = files.study_files(files.CHEST_CR, tmp_path / "study", 3)
     result = storescu(gw.port, paths)
@@ -113,8 +123,13 @@ def test_echo_and_store_one_study(gateway_factory: Callable[..., RunningGateway]
 
 # storescu option that proposes the syntax first (a PACS sending data as stored does the same).
 PROPOSE = {
-    "jpeg-lossless": "-xs", "jpeg-baseline": "-xy", "jpeg-ls": "-xt", "rle-dcmtk": "-xr",
-    "rle": "-xr", "jpeg2000-lossless": "-xv", "deflated": "-xd",
+    "jpeg-lossless": "-xs",
+    "jpeg-baseline": "-xy",
+    "jpeg-ls": "-xt",
+    "rle-dcmtk": "-xr",
+    "rle": "-xr",
+    "jpeg2000-lossless": "-xv",
+    "deflated": "-xd",
 }
 
 
@@ -138,7 +153,9 @@ def test_compressed_transfer_syntaxes_are_accepted_as_sent(
     assert dcmread(inst.path).pixel_array.shape == dcmread(src).pixel_array.shape  # decodable
 
 
-def test_resent_instance_is_not_stored_twice(gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path) -> None:
+def test_resent_instance_is_not_stored_twice(
+    gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path
+) -> None:
     gw = gateway_factory(database_url=database_url)
     path = tmp_path / "one.dcm"
     files.with_new_uids(files.CHEST_CR, path)
@@ -158,7 +175,9 @@ DCMTK_STATUS = {
 }
 
 
-def _expect_refusal(gw: RunningGateway, result: subprocess.CompletedProcess[str], status: str, reason: str) -> None:
+def _expect_refusal(
+    gw: RunningGateway, result: subprocess.CompletedProcess[str], status: str, reason: str
+) -> None:
     output = result.stdout + result.stderr
     assert f"Received Store Response ({DCMTK_STATUS[status]})" in output, output
     failed = audit(gw, "instance.failed")
@@ -170,7 +189,9 @@ def _expect_refusal(gw: RunningGateway, result: subprocess.CompletedProcess[str]
     assert count(gw, Instance) == 0
 
 
-def test_no_pixel_data_is_refused(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_no_pixel_data_is_refused(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory()
     bad = files.without_pixel_data(files.CHEST_CR, tmp_path / "nopixels.dcm")
     result = storescu(gw.port, [bad])
@@ -183,21 +204,30 @@ def test_unsupported_sop_class_is_refused(gateway_factory: Callable[..., Running
     _expect_refusal(gw, result, "0x0122", "sop_class_not_supported")
 
 
-def test_instance_over_size_limit_is_refused(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_instance_over_size_limit_is_refused(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory(max_instance_mb=1)
     big = files.large_image(files.CHEST_CR, tmp_path / "big.dcm", 1024, 1024)  # 2 MB of pixels
     result = storescu(gw.port, [big])
     _expect_refusal(gw, result, "0xA700", "too_large")
 
 
-def test_truncated_dataset_is_refused(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_truncated_dataset_is_refused(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory()
     whole = tmp_path / "whole.dcm"
     files.with_new_uids(files.CHEST_CR, whole)
     ds = dcmread(whole, stop_before_pixels=True)
     body = dataset_bytes(whole)
-    status = send_raw(gw.port, body[:-40_000], ComputedRadiographyImageStorage, ds.SOPInstanceUID,
-                      ExplicitVRLittleEndian)  # cut inside Pixel Data
+    status = send_raw(
+        gw.port,
+        body[:-40_000],
+        ComputedRadiographyImageStorage,
+        ds.SOPInstanceUID,
+        ExplicitVRLittleEndian,
+    )  # cut inside Pixel Data
     assert status == 0xA900
     failed = audit(gw, "instance.failed")
     assert len(failed) == 1
@@ -205,14 +235,21 @@ def test_truncated_dataset_is_refused(gateway_factory: Callable[..., RunningGate
     assert count(gw, Instance) == 0
 
 
-def test_corrupt_dataset_is_refused_as_cannot_understand(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_corrupt_dataset_is_refused_as_cannot_understand(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     """Bytes that do not decode in the negotiated transfer syntax (announced as deflated, but
     not deflated): 0xC210, audited, nothing stored; the association and listener go on."""
     gw = gateway_factory()
     whole = tmp_path / "whole.dcm"
     ds = files.with_new_uids(files.CHEST_CR, whole)
-    status = send_raw(gw.port, dataset_bytes(whole), ComputedRadiographyImageStorage,
-                      ds.SOPInstanceUID, DeflatedExplicitVRLittleEndian)
+    status = send_raw(
+        gw.port,
+        dataset_bytes(whole),
+        ComputedRadiographyImageStorage,
+        ds.SOPInstanceUID,
+        DeflatedExplicitVRLittleEndian,
+    )
     assert status == 0xC210
     failed = audit(gw, "instance.failed")
     assert len(failed) == 1 and json.loads(failed[0].detail)["reason"] == "undecodable"
@@ -221,7 +258,9 @@ def test_corrupt_dataset_is_refused_as_cannot_understand(gateway_factory: Callab
     assert storescu(gw.port, [whole]).returncode == 0  # the listener still works
 
 
-def test_unknown_calling_ae_is_rejected_at_association(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_unknown_calling_ae_is_rejected_at_association(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory(allowed_peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1"}])
     path = tmp_path / "one.dcm"
     files.with_new_uids(files.CHEST_CR, path)
@@ -235,22 +274,31 @@ def test_unknown_calling_ae_is_rejected_at_association(gateway_factory: Callable
     # The allowed AE from the allowed host gets in.
     assert storescu(gw.port, [path], aet="ORTHANC").returncode == 0
     # The allowed AE from another host does not (the host is part of the identity).
-    gw2 = gateway_factory(allowed_peers=[{"ae_title": "ORTHANC", "host": "10.9.9.9"}], data_dir=tmp_path / "d2")
+    gw2 = gateway_factory(
+        allowed_peers=[{"ae_title": "ORTHANC", "host": "10.9.9.9"}], data_dir=tmp_path / "d2"
+    )
     assert storescu(gw2.port, [path], aet="ORTHANC").returncode != 0
 
 
-def test_wrong_called_ae_is_rejected(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_wrong_called_ae_is_rejected(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory()
     path = tmp_path / "one.dcm"
     files.with_new_uids(files.CHEST_CR, path)
     result = storescu(gw.port, [path], aec="NOTUS")
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
     rejected = audit(gw, "association.rejected")
-    assert len(rejected) == 1 and json.loads(rejected[0].detail)["reason"] == "called_ae_not_recognised"
+    assert (
+        len(rejected) == 1
+        and json.loads(rejected[0].detail)["reason"] == "called_ae_not_recognised"
+    )
     assert count(gw, Instance) == 0
 
 
-def test_spool_below_reserve_answers_out_of_resources(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_spool_below_reserve_answers_out_of_resources(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     gw = gateway_factory(spool_min_free_mb=10**9)  # more than any disk: always "full"
     path = tmp_path / "one.dcm"
     files.with_new_uids(files.CHEST_CR, path)
@@ -264,7 +312,9 @@ def test_disk_write_failure_answers_out_of_resources_then_recovers(
     """A real full file system: a 1 MB tmpfs as the spool (needs root, as in CI)."""
     spool = tmp_path / "small-spool"
     spool.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], capture_output=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], capture_output=True
+    )
     if mount.returncode != 0:
         from tests.peers import missing_peer
 
@@ -290,7 +340,9 @@ def test_disk_write_failure_answers_out_of_resources_then_recovers(
         subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
-def test_spool_write_error_answers_out_of_resources(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_spool_write_error_answers_out_of_resources(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     """The write itself fails (here: the study's folder cannot be created)."""
     gw = gateway_factory()
     path = tmp_path / "one.dcm"
@@ -300,7 +352,9 @@ def test_spool_write_error_answers_out_of_resources(gateway_factory: Callable[..
     _expect_refusal(gw, result, "0xA700", "spool_write_failed")
 
 
-def test_instances_after_processing_start_a_new_version(gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path) -> None:
+def test_instances_after_processing_start_a_new_version(
+    gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path
+) -> None:
     gw = gateway_factory(database_url=database_url)
     study_uid = "1.2.826.0.1.3680043.8.498.1"
     first = files.study_files(files.CHEST_CR, tmp_path / "a", 1, study_uid=study_uid)
@@ -315,25 +369,41 @@ def test_instances_after_processing_start_a_new_version(gateway_factory: Callabl
     second = files.study_files(files.CHEST_CR, tmp_path / "b", 1, study_uid=study_uid)
     assert storescu(gw.port, second).returncode == 0
     with gw.sessions() as session:
-        versions = session.execute(select(Study.version, Study.state).where(Study.study_uid == study_uid).order_by(Study.version)).all()
+        versions = session.execute(
+            select(Study.version, Study.state)
+            .where(Study.study_uid == study_uid)
+            .order_by(Study.version)
+        ).all()
     assert [v for v, _ in versions] == [1, 2]
     assert len(audit(gw, "study.new_version")) == 1
 
 
-def test_instance_before_processing_reopens_the_study(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_instance_before_processing_reopens_the_study(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     """A slow sender whose pause exceeded the quiet time does not split the study in two."""
     gw = gateway_factory(quiet_seconds=1.0)
     gw.process.coordinator.stop() if gw.process.coordinator else None  # drive assembly by hand
     study_uid = "1.2.826.0.1.3680043.8.498.2"
-    assert storescu(gw.port, files.study_files(files.CHEST_CR, tmp_path / "a", 1, study_uid=study_uid)).returncode == 0
+    assert (
+        storescu(
+            gw.port, files.study_files(files.CHEST_CR, tmp_path / "a", 1, study_uid=study_uid)
+        ).returncode
+        == 0
+    )
     time.sleep(1.2)
-    from gateway.studies import complete_study, quiet_study_ids
     from gateway.db.session import transaction
+    from gateway.studies import complete_study, quiet_study_ids
 
     with transaction(gw.sessions) as session:
         (study_id,) = quiet_study_ids(session, 1.0)
         assert complete_study(session=session, study_id=study_id, quiet_seconds=1.0) is not None
-    assert storescu(gw.port, files.study_files(files.CHEST_CR, tmp_path / "b", 1, study_uid=study_uid)).returncode == 0
+    assert (
+        storescu(
+            gw.port, files.study_files(files.CHEST_CR, tmp_path / "b", 1, study_uid=study_uid)
+        ).returncode
+        == 0
+    )
     with gw.sessions() as session:
         studies = session.execute(select(Study)).scalars().all()
         jobs = session.execute(select(Job)).scalars().all()
