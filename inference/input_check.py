@@ -37,13 +37,36 @@ SC_SOP_CLASSES = {
 CHEST_BODY_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP"}
 NON_FRONTAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO"}
 MIN_SIDE = 128
+# Free-text fields where devices and technologists name the projection and the patient.
+DESCRIPTION_FIELDS = (
+    "AcquisitionDeviceProcessingDescription",
+    "SeriesDescription",
+    "StudyDescription",
+    "ProtocolName",
+    "InstitutionName",
+)
+LATERAL_WORDS = {"LAT", "LATERAL", "OBLIQUE", "OBL", "DECUBITUS"}
+VETERINARY_WORDS = {"CANINE", "FELINE", "EQUINE", "BOVINE", "DOG", "CAT", "VETERINARY",
+                    "VETERINARIAN"}
+
+
+def _words(ds: Any) -> set[str]:
+    import re
+
+    text = " ".join(str(getattr(ds, f, "") or "") for f in DESCRIPTION_FIELDS).upper()
+    return set(re.split(r"[^A-Z0-9]+", text))
 
 
 def header_decline_reason(ds: Any) -> str | None:
     """Why a DICOM image should not go to the model, or None if its header looks like a frontal
-    chest radiograph. Pure function of the header (does not decode pixels)."""
-    if "PixelData" not in ds:
-        return "no pixel data (not an image)"
+    chest radiograph. Pure function of the header: works on a dataset read with
+    ``stop_before_pixels=True``. Checked in this order: image, modality (CR/DX; SC exports with
+    OT/empty modality pass to the pixel check), species and veterinary words, body part
+    (CHEST/THORAX/empty), view (ViewPosition, descriptions, ViewCodeSequence, patient
+    orientation), frame count, minimum size."""
+    if "Rows" not in ds or "Columns" not in ds:
+        # Checked on Rows/Columns so that a header read with stop_before_pixels works too.
+        return "not an image (no Rows/Columns)"
     modality = str(getattr(ds, "Modality", "") or "").upper()
     sop_class = str(getattr(ds, "SOPClassUID", "") or "")
     if modality not in ALLOWED_MODALITIES and not (
@@ -53,12 +76,17 @@ def header_decline_reason(ds: Any) -> str | None:
     species = str(getattr(ds, "PatientSpeciesDescription", "") or "").strip().lower()
     if species and species not in ("homo sapiens", "human"):
         return f"patient species is {species}"
+    words = _words(ds)
+    if words & VETERINARY_WORDS:
+        return f"veterinary image ({', '.join(sorted(words & VETERINARY_WORDS)).lower()})"
     body = str(getattr(ds, "BodyPartExamined", "") or "").strip().upper()
     if body not in CHEST_BODY_PARTS:
         return f"body part is {body}"
     view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
     if view in NON_FRONTAL_VIEWS:
         return f"view position {view} is not frontal"
+    if words & LATERAL_WORDS:
+        return f"description names a non-frontal view ({', '.join(sorted(words & LATERAL_WORDS)).lower()})"
     for item in getattr(ds, "ViewCodeSequence", []) or []:
         meaning = str(getattr(item, "CodeMeaning", "")).lower()
         if "lateral" in meaning or "oblique" in meaning:

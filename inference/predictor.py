@@ -25,7 +25,7 @@ from inference.dicom_pixels import PixelDecodeError, dicom_to_image
 from inference.finding import ModelInfo
 from inference.heatmap import overlay_png
 from inference.input_check import OODModel, header_decline_reason, thumbnail
-from inference.preprocess import preprocess
+from inference.preprocess import preprocess, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
 
@@ -120,7 +120,7 @@ class Predictor:
                 )
                 continue
             p = float(probs[i])
-            png = overlay_png(np.asarray(img, np.float32), raw.cam[i]) if heatmap else None
+            png = overlay_png(to_gray(img), raw.cam[i]) if heatmap else None
             out.append(Prediction(p, p >= self.threshold, score, None, png, self.threshold))
         return out
 

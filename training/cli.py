@@ -79,14 +79,51 @@ def train(
     typer.echo(f"model artifact: {artifact}")
 
 
-def evaluate() -> None:
-    """Evaluate a model artifact on a folder (not written yet)."""
-    raise typer.Exit(2)
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ subfolders")],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.json and plots")],
+    model: Annotated[Path, typer.Option(help="Model artifact folder")] = DEFAULT_MODEL,
+    backend: Annotated[str, typer.Option(help="auto, tflite or keras")] = "auto",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals")] = 1000,
+) -> None:
+    """Evaluate a model artifact on a labelled folder at its fixed threshold."""
+    _quiet_tensorflow()
+    from training.evaluate import evaluate_folder
+
+    report = evaluate_folder(data, out, model, backend=backend, n_boot=n_boot)
+    keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv", "ece",
+            "brier")
+    typer.echo(f"n={report['n']} threshold={report['threshold']['value']:.4f}")
+    for k in keys:
+        v = report[k]
+        typer.echo(f"{k:12s} {v['value']:.4f}  (95% CI {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f})")
+    typer.echo(f"report: {out / 'metrics.json'}")
 
 
-def predict() -> None:
-    """Predict (not written yet)."""
-    raise typer.Exit(2)
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files")],
+    model: Annotated[Path, typer.Option(help="Model artifact folder")] = DEFAULT_MODEL,
+    heatmap_dir: Annotated[
+        Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
+    ] = None,
+) -> None:
+    """Print one JSON object per input file (probability, decision, input check)."""
+    _quiet_tensorflow()
+    from training.evaluate import predict_file
+
+    from inference.predictor import Predictor
+
+    predictor = Predictor.load(model)
+    failed = False
+    for path in files:
+        result, png = predict_file(predictor, path, heatmap=heatmap_dir is not None)
+        if png is not None and heatmap_dir is not None:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            (heatmap_dir / f"{path.name}.heatmap.png").write_bytes(png)
+        failed = failed or "error" in result
+        typer.echo(json.dumps(result))
+    if failed:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)", re.IGNORECASE)
 _IM = re.compile(r"IM-(\d+)-", re.IGNORECASE)

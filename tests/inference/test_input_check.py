@@ -1,0 +1,122 @@
+"""Header rules and the out-of-distribution model (pure numpy parts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from inference.input_check import OODModel, fit_ood, header_decline_reason
+from tests.inference.dicom_synth import make_dataset
+
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def chest(**attrs: object) -> Dataset:
+    return make_dataset(np.zeros((256, 256), np.uint8), bits_stored=8, **attrs)
+
+
+def test_frontal_chest_passes() -> None:
+    assert header_decline_reason(chest()) is None
+    assert header_decline_reason(chest(modality="DX", ViewPosition="AP")) is None
+
+
+def test_header_only_dataset_is_checked() -> None:
+    ds = chest()
+    del ds.PixelData  # as read with stop_before_pixels=True
+    assert header_decline_reason(ds) is None
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "LAT", "RLO"])
+def test_lateral_and_oblique_views_declined(view: str) -> None:
+    reason = header_decline_reason(chest(ViewPosition=view))
+    assert reason is not None and view in reason
+
+
+def test_lateral_from_description_or_orientation() -> None:
+    assert header_decline_reason(chest(ViewPosition="", SeriesDescription="CHEST LAT")) is not None
+    assert header_decline_reason(chest(ViewPosition="", PatientOrientation=["A", "F"])) is not None
+    assert header_decline_reason(chest(PatientOrientation=["L", "F"])) is None
+
+
+def test_view_code_sequence_lateral() -> None:
+    item = Dataset()
+    item.CodeValue = "R-10236"
+    item.CodingSchemeDesignator = "SRT"
+    item.CodeMeaning = "left lateral"
+    ds = chest(ViewPosition="")
+    ds.ViewCodeSequence = Sequence([item])
+    assert "lateral" in (header_decline_reason(ds) or "")
+
+
+@pytest.mark.parametrize("part", ["EXTREMITY", "KNEE", "ABDOMEN", "SKULL"])
+def test_other_body_parts_declined(part: str) -> None:
+    assert header_decline_reason(chest(BodyPartExamined=part)) == f"body part is {part}"
+
+
+def test_empty_body_part_passes() -> None:
+    assert header_decline_reason(chest(BodyPartExamined="")) is None
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR", "US", "MG", "NM", "SR"])
+def test_other_modalities_declined(modality: str) -> None:
+    assert "modality" in (header_decline_reason(chest(modality=modality)) or "")
+
+
+def test_secondary_capture_export_allowed_only_with_neutral_modality() -> None:
+    assert header_decline_reason(chest(modality="OT", sop_class=SC)) is None
+    assert header_decline_reason(chest(modality="CT", sop_class=SC)) is not None
+    assert header_decline_reason(chest(modality="OT")) is not None  # OT but a CR SOP class
+
+
+def test_veterinary_declined() -> None:
+    ds = chest(AcquisitionDeviceProcessingDescription="CANINE LATERAL THORAX 0-15cm")
+    assert "veterinary" in (header_decline_reason(ds) or "")
+    assert "species" in (header_decline_reason(chest(PatientSpeciesDescription="Canis lupus")) or "")
+
+
+def test_multiframe_and_tiny_declined() -> None:
+    frames = make_dataset(np.zeros((3, 256, 256), np.uint8), bits_stored=8)
+    assert "multi-frame" in (header_decline_reason(frames) or "")
+    tiny = make_dataset(np.zeros((100, 90), np.uint8), bits_stored=8)
+    assert "too small" in (header_decline_reason(tiny) or "")
+
+
+def test_not_an_image() -> None:
+    ds = Dataset()
+    ds.Modality = "CR"
+    assert header_decline_reason(ds) is not None
+
+
+def _fitted(tmp: Path | None = None) -> tuple[OODModel, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(3, 64))
+    thumbs = rng.normal(size=(400, 3)) @ basis + 0.05 * rng.normal(size=(400, 64))
+    emb = rng.normal(size=(400, 8))
+    labels = (rng.random(400) < 0.5).astype(int)
+    emb[labels == 1] += 3.0
+    model = fit_ood(emb[:300], labels[:300], thumbs[:300], emb[300:], thumbs[300:], n_components=3)
+    return model, emb[300:], thumbs[300:]
+
+
+def test_ood_scores_in_and_out_of_distribution() -> None:
+    model, emb, thumbs = _fitted()
+    combined, f, a = model.scores(emb, thumbs)
+    # Scaled by the validation 99th percentile: about 1% of in-distribution above 1.
+    assert np.mean(combined > 1.0) <= 0.03
+    rng = np.random.default_rng(1)
+    far_emb = emb + 25.0
+    odd_thumbs = rng.normal(size=thumbs.shape) * 3
+    assert np.all(model.scores(far_emb, thumbs)[0] > 2)
+    assert np.all(model.scores(emb, odd_thumbs)[0] > 2)
+    assert np.allclose(combined, np.maximum(f, a))
+
+
+def test_ood_save_load_round_trip(tmp_path: Path) -> None:
+    model, emb, thumbs = _fitted()
+    model.save(tmp_path / "ood.npz")
+    loaded = OODModel.load(tmp_path / "ood.npz")
+    np.testing.assert_allclose(loaded.scores(emb, thumbs)[0], model.scores(emb, thumbs)[0])

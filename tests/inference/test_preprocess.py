@@ -1,0 +1,157 @@
+"""Shared preprocessing and the DICOM pixel path: a DICOM and a JPEG of the same image must
+give (nearly) the same model input, whatever the encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from inference.dicom_pixels import PixelDecodeError, dicom_to_image
+from inference.preprocess import PreprocessConfig, preprocess, preprocess_batch
+from tests.inference.dicom_synth import make_dataset
+
+IMAGES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
+CFG = PreprocessConfig(size=128)
+
+
+def jpeg_fixture() -> np.ndarray:
+    img = cv2.imread(str(IMAGES / "NORMAL" / "IM-0115-0001.jpeg"), cv2.IMREAD_GRAYSCALE)
+    assert img is not None
+    return img
+
+
+def close(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean, 99th percentile) absolute difference in model-input units (std ~ 1)."""
+    d = np.abs(a - b)
+    return float(d.mean()), float(np.percentile(d, 99))
+
+
+def test_output_shape_dtype_and_standardisation() -> None:
+    x = preprocess(jpeg_fixture(), CFG)
+    assert x.shape == (128, 128) and x.dtype == np.float32
+    # Equalised values are close to uniform, so the standardised image is ~N(0, 1)-scaled.
+    assert abs(float(x.mean())) < 0.15
+    assert 0.85 < float(x.std()) < 1.15
+
+
+def test_colour_and_gray_inputs_agree() -> None:
+    gray = jpeg_fixture()
+    colour = np.repeat(gray[..., None], 3, axis=2)
+    np.testing.assert_allclose(preprocess(gray, CFG), preprocess(colour, CFG), atol=1e-6)
+
+
+def test_invariant_to_exposure_and_gamma() -> None:
+    img = jpeg_fixture().astype(np.float32)
+    shifted = 4000.0 * (img / 255.0) ** 0.6 + 300.0  # a 12-bit, gamma-changed "acquisition"
+    mean, p99 = close(preprocess(img, CFG), preprocess(shifted, CFG))
+    assert mean < 0.03 and p99 < 0.1
+
+
+def test_rejects_non_images() -> None:
+    with pytest.raises(ValueError):
+        preprocess(np.zeros((1, 5)), CFG)
+    with pytest.raises(ValueError):
+        preprocess(np.zeros((4, 4, 2)), CFG)
+
+
+def test_flat_image_does_not_fail() -> None:
+    x = preprocess(np.full((50, 60), 7, np.uint8), CFG)
+    assert np.isfinite(x).all()
+
+
+def test_batch_shape() -> None:
+    b = preprocess_batch([jpeg_fixture(), jpeg_fixture()], CFG)
+    assert b.shape == (2, 128, 128, 1)
+
+
+def _as_12bit(img8: np.ndarray) -> np.ndarray:
+    return (img8.astype(np.uint16) * 16 + 8).astype(np.uint16)
+
+
+@pytest.mark.parametrize("syntax", [None, RLELossless, JPEG2000Lossless])
+def test_dicom_12bit_windowed_matches_jpeg(syntax: str | None) -> None:
+    img8 = jpeg_fixture()
+    ds = make_dataset(_as_12bit(img8), bits_stored=12, window=(2048, 4096))
+    if syntax is not None:
+        ds.compress(syntax)
+    pixels = dicom_to_image(ds)
+    assert pixels.windowed == "window" and pixels.n_frames == 1
+    mean, p99 = close(preprocess(pixels.image, CFG), preprocess(img8, CFG))
+    assert mean < 0.02 and p99 < 0.08
+
+
+def test_monochrome1_with_rescale_matches_jpeg() -> None:
+    img8 = jpeg_fixture()
+    stored = (4095 - _as_12bit(img8)).astype(np.uint16)  # MONOCHROME1: high stored = dark
+    # Rescale to "output units" 0.5 * stored - 100, windowed over the full range.
+    ds = make_dataset(
+        stored,
+        photometric="MONOCHROME1",
+        bits_stored=12,
+        rescale=(0.5, -100.0),
+        window=(0.5 * 2048 - 100, 0.5 * 4096),
+    )
+    pixels = dicom_to_image(ds)
+    assert pixels.photometric == "MONOCHROME1"
+    mean, p99 = close(preprocess(pixels.image, CFG), preprocess(img8, CFG))
+    assert mean < 0.02 and p99 < 0.08
+    # And bone stays bright: the inverted image correlates positively with the JPEG.
+    corr = np.corrcoef(pixels.image.ravel(), img8.ravel().astype(np.float32))[0, 1]
+    assert corr > 0.99
+
+
+def test_narrow_window_follows_the_displayed_image() -> None:
+    """A window that clips anatomy changes the input (as it changes what a reader sees); the
+    model input then matches the JPEG of the displayed image, not of the raw pixels."""
+    img8 = jpeg_fixture()
+    ds = make_dataset(_as_12bit(img8), bits_stored=12, window=(2048, 3000))
+    shown = dicom_to_image(ds).image
+    displayed8 = np.rint(shown * 255).astype(np.uint8)
+    mean, _ = close(preprocess(shown, CFG), preprocess(displayed8, CFG))
+    assert mean < 0.02
+    mean_raw, _ = close(preprocess(shown, CFG), preprocess(img8, CFG))
+    assert mean_raw > mean
+
+
+def test_8bit_without_window_is_identical_to_jpeg() -> None:
+    img8 = jpeg_fixture()
+    ds = make_dataset(img8, bits_stored=8, modality="DX")
+    np.testing.assert_allclose(
+        preprocess(dicom_to_image(ds).image, CFG), preprocess(img8, CFG), atol=1e-5
+    )
+
+
+def test_jpeg_written_from_dicom_pixels_matches() -> None:
+    """The reverse direction: a JPEG exported from a 12-bit DICOM's displayed pixels."""
+    rng = np.random.default_rng(0)
+    base = cv2.resize(jpeg_fixture(), (600, 500)).astype(np.float32)
+    stored = np.clip(base * 14 + rng.normal(0, 3, base.shape) + 200, 0, 4095).astype(np.uint16)
+    ds = make_dataset(stored, bits_stored=12, window=(2000, 3800))
+    shown = dicom_to_image(ds).image
+    ok, buf = cv2.imencode(".jpg", (shown * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    jpeg = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    mean, p99 = close(preprocess(shown, CFG), preprocess(jpeg, CFG))
+    assert mean < 0.03 and p99 < 0.12
+
+
+def test_multiframe_uses_first_frame() -> None:
+    img8 = jpeg_fixture()
+    frames = np.stack([img8, 255 - img8])
+    ds = make_dataset(frames, bits_stored=8, modality="DX")
+    pixels = dicom_to_image(ds)
+    assert pixels.n_frames == 2
+    np.testing.assert_allclose(
+        preprocess(pixels.image, CFG), preprocess(img8, CFG), atol=1e-5
+    )
+
+
+def test_no_pixel_data_raises() -> None:
+    ds = make_dataset(jpeg_fixture(), bits_stored=8)
+    del ds.PixelData
+    with pytest.raises(PixelDecodeError):
+        dicom_to_image(ds)

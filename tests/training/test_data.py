@@ -1,0 +1,82 @@
+"""Kermany file names, patient-level split (never leaks), augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.augment import STRESS_NAMES, augment, stress
+from training.data import DataError, Sample, list_samples, patient_of, patient_split, subgroup_of
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
+
+
+def test_patient_and_subgroup_from_names() -> None:
+    assert patient_of("person12_bacteria_3.jpeg", 1) == "PNEUMONIA:person12"
+    assert patient_of("person12_virus_44.jpeg", 1) == "PNEUMONIA:person12"
+    assert patient_of("IM-0115-0001.jpeg", 0) == "NORMAL:im115"
+    assert patient_of("NORMAL2-IM-0115-0001.jpeg", 0) == "NORMAL:im115"
+    assert patient_of("other.png", 0) == "NORMAL:other"
+    assert subgroup_of("person1_virus_2.jpeg", 1) == "virus"
+    assert subgroup_of("person1_bacteria_2.jpeg", 1) == "bacteria"
+    assert subgroup_of("IM-1-1.jpeg", 0) == "normal"
+
+
+def synthetic_samples() -> list[Sample]:
+    rng = np.random.default_rng(0)
+    out = []
+    for n in range(300):
+        for m in range(int(rng.integers(1, 4))):
+            kind = "bacteria" if m % 2 == 0 else "virus"
+            name = f"person{n}_{kind}_{m}.jpeg"
+            out.append(Sample(Path("PNEUMONIA") / name, 1, patient_of(name, 1), kind))
+    for n in range(120):
+        for prefix in ("", "NORMAL2-")[: int(rng.integers(1, 3))]:
+            name = f"{prefix}IM-{n:04d}-0001.jpeg"
+            out.append(Sample(Path("NORMAL") / name, 0, patient_of(name, 0), "normal"))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_split_never_leaks_a_patient(seed: int) -> None:
+    samples = synthetic_samples()
+    train, val = patient_split(samples, val_fraction=0.2, seed=seed)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert len(train) + len(val) == len(samples)
+    # Stratified: the class balance of validation patients follows the data.
+    for label, n_patients in ((1, 300), (0, 120)):
+        val_patients = {s.patient for s in val if s.label == label}
+        assert len(val_patients) == round(0.2 * n_patients)
+
+
+def test_split_is_deterministic_and_seed_dependent() -> None:
+    samples = synthetic_samples()
+    a = patient_split(samples, val_fraction=0.2, seed=7)[1]
+    b = patient_split(samples, val_fraction=0.2, seed=7)[1]
+    c = patient_split(samples, val_fraction=0.2, seed=8)[1]
+    assert a == b
+    assert a != c
+
+
+def test_list_samples_on_fixture_folder(tmp_path: Path) -> None:
+    samples = list_samples(FIXTURES)
+    assert {s.label for s in samples} == {0, 1}
+    assert {s.subgroup for s in samples} == {"normal", "bacteria", "virus"}
+    with pytest.raises(DataError):
+        list_samples(tmp_path)
+
+
+def test_augment_is_deterministic_and_keeps_shape() -> None:
+    img = np.random.default_rng(0).integers(0, 255, (224, 224), dtype=np.uint8)
+    a = augment(img, np.random.default_rng(5))
+    b = augment(img, np.random.default_rng(5))
+    assert a.shape == img.shape and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert 0 <= a.min() and a.max() <= 255
+    for name in STRESS_NAMES:
+        s = stress(img, name)
+        assert s.shape == img.shape, name
+    with pytest.raises(ValueError):
+        stress(img, "nope")

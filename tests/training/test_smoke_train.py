@@ -1,0 +1,80 @@
+"""Training smoke test: the real train -> evaluate -> predict commands on 20 fixture images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from tests.inference.dicom_synth import make_dataset
+from training.cli import register
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
+
+
+def app() -> typer.Typer:
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = [
+        "train", "--data", str(FIXTURES), "--out", str(out), "--epochs", "2",
+        "--image-size", "32", "--batch-size", "8", "--val-fraction", "0.3", "--seed", "3",
+    ]
+    result = runner.invoke(app(), args)
+    assert result.exit_code == 0, result.output
+    artifact = out / "artifact"
+    meta = json.loads((artifact / "model.json").read_text())
+    assert meta["preprocess"]["size"] == 32
+    assert meta["training"]["seed"] == 3
+    assert 0.0 < meta["threshold"] < 1.0 and meta["temperature"] > 0
+    assert (artifact / "model_card.md").read_text().count("95% CI") >= 1
+    split = json.loads((out / "split.json").read_text())
+    assert split["train"] and split["val"]
+
+    # Resuming a finished run re-exports without training again.
+    state = json.loads((out / "members" / "0" / "state.json").read_text())
+    assert state["done"] and state["epoch"] == 2
+    result = runner.invoke(app(), args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "members" / "0" / "state.json").read_text())["epoch"] == 2
+
+    report_dir = tmp_path / "report"
+    result = runner.invoke(
+        app(), ["evaluate", "--data", str(FIXTURES), "--out", str(report_dir),
+                "--model", str(artifact), "--n-boot", "50"],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["n"] == 20
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv",
+                "ece", "brier", "threshold"):
+        assert "ci95" in metrics[key]
+    for plot in ("confusion_matrix.png", "roc.png", "precision_recall.png", "reliability.png"):
+        assert (report_dir / plot).stat().st_size > 1000
+    assert set(metrics["subgroups"]) == {"bacteria", "virus"}
+
+    import cv2
+
+    gray = cv2.imread(str(FIXTURES / "NORMAL" / "IM-0115-0001.jpeg"), cv2.IMREAD_GRAYSCALE)
+    dcm = tmp_path / "chest.dcm"
+    make_dataset(gray, bits_stored=8, modality="DX").save_as(dcm, enforce_file_format=True)
+    lateral = tmp_path / "lateral.dcm"
+    make_dataset(gray, bits_stored=8, ViewPosition="LL").save_as(lateral, enforce_file_format=True)
+    jpeg = FIXTURES / "NORMAL" / "IM-0115-0001.jpeg"
+    result = runner.invoke(
+        app(), ["predict", str(jpeg), str(dcm), str(lateral), "--model", str(artifact)]
+    )
+    lines = [json.loads(x) for x in result.output.strip().splitlines() if x.startswith("{")]
+    assert [x["format"] for x in lines] == ["jpeg", "dicom", "dicom"]
+    assert lines[2]["probability"] is None and "LL" in lines[2]["declined_reason"]
+    if lines[0]["probability"] is not None and lines[1]["probability"] is not None:
+        assert abs(lines[0]["probability"] - lines[1]["probability"]) < 1e-4
