@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -62,6 +63,62 @@ def worker(
 
     configure_logging()
     run_worker(_settings(), concurrency=concurrency, pool=pool)
+
+
+def _dicom_files(paths: list[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for candidate in candidates:
+            with open(candidate, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                found.append(candidate)
+    return found
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
+    host: Annotated[str, typer.Option(help="receiver host")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="receiver port [CXR_DICOM_PORT]")] = None,
+    aet: Annotated[str | None, typer.Option(help="receiver AE title [CXR_AE_TITLE]")] = None,
+    calling_aet: Annotated[str, typer.Option(help="our AE title")] = "CXRSEND",
+    batch: Annotated[int, typer.Option(min=1, max=500, help="instances per association")] = 50,
+) -> None:
+    """Send DICOM files (C-STORE) to a receiver, by default this gateway. Exit 1 if any failed."""
+    from gateway.dicom_sender import Destination, DicomSendError, StoreFailedError, StoreResult
+    from gateway.dicom_sender import send as store
+
+    settings = _settings() if port is None or aet is None else None
+    destination = Destination(
+        ae_title=aet or (settings.ae_title if settings else "CXRGW"),
+        host=host,
+        port=port if port is not None else (settings.dicom_port if settings else 11112),
+        calling_ae_title=calling_aet,
+    )
+    files = _dicom_files(paths)
+    if not files:
+        typer.echo("cxr-gateway send: no DICOM files found", err=True)
+        raise typer.Exit(code=2)
+    failed = 0
+    for start in range(0, len(files), batch):
+        chunk = files[start : start + batch]
+        try:
+            results: list[StoreResult] = store(destination, chunk)
+        except StoreFailedError as exc:
+            results = list(exc.results)
+        except DicomSendError as exc:
+            typer.echo(f"FAILED {len(chunk)} file(s): {exc}", err=True)
+            failed += len(chunk)
+            continue
+        for path, result in zip(chunk, results, strict=True):
+            status = "?" if result.status is None else f"0x{result.status:04X}"
+            typer.echo(f"{'ok' if result.ok else 'FAILED':<6} {status} {path}")
+            failed += 0 if result.ok else 1
+    typer.echo(f"sent {len(files) - failed} of {len(files)} to {destination}")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @db_app.command("upgrade")

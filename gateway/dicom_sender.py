@@ -147,21 +147,23 @@ def _transfer_syntax(ds: Dataset) -> UID:
 
 
 def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
-    """One presentation context per SOP class, proposing the data's own transfer syntax, and
-    both little-endian uncompressed ones for uncompressed data (pynetdicom re-encodes those)."""
-    wanted: dict[str, list[str]] = {}
+    """Presentation contexts for the data: for uncompressed data one context per SOP class
+    proposing both little-endian syntaxes (pynetdicom re-encodes between them); for compressed
+    data one context per (SOP class, syntax) proposing that syntax alone, so that a peer which
+    prefers uncompressed cannot pick a syntax we would have to transcode to."""
+    wanted: dict[tuple[str, str], list[str]] = {}
     for ds in datasets:
-        syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
         ts = _transfer_syntax(ds)
-        candidates = [ts]
         if ts in _UNCOMPRESSED or ts in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
-            candidates += list(_UNCOMPRESSED)
-        for syntax in candidates:
-            if syntax not in syntaxes:
-                syntaxes.append(syntax)
+            syntaxes = wanted.setdefault((str(ds.SOPClassUID), "uncompressed"), [])
+            for syntax in [ts, *_UNCOMPRESSED]:
+                if syntax not in syntaxes:
+                    syntaxes.append(syntax)
+        else:
+            wanted.setdefault((str(ds.SOPClassUID), str(ts)), [ts])
     if len(wanted) > 128:
-        raise ValueError(f"{len(wanted)} SOP classes exceed the 128 presentation contexts limit")
-    return list(wanted.items())
+        raise ValueError(f"{len(wanted)} presentation contexts exceed the limit of 128")
+    return [(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
 
 
 def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Association:

@@ -1,0 +1,124 @@
+"""The command line as a user runs it (subprocesses): settings errors, send, audit list/verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from gateway.db.session import make_engine
+from tests import dicom_files as files
+from tests.conftest import RunningGateway
+from tests.peers import ROOT
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_invalid_settings_name_the_variable(tmp_path: Path) -> None:
+    result = cli("db", "upgrade", env={"CXR_DICOM_PORT": "eleven", "CXR_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "CXR_DICOM_PORT" in result.stderr
+    result = cli(
+        "db", "upgrade", env={"CXR_ENVIRONMENT": "production", "CXR_DATA_DIR": str(tmp_path)}
+    )
+    assert result.returncode == 2 and "CXR_DATABASE_URL" in result.stderr
+
+
+def test_config_file_is_read_and_env_wins(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('ae_title = "FROMFILE"\nquiet_seconds = 7.5\n')
+    from gateway.settings import get_settings
+
+    old = dict(os.environ)
+    try:
+        os.environ["CXR_CONFIG_FILE"] = str(config)
+        os.environ["CXR_QUIET_SECONDS"] = "3"
+        settings = get_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert settings.ae_title == "FROMFILE"
+    assert settings.quiet_seconds == 3.0
+
+
+def test_send_folder_reports_each_file(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    gw = gateway_factory()
+    folder = tmp_path / "in"
+    files.study_files(files.CHEST_CR, folder, 2)
+    (folder / "notes.txt").write_text("not DICOM")
+    result = cli("send", str(folder), "--port", str(gw.port), "--aet", "CXRGW")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok     0x0000") == 2
+    assert "sent 2 of 2" in result.stdout
+    refused = cli("send", str(files.ct_image()), "--port", str(gw.port), "--aet", "CXRGW")
+    assert refused.returncode == 1 and "0x0122" in refused.stdout
+
+
+def test_audit_list_filters_and_json(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    gw = gateway_factory()
+    files.study_files(files.CHEST_CR, tmp_path / "in", 2)
+    assert (
+        cli("send", str(tmp_path / "in"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    )
+    env = {"CXR_DATA_DIR": str(gw.settings.data_dir)}
+    listed = cli("audit", "list", "--kind", "instance.", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    events = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [e["kind"] for e in events] == ["instance.stored", "instance.stored"]
+    assert {e["actor"] for e in events} == {"CXRSEND"}
+    assert cli("audit", "list", "--outcome", "failure", "--json", env=env).stdout == ""
+    bad = cli("audit", "list", "--since", "yesterday", env=env)
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+@pytest.mark.parametrize("tamper", ["update", "delete"])
+def test_audit_verify_detects_tampering(
+    gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path, tamper: str
+) -> None:
+    gw = gateway_factory(database_url=database_url)
+    files.study_files(files.CHEST_CR, tmp_path / "in", 2)
+    assert (
+        cli("send", str(tmp_path / "in"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    )
+    env = {"CXR_DATA_DIR": str(gw.settings.data_dir), "CXR_DATABASE_URL": database_url}
+    ok = cli("audit", "verify", env=env)
+    assert ok.returncode == 0 and "intact" in ok.stdout
+    engine = make_engine(database_url)
+    # The table refuses changes through SQL...
+    with pytest.raises(Exception, match="append-only"), engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET outcome = 'failure' WHERE id = 3"))
+    # ...so an attacker with database rights drops the guard first.
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(text("DROP TRIGGER audit_events_no_update"))
+            conn.execute(text("DROP TRIGGER audit_events_no_delete"))
+        else:
+            conn.execute(text("DROP TRIGGER audit_events_append_only ON audit_events"))
+        if tamper == "update":
+            conn.execute(text("UPDATE audit_events SET actor = 'SOMEONE' WHERE id = 3"))
+        else:
+            conn.execute(text("DELETE FROM audit_events WHERE id = 3"))
+    broken = cli("audit", "verify", env=env)
+    assert broken.returncode == 1
+    assert "BROKEN at event 3" in broken.stderr
