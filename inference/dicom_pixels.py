@@ -41,7 +41,7 @@ def _first(value: Any) -> float:
 def _window(x: FloatImage, center: float, width: float, function: str) -> FloatImage:
     if function == "SIGMOID":
         out = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / max(width, 1e-6)))
-        return out.astype(np.float32)
+        return np.asarray(out, dtype=np.float32)
     if function == "LINEAR_EXACT":
         lo, hi = center - width / 2.0, center + width / 2.0
     else:  # LINEAR, PS3.3 C.11.2.1.2.1
@@ -82,7 +82,7 @@ def dicom_to_image(ds: Any) -> DicomPixels:
         arr = arr[0]
     if samples > 1:
         if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels.processing import convert_color_space
 
             arr = convert_color_space(arr, photometric, "RGB")
         x = np.asarray(arr, dtype=np.float32).mean(axis=-1)
@@ -94,7 +94,7 @@ def dicom_to_image(ds: Any) -> DicomPixels:
     windowed = "min-max"
     if samples == 1:
         if "ModalityLUTSequence" in ds:
-            from pydicom.pixels import apply_modality_lut
+            from pydicom.pixels.processing import apply_modality_lut
 
             x = np.asarray(apply_modality_lut(np.asarray(arr), ds), dtype=np.float32)
         else:
@@ -109,7 +109,7 @@ def dicom_to_image(ds: Any) -> DicomPixels:
             x = _window(x, _first(center), _first(width), function)
             windowed = "window"
         elif "VOILUTSequence" in ds:
-            from pydicom.pixels import apply_voi_lut
+            from pydicom.pixels.processing import apply_voi_lut
 
             x = _min_max(np.asarray(apply_voi_lut(x, ds), dtype=np.float32))
             windowed = "voi-lut"

@@ -22,7 +22,7 @@ def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float 
     gray = np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
     h, w = gray.shape
     scale = min(1.0, MAX_SIDE / max(h, w))
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
     gray8 = (cv2.resize(gray, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
     heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
     peak = float(heat.max())
@@ -32,7 +32,8 @@ def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float 
     base = cv2.cvtColor(gray8, cv2.COLOR_GRAY2BGR)
     weight = (alpha * heat)[..., None]
     out = (base * (1 - weight) + colour * weight).astype(np.uint8)
-    ok, buf = cv2.imencode(".png", out)
+    # Fast compression: the overlay is made per request; size matters less than latency.
+    ok, buf = cv2.imencode(".png", out, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError("PNG encoding failed")
     return bytes(buf.tobytes())

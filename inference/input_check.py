@@ -46,8 +46,16 @@ DESCRIPTION_FIELDS = (
     "InstitutionName",
 )
 LATERAL_WORDS = {"LAT", "LATERAL", "OBLIQUE", "OBL", "DECUBITUS"}
-VETERINARY_WORDS = {"CANINE", "FELINE", "EQUINE", "BOVINE", "DOG", "CAT", "VETERINARY",
-                    "VETERINARIAN"}
+VETERINARY_WORDS = {
+    "CANINE",
+    "FELINE",
+    "EQUINE",
+    "BOVINE",
+    "DOG",
+    "CAT",
+    "VETERINARY",
+    "VETERINARIAN",
+}
 
 
 def _words(ds: Any) -> set[str]:
@@ -86,7 +94,8 @@ def header_decline_reason(ds: Any) -> str | None:
     if view in NON_FRONTAL_VIEWS:
         return f"view position {view} is not frontal"
     if words & LATERAL_WORDS:
-        return f"description names a non-frontal view ({', '.join(sorted(words & LATERAL_WORDS)).lower()})"
+        named = ", ".join(sorted(words & LATERAL_WORDS)).lower()
+        return f"description names a non-frontal view ({named})"
     for item in getattr(ds, "ViewCodeSequence", []) or []:
         meaning = str(getattr(item, "CodeMeaning", "")).lower()
         if "lateral" in meaning or "oblique" in meaning:
@@ -107,7 +116,9 @@ def header_decline_reason(ds: Any) -> str | None:
 
 def thumbnail(preprocessed: F) -> F:
     """(S, S) preprocessed image -> flattened 32 x 32 vector for the appearance model."""
-    small = cv2.resize(np.asarray(preprocessed, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        np.asarray(preprocessed, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA
+    )
     return np.asarray(small, dtype=np.float32).ravel()
 
 
@@ -126,13 +137,13 @@ class OODModel:
         for mu in self.class_means:
             diff = emb - mu
             d.append(np.einsum("nc,cd,nd->n", diff, self.precision, diff))
-        return np.sqrt(np.maximum(np.min(d, axis=0), 0.0))
+        return np.asarray(np.sqrt(np.maximum(np.min(d, axis=0), 0.0)))
 
     def appearance_error(self, thumbs: F) -> F:
         x = np.asarray(thumbs, np.float64) - self.pca_mean
         coeff = x @ self.pca_components.T
         resid = x - coeff @ self.pca_components
-        return np.sqrt(np.mean(resid**2, axis=1))
+        return np.asarray(np.sqrt(np.mean(resid**2, axis=1)))
 
     def scores(self, emb: F, thumbs: F) -> tuple[F, F, F]:
         """(combined, feature ratio, appearance ratio); combined = max of the two ratios."""

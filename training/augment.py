@@ -44,9 +44,7 @@ def _blur(img: Image, sigma: float) -> Image:
 
 
 def _sharpen(img: Image, amount: float) -> Image:
-    return np.asarray(
-        np.clip(img + amount * (img - _blur(img, 1.5)), 0, 255), dtype=np.float32
-    )
+    return np.asarray(np.clip(img + amount * (img - _blur(img, 1.5)), 0, 255), dtype=np.float32)
 
 
 def _tone(img: Image, *, gain: float, bias: float, gamma: float) -> Image:
@@ -55,7 +53,9 @@ def _tone(img: Image, *, gain: float, bias: float, gamma: float) -> Image:
 
 
 def _jpeg(img: Image, quality: int) -> Image:
-    ok, buf = cv2.imencode(".jpg", np.clip(img, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg", np.clip(img, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     if not ok:
         return img
     return np.asarray(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), dtype=np.float32)

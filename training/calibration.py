@@ -44,7 +44,7 @@ def threshold_for_sensitivity(y: Array, p: Array, target: float) -> float:
 
 
 def threshold_for_specificity(y: Array, p: Array, target: float) -> float:
-    """The lowest threshold whose specificity (p < threshold for negatives) is at least ``target``."""
+    """The lowest threshold whose specificity (negatives with p < threshold) is >= ``target``."""
     y = np.asarray(y).astype(bool)
     neg = np.sort(np.asarray(p, dtype=np.float64)[~y])
     if len(neg) == 0:

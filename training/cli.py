@@ -28,7 +28,9 @@ def train(
     out: Annotated[Path, typer.Option(help="Output folder (checkpoints, artifact, report)")],
     epochs: Annotated[int, typer.Option(help="Maximum epochs per member")] = 40,
     image_size: Annotated[int, typer.Option(help="Model input size in pixels")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation, augmentation")] = 42,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, initialisation, augmentation")
+    ] = 42,
     arch: Annotated[str, typer.Option(help="cnn-s or cnn-m")] = "cnn-s",
     members: Annotated[int, typer.Option(help="Ensemble members (different seeds)")] = 1,
     batch_size: int = 32,
@@ -91,8 +93,17 @@ def evaluate(
     from training.evaluate import evaluate_folder
 
     report = evaluate_folder(data, out, model, backend=backend, n_boot=n_boot)
-    keys = ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv", "ece",
-            "brier")
+    keys = (
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "npv",
+        "ece",
+        "brier",
+    )
     typer.echo(f"n={report['n']} threshold={report['threshold']['value']:.4f}")
     for k in keys:
         v = report[k]
@@ -109,9 +120,8 @@ def predict(
 ) -> None:
     """Print one JSON object per input file (probability, decision, input check)."""
     _quiet_tensorflow()
-    from training.evaluate import predict_file
-
     from inference.predictor import Predictor
+    from training.evaluate import predict_file
 
     predictor = Predictor.load(model)
     failed = False

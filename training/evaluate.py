@@ -10,8 +10,8 @@ import numpy as np
 
 from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_file
 from inference.input_check import thumbnail
-from inference.preprocess import preprocess
 from inference.predictor import Predictor
+from inference.preprocess import preprocess
 from training.data import list_samples
 from training.report import write_report
 
@@ -34,7 +34,9 @@ def evaluate_folder(
         x = np.stack([preprocess(read_image_file(s.path)[0], meta.preprocess) for s in chunk])
         x = x[..., None]
         raw = predictor.runner.run(x)
-        score, _, _ = predictor.ood.scores(raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x]))
+        score, _, _ = predictor.ood.scores(
+            raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x])
+        )
         logits.append(raw.logits)
         ood.append(score)
     logit = np.concatenate(logits).astype(np.float64)
@@ -60,15 +62,29 @@ def evaluate_folder(
         },
     }
     report = write_report(
-        y, p, meta.threshold, out, subgroups=[s.subgroup for s in samples],
-        title=data.name or "evaluation", extra=extra, n_boot=n_boot,
+        y,
+        p,
+        meta.threshold,
+        out,
+        subgroups=[s.subgroup for s in samples],
+        title=data.name or "evaluation",
+        extra=extra,
+        n_boot=n_boot,
     )
     with (out / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "label", "subgroup", "probability", "predicted", "ood_score"])
         for s, pi, oi in zip(samples, p, ood_score, strict=True):
-            w.writerow([f"{s.path.parent.name}/{s.path.name}", s.label, s.subgroup,
-                        f"{pi:.6f}", int(pi >= meta.threshold), f"{oi:.4f}"])
+            w.writerow(
+                [
+                    f"{s.path.parent.name}/{s.path.name}",
+                    s.label,
+                    s.subgroup,
+                    f"{pi:.6f}",
+                    int(pi >= meta.threshold),
+                    f"{oi:.4f}",
+                ]
+            )
     return report
 
 

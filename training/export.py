@@ -48,7 +48,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     from training.model_card import write_model_card
     from training.synthetic_ood import negatives
 
-    art = config.out / "artifact"
+    art: Path = config.out / "artifact"
     if art.exists():
         shutil.rmtree(art)
     art.mkdir(parents=True)
@@ -125,9 +125,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     neg_score, _, _ = ood.scores(neg_emb, _thumbs(neg_x))
     ood_eval: dict[str, Any] = {
         "validation_declined": float(np.mean(val_ood > ood_threshold)),
-        "validation_clean_declined": float(
-            np.mean(val_ood[: len(y_val)] > ood_threshold)
-        ),
+        "validation_clean_declined": float(np.mean(val_ood[: len(y_val)] > ood_threshold)),
         "synthetic": {},
     }
     for kind in sorted(set(neg_kinds)):
@@ -145,18 +143,27 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     p_val = sigmoid(val_logit / temperature)
     subgroups = [s.subgroup for s in prep.val]
     val_report = write_report(
-        y_val, p_val, threshold, art / "validation", subgroups=subgroups,
+        y_val,
+        p_val,
+        threshold,
+        art / "validation",
+        subgroups=subgroups,
         title="validation (clean)",
     )
     stress_table = {}
     for name in STRESS_NAMES:
-        p = sigmoid(stress_logits[name] / temperature)
-        m = binary_metrics(y_val, p, threshold)
-        stress_table[name] = {k: m[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")}
+        sm = binary_metrics(y_val, sigmoid(stress_logits[name] / temperature), threshold)
+        stress_table[name] = {
+            k: sm[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
+        }
     p_all = sigmoid(all_stress / temperature)
     pooled = write_report(
-        y_all_stress, p_all, threshold, art / "validation_shifted",
-        title="validation, shifted copies", n_boot=200,
+        y_all_stress,
+        p_all,
+        threshold,
+        art / "validation_shifted",
+        title="validation, shifted copies",
+        n_boot=200,
     )
     uncal = binary_metrics(y_val, sigmoid(val_logit), 0.5)
     uncal_stress = binary_metrics(y_all_stress, sigmoid(all_stress), 0.5)
@@ -179,8 +186,12 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             "split": "patient-level, stratified by class, seed as above",
         },
         "members": [
-            {"best_epoch": h.get("best_epoch"), "epochs_run": h.get("epoch"),
-             "best_score": h.get("best")} for h in history
+            {
+                "best_epoch": h.get("best_epoch"),
+                "epochs_run": h.get("epoch"),
+                "best_score": h.get("best"),
+            }
+            for h in history
         ],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "tflite_max_abs_logit_diff": tflite_diff,
@@ -209,14 +220,19 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         "threshold_rule": rule,
         "ood": ood_eval,
         "ood_threshold": ood_threshold,
-        "ood_rule": f"{ood_quantile}th percentile of validation scores (clean + shifted) x {ood_margin}",
+        "ood_rule": (
+            f"{ood_quantile}th percentile of validation scores (clean + shifted) x {ood_margin}"
+        ),
         "history": history,
     }
     (art / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     np.savez_compressed(
         config.out / "validation_predictions.npz",
-        y=y_val, logit=val_logit, stress_logit=all_stress,
-        stress_names=np.array(STRESS_NAMES), subgroups=np.array(subgroups),
+        y=y_val,
+        logit=val_logit,
+        stress_logit=all_stress,
+        stress_names=np.array(STRESS_NAMES),
+        subgroups=np.array(subgroups),
     )
     write_model_card(art, meta, summary)
     log.info("artifact written to %s (hash %s)", art, meta.content_hash[:12])

@@ -121,7 +121,7 @@ def metrics_report(
     ci = bootstrap_intervals(y, p, threshold, n_boot=n_boot, seed=seed)
     tn, fp, fn, tp = confusion(y, p, threshold)
     report: dict[str, Any] = {
-        "n": int(len(y)),
+        "n": len(y),
         "n_pneumonia": int(np.sum(y)),
         "n_normal": int(len(y) - np.sum(y)),
         # The threshold is fixed on validation before evaluation, so its interval is a point.

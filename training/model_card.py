@@ -15,8 +15,17 @@ def _ci(m: dict[str, Any]) -> str:
 
 def _metrics_table(report: dict[str, Any]) -> list[str]:
     rows = ["| metric | value (95% CI) |", "| --- | --- |", f"| n | {report['n']} |"]
-    for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv",
-              "ece", "brier"):
+    for k in (
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "npv",
+        "ece",
+        "brier",
+    ):
         rows.append(f"| {k} | {_ci(report[k])} |")
     return rows
 
@@ -38,7 +47,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "pneumonia: a calibrated probability, a present/absent flag at a fixed operating",
         "threshold and a heat map, shown to a clinician who reads the image. Not for unsupervised",
         "diagnosis, not for adults (never validated on adults), lateral views, other body parts or",
-        "other modalities: the gateway declines such inputs (\"no result\").",
+        'other modalities: the gateway declines such inputs ("no result").',
         "",
         "## Model",
         f"- Architecture: `{meta.arch}`, a compact CNN from random initialisation (no pretrained",
@@ -57,7 +66,8 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "## Training data",
         f"- {data.get('source', '')}. Kermany D, Zhang K, Goldbaum M (2018), Mendeley Data v2,",
         "  CC BY 4.0; Kermany et al., Cell 172(5):1122-1131, 2018. Pediatric patients (1-5 years),",
-        "  Guangzhou Women and Children's Medical Center; images resized to 224x224 by plain resize.",
+        "  Guangzhou Women and Children's Medical Center; images resized to 224x224 by plain",
+        "  resize.",
         f"- Split: {data.get('split', '')}; train {data.get('train_counts')}, "
         f"validation {data.get('val_counts')}.",
         "- Class imbalance: balanced class weights in the loss.",
@@ -87,8 +97,13 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
             f"{m['ece']:.3f} |"
         )
     sub = val.get("subgroups", {})
-    lines += ["", "Subgroups (each pneumonia type against all validation normals):", "",
-              "| subgroup | n | AUC vs normal | sensitivity |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Subgroups (each pneumonia type against all validation normals):",
+        "",
+        "| subgroup | n | AUC vs normal | sensitivity |",
+        "| --- | --- | --- | --- |",
+    ]
     for g, m in sub.items():
         lines.append(f"| {g} | {m['n']} | {_ci(m['auc_vs_normal'])} | {_ci(m['sensitivity'])} |")
     unc = summary["uncalibrated_threshold_0.5"]
@@ -117,8 +132,11 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
     for kind, m in ood["synthetic"].items():
         lines.append(f"| {kind} | {m['n']} | {m['declined']:.0%} | {m['median_score']:.2f} |")
     if ood.get("dicom_files"):
-        lines += ["", "| DICOM file | OOD score | declined by score | header rule |",
-                  "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| DICOM file | OOD score | declined by score | header rule |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, m in ood["dicom_files"].items():
             lines.append(
                 f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | "
@@ -140,7 +158,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "```",
         t.get("command", ""),
         "```",
-        f"Seed {t.get('seed')}; training is resumable (rerun the same command with the same --out).",
+        f"Seed {t.get('seed')}; training is resumable (rerun the same command, same --out).",
         "Then `cxr-gateway evaluate --data DIR --out REPORT --model ARTIFACT` on held-out data.",
         "",
     ]

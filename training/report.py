@@ -52,8 +52,15 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     ax.imshow(cm, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=14,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=14,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks([0, 1], ["NORMAL", "PNEUMONIA"])
     ax.set_yticks([0, 1], ["NORMAL", "PNEUMONIA"])
     ax.set_xlabel("predicted")

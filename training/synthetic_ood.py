@@ -30,8 +30,16 @@ def ct_slice(rng: np.random.Generator, size: int = 512) -> U8:
     c = size // 2
     cv2.ellipse(img, (c, c), (int(size * 0.42), int(size * 0.3)), 0, 0, 360, 0.55, -1)
     for dx in (-1, 1):  # lungs
-        cv2.ellipse(img, (c + dx * int(size * 0.18), c - 10), (int(size * 0.13), int(size * 0.2)),
-                    0, 0, 360, 0.08, -1)
+        cv2.ellipse(
+            img,
+            (c + dx * int(size * 0.18), c - 10),
+            (int(size * 0.13), int(size * 0.2)),
+            0,
+            0,
+            360,
+            0.08,
+            -1,
+        )
     cv2.circle(img, (c, c + int(size * 0.2)), int(size * 0.05), 1.0, -1)  # vertebra
     cv2.circle(img, (c - 20, c), int(size * 0.07), 0.65, -1)  # heart/aorta
     cv2.ellipse(img, (c, c), (int(size * 0.44), int(size * 0.32)), 0, 0, 360, 0.3, 6)
@@ -50,7 +58,7 @@ def photo(rng: np.random.Generator, size: int = 400) -> U8:
         else:
             w, h = int(rng.integers(20, 160)), int(rng.integers(20, 160))
             cv2.rectangle(img, (x, y), (x + w, y + h), colour, -1)
-    img = cv2.GaussianBlur(img, (0, 0), 1.5)
+    img = np.asarray(cv2.GaussianBlur(img, (0, 0), 1.5), dtype=np.float32)
     img += rng.normal(0, 0.02, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
@@ -63,9 +71,7 @@ def flat(rng: np.random.Generator, size: int = 256) -> U8:
     return np.full((size, size), int(rng.integers(0, 256)), np.uint8)
 
 
-def negatives(
-    chests: list[U8], *, n_each: int = 10, seed: int = 0
-) -> Iterator[tuple[str, U8]]:
+def negatives(chests: list[U8], *, n_each: int = 10, seed: int = 0) -> Iterator[tuple[str, U8]]:
     """Yield (kind, image) pairs of non-frontal-chest images."""
     rng = np.random.default_rng(seed)
     for _ in range(n_each):

@@ -176,7 +176,9 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
     else:
         model = build_model(config.arch, config.image_size, seed=seed)
         schedule = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=config.epochs * steps, alpha=0.02,
+            config.learning_rate,
+            decay_steps=config.epochs * steps,
+            alpha=0.02,
             warmup_target=None,
         )
         model.compile(
@@ -260,7 +262,7 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
 
 
 def train(config: TrainConfig) -> Path:
-    """Train all members, then calibrate, pick the threshold and export; returns the artifact dir."""
+    """Train all members, then calibrate, set the threshold and export; returns the artifact."""
     from training.export import finalize
 
     pre = PreprocessConfig(size=config.image_size)

@@ -10,8 +10,8 @@ import pytest
 
 from inference.artifact import ArtifactError, ArtifactMeta, read_meta, write_meta
 from inference.input_check import fit_ood, thumbnail
-from inference.preprocess import PreprocessConfig, preprocess
 from inference.predictor import Predictor
+from inference.preprocess import PreprocessConfig, preprocess
 from tests.inference.dicom_synth import make_dataset
 
 IMAGES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
@@ -29,9 +29,16 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "member0.tflite").write_bytes(to_tflite(serve))
     pre = PreprocessConfig(size=SIZE)
     meta = ArtifactMeta(
-        name="test-model", version="0.0.1", class_names=("NORMAL", "PNEUMONIA"), preprocess=pre,
-        members=("member0",), temperature=1.7, threshold=0.4, threshold_rule="test",
-        ood_threshold=1.0, arch="cnn-s",
+        name="test-model",
+        version="0.0.1",
+        class_names=("NORMAL", "PNEUMONIA"),
+        preprocess=pre,
+        members=("member0",),
+        temperature=1.7,
+        threshold=0.4,
+        threshold_rule="test",
+        ood_threshold=1.0,
+        arch="cnn-s",
     )
     images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(IMAGES.rglob("*.jpeg"))]
     x = np.stack([preprocess(i, pre) for i in images])[..., None]

@@ -75,7 +75,9 @@ def test_secondary_capture_export_allowed_only_with_neutral_modality() -> None:
 def test_veterinary_declined() -> None:
     ds = chest(AcquisitionDeviceProcessingDescription="CANINE LATERAL THORAX 0-15cm")
     assert "veterinary" in (header_decline_reason(ds) or "")
-    assert "species" in (header_decline_reason(chest(PatientSpeciesDescription="Canis lupus")) or "")
+    assert "species" in (
+        header_decline_reason(chest(PatientSpeciesDescription="Canis lupus")) or ""
+    )
 
 
 def test_multiframe_and_tiny_declined() -> None:

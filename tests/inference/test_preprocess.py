@@ -145,9 +145,7 @@ def test_multiframe_uses_first_frame() -> None:
     ds = make_dataset(frames, bits_stored=8, modality="DX")
     pixels = dicom_to_image(ds)
     assert pixels.n_frames == 2
-    np.testing.assert_allclose(
-        preprocess(pixels.image, CFG), preprocess(img8, CFG), atol=1e-5
-    )
+    np.testing.assert_allclose(preprocess(pixels.image, CFG), preprocess(img8, CFG), atol=1e-5)
 
 
 def test_no_pixel_data_raises() -> None:

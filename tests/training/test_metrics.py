@@ -66,6 +66,16 @@ def test_report_has_every_required_field(case: tuple[np.ndarray, np.ndarray]) ->
     r = metrics_report(y, p, 0.42, n_boot=50)
     assert r["n"] == 500
     assert r["threshold"]["value"] == 0.42
-    for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv",
-              "ece", "brier", "threshold"):
+    for k in (
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "npv",
+        "ece",
+        "brier",
+        "threshold",
+    ):
         assert len(r[k]["ci95"]) == 2

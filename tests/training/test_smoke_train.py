@@ -26,8 +26,21 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "run"
     args = [
-        "train", "--data", str(FIXTURES), "--out", str(out), "--epochs", "2",
-        "--image-size", "32", "--batch-size", "8", "--val-fraction", "0.3", "--seed", "3",
+        "train",
+        "--data",
+        str(FIXTURES),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--val-fraction",
+        "0.3",
+        "--seed",
+        "3",
     ]
     result = runner.invoke(app(), args)
     assert result.exit_code == 0, result.output
@@ -49,14 +62,34 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
 
     report_dir = tmp_path / "report"
     result = runner.invoke(
-        app(), ["evaluate", "--data", str(FIXTURES), "--out", str(report_dir),
-                "--model", str(artifact), "--n-boot", "50"],
+        app(),
+        [
+            "evaluate",
+            "--data",
+            str(FIXTURES),
+            "--out",
+            str(report_dir),
+            "--model",
+            str(artifact),
+            "--n-boot",
+            "50",
+        ],
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert metrics["n"] == 20
-    for key in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "npv",
-                "ece", "brier", "threshold"):
+    for key in (
+        "auc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "npv",
+        "ece",
+        "brier",
+        "threshold",
+    ):
         assert "ci95" in metrics[key]
     for plot in ("confusion_matrix.png", "roc.png", "precision_recall.png", "reliability.png"):
         assert (report_dir / plot).stat().st_size > 1000
