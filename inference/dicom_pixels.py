@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -129,18 +130,39 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+# Gray decode for JPEG/PNG, keeping 16-bit PNGs at 16 bits. Training reads its JPEGs with the
+# same flags, so a served JPEG is bit-identical to a training one (libjpeg decodes luminance).
+_IMREAD_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+
+
+def decode_image_bytes(data: bytes) -> FloatImage:
+    """Decode an uploaded PNG/JPEG (or DICOM Part 10) file's bytes to a 2-D float32 image.
+
+    Raises PixelDecodeError when the bytes are not a readable image.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        import io
+
+        import pydicom
+
+        return dicom_to_image(pydicom.dcmread(io.BytesIO(data))).image
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_FLAGS)
+    if img is None:
+        raise PixelDecodeError("cannot decode the file as PNG/JPEG/DICOM")
+    return np.asarray(img, dtype=np.float32)
+
+
 def read_image_file(path: Path) -> tuple[FloatImage, Any]:
     """Read a DICOM, PNG or JPEG file. Returns (2-D float32 image, dataset or None).
 
     Raises PixelDecodeError when the file cannot be read as an image.
     """
-    import cv2
     import pydicom
 
     if is_dicom_file(path):
         ds = pydicom.dcmread(path)
         return dicom_to_image(ds).image, ds
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    data = cv2.imread(str(path), _IMREAD_FLAGS)
     if data is None:
         # Part 10 files without a preamble still parse with force=True.
         try:
@@ -148,9 +170,4 @@ def read_image_file(path: Path) -> tuple[FloatImage, Any]:
             return dicom_to_image(ds).image, ds
         except Exception as exc:
             raise PixelDecodeError(f"cannot read {path.name} as an image") from exc
-    arr = np.asarray(data)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if arr.ndim == 3:
-        arr = arr.mean(axis=2)
-    return arr.astype(np.float32), None
+    return np.asarray(data, dtype=np.float32), None

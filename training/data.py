@@ -103,6 +103,7 @@ def patient_split(
 
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:
     """Read an image file as 2-D uint8 (colour averaged by OpenCV's grayscale conversion)."""
+    # Same decode flags as serving (inference.dicom_pixels.read_image_file) for 8-bit files.
     img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise DataError(f"cannot read image {path}")

@@ -153,3 +153,18 @@ def test_no_pixel_data_raises() -> None:
     del ds.PixelData
     with pytest.raises(PixelDecodeError):
         dicom_to_image(ds)
+
+
+def test_file_and_upload_decoding_match_training_reader(tmp_path: Path) -> None:
+    from inference.dicom_pixels import decode_image_bytes, read_image_file
+    from training.data import read_gray
+
+    path = IMAGES / "NORMAL" / "IM-0115-0001.jpeg"
+    expected = read_gray(path).astype(np.float32)
+    np.testing.assert_array_equal(read_image_file(path)[0], expected)
+    np.testing.assert_array_equal(decode_image_bytes(path.read_bytes()), expected)
+    sixteen = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "x.png"), sixteen)
+    np.testing.assert_array_equal(read_image_file(tmp_path / "x.png")[0], sixteen)
+    with pytest.raises(PixelDecodeError):
+        decode_image_bytes(b"not an image")
