@@ -20,7 +20,8 @@ from gateway import studies
 from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import transaction
-from gateway.queue import publish_job
+from gateway.delivery import due_deliveries
+from gateway.queue import publish_delivery, publish_job
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,12 @@ class Coordinator:
                             or_(Job.enqueued_at.is_(None), Job.enqueued_at < retry_pending_before),
                         ),
                         and_(Job.state == JobState.QUEUED, Job.enqueued_at < requeue_before),
-                        and_(Job.state == JobState.RUNNING, Job.lease_until < now),
+                        # Lease expired: publish once, then again only after requeue_after.
+                        and_(
+                            Job.state == JobState.RUNNING,
+                            Job.lease_until < now,
+                            or_(Job.enqueued_at < Job.lease_until, Job.enqueued_at < requeue_before),
+                        ),
                     )
                 )
             ).all()
@@ -112,6 +118,10 @@ class Coordinator:
             }[JobState(row.state)]
             if publish_job(app=self.app, sessions=self.sessions, job_id=row.id, reason=reason):
                 republished.append(row.id)
+        with self.sessions() as session:
+            due = due_deliveries(session, now=now)
+        for delivery_id in due:
+            publish_delivery(app=self.app, sessions=self.sessions, delivery_id=delivery_id)
         return republished
 
     def _give_up(self, job_id: int) -> None:

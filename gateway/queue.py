@@ -10,6 +10,7 @@ Celery code path as Redis in production.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -19,13 +20,14 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import transaction
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TASK_PROCESS_STUDY = "cxr_gateway.process_study"
+TASK_DELIVER = "cxr_gateway.deliver"
 QUEUE_NAME = "cxr-studies"
 
 
@@ -120,4 +122,20 @@ def publish_job(
             study_uid=study_uid,
             detail={"job_id": job_id, "publish": attempt, "reason": reason},
         )
+    return True
+
+
+def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_id: int) -> bool:
+    """Hand a due delivery to the workers. Its due time moves on by the requeue window, so the
+    reconciler does not publish it again while the message waits; the task's claim decides."""
+    try:
+        app.send_task(TASK_DELIVER, args=[delivery_id], retry=True,
+                      retry_policy={"max_retries": 1, "interval_start": 0.2})
+    except (KombuError, OSError) as exc:
+        log.warning("broker did not take delivery %s: %s", delivery_id, type(exc).__name__)
+        return False
+    with transaction(sessions) as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is not None and delivery.state in ("pending", "retrying"):
+            delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=300)
     return True

@@ -14,7 +14,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigurationError
@@ -108,8 +115,35 @@ class Settings(BaseSettings):
     job_lease_seconds: float = Field(default=600.0, gt=0)
     max_job_attempts: int = Field(default=5, ge=1, le=100)
 
-    # Results
+    # Model
+    model_dir: Path | None = None  # default: the model shipped in models/ (or CXR_MODEL_DIR)
+    heatmaps: bool = True  # compute and keep a heat map per used image (for the console)
+
+    # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)
+    send_heatmap_sc: bool = False  # also send a Secondary Capture of the heat map
+    delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
+    delivery_backoff_seconds: float = Field(default=30.0, gt=0)  # doubles per attempt
+    delivery_backoff_max_seconds: float = Field(default=3600.0, gt=0)
+
+    # Results: FHIR R4 to the EHR; no base URL = the outbox folder
+    fhir_base_url: str = ""
+    fhir_auth: Literal["none", "bearer", "oauth2"] = "none"
+    fhir_bearer_token: SecretStr = SecretStr("")
+    fhir_token_url: str = ""
+    fhir_client_id: str = ""
+    fhir_client_secret: SecretStr = SecretStr("")
+    fhir_scope: str = ""
+    fhir_verify_tls: bool = True
+    fhir_ca_bundle: str = ""
+    fhir_timeout_seconds: float = Field(default=30.0, gt=0)
+    fhir_patient_identifier_system: str = ""
+    fhir_unknown_patient_policy: Literal["hold", "reference"] = "hold"
+    fhir_report_identifier_system: str = "urn:cxr-gateway:report"
+    fhir_device_identifier_system: str = "urn:cxr-gateway:model-sha256"
+    fhir_accession_identifier_system: str = ""
+    fhir_timezone: str = "UTC"
+    fhir_post_no_result: bool = True
 
     # Web console
     web_port: int = Field(default=8080, ge=0, le=65535)
@@ -139,7 +173,20 @@ class Settings(BaseSettings):
         names = [d.name for d in self.pacs_destinations]
         if len(names) != len(set(names)):
             raise ValueError("pacs_destinations have duplicate names")
+        if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
+            raise ValueError("fhir_base_url must be an http(s) URL")
+        if self.fhir_auth == "bearer" and not self.fhir_bearer_token.get_secret_value():
+            raise ValueError("fhir_auth 'bearer' needs CXR_FHIR_BEARER_TOKEN")
+        if self.fhir_auth == "oauth2" and not (
+            self.fhir_token_url and self.fhir_client_id and self.fhir_client_secret.get_secret_value()
+        ):
+            raise ValueError(
+                "fhir_auth 'oauth2' needs CXR_FHIR_TOKEN_URL, CXR_FHIR_CLIENT_ID and "
+                "CXR_FHIR_CLIENT_SECRET"
+            )
         if self.environment == "production":
+            if self.fhir_base_url.startswith("http://"):
+                raise ValueError("production sends FHIR over https only")
             if self.database_url is None or self.database_url.startswith("sqlite"):
                 raise ValueError("production needs CXR_DATABASE_URL (PostgreSQL), not SQLite")
             if self.broker_url is None:
@@ -171,6 +218,10 @@ class Settings(BaseSettings):
     @property
     def broker_is_embedded(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def heatmap_path(self) -> Path:
+        return self.data_dir / "heatmaps"
 
     @property
     def max_instance_bytes(self) -> int:

@@ -9,18 +9,19 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
 from gateway.errors import GatewayError
-from gateway.queue import TASK_PROCESS_STUDY
+from gateway.delivery import Sender, attempt
+from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,23 +33,39 @@ class TransientError(GatewayError):
 
 @dataclass
 class WorkerRuntime:
-    """What a worker process builds once: settings, database sessions, and the stage that does
-    the work on a claimed study (``process``: returns the study's new state)."""
+    """What a worker process builds once: settings, database sessions, the stage that does the
+    work on a claimed study (``process``: returns the study's new state; it holds the model),
+    and the senders of results."""
 
     settings: Settings
     sessions: sessionmaker[Session]
     process: Callable[[WorkerRuntime, Study], StudyState]
-
-
-def mark_ready_for_inference(runtime: WorkerRuntime, study: Study) -> StudyState:
-    """The ingest-only stage: the study is assembled and waits for the model stage."""
-    del runtime, study
-    return StudyState.READY
+    senders: dict[str, Sender] = field(default_factory=dict)
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
+    """Load the model (once per worker process) and connect to the database."""
+    from gateway.processing import InferenceStage
+    from gateway.senders import build_senders
+    from inference.predictor import Predictor
+
     engine = make_engine(settings.database)
-    return WorkerRuntime(settings, make_session_factory(engine), mark_ready_for_inference)
+    predictor = Predictor.load(settings.model_dir)
+    return WorkerRuntime(
+        settings, make_session_factory(engine), InferenceStage(settings, predictor),
+        build_senders(settings),
+    )
+
+
+def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
+    """First attempt of every pending delivery of a study, right after inference."""
+    with runtime.sessions() as session:
+        ids = list(
+            session.execute(
+                select(Delivery.id).where(Delivery.study_id == study_id, Delivery.state == "pending")
+            ).scalars()
+        )
+    return [attempt(runtime.sessions, runtime.settings, i, runtime.senders) for i in ids]
 
 
 def claim_job(
@@ -137,14 +154,6 @@ def finish_job(
                 "error": error[:500],
             },
         )
-        if state == JobState.DONE and study_state == StudyState.READY:
-            record_event(
-                session=session,
-                kind="study.ready_for_inference",
-                actor=worker,
-                study_uid=study.study_uid,
-                detail={"study_id": study.id, "version": study.version},
-            )
 
 
 def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: str) -> str:
@@ -210,9 +219,20 @@ def register_tasks(app: Celery, runtime_factory: Callable[[], WorkerRuntime]) ->
         outcome = run_job(
             rt, int(job_id), attempt_limit=rt.settings.max_job_attempts, worker=worker
         )
+        if outcome == "done":
+            with rt.sessions() as session:
+                job = session.get(Job, int(job_id))
+                study_id = job.study_id if job else None
+            if study_id is not None:
+                deliver_study(rt, study_id)
         if outcome == "retry":
             attempt = self.request.retries + 1
             raise self.retry(
                 countdown=min(300, 2**attempt), max_retries=rt.settings.max_job_attempts
             )
         return outcome
+
+    @app.task(name=TASK_DELIVER, acks_late=True)  # type: ignore[untyped-decorator]
+    def deliver(delivery_id: int) -> str:
+        rt = runtime()
+        return attempt(rt.sessions, rt.settings, int(delivery_id), rt.senders)

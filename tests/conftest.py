@@ -4,6 +4,9 @@ and an in-process gateway listener on a free port."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def make_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
     """Settings for a test: data in tmp_path, free ports, a short quiet time."""
-    for key in list(__import__("os").environ):
+    for key in list(os.environ):
         if key.startswith("CXR_"):
             monkeypatch.delenv(key)
 
@@ -124,3 +127,40 @@ def orthanc_start(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield start
     for orthanc in started:
         orthanc.stop()
+
+
+@pytest.fixture(scope="session")
+def fhir_server_shared() -> Iterator[Any]:
+    """The FHIR R4 test server (Medplum engine) for the gateway's end-to-end tests."""
+    from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server
+
+    server = start_fhir_test_server({})
+    yield server
+    stop_fhir_test_server(server)
+
+
+@pytest.fixture
+def fhir_server(fhir_server_shared: Any) -> Any:
+    fhir_server_shared.admin("POST", "reset")
+    return fhir_server_shared
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model when present; otherwise a tiny model trained here with the project's
+    own train command on the fixture images (so the pipeline tests never depend on a download)."""
+    from inference.predictor import DEFAULT_MODEL_DIR
+
+    override = os.environ.get("CXR_TEST_MODEL_DIR")  # a developer's own artifact, to save time
+    if override:
+        return Path(override)
+    if (DEFAULT_MODEL_DIR / "model.json").exists():
+        return DEFAULT_MODEL_DIR
+    out = tmp_path_factory.mktemp("smoke-model")
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "train", "--data", str(FIXTURES / "images" / "kermany"),
+         "--out", str(out), "--epochs", "2", "--image-size", "32", "--batch-size", "8",
+         "--val-fraction", "0.3", "--seed", "3"],
+        check=True, capture_output=True, timeout=900,
+    )
+    return out / "artifact"

@@ -59,7 +59,6 @@ class StudyState(enum.StrEnum):
     COMPLETE = "complete"  # quiet time elapsed; a job exists
     QUEUED = "queued"  # the job was handed to the broker
     PROCESSING = "processing"  # a worker holds the job
-    READY = "ready"  # ingest done, ready for inference (until the model stage exists)
     REPORTED = "reported"
     FAILED = "failed"
 

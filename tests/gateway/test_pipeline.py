@@ -56,8 +56,9 @@ def wait_until(
 
 
 @pytest.fixture
-def env(tmp_path: Path, database_url: str) -> dict[str, str]:
+def env(tmp_path: Path, database_url: str, model_dir: Path) -> dict[str, str]:
     return {
+        "CXR_MODEL_DIR": str(model_dir),
         "CXR_DATA_DIR": str(tmp_path / "data"),
         "CXR_DATABASE_URL": database_url,
         "CXR_QUIET_SECONDS": "1.5",
@@ -86,15 +87,15 @@ def test_redis_broker_and_worker_process_make_study_ready_once(
     assert storescu(listener.dicom_port, paths).returncode == 0
     db = Db(env["CXR_DATABASE_URL"])
     wait_until(
-        lambda: len(db.events("study.ready_for_inference", study_uid)) == 1,
+        lambda: len(db.events("job.done", study_uid)) == 1,
         60,
-        "study ready",
+        "study done",
         [listener, worker],
     )
     time.sleep(1.0)  # nothing more may happen to it
     assert len(db.events("study.queued", study_uid)) == 1
     assert len(db.events("job.done", study_uid)) == 1
-    assert [(s.state, s.instance_count) for s in db.studies()] == [("ready", 2)]
+    assert [(s.state, s.instance_count) for s in db.studies()] == [("reported", 2)]
 
 
 def test_restart_before_completion_completes_and_queues_exactly_once(
@@ -117,7 +118,7 @@ def test_restart_before_completion_completes_and_queues_exactly_once(
     worker = start_gateway(env, tmp_path / "worker.log", ("worker",))
     procs.append(worker)
     wait_until(
-        lambda: len(db.events("study.ready_for_inference", study_uid)) == 1,
+        lambda: len(db.events("job.done", study_uid)) == 1,
         60,
         "ready",
         [listener2, worker],
@@ -125,7 +126,7 @@ def test_restart_before_completion_completes_and_queues_exactly_once(
     time.sleep(1.5)
     assert len(db.events("study.completed", study_uid)) == 1
     assert len(db.events("study.queued", study_uid)) == 1
-    assert [(s.version, s.instance_count, s.state) for s in db.studies()] == [(1, 2, "ready")]
+    assert [(s.version, s.instance_count, s.state) for s in db.studies()] == [(1, 2, "reported")]
 
 
 def test_broker_outage_is_caught_up_by_the_reconciler(
@@ -152,7 +153,7 @@ def test_broker_outage_is_caught_up_by_the_reconciler(
     finally:
         redis_server.start_again()
     wait_until(
-        lambda: len(db.events("study.ready_for_inference", study_uid)) == 1,
+        lambda: len(db.events("job.done", study_uid)) == 1,
         90,
         "ready after the broker came back",
         [listener, worker],
@@ -162,9 +163,12 @@ def test_broker_outage_is_caught_up_by_the_reconciler(
     assert [j.state for j in db.jobs()] == ["done"]
 
 
-def test_embedded_serve_needs_no_server(tmp_path: Path, procs: list[GatewayProcess]) -> None:
+def test_embedded_serve_needs_no_server(
+    tmp_path: Path, procs: list[GatewayProcess], model_dir: Path
+) -> None:
     """`cxr-gateway serve` on embedded defaults: SQLite and the SQLite-backed queue."""
-    env = {"CXR_DATA_DIR": str(tmp_path / "data"), "CXR_QUIET_SECONDS": "1"}
+    env = {"CXR_DATA_DIR": str(tmp_path / "data"), "CXR_QUIET_SECONDS": "1",
+           "CXR_MODEL_DIR": str(model_dir)}
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     procs.append(gw)
     paths = files.study_files(files.CHEST_SC, tmp_path / "s", 1)
@@ -172,13 +176,14 @@ def test_embedded_serve_needs_no_server(tmp_path: Path, procs: list[GatewayProce
     assert storescu(gw.dicom_port, paths).returncode == 0
     db = Db(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
     wait_until(
-        lambda: len(db.events("study.ready_for_inference", study_uid)) == 1, 90, "ready", [gw]
+        lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw]
     )
     assert (tmp_path / "data" / "queue.sqlite3").exists()
 
 
 def test_orthanc_pushes_a_study_through_its_rest_api(
-    tmp_path: Path, procs: list[GatewayProcess], orthanc_start: Callable[..., object]
+    tmp_path: Path, procs: list[GatewayProcess], orthanc_start: Callable[..., object],
+    model_dir: Path,
 ) -> None:
     gw_port = free_port()
     orthanc = orthanc_start(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
@@ -186,6 +191,7 @@ def test_orthanc_pushes_a_study_through_its_rest_api(
         "CXR_DATA_DIR": str(tmp_path / "data"),
         "CXR_DICOM_PORT": str(gw_port),
         "CXR_QUIET_SECONDS": "1",
+        "CXR_MODEL_DIR": str(model_dir),
         "CXR_ALLOWED_PEERS": json.dumps([{"ae_title": orthanc.aet, "host": "127.0.0.1"}]),  # type: ignore[attr-defined]
     }
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
@@ -202,7 +208,7 @@ def test_orthanc_pushes_a_study_through_its_rest_api(
     assert result["FailedInstancesCount"] == 0 and result["InstancesCount"] == 3
     db = Db(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
     wait_until(
-        lambda: len(db.events("study.ready_for_inference", study_uid)) == 1, 90, "ready", [gw]
+        lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw]
     )
     stored = db.events("instance.stored", study_uid)
     assert len(stored) == 3 and {e.actor for e in stored} == {orthanc.aet}  # type: ignore[attr-defined]

@@ -1,0 +1,234 @@
+"""Delivering a finding (design.md step 5): a DICOM SR to each PACS destination and a FHIR
+transaction Bundle to the EHR, or both into the outbox folder when none is configured.
+
+Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
+attempt count and next attempt time, so one destination that is down never blocks another, and
+retries are bounded and visible. Re-sending is harmless: the SR's UIDs are derived from the
+report id and version, and the FHIR bundle uses conditional creates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.audit import record_event
+from gateway.db.models import Delivery, Instance, Study, utcnow
+from gateway.db.session import rows_changed, transaction
+from gateway.settings import Settings
+from inference.finding import StudyFinding
+
+log = logging.getLogger(__name__)
+
+SR = "dicom-sr"
+FHIR = "fhir"
+OUTBOX = "outbox"
+EHR = "ehr"
+
+
+class PermanentDeliveryError(Exception):
+    """Retrying will not help (rejected by the peer, invalid content); ``detail`` is audited."""
+
+    def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or {}
+
+
+class HeldDelivery(Exception):
+    """The delivery waits for an administrator (e.g. the EHR does not know the patient)."""
+
+
+def targets(settings: Settings) -> list[tuple[str, str]]:
+    """(kind, destination) pairs for a new finding."""
+    sr = [(SR, d.name) for d in settings.pacs_destinations] or [(SR, OUTBOX)]
+    fhir = [(FHIR, EHR if settings.fhir_base_url else OUTBOX)]
+    return sr + fhir
+
+
+def create_deliveries(*, session: Session, settings: Settings, study: Study) -> None:
+    """Add the delivery rows of a study version. Idempotent: when a job is redone (its worker
+    died), existing rows keep their state, so nothing is delivered twice."""
+    now = utcnow()
+    for kind, destination in targets(settings):
+        existing = session.execute(
+            select(Delivery).where(
+                Delivery.study_id == study.id, Delivery.kind == kind,
+                Delivery.destination == destination,
+            )
+        ).scalar_one_or_none()
+        if existing is None:
+            session.add(Delivery(study_id=study.id, kind=kind, destination=destination,
+                                 state="pending", attempts=0, next_attempt_at=now))
+    session.flush()
+
+
+def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: float) -> bool:
+    now = utcnow()
+    with transaction(sessions) as session:
+        return rows_changed(
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    or_(
+                        Delivery.state.in_(["pending", "retrying"]),
+                        (Delivery.state == "sending") & (Delivery.next_attempt_at < now),
+                    ),
+                )
+                .values(state="sending", attempts=Delivery.attempts + 1,
+                        next_attempt_at=now + dt.timedelta(seconds=lease_seconds))
+            )
+        ) == 1
+
+
+@dataclass
+class DeliveryJob:
+    """Everything a sender needs, loaded from the database."""
+
+    delivery_id: int
+    kind: str
+    destination: str
+    attempts: int
+    study_id: int
+    study_uid: str
+    finding: StudyFinding
+    paths: list[Path]
+
+
+def load_job(sessions: sessionmaker[Session], delivery_id: int) -> DeliveryJob:
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery is not None
+        study = session.get(Study, delivery.study_id)
+        assert study is not None and study.finding_json
+        paths = [
+            Path(p)
+            for p in session.execute(
+                select(Instance.path)
+                .join(Study, Instance.study_id == Study.id)
+                .where(Study.study_uid == study.study_uid, Study.version <= study.version)
+            ).scalars()
+        ]
+        return DeliveryJob(
+            delivery.id, delivery.kind, delivery.destination, delivery.attempts, study.id,
+            study.study_uid, StudyFinding.from_json(json.loads(study.finding_json)), paths,
+        )
+
+
+def source_headers(paths: list[Path]) -> list[Dataset]:
+    headers = []
+    for path in paths:
+        try:
+            headers.append(dcmread(path, stop_before_pixels=True))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read header of %s: %s", path.name, type(exc).__name__)
+    return headers
+
+
+def write_outbox(folder: Path, name: str, data: bytes) -> Path:
+    """Write a result file atomically (temp file, fsync, rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    tmp = folder / f".{name}.part"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+Sender = Callable[[DeliveryJob], dict[str, Any]]
+
+
+def finish(
+    sessions: sessionmaker[Session], job: DeliveryJob, *, settings: Settings, state: str,
+    error: str = "", remote: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
+) -> str:
+    """Record the outcome of one attempt; schedule the next one when state is "retrying"."""
+    now = utcnow()
+    if state == "retrying" and job.attempts >= settings.delivery_max_attempts:
+        state = "failed"
+        error = f"gave up after {job.attempts} attempts: {error}"
+    backoff = min(settings.delivery_backoff_max_seconds,
+                  settings.delivery_backoff_seconds * 2 ** max(0, job.attempts - 1))
+    with transaction(sessions) as session:
+        delivery = session.get(Delivery, job.delivery_id)
+        assert delivery is not None
+        delivery.state = state
+        delivery.last_error = error[:4000]
+        delivery.next_attempt_at = now + dt.timedelta(seconds=backoff) if state == "retrying" else None
+        if remote is not None:
+            delivery.remote_ids = json.dumps(remote, sort_keys=True)
+        kind = {
+            "delivered": f"{job.kind}.delivered", "retrying": "delivery.retry_scheduled",
+            "failed": "delivery.failed", "held": "delivery.held", "skipped": "delivery.skipped",
+        }[state]
+        record_event(
+            session=session, kind=kind,
+            outcome={"delivered": "success", "skipped": "success", "held": "warning"}.get(state, "failure"),
+            actor="worker", study_uid=job.study_uid,
+            detail={"delivery_id": job.delivery_id, "destination": job.destination,
+                    "attempt": job.attempts, "error": error[:2000], **(remote or {}),
+                    **(detail or {})},
+        )
+    return state
+
+
+def attempt(
+    sessions: sessionmaker[Session], settings: Settings, delivery_id: int, senders: dict[str, Sender]
+) -> str:
+    """Claim and try one delivery once. Returns its new state (or "skipped-claim")."""
+    if not claim_delivery(sessions, delivery_id, lease_seconds=settings.job_lease_seconds):
+        return "skipped-claim"
+    job = load_job(sessions, delivery_id)
+    try:
+        remote = senders[job.kind](job)
+    except HeldDelivery as exc:
+        return finish(sessions, job, settings=settings, state="held", error=str(exc))
+    except PermanentDeliveryError as exc:
+        return finish(sessions, job, settings=settings, state="failed", error=str(exc),
+                      detail=exc.detail)
+    except Exception as exc:  # noqa: BLE001 - anything else is worth another attempt later
+        log.warning("delivery %s attempt %s failed: %s", delivery_id, job.attempts, type(exc).__name__)
+        return finish(sessions, job, settings=settings, state="retrying",
+                      error=f"{type(exc).__name__}: {exc}")
+    if remote.get("skipped"):
+        return finish(sessions, job, settings=settings, state="skipped", remote=remote)
+    return finish(sessions, job, settings=settings, state="delivered", remote=remote)
+
+
+def due_deliveries(session: Session, *, now: dt.datetime) -> list[int]:
+    return list(
+        session.execute(
+            select(Delivery.id).where(
+                Delivery.state.in_(["pending", "retrying", "sending"]),
+                Delivery.next_attempt_at <= now,
+            )
+        ).scalars()
+    )
+
+
+def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> bool:
+    """An administrator asks for another attempt of a failed or held delivery (audited)."""
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None or delivery.state not in ("failed", "held", "retrying"):
+        return False
+    study = session.get(Study, delivery.study_id)
+    delivery.state, delivery.attempts, delivery.next_attempt_at = "retrying", 0, utcnow()
+    record_event(session=session, kind="delivery.retry_requested", actor=actor,
+                 study_uid=study.study_uid if study else "",
+                 detail={"delivery_id": delivery_id, "destination": delivery.destination})
+    return True
+

@@ -1,0 +1,197 @@
+"""The worker's inference stage (design.md step 4): one finding per study version.
+
+Every image of the study (all versions so far) is checked and predicted; declined images get a
+recorded reason; the finding is the maximum calibrated probability over the images that were
+used. The finding is stored as JSON on the study, heat maps as PNG files, and one delivery row
+is created per destination; sending happens in gateway.delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+
+from gateway.audit import record_event
+from gateway.db.models import Instance, Study, StudyState
+from gateway.db.session import transaction
+from gateway.delivery import create_deliveries
+from gateway.settings import Settings
+from inference.finding import (
+    DeclinedImage,
+    ModelInfo,
+    SourceImage,
+    StudyContext,
+    StudyFinding,
+)
+
+if TYPE_CHECKING:
+    from gateway.tasks import WorkerRuntime
+    from inference.predictor import Prediction, Predictor
+
+log = logging.getLogger(__name__)
+
+RULE = "maximum calibrated probability over the frontal chest images used"
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: SourceImage
+    probability: float | None
+    declined_reason: str | None
+    heatmap_png: bytes | None
+    header: Dataset | None  # without Pixel Data
+
+
+def study_instances(session: Any, study: Study) -> list[Instance]:
+    """The instances of this version of the study and of all earlier versions."""
+    query = (
+        select(Instance)
+        .join(Study, Instance.study_id == Study.id)
+        .where(Study.study_uid == study.study_uid, Study.version <= study.version)
+        .order_by(Instance.id)
+    )
+    return list(session.execute(query).scalars().all())
+
+
+def context_from(ds: Dataset) -> StudyContext:
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "")
+
+    return StudyContext(
+        study_instance_uid=text("StudyInstanceUID"),
+        patient_id=text("PatientID"),
+        issuer_of_patient_id=text("IssuerOfPatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        patient_sex=text("PatientSex"),
+        accession_number=text("AccessionNumber"),
+        study_id=text("StudyID"),
+        study_date=text("StudyDate"),
+        study_time=text("StudyTime"),
+        study_description=text("StudyDescription"),
+        referring_physician_name=text("ReferringPhysicianName"),
+    )
+
+
+def predict_instance(predictor: Predictor, path: Path, *, heatmap: bool) -> tuple[Dataset | None, Prediction | None, str]:
+    """Read and predict one spooled file. Returns (header, prediction, error reason)."""
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        return None, None, f"unreadable file ({type(exc).__name__})"
+    prediction = predictor.predict_dataset(ds, heatmap=heatmap)
+    del ds.PixelData  # keep only the header in memory
+    return ds, prediction, ""
+
+
+def make_finding(
+    *, study: Study, model: ModelInfo, results: Sequence[ImageResult], context: StudyContext
+) -> StudyFinding:
+    used = [r for r in results if r.probability is not None]
+    declined = tuple(
+        DeclinedImage(image=r.image, reason=r.declined_reason or "not used")
+        for r in results
+        if r.probability is None
+    )
+    probability = max((r.probability for r in used if r.probability is not None), default=None)
+    present = None if probability is None else probability >= model.threshold
+    return StudyFinding(
+        study=context,
+        model=model,
+        probability=probability,
+        present=present,
+        images=tuple(r.image for r in used),
+        declined=declined,
+        rule=RULE,
+        report_id=study.study_uid,
+        version=study.version,
+    )
+
+
+class InferenceStage:
+    """Callable stage for WorkerRuntime.process: holds the predictor loaded once per process."""
+
+    def __init__(self, settings: Settings, predictor: Predictor) -> None:
+        self.settings = settings
+        self.predictor = predictor
+
+    def __call__(self, runtime: WorkerRuntime, study: Study) -> StudyState:
+        with runtime.sessions() as session:
+            instances = study_instances(session, study)
+        results: list[ImageResult] = []
+        for inst in instances:
+            image = SourceImage(inst.sop_class_uid, inst.sop_instance_uid, inst.series_uid)
+            ds, prediction, error = predict_instance(
+                self.predictor, Path(inst.path), heatmap=self.settings.heatmaps
+            )
+            if prediction is None:
+                results.append(ImageResult(image, None, error, None, ds))
+                continue
+            results.append(
+                ImageResult(
+                    image, prediction.probability, prediction.declined_reason,
+                    prediction.heatmap_png, ds,
+                )
+            )
+        readable = [r for r in results if r.header is not None]
+        if not readable:
+            raise RuntimeError("no readable instance in the study")
+        used = [r for r in readable if r.probability is not None]
+        header = (used or readable)[0].header
+        assert header is not None
+        context = context_from(header)
+        finding = make_finding(
+            study=study, model=self.predictor.model_info, results=results, context=context
+        )
+        self._save_heatmaps(study, results)
+        with transaction(runtime.sessions) as session:
+            row = session.get(Study, study.id)
+            assert row is not None
+            row.finding_json = _json(finding)
+            for r in results:
+                if r.probability is None:
+                    record_event(
+                        session=session, kind="image.declined", outcome="warning",
+                        actor="worker", study_uid=study.study_uid,
+                        sop_instance_uid=r.image.sop_instance_uid,
+                        detail={"study_id": study.id, "reason": r.declined_reason},
+                    )
+            record_event(
+                session=session, kind="study.inferred", actor="worker", study_uid=study.study_uid,
+                outcome="success" if finding.has_result else "warning",
+                detail={
+                    "study_id": study.id, "version": study.version,
+                    "probability": finding.probability, "present": finding.present,
+                    "threshold": finding.model.threshold, "images_used": len(finding.images),
+                    "images_declined": len(finding.declined), "model": finding.model.name,
+                    "model_version": finding.model.version,
+                    "model_hash": finding.model.content_hash[:16],
+                },
+            )
+            create_deliveries(session=session, settings=self.settings, study=row)
+        return StudyState.REPORTED
+
+    def _save_heatmaps(self, study: Study, results: Sequence[ImageResult]) -> None:
+        folder = self.settings.heatmap_path / str(study.id)
+        for r in results:
+            if r.heatmap_png is None:
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{r.image.sop_instance_uid}.png.part"
+            tmp.write_bytes(r.heatmap_png)
+            os.replace(tmp, folder / f"{r.image.sop_instance_uid}.png")
+
+
+def _json(finding: StudyFinding) -> str:
+    import json
+
+    return json.dumps(finding.to_json(), sort_keys=True)

@@ -1,0 +1,195 @@
+"""The two kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE, and
+the FHIR transaction Bundle by HTTP, each with the outbox folder as the destination when no
+PACS or EHR is configured. Built once per worker process."""
+
+from __future__ import annotations
+
+import json
+import logging
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from fhir_mappings import (
+    DeliveryStatus,
+    FhirMappingConfig,
+    FhirMappingError,
+    UnknownPatientPolicy,
+    patient_identifier,
+    plan_delivery,
+)
+from gateway.delivery import (
+    EHR,
+    FHIR,
+    OUTBOX,
+    SR,
+    DeliveryJob,
+    HeldDelivery,
+    PermanentDeliveryError,
+    Sender,
+    source_headers,
+    write_outbox,
+)
+from gateway.dicom_sender import Destination, StoreFailedError, send_with_retries
+from gateway.fhir_client import FhirClient, FhirClientConfig, FhirRejected
+from gateway.settings import Settings
+from gateway.sr import SRBuildError, build_sr, sr_reference
+
+log = logging.getLogger(__name__)
+
+# Patients in outbox bundles are referenced by identifier; without a configured system, this
+# one says "a DICOM Patient ID of the sending site" (documented in the README).
+OUTBOX_PATIENT_SYSTEM = "urn:cxr-gateway:dicom-patient-id"
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class SrSender:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.destinations = {d.name: d for d in settings.pacs_destinations}
+
+    def build(self, job: DeliveryJob) -> list[Dataset]:
+        finding = job.finding
+        headers = source_headers(job.paths)
+        replaces = None
+        if finding.version > 1:
+            replaces = sr_reference(
+                study_instance_uid=finding.study.study_instance_uid,
+                report_id=finding.report_id, version=finding.version - 1,
+            )
+        try:
+            datasets: list[Dataset] = [build_sr(finding, headers, replaces=replaces)]
+        except SRBuildError as exc:
+            raise PermanentDeliveryError(f"SR not built: {exc}") from exc
+        if self.settings.send_heatmap_sc and finding.images:
+            datasets += self._heatmap_sc(job, headers)
+        return datasets
+
+    def _heatmap_sc(self, job: DeliveryJob, headers: list[Dataset]) -> list[Dataset]:
+        from gateway.heatmap_sc import build_heatmap_sc
+
+        first = job.finding.images[0].sop_instance_uid
+        png = self.settings.heatmap_path / str(job.study_id) / f"{first}.png"
+        source = next((h for h in headers if str(h.SOPInstanceUID) == first), None)
+        if source is None or not png.exists():
+            return []
+        return [build_heatmap_sc(job.finding, source, png)]
+
+    def __call__(self, job: DeliveryJob) -> dict[str, Any]:
+        datasets = self.build(job)
+        sr = datasets[0]
+        remote = {
+            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+        }
+        if job.destination == OUTBOX:
+            name = f"{job.finding.study.study_instance_uid}_v{job.finding.version}"
+            path = write_outbox(self.settings.outbox_path, f"{name}_sr.dcm", _encode(sr))
+            for i, extra in enumerate(datasets[1:], start=1):
+                write_outbox(self.settings.outbox_path, f"{name}_sc{i}.dcm", _encode(extra))
+            return {**remote, "file": path.name}
+        config = self.destinations.get(job.destination)
+        if config is None:
+            raise PermanentDeliveryError(f"destination {job.destination!r} is no longer configured")
+        destination = Destination(
+            ae_title=config.ae_title, host=config.host, port=config.port,
+            calling_ae_title=self.settings.ae_title,
+        )
+        try:
+            send_with_retries(destination, datasets, attempts=2, backoff=0.5)
+        except StoreFailedError as exc:
+            if not exc.transient:
+                statuses = [f"0x{r.status:04X}" for r in exc.failed if r.status is not None]
+                raise PermanentDeliveryError(f"PACS refused the SR: {statuses}") from exc
+            raise
+        return remote
+
+
+def mapping_config(settings: Settings, *, outbox: bool) -> FhirMappingConfig:
+    system = settings.fhir_patient_identifier_system
+    return FhirMappingConfig(
+        patient_identifier_system=system or (OUTBOX_PATIENT_SYSTEM if outbox else ""),
+        unknown_patient_policy=(
+            UnknownPatientPolicy.REFERENCE if outbox
+            else UnknownPatientPolicy(settings.fhir_unknown_patient_policy)
+        ),
+        report_identifier_system=settings.fhir_report_identifier_system,
+        device_identifier_system=settings.fhir_device_identifier_system,
+        accession_identifier_system=settings.fhir_accession_identifier_system,
+        timezone=settings.fhir_timezone,
+        post_no_result=settings.fhir_post_no_result,
+    )
+
+
+def client_config(settings: Settings) -> FhirClientConfig:
+    return FhirClientConfig(
+        base_url=settings.fhir_base_url,
+        auth=settings.fhir_auth,
+        bearer_token=settings.fhir_bearer_token.get_secret_value(),
+        token_url=settings.fhir_token_url,
+        client_id=settings.fhir_client_id,
+        client_secret=settings.fhir_client_secret.get_secret_value(),
+        scope=settings.fhir_scope,
+        verify_tls=settings.fhir_verify_tls,
+        ca_bundle=settings.fhir_ca_bundle,
+        read_timeout=settings.fhir_timeout_seconds,
+        max_attempts=3,
+    )
+
+
+class FhirSender:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: FhirClient | None = None
+
+    @property
+    def client(self) -> FhirClient:
+        if self._client is None:
+            self._client = FhirClient(client_config(self.settings))
+        return self._client
+
+    def __call__(self, job: DeliveryJob) -> dict[str, Any]:
+        outbox = job.destination == OUTBOX
+        config = mapping_config(self.settings, outbox=outbox)
+        resolved = None
+        if not outbox:
+            ident = patient_identifier(job.finding, config)
+            if ident is not None:
+                resolved = self.client.resolve_patient(ident.system, ident.value)
+        try:
+            plan = plan_delivery(job.finding, config, resolved_patient_id=resolved)
+        except FhirMappingError as exc:
+            raise PermanentDeliveryError(f"FHIR bundle not valid R4: {exc}") from exc
+        if plan.status is DeliveryStatus.HELD:
+            raise HeldDelivery(plan.reason)
+        if plan.status is DeliveryStatus.SKIPPED or plan.bundle is None:
+            return {"skipped": plan.reason}
+        if outbox:
+            name = f"{job.finding.study.study_instance_uid}_v{job.finding.version}_fhir.json"
+            data = json.dumps(plan.bundle, indent=2, sort_keys=True).encode()
+            return {"file": write_outbox(self.settings.outbox_path, name, data).name}
+        try:
+            result = self.client.post_transaction(plan.bundle)
+        except FhirRejected as exc:
+            raise PermanentDeliveryError(
+                f"EHR rejected the bundle (HTTP {exc.status})",
+                {"http_status": exc.status, "operation_outcome": exc.outcome_text},
+            ) from exc
+        return {
+            "diagnostic_report": result.ids("DiagnosticReport"),
+            "observations": result.ids("Observation"),
+            "created": result.created_count,
+            "subject": plan.reason,
+        }
+
+
+def build_senders(settings: Settings) -> dict[str, Sender]:
+    return {SR: SrSender(settings), FHIR: FhirSender(settings)}
+
