@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     # Storage and limits
     spool_dir: Path | None = None  # default: DATA_DIR/spool
     spool_min_free_mb: int = Field(default=200, ge=0)
-    max_instance_mb: int = Field(default=512, ge=1)
+    max_instance_mb: int = Field(default=256, ge=1)
     max_instances_per_study: int = Field(default=2000, ge=1)
 
     # Database and queue

@@ -122,3 +122,11 @@ def test_audit_verify_detects_tampering(
     broken = cli("audit", "verify", env=env)
     assert broken.returncode == 1
     assert "BROKEN at event 3" in broken.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    from gateway.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"CXR_{name.upper()}" for name in Settings.model_fields if f"CXR_{name.upper()}" not in readme]
+    assert missing == []
