@@ -21,7 +21,11 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit log: list, export, verify.", no_args_is_help=True)
+deliveries_app = typer.Typer(
+    help="Result deliveries (SR to PACS, FHIR to EHR).", no_args_is_help=True
+)
 app.add_typer(db_app, name="db")
+app.add_typer(deliveries_app, name="deliveries")
 app.add_typer(audit_app, name="audit")
 
 
@@ -200,6 +204,71 @@ def audit_verify() -> None:
         err=True,
     )
     raise typer.Exit(code=1)
+
+
+@deliveries_app.command("list")
+def deliveries_list(
+    state: Annotated[
+        str | None,
+        typer.Option(help="pending, retrying, sending, delivered, failed, held, skipped"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List deliveries, newest first."""
+    from sqlalchemy import select
+
+    from gateway.db.models import Delivery, Study
+    from gateway.db.session import make_engine, make_session_factory
+
+    sessions = make_session_factory(make_engine(_settings().database))
+    query = (
+        select(Delivery, Study.study_uid, Study.version)
+        .join(Study, Study.id == Delivery.study_id)
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(Delivery.state == state)
+    with sessions() as session:
+        for d, study_uid, version in session.execute(query).all():
+            row = {
+                "id": d.id,
+                "study_uid": study_uid,
+                "version": version,
+                "kind": d.kind,
+                "destination": d.destination,
+                "state": d.state,
+                "attempts": d.attempts,
+                "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+                "last_error": d.last_error,
+            }
+            if as_json:
+                typer.echo(json.dumps(row, sort_keys=True))
+            else:
+                typer.echo(
+                    f"{d.id:>6} {d.kind:<9} {d.destination:<12} {d.state:<10} {d.attempts:>3} "
+                    f"{study_uid} v{version} {d.last_error[:80]}"
+                )
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery id")]) -> None:
+    """Ask for another attempt of a failed or held delivery (audited); a worker sends it."""
+    import getpass
+
+    from gateway.db.session import make_engine, make_session_factory, transaction
+    from gateway.delivery import retry_delivery
+
+    sessions = make_session_factory(make_engine(_settings().database))
+    with transaction(sessions) as session:
+        done = retry_delivery(
+            session=session, delivery_id=delivery_id, actor=f"cli:{getpass.getuser()}"
+        )
+    if not done:
+        typer.echo(f"delivery {delivery_id} not found or not failed/held", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"delivery {delivery_id} will be retried at the next reconciliation")
 
 
 def _register_model_commands() -> None:

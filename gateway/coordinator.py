@@ -101,7 +101,9 @@ class Coordinator:
                         and_(
                             Job.state == JobState.RUNNING,
                             Job.lease_until < now,
-                            or_(Job.enqueued_at < Job.lease_until, Job.enqueued_at < requeue_before),
+                            or_(
+                                Job.enqueued_at < Job.lease_until, Job.enqueued_at < requeue_before
+                            ),
                         ),
                     )
                 )

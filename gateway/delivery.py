@@ -63,33 +63,48 @@ def create_deliveries(*, session: Session, settings: Settings, study: Study) -> 
     for kind, destination in targets(settings):
         existing = session.execute(
             select(Delivery).where(
-                Delivery.study_id == study.id, Delivery.kind == kind,
+                Delivery.study_id == study.id,
+                Delivery.kind == kind,
                 Delivery.destination == destination,
             )
         ).scalar_one_or_none()
         if existing is None:
-            session.add(Delivery(study_id=study.id, kind=kind, destination=destination,
-                                 state="pending", attempts=0, next_attempt_at=now))
+            session.add(
+                Delivery(
+                    study_id=study.id,
+                    kind=kind,
+                    destination=destination,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                )
+            )
     session.flush()
 
 
 def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: float) -> bool:
     now = utcnow()
     with transaction(sessions) as session:
-        return rows_changed(
-            session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.id == delivery_id,
-                    or_(
-                        Delivery.state.in_(["pending", "retrying"]),
-                        (Delivery.state == "sending") & (Delivery.next_attempt_at < now),
-                    ),
+        return (
+            rows_changed(
+                session.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id == delivery_id,
+                        or_(
+                            Delivery.state.in_(["pending", "retrying"]),
+                            (Delivery.state == "sending") & (Delivery.next_attempt_at < now),
+                        ),
+                    )
+                    .values(
+                        state="sending",
+                        attempts=Delivery.attempts + 1,
+                        next_attempt_at=now + dt.timedelta(seconds=lease_seconds),
+                    )
                 )
-                .values(state="sending", attempts=Delivery.attempts + 1,
-                        next_attempt_at=now + dt.timedelta(seconds=lease_seconds))
             )
-        ) == 1
+            == 1
+        )
 
 
 @dataclass
@@ -121,13 +136,19 @@ def load_job(sessions: sessionmaker[Session], delivery_id: int) -> DeliveryJob:
             ).scalars()
         ]
         return DeliveryJob(
-            delivery.id, delivery.kind, delivery.destination, delivery.attempts, study.id,
-            study.study_uid, StudyFinding.from_json(json.loads(study.finding_json)), paths,
+            delivery.id,
+            delivery.kind,
+            delivery.destination,
+            delivery.attempts,
+            study.id,
+            study.study_uid,
+            StudyFinding.from_json(json.loads(study.finding_json)),
+            paths,
         )
 
 
 def source_headers(paths: list[Path]) -> list[Dataset]:
-    headers = []
+    headers: list[Dataset] = []
     for path in paths:
         try:
             headers.append(dcmread(path, stop_before_pixels=True))
@@ -153,41 +174,66 @@ Sender = Callable[[DeliveryJob], dict[str, Any]]
 
 
 def finish(
-    sessions: sessionmaker[Session], job: DeliveryJob, *, settings: Settings, state: str,
-    error: str = "", remote: dict[str, Any] | None = None, detail: dict[str, Any] | None = None,
+    sessions: sessionmaker[Session],
+    job: DeliveryJob,
+    *,
+    settings: Settings,
+    state: str,
+    error: str = "",
+    remote: dict[str, Any] | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> str:
     """Record the outcome of one attempt; schedule the next one when state is "retrying"."""
     now = utcnow()
     if state == "retrying" and job.attempts >= settings.delivery_max_attempts:
         state = "failed"
         error = f"gave up after {job.attempts} attempts: {error}"
-    backoff = min(settings.delivery_backoff_max_seconds,
-                  settings.delivery_backoff_seconds * 2 ** max(0, job.attempts - 1))
+    backoff = min(
+        settings.delivery_backoff_max_seconds,
+        settings.delivery_backoff_seconds * 2 ** max(0, job.attempts - 1),
+    )
     with transaction(sessions) as session:
         delivery = session.get(Delivery, job.delivery_id)
         assert delivery is not None
         delivery.state = state
         delivery.last_error = error[:4000]
-        delivery.next_attempt_at = now + dt.timedelta(seconds=backoff) if state == "retrying" else None
+        delivery.next_attempt_at = (
+            now + dt.timedelta(seconds=backoff) if state == "retrying" else None
+        )
         if remote is not None:
             delivery.remote_ids = json.dumps(remote, sort_keys=True)
         kind = {
-            "delivered": f"{job.kind}.delivered", "retrying": "delivery.retry_scheduled",
-            "failed": "delivery.failed", "held": "delivery.held", "skipped": "delivery.skipped",
+            "delivered": f"{job.kind}.delivered",
+            "retrying": "delivery.retry_scheduled",
+            "failed": "delivery.failed",
+            "held": "delivery.held",
+            "skipped": "delivery.skipped",
         }[state]
         record_event(
-            session=session, kind=kind,
-            outcome={"delivered": "success", "skipped": "success", "held": "warning"}.get(state, "failure"),
-            actor="worker", study_uid=job.study_uid,
-            detail={"delivery_id": job.delivery_id, "destination": job.destination,
-                    "attempt": job.attempts, "error": error[:2000], **(remote or {}),
-                    **(detail or {})},
+            session=session,
+            kind=kind,
+            outcome={"delivered": "success", "skipped": "success", "held": "warning"}.get(
+                state, "failure"
+            ),
+            actor="worker",
+            study_uid=job.study_uid,
+            detail={
+                "delivery_id": job.delivery_id,
+                "destination": job.destination,
+                "attempt": job.attempts,
+                "error": error[:2000],
+                **(remote or {}),
+                **(detail or {}),
+            },
         )
     return state
 
 
 def attempt(
-    sessions: sessionmaker[Session], settings: Settings, delivery_id: int, senders: dict[str, Sender]
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    delivery_id: int,
+    senders: dict[str, Sender],
 ) -> str:
     """Claim and try one delivery once. Returns its new state (or "skipped-claim")."""
     if not claim_delivery(sessions, delivery_id, lease_seconds=settings.job_lease_seconds):
@@ -198,12 +244,16 @@ def attempt(
     except HeldDelivery as exc:
         return finish(sessions, job, settings=settings, state="held", error=str(exc))
     except PermanentDeliveryError as exc:
-        return finish(sessions, job, settings=settings, state="failed", error=str(exc),
-                      detail=exc.detail)
+        return finish(
+            sessions, job, settings=settings, state="failed", error=str(exc), detail=exc.detail
+        )
     except Exception as exc:  # noqa: BLE001 - anything else is worth another attempt later
-        log.warning("delivery %s attempt %s failed: %s", delivery_id, job.attempts, type(exc).__name__)
-        return finish(sessions, job, settings=settings, state="retrying",
-                      error=f"{type(exc).__name__}: {exc}")
+        log.warning(
+            "delivery %s attempt %s failed: %s", delivery_id, job.attempts, type(exc).__name__
+        )
+        return finish(
+            sessions, job, settings=settings, state="retrying", error=f"{type(exc).__name__}: {exc}"
+        )
     if remote.get("skipped"):
         return finish(sessions, job, settings=settings, state="skipped", remote=remote)
     return finish(sessions, job, settings=settings, state="delivered", remote=remote)
@@ -227,8 +277,11 @@ def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> bool:
         return False
     study = session.get(Study, delivery.study_id)
     delivery.state, delivery.attempts, delivery.next_attempt_at = "retrying", 0, utcnow()
-    record_event(session=session, kind="delivery.retry_requested", actor=actor,
-                 study_uid=study.study_uid if study else "",
-                 detail={"delivery_id": delivery_id, "destination": delivery.destination})
+    record_event(
+        session=session,
+        kind="delivery.retry_requested",
+        actor=actor,
+        study_uid=study.study_uid if study else "",
+        detail={"delivery_id": delivery_id, "destination": delivery.destination},
+    )
     return True
-

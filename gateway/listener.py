@@ -115,6 +115,22 @@ class _CheckingACSE(ACSE):
         self.assoc.kill()
 
 
+TLS_HANDSHAKE_SECONDS = 30
+
+
+class _DeferredHandshakeServer(ThreadedAssociationServer):
+    """Wraps accepted sockets in TLS without handshaking in the accept loop."""
+
+    def get_request(self) -> tuple[Any, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+
 class Listener:
     """Owns the pynetdicom AE and its server thread."""
 
@@ -147,7 +163,30 @@ class Listener:
         policy = make_peer_policy(self.settings)
         audit_reject = self._audit_rejection
 
+        audit = self._audit
+
         class Handler(RequestHandler):
+            def handle(self) -> None:
+                # The TLS handshake runs here, in the association's own thread, so a slow or
+                # silent client cannot block the accept loop (pynetdicom does it in accept).
+                if isinstance(self.request, ssl.SSLSocket):
+                    self.request.settimeout(TLS_HANDSHAKE_SECONDS)
+                    try:
+                        self.request.do_handshake()
+                    except (OSError, ValueError) as exc:
+                        address = str(self.client_address[0])
+                        audit(
+                            "association.tls_failed",
+                            "failure",
+                            "",
+                            address,
+                            {"error": type(exc).__name__},
+                        )
+                        self.request.close()
+                        return
+                    self.request.settimeout(None)
+                super().handle()
+
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject)
@@ -163,7 +202,7 @@ class Listener:
             (self.settings.dicom_bind, self.settings.dicom_port),
             evt_handlers=handlers,
             ssl_context=self._ssl_context(),
-            server_class=ThreadedAssociationServer,
+            server_class=_DeferredHandshakeServer,
             request_handler=Handler,
         )
         server.daemon_threads = True

@@ -82,7 +82,9 @@ def context_from(ds: Dataset) -> StudyContext:
     )
 
 
-def predict_instance(predictor: Predictor, path: Path, *, heatmap: bool) -> tuple[Dataset | None, Prediction | None, str]:
+def predict_instance(
+    predictor: Predictor, path: Path, *, heatmap: bool
+) -> tuple[Dataset | None, Prediction | None, str]:
     """Read and predict one spooled file. Returns (header, prediction, error reason)."""
     try:
         ds = dcmread(path)
@@ -138,8 +140,11 @@ class InferenceStage:
                 continue
             results.append(
                 ImageResult(
-                    image, prediction.probability, prediction.declined_reason,
-                    prediction.heatmap_png, ds,
+                    image,
+                    prediction.probability,
+                    prediction.declined_reason,
+                    prediction.heatmap_png,
+                    ds,
                 )
             )
         readable = [r for r in results if r.header is not None]
@@ -160,19 +165,29 @@ class InferenceStage:
             for r in results:
                 if r.probability is None:
                     record_event(
-                        session=session, kind="image.declined", outcome="warning",
-                        actor="worker", study_uid=study.study_uid,
+                        session=session,
+                        kind="image.declined",
+                        outcome="warning",
+                        actor="worker",
+                        study_uid=study.study_uid,
                         sop_instance_uid=r.image.sop_instance_uid,
                         detail={"study_id": study.id, "reason": r.declined_reason},
                     )
             record_event(
-                session=session, kind="study.inferred", actor="worker", study_uid=study.study_uid,
+                session=session,
+                kind="study.inferred",
+                actor="worker",
+                study_uid=study.study_uid,
                 outcome="success" if finding.has_result else "warning",
                 detail={
-                    "study_id": study.id, "version": study.version,
-                    "probability": finding.probability, "present": finding.present,
-                    "threshold": finding.model.threshold, "images_used": len(finding.images),
-                    "images_declined": len(finding.declined), "model": finding.model.name,
+                    "study_id": study.id,
+                    "version": study.version,
+                    "probability": finding.probability,
+                    "present": finding.present,
+                    "threshold": finding.model.threshold,
+                    "images_used": len(finding.images),
+                    "images_declined": len(finding.declined),
+                    "model": finding.model.name,
                     "model_version": finding.model.version,
                     "model_hash": finding.model.content_hash[:16],
                 },

@@ -129,8 +129,12 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
     """Hand a due delivery to the workers. Its due time moves on by the requeue window, so the
     reconciler does not publish it again while the message waits; the task's claim decides."""
     try:
-        app.send_task(TASK_DELIVER, args=[delivery_id], retry=True,
-                      retry_policy={"max_retries": 1, "interval_start": 0.2})
+        app.send_task(
+            TASK_DELIVER,
+            args=[delivery_id],
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0.2},
+        )
     except (KombuError, OSError) as exc:
         log.warning("broker did not take delivery %s: %s", delivery_id, type(exc).__name__)
         return False

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -21,7 +20,6 @@ from fhir_mappings import (
     plan_delivery,
 )
 from gateway.delivery import (
-    EHR,
     FHIR,
     OUTBOX,
     SR,
@@ -62,7 +60,8 @@ class SrSender:
         if finding.version > 1:
             replaces = sr_reference(
                 study_instance_uid=finding.study.study_instance_uid,
-                report_id=finding.report_id, version=finding.version - 1,
+                report_id=finding.report_id,
+                version=finding.version - 1,
             )
         try:
             datasets: list[Dataset] = [build_sr(finding, headers, replaces=replaces)]
@@ -99,7 +98,9 @@ class SrSender:
         if config is None:
             raise PermanentDeliveryError(f"destination {job.destination!r} is no longer configured")
         destination = Destination(
-            ae_title=config.ae_title, host=config.host, port=config.port,
+            ae_title=config.ae_title,
+            host=config.host,
+            port=config.port,
             calling_ae_title=self.settings.ae_title,
         )
         try:
@@ -117,7 +118,8 @@ def mapping_config(settings: Settings, *, outbox: bool) -> FhirMappingConfig:
     return FhirMappingConfig(
         patient_identifier_system=system or (OUTBOX_PATIENT_SYSTEM if outbox else ""),
         unknown_patient_policy=(
-            UnknownPatientPolicy.REFERENCE if outbox
+            UnknownPatientPolicy.REFERENCE
+            if outbox
             else UnknownPatientPolicy(settings.fhir_unknown_patient_policy)
         ),
         report_identifier_system=settings.fhir_report_identifier_system,
@@ -156,6 +158,15 @@ class FhirSender:
         return self._client
 
     def __call__(self, job: DeliveryJob) -> dict[str, Any]:
+        try:
+            return self._deliver(job)
+        except FhirRejected as exc:
+            raise PermanentDeliveryError(
+                f"EHR rejected the request (HTTP {exc.status})",
+                {"http_status": exc.status, "operation_outcome": exc.outcome_text},
+            ) from exc
+
+    def _deliver(self, job: DeliveryJob) -> dict[str, Any]:
         outbox = job.destination == OUTBOX
         config = mapping_config(self.settings, outbox=outbox)
         resolved = None
@@ -175,13 +186,7 @@ class FhirSender:
             name = f"{job.finding.study.study_instance_uid}_v{job.finding.version}_fhir.json"
             data = json.dumps(plan.bundle, indent=2, sort_keys=True).encode()
             return {"file": write_outbox(self.settings.outbox_path, name, data).name}
-        try:
-            result = self.client.post_transaction(plan.bundle)
-        except FhirRejected as exc:
-            raise PermanentDeliveryError(
-                f"EHR rejected the bundle (HTTP {exc.status})",
-                {"http_status": exc.status, "operation_outcome": exc.outcome_text},
-            ) from exc
+        result = self.client.post_transaction(plan.bundle)
         return {
             "diagnostic_report": result.ids("DiagnosticReport"),
             "observations": result.ids("Observation"),
@@ -192,4 +197,3 @@ class FhirSender:
 
 def build_senders(settings: Settings) -> dict[str, Sender]:
     return {SR: SrSender(settings), FHIR: FhirSender(settings)}
-

@@ -178,7 +178,9 @@ class Settings(BaseSettings):
         if self.fhir_auth == "bearer" and not self.fhir_bearer_token.get_secret_value():
             raise ValueError("fhir_auth 'bearer' needs CXR_FHIR_BEARER_TOKEN")
         if self.fhir_auth == "oauth2" and not (
-            self.fhir_token_url and self.fhir_client_id and self.fhir_client_secret.get_secret_value()
+            self.fhir_token_url
+            and self.fhir_client_id
+            and self.fhir_client_secret.get_secret_value()
         ):
             raise ValueError(
                 "fhir_auth 'oauth2' needs CXR_FHIR_TOKEN_URL, CXR_FHIR_CLIENT_ID and "

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
-from gateway.errors import GatewayError
 from gateway.delivery import Sender, attempt
+from gateway.errors import GatewayError
 from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY
 from gateway.settings import Settings
 
@@ -52,7 +52,9 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     engine = make_engine(settings.database)
     predictor = Predictor.load(settings.model_dir)
     return WorkerRuntime(
-        settings, make_session_factory(engine), InferenceStage(settings, predictor),
+        settings,
+        make_session_factory(engine),
+        InferenceStage(settings, predictor),
         build_senders(settings),
     )
 
@@ -62,7 +64,9 @@ def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
     with runtime.sessions() as session:
         ids = list(
             session.execute(
-                select(Delivery.id).where(Delivery.study_id == study_id, Delivery.state == "pending")
+                select(Delivery.id).where(
+                    Delivery.study_id == study_id, Delivery.state == "pending"
+                )
             ).scalars()
         )
     return [attempt(runtime.sessions, runtime.settings, i, runtime.senders) for i in ids]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from gateway.db.session import make_engine, make_session_factory
 from gateway.service import ListenerProcess
 from gateway.settings import Settings, get_settings
 from tests import peers
+from tests.orthanc import ORTHANC_BIN, Orthanc, start_orthanc
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DICOM_FIXTURES = FIXTURES / "dicom"
@@ -113,13 +115,14 @@ def gateway_factory(
 
 
 @pytest.fixture
-def orthanc_start(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    """``start(**kwargs) -> Orthanc`` (a real Orthanc on free ports); stopped after the test."""
-    from tests.sr.conftest import start_orthanc
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """``start(**kwargs) -> Orthanc`` (a real Orthanc on free ports, see tests.orthanc);
+    every Orthanc started is stopped after the test."""
+    if shutil.which(ORTHANC_BIN) is None:
+        peers.missing_peer("Orthanc is not installed (apt-get install orthanc)")
+    started: list[Orthanc] = []
 
-    started: list[Any] = []
-
-    def start(**kwargs: Any) -> Any:
+    def start(**kwargs: Any) -> Orthanc:
         orthanc = start_orthanc(tmp_path / f"orthanc{len(started)}", **kwargs)
         started.append(orthanc)
         return orthanc
@@ -158,9 +161,28 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return DEFAULT_MODEL_DIR
     out = tmp_path_factory.mktemp("smoke-model")
     subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "train", "--data", str(FIXTURES / "images" / "kermany"),
-         "--out", str(out), "--epochs", "2", "--image-size", "32", "--batch-size", "8",
-         "--val-fraction", "0.3", "--seed", "3"],
-        check=True, capture_output=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "train",
+            "--data",
+            str(FIXTURES / "images" / "kermany"),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.3",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
     )
     return out / "artifact"

@@ -128,5 +128,9 @@ def test_readme_documents_every_setting() -> None:
     from gateway.settings import Settings
 
     readme = (ROOT / "README.md").read_text()
-    missing = [f"CXR_{name.upper()}" for name in Settings.model_fields if f"CXR_{name.upper()}" not in readme]
+    missing = [
+        f"CXR_{name.upper()}"
+        for name in Settings.model_fields
+        if f"CXR_{name.upper()}" not in readme
+    ]
     assert missing == []

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from gateway.db.models import AuditEvent, Instance, Job, Study
 from tests import dicom_files as files
 from tests.conftest import RunningGateway
+from tests.gateway.helpers import wait_until
 from tests.peers import storescu
 
 
@@ -38,15 +39,6 @@ def audit(gw: RunningGateway, kind: str) -> list[AuditEvent]:
 def count(gw: RunningGateway, model: type) -> int:
     with gw.sessions() as session:
         return int(session.execute(select(func.count()).select_from(model)).scalar_one())
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def send_raw(
@@ -114,7 +106,7 @@ def test_echo_and_store_one_study(
         studies = session.execute(select(Study)).scalars().all()
         assert [(s.study_uid, s.version, s.instance_count) for s in studies] == [(study_uid, 1, 3)]
     # After the quiet time the study completes and is queued exactly once.
-    wait_until(lambda: len(audit(gw, "study.queued")) == 1)
+    wait_until(lambda: len(audit(gw, "study.queued")) == 1, 20, "audit event")
     completed = audit(gw, "study.completed")
     assert len(completed) == 1 and completed[0].study_uid == study_uid
     assert count(gw, Job) == 1
@@ -359,7 +351,7 @@ def test_instances_after_processing_start_a_new_version(
     study_uid = "1.2.826.0.1.3680043.8.498.1"
     first = files.study_files(files.CHEST_CR, tmp_path / "a", 1, study_uid=study_uid)
     assert storescu(gw.port, first).returncode == 0
-    wait_until(lambda: len(audit(gw, "study.queued")) == 1)
+    wait_until(lambda: len(audit(gw, "study.queued")) == 1, 20, "audit event")
     # A worker takes the job (simulated by the state a claim leaves behind).
     from gateway.tasks import claim_job
 
@@ -410,3 +402,57 @@ def test_instance_before_processing_reopens_the_study(
     assert [(s.version, s.state, s.instance_count) for s in studies] == [(1, "receiving", 2)]
     assert [j.state for j in jobs] == ["superseded"]
     assert len(audit(gw, "study.reopened")) == 1
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_dicom_tls_with_client_certificates(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    import ssl
+
+    from gateway.dicom_sender import AssociationFailedError, Destination, send
+
+    server_key, server_crt = _self_signed(tmp_path, "gateway")
+    client_key, client_crt = _self_signed(tmp_path, "pacs")
+    gw = gateway_factory(tls_cert=server_crt, tls_key=server_key, tls_ca=client_crt)
+    path = tmp_path / "one.dcm"
+    files.with_new_uids(files.CHEST_CR, path)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_crt))
+    context.load_cert_chain(str(client_crt), str(client_key))
+    tls = Destination(
+        "CXRGW",
+        "127.0.0.1",
+        gw.port,
+        calling_ae_title="PACS",
+        tls=context,
+        server_hostname="127.0.0.1",
+    )
+    assert [r.ok for r in send(tls, [path])] == [True]
+    assert count(gw, Instance) == 1
+    # Plain TCP, or TLS without a client certificate the gateway trusts, gets nothing stored.
+    with pytest.raises(AssociationFailedError):
+        send(Destination("CXRGW", "127.0.0.1", gw.port, calling_ae_title="PACS"), [path])
+    anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_crt))
+    with pytest.raises(AssociationFailedError):
+        send(
+            Destination(
+                "CXRGW",
+                "127.0.0.1",
+                gw.port,
+                calling_ae_title="PACS",
+                tls=anonymous,
+                server_hostname="127.0.0.1",
+            ),
+            [path],
+        )
+    assert count(gw, Instance) == 1

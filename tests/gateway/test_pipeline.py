@@ -13,46 +13,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
 
-from gateway.db.models import AuditEvent, Job, Study
-from gateway.db.session import make_engine, make_session_factory
 from tests import dicom_files as files
+from tests.gateway.helpers import Recorded, wait_until
 from tests.peers import GatewayProcess, Redis, free_port, start_gateway, storescu
 
 pytestmark = pytest.mark.slow
-
-
-class Db:
-    def __init__(self, url: str) -> None:
-        self.sessions = make_session_factory(make_engine(url))
-
-    def events(self, kind: str, study_uid: str | None = None) -> list[AuditEvent]:
-        query = select(AuditEvent).where(AuditEvent.kind == kind)
-        if study_uid:
-            query = query.where(AuditEvent.study_uid == study_uid)
-        with self.sessions() as session:
-            return list(session.execute(query.order_by(AuditEvent.id)).scalars().all())
-
-    def studies(self) -> list[Study]:
-        with self.sessions() as session:
-            return list(session.execute(select(Study).order_by(Study.id)).scalars().all())
-
-    def jobs(self) -> list[Job]:
-        with self.sessions() as session:
-            return list(session.execute(select(Job).order_by(Job.id)).scalars().all())
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, what: str, logs: list[GatewayProcess] = ()
-) -> None:  # type: ignore[assignment]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    tails = "\n".join(p.log()[-3000:] for p in logs)
-    raise AssertionError(f"timed out waiting for: {what}\n{tails}")
 
 
 @pytest.fixture
@@ -85,7 +51,7 @@ def test_redis_broker_and_worker_process_make_study_ready_once(
     paths = files.study_files(files.CHEST_CR, tmp_path / "s", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(listener.dicom_port, paths).returncode == 0
-    db = Db(env["CXR_DATABASE_URL"])
+    db = Recorded(env["CXR_DATABASE_URL"])
     wait_until(
         lambda: len(db.events("job.done", study_uid)) == 1,
         60,
@@ -108,7 +74,7 @@ def test_restart_before_completion_completes_and_queues_exactly_once(
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(listener.dicom_port, paths[:1]).returncode == 0
     listener.stop(signal.SIGKILL)  # crash between instances, before the quiet time ends
-    db = Db(env["CXR_DATABASE_URL"])
+    db = Recorded(env["CXR_DATABASE_URL"])
     assert [s.state for s in db.studies()] == ["receiving"]
     env["CXR_DICOM_PORT"] = str(listener.dicom_port)
     listener2 = start_gateway(env, tmp_path / "listen2.log", ("listen",))
@@ -136,7 +102,7 @@ def test_broker_outage_is_caught_up_by_the_reconciler(
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     worker = start_gateway(env, tmp_path / "worker.log", ("worker",))
     procs += [listener, worker]
-    db = Db(env["CXR_DATABASE_URL"])
+    db = Recorded(env["CXR_DATABASE_URL"])
     redis_server.stop()
     try:
         paths = files.study_files(files.CHEST_CR, tmp_path / "s", 1)
@@ -167,26 +133,29 @@ def test_embedded_serve_needs_no_server(
     tmp_path: Path, procs: list[GatewayProcess], model_dir: Path
 ) -> None:
     """`cxr-gateway serve` on embedded defaults: SQLite and the SQLite-backed queue."""
-    env = {"CXR_DATA_DIR": str(tmp_path / "data"), "CXR_QUIET_SECONDS": "1",
-           "CXR_MODEL_DIR": str(model_dir)}
+    env = {
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_QUIET_SECONDS": "1",
+        "CXR_MODEL_DIR": str(model_dir),
+    }
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     procs.append(gw)
     paths = files.study_files(files.CHEST_SC, tmp_path / "s", 1)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(gw.dicom_port, paths).returncode == 0
-    db = Db(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
-    wait_until(
-        lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw]
-    )
+    db = Recorded(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
+    wait_until(lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw])
     assert (tmp_path / "data" / "queue.sqlite3").exists()
 
 
 def test_orthanc_pushes_a_study_through_its_rest_api(
-    tmp_path: Path, procs: list[GatewayProcess], orthanc_start: Callable[..., object],
+    tmp_path: Path,
+    procs: list[GatewayProcess],
+    orthanc_factory: Callable[..., object],
     model_dir: Path,
 ) -> None:
     gw_port = free_port()
-    orthanc = orthanc_start(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
+    orthanc = orthanc_factory(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
     env = {
         "CXR_DATA_DIR": str(tmp_path / "data"),
         "CXR_DICOM_PORT": str(gw_port),
@@ -206,9 +175,7 @@ def test_orthanc_pushes_a_study_through_its_rest_api(
     with urllib.request.urlopen(request, timeout=60) as response:
         result = json.loads(response.read())
     assert result["FailedInstancesCount"] == 0 and result["InstancesCount"] == 3
-    db = Db(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
-    wait_until(
-        lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw]
-    )
+    db = Recorded(f"sqlite:///{tmp_path / 'data' / 'gateway.sqlite3'}")
+    wait_until(lambda: len(db.events("job.done", study_uid)) == 1, 90, "ready", [gw])
     stored = db.events("instance.stored", study_uid)
     assert len(stored) == 3 and {e.actor for e in stored} == {orthanc.aet}  # type: ignore[attr-defined]

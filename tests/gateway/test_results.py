@@ -16,60 +16,14 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
 
-from gateway.db.models import AuditEvent, Delivery, Study
-from gateway.db.session import make_engine, make_session_factory
 from tests import dicom_files as files
+from tests.gateway.helpers import Recorded, wait_until
 from tests.peers import GatewayProcess, Redis, free_port, start_gateway
 
 pytestmark = pytest.mark.slow
 
 MRN_SYSTEM = "urn:oid:1.2.826.0.1.3680043.8.498.77"
-
-
-class Db:
-    def __init__(self, url: str) -> None:
-        self.sessions = make_session_factory(make_engine(url))
-
-    def count(self, kind: str, study_uid: str) -> int:
-        with self.sessions() as session:
-            return len(
-                session.execute(
-                    select(AuditEvent.id).where(
-                        AuditEvent.kind == kind, AuditEvent.study_uid == study_uid
-                    )
-                ).all()
-            )
-
-    def kinds(self, study_uid: str) -> list[str]:
-        with self.sessions() as session:
-            return list(
-                session.execute(
-                    select(AuditEvent.kind)
-                    .where(AuditEvent.study_uid == study_uid)
-                    .order_by(AuditEvent.id)
-                ).scalars()
-            )
-
-    def deliveries(self) -> list[tuple[int, str, str, str]]:
-        with self.sessions() as session:
-            rows = session.execute(
-                select(Study.version, Delivery.kind, Delivery.destination, Delivery.state)
-                .join(Study, Study.id == Delivery.study_id)
-                .order_by(Study.version, Delivery.kind)
-            ).all()
-            return [tuple(r) for r in rows]  # type: ignore[misc]
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, procs: list[GatewayProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    logs = "\n".join(p.log()[-4000:] for p in procs)
-    raise AssertionError(f"timed out: {what}\n{logs}")
 
 
 def push(orthanc: Any, ids: list[str]) -> dict[str, Any]:
@@ -83,8 +37,11 @@ def push(orthanc: Any, ids: list[str]) -> dict[str, Any]:
 
 
 def sr_instances(orthanc: Any, study_uid: str) -> list[dict[str, Any]]:
-    studies = orthanc.request("POST", "/tools/find", json.dumps(
-        {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}).encode())
+    studies = orthanc.request(
+        "POST",
+        "/tools/find",
+        json.dumps({"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}).encode(),
+    )
     assert len(studies) == 1, "the SR must land in the source study, not a new one"
     out = []
     for series in orthanc.get(f"/studies/{studies[0]}/series"):
@@ -106,17 +63,19 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     tmp_path: Path,
     procs: list[GatewayProcess],
     redis_server: Redis,
-    orthanc_start: Callable[..., Any],
+    orthanc_factory: Callable[..., Any],
     fhir_server: Any,
     model_dir: Path,
 ) -> None:
     gw_port = free_port()
-    orthanc = orthanc_start(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
+    orthanc = orthanc_factory(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
     paths = files.study_files(files.CHEST_CR, tmp_path / "study", 2)
     first = dcmread(paths[0])
     study_uid, mrn = str(first.StudyInstanceUID), str(first.PatientID)
-    patient = httpx.post(f"{fhir_server.base_url}/Patient", json={
-        "resourceType": "Patient", "identifier": [{"system": MRN_SYSTEM, "value": mrn}]}).json()
+    patient = httpx.post(
+        f"{fhir_server.base_url}/Patient",
+        json={"resourceType": "Patient", "identifier": [{"system": MRN_SYSTEM, "value": mrn}]},
+    ).json()
 
     database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
     env = {
@@ -128,37 +87,67 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
         "CXR_RECONCILE_INTERVAL_SECONDS": "2",
         "CXR_MODEL_DIR": str(model_dir),
         "CXR_ALLOWED_PEERS": json.dumps([{"ae_title": "ORTHANC", "host": "127.0.0.1"}]),
-        "CXR_PACS_DESTINATIONS": json.dumps([{"name": "orthanc", "ae_title": "ORTHANC",
-                                              "host": "127.0.0.1", "port": orthanc.dicom_port}]),
+        "CXR_PACS_DESTINATIONS": json.dumps(
+            [
+                {
+                    "name": "orthanc",
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ]
+        ),
         "CXR_FHIR_BASE_URL": fhir_server.base_url,
         "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": MRN_SYSTEM,
     }
     procs.append(start_gateway(env, tmp_path / "listen.log", ("listen",)))
     procs.append(start_gateway(env, tmp_path / "worker.log", ("worker",)))
-    db = Db(database)
+    db = Recorded(database)
 
     ids = [orthanc.upload(p)["ID"] for p in paths]
     assert push(orthanc, ids)["FailedInstancesCount"] == 0
-    wait_until(lambda: db.count("dicom-sr.delivered", study_uid) == 1
-               and db.count("fhir.delivered", study_uid) == 1, 180, "both deliveries", procs)
+    wait_until(
+        lambda: (
+            db.count("dicom-sr.delivered", study_uid) == 1
+            and db.count("fhir.delivered", study_uid) == 1
+        ),
+        180,
+        "both deliveries",
+        procs,
+    )
 
     # The SR is in the same study on the PACS, unverified, and says what the model is.
     (sr,) = sr_instances(orthanc, study_uid)
     assert sr["VerificationFlag"] == "UNVERIFIED"
     assert sr["StudyInstanceUID"] == study_uid and sr["PatientID"] == mrn
     # The DiagnosticReport is in the patient's chart with its Observations, Device, Provenance.
-    bundle = fhir_server.get("DiagnosticReport", patient=patient["id"],
-                             _include="DiagnosticReport:result")
-    reports = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
-    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    bundle = fhir_server.get(
+        "DiagnosticReport", patient=patient["id"], _include="DiagnosticReport:result"
+    )
+    reports = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    ]
+    observations = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
+    ]
     assert len(reports) == 1 and reports[0]["status"] == "final"
     assert reports[0]["subject"]["reference"] == f"Patient/{patient['id']}"
     assert observations and all("device" in o for o in observations)
     provenance = fhir_server.get("Provenance", target=f"DiagnosticReport/{reports[0]['id']}")
     assert provenance.get("total", len(provenance.get("entry", []))) >= 1
     kinds = db.kinds(study_uid)
-    for kind in ("instance.stored", "study.completed", "study.queued", "job.started",
-                 "study.inferred", "job.done", "dicom-sr.delivered", "fhir.delivered"):
+    for kind in (
+        "instance.stored",
+        "study.completed",
+        "study.queued",
+        "job.started",
+        "study.inferred",
+        "job.done",
+        "dicom-sr.delivered",
+        "fhir.delivered",
+    ):
         assert kind in kinds, kind
 
     # The same study sent again: duplicates, no new version, no second report or SR.
@@ -172,8 +161,15 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     extra = files.study_files(files.CHEST_CR, tmp_path / "extra", 1, study_uid=study_uid)
     new_id = orthanc.upload(extra[0])["ID"]
     assert push(orthanc, [new_id])["FailedInstancesCount"] == 0
-    wait_until(lambda: db.count("dicom-sr.delivered", study_uid) == 2
-               and db.count("fhir.delivered", study_uid) == 2, 180, "amendment", procs)
+    wait_until(
+        lambda: (
+            db.count("dicom-sr.delivered", study_uid) == 2
+            and db.count("fhir.delivered", study_uid) == 2
+        ),
+        180,
+        "amendment",
+        procs,
+    )
     srs = sorted(sr_instances(orthanc, study_uid), key=lambda t: int(t.get("InstanceNumber", 0)))
     assert len(srs) == 2
     bundle = fhir_server.get("DiagnosticReport", patient=patient["id"])
@@ -181,16 +177,33 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     assert len(reports) == 1 and reports[0]["status"] == "amended"
 
 
-def test_outbox_without_pacs_or_ehr(tmp_path: Path, procs: list[GatewayProcess], model_dir: Path) -> None:
+def test_outbox_without_pacs_or_ehr(
+    tmp_path: Path, procs: list[GatewayProcess], model_dir: Path
+) -> None:
     """Embedded defaults: the SR and the FHIR bundle are written to DATA_DIR/outbox."""
-    env = {"CXR_DATA_DIR": str(tmp_path / "data"), "CXR_QUIET_SECONDS": "1",
-           "CXR_MODEL_DIR": str(model_dir)}
+    env = {
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_QUIET_SECONDS": "1",
+        "CXR_MODEL_DIR": str(model_dir),
+    }
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     procs.append(gw)
     paths = files.study_files(files.CHEST_SC, tmp_path / "s", 1)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
-    send = subprocess.run(["storescu", "-aet", "SCU", "-aec", "CXRGW", "127.0.0.1",
-                           str(gw.dicom_port), str(paths[0])], capture_output=True, timeout=60)
+    send = subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "SCU",
+            "-aec",
+            "CXRGW",
+            "127.0.0.1",
+            str(gw.dicom_port),
+            str(paths[0]),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert send.returncode == 0
     outbox = tmp_path / "data" / "outbox"
     wait_until(lambda: len(list(outbox.glob("*"))) >= 2, 180, "outbox files", procs)
@@ -203,7 +216,9 @@ def test_outbox_without_pacs_or_ehr(tmp_path: Path, procs: list[GatewayProcess],
     assert "DiagnosticReport" in types and "Provenance" in types and "Device" in types
     # dciodvfy: zero errors on the SR we produced.
     check = subprocess.run(["dciodvfy", str(sr_file)], capture_output=True, text=True)
-    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    errors = [
+        line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")
+    ]
     assert errors == []
 
 
@@ -212,29 +227,55 @@ def test_worker_killed_mid_study_is_redone_once(
 ) -> None:
     database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
     env = {
-        "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_DATABASE_URL": database,
-        "CXR_BROKER_URL": redis_server.url, "CXR_QUIET_SECONDS": "1",
-        "CXR_RECONCILE_INTERVAL_SECONDS": "1", "CXR_JOB_LEASE_SECONDS": "5",
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": redis_server.url,
+        "CXR_QUIET_SECONDS": "1",
+        "CXR_RECONCILE_INTERVAL_SECONDS": "1",
+        "CXR_JOB_LEASE_SECONDS": "5",
         "CXR_MODEL_DIR": str(model_dir),
     }
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
     paths = files.study_files(files.CHEST_CR, tmp_path / "s", 40)  # long enough to die inside
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
-    db = Db(database)
+    db = Recorded(database)
     # A worker that dies in the middle of the study: claimed, then SIGKILL (no ack, no finish).
     # Whatever it had reached (inference, deliveries), the end state must be the same.
     worker = start_gateway(env, tmp_path / "worker1.log", ("worker", "--pool", "solo"))
-    subprocess.run(["storescu", "-aet", "SCU", "-aec", "CXRGW", "127.0.0.1",
-                    str(listener.dicom_port), *map(str, paths)], check=True, capture_output=True)
-    wait_until(lambda: db.count("job.started", study_uid) >= 1, 120, "job started", [listener, worker])
+    subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "SCU",
+            "-aec",
+            "CXRGW",
+            "127.0.0.1",
+            str(listener.dicom_port),
+            *map(str, paths),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wait_until(
+        lambda: db.count("job.started", study_uid) >= 1, 120, "job started", [listener, worker]
+    )
     time.sleep(0.3)
     worker.stop(signal.SIGKILL)
     worker2 = start_gateway(env, tmp_path / "worker2.log", ("worker", "--pool", "solo"))
     procs.append(worker2)
-    wait_until(lambda: db.count("job.done", study_uid) == 1, 180, "done after restart", [listener, worker2])
-    wait_until(lambda: db.count("fhir.delivered", study_uid) == 1
-               and db.count("dicom-sr.delivered", study_uid) == 1, 60, "delivered", [listener, worker2])
+    wait_until(
+        lambda: db.count("job.done", study_uid) == 1, 180, "done after restart", [listener, worker2]
+    )
+    wait_until(
+        lambda: (
+            db.count("fhir.delivered", study_uid) == 1
+            and db.count("dicom-sr.delivered", study_uid) == 1
+        ),
+        60,
+        "delivered",
+        [listener, worker2],
+    )
     time.sleep(2)
     assert db.count("study.inferred", study_uid) in (1, 2)  # redone at most once
     assert db.count("job.done", study_uid) == 1

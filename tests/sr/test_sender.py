@@ -25,7 +25,9 @@ from gateway.dicom_sender import (
 from gateway.heatmap_sc import build_heatmap_sc
 from gateway.sr import build_sr, sr_reference
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
-from tests.sr.conftest import FIXTURES, Orthanc, free_port, start_orthanc
+from tests.orthanc import Orthanc, start_orthanc
+from tests.peers import free_port
+from tests.sr.conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,59 @@
+"""Reading what the gateway recorded, and waiting for it, in tests of real processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import select
+
+from gateway.db.models import AuditEvent, Delivery, Job, Study
+from gateway.db.session import make_engine, make_session_factory
+from tests.peers import GatewayProcess
+
+
+class Recorded:
+    """Read-only view of a gateway's database: audit events, studies, jobs, deliveries."""
+
+    def __init__(self, url: str) -> None:
+        self.sessions = make_session_factory(make_engine(url))
+
+    def events(self, kind: str, study_uid: str | None = None) -> list[AuditEvent]:
+        query = select(AuditEvent).where(AuditEvent.kind == kind)
+        if study_uid:
+            query = query.where(AuditEvent.study_uid == study_uid)
+        with self.sessions() as session:
+            return list(session.execute(query.order_by(AuditEvent.id)).scalars())
+
+    def count(self, kind: str, study_uid: str | None = None) -> int:
+        return len(self.events(kind, study_uid))
+
+    def kinds(self, study_uid: str) -> list[str]:
+        with self.sessions() as session:
+            query = select(AuditEvent.kind).where(AuditEvent.study_uid == study_uid)
+            return list(session.execute(query.order_by(AuditEvent.id)).scalars())
+
+    def studies(self) -> list[Study]:
+        with self.sessions() as session:
+            return list(session.execute(select(Study).order_by(Study.id)).scalars())
+
+    def jobs(self) -> list[Job]:
+        with self.sessions() as session:
+            return list(session.execute(select(Job).order_by(Job.id)).scalars())
+
+    def delivery(self, kind: str) -> Delivery:
+        with self.sessions() as session:
+            return session.execute(select(Delivery).where(Delivery.kind == kind)).scalar_one()
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, procs: Sequence[GatewayProcess] = ()
+) -> None:
+    """Poll ``check`` until true; on timeout fail with the processes' log tails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    logs = "\n".join(p.log()[-3000:] for p in procs)
+    raise AssertionError(f"timed out after {timeout} s waiting for: {what}\n{logs}")

@@ -1,0 +1,118 @@
+"""A real Orthanc (the PACS) started as a plain process on free loopback ports with a temporary,
+strict configuration: known modalities only, called AE and host checked."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.peers import free_port
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: its ports, AE title, and a tiny REST client."""
+
+    aet: str
+    dicom_port: int
+    http_port: int
+    workdir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    modalities: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/dicom")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            data = resp.read()
+        return json.loads(data) if data else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", "/instances", path.read_bytes())
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_orthanc(
+    workdir: Path,
+    *,
+    aet: str = "ORTHANC",
+    modalities: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+    dicom_port: int | None = None,
+    startup_timeout: float = 20.0,
+) -> Orthanc:
+    """Start Orthanc on free ports (or ``dicom_port``) with a temporary, strict config.
+
+    ``modalities``: Orthanc's ``DicomModalities`` (name -> [AET, host, port] or an object);
+    only these may store. Waits until ``GET /system`` answers; raises RuntimeError with the
+    log tail if not.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port = free_port()
+    dicom_port = dicom_port or free_port()
+    config: dict[str, Any] = {
+        "Name": "cxr-gateway-test",
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": aet,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomModalities": modalities or {},
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True,
+        "Plugins": [],
+        "StableAge": 1,
+        "ConcurrentJobs": 1,
+    }
+    config.update(extra_config or {})
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log_path = workdir / "orthanc.log"
+    process = subprocess.Popen(
+        [ORTHANC_BIN, f"--logfile={log_path}", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    orthanc = Orthanc(aet, dicom_port, http_port, workdir, process, log_path, modalities or {})
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            orthanc.get("/system")
+            return orthanc
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.1)
+    orthanc.stop()
+    tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    raise RuntimeError(f"Orthanc did not start on :{http_port}/:{dicom_port}\n{tail}")
