@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery, Task
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
@@ -170,7 +171,8 @@ def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: 
         attempts = job.attempts if job else 1
     try:
         new_state = runtime.process(runtime, study)
-    except TransientError as exc:
+    except (TransientError, OperationalError, OSError) as exc:
+        # A database that is down or busy, a full disk: worth another attempt later.
         if attempts < attempt_limit:
             finish_job(
                 runtime.sessions,

@@ -133,8 +133,8 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
 
 
 @pytest.fixture(scope="session")
-def fhir_server_shared() -> Iterator[Any]:
-    """The FHIR R4 test server (Medplum engine) for the gateway's end-to-end tests."""
+def fhir_server_session() -> Iterator[Any]:
+    """The FHIR R4 test server (Medplum engine, tools/fhir-test-server), one per session."""
     from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server
 
     server = start_fhir_test_server({})
@@ -143,9 +143,10 @@ def fhir_server_shared() -> Iterator[Any]:
 
 
 @pytest.fixture
-def fhir_server(fhir_server_shared: Any) -> Any:
-    fhir_server_shared.admin("POST", "reset")
-    return fhir_server_shared
+def fhir_server(fhir_server_session: Any) -> Any:
+    """The session's server, emptied (data, injected failures, counters) for this test."""
+    fhir_server_session.admin("POST", "reset")
+    return fhir_server_session
 
 
 @pytest.fixture(scope="session")

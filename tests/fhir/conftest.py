@@ -130,20 +130,6 @@ OAUTH_CLIENT_SECRET = "test-secret-8c1d"
 
 
 @pytest.fixture(scope="session")
-def fhir_server_session() -> Iterator[FhirTestServer]:
-    server = start_fhir_test_server({})
-    yield server
-    stop_fhir_test_server(server)
-
-
-@pytest.fixture
-def fhir_server(fhir_server_session: FhirTestServer) -> FhirTestServer:
-    """The session's server, emptied (data, injected failures, counters) for this test."""
-    fhir_server_session.admin("POST", "reset")
-    return fhir_server_session
-
-
-@pytest.fixture(scope="session")
 def fhir_auth_server_session() -> Iterator[FhirTestServer]:
     server = start_fhir_test_server(
         {
