@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # Web console
     web_port: int = Field(default=8080, ge=0, le=65535)
     web_bind: str = "127.0.0.1"
+    web_session_minutes: int = Field(default=30, ge=1, le=24 * 60)  # idle timeout of a login
+    web_secure_cookies: bool = False  # set in production (HTTPS in front); forced there
+    web_max_upload_mb: int = Field(default=50, ge=1, le=2048)
 
     # Workers started by `serve`
     workers: int = Field(default=1, ge=0, le=64)
@@ -187,6 +190,8 @@ class Settings(BaseSettings):
                 "CXR_FHIR_CLIENT_SECRET"
             )
         if self.environment == "production":
+            if not self.web_secure_cookies:
+                raise ValueError("production needs CXR_WEB_SECURE_COOKIES=true (HTTPS in front)")
             if self.fhir_base_url.startswith("http://"):
                 raise ValueError("production sends FHIR over https only")
             if self.database_url is None or self.database_url.startswith("sqlite"):
