@@ -190,14 +190,17 @@ class Settings(BaseSettings):
                 "CXR_FHIR_CLIENT_SECRET"
             )
         if self.environment == "production":
-            if not self.web_secure_cookies:
-                raise ValueError("production needs CXR_WEB_SECURE_COOKIES=true (HTTPS in front)")
-            if self.fhir_base_url.startswith("http://"):
-                raise ValueError("production sends FHIR over https only")
+            problems = []
             if self.database_url is None or self.database_url.startswith("sqlite"):
-                raise ValueError("production needs CXR_DATABASE_URL (PostgreSQL), not SQLite")
+                problems.append("CXR_DATABASE_URL (PostgreSQL), not SQLite")
             if self.broker_url is None:
-                raise ValueError("production needs CXR_BROKER_URL (Redis)")
+                problems.append("CXR_BROKER_URL (Redis)")
+            if not self.web_secure_cookies:
+                problems.append("CXR_WEB_SECURE_COOKIES=true (HTTPS in front of the console)")
+            if self.fhir_base_url.startswith("http://"):
+                problems.append("an https CXR_FHIR_BASE_URL")
+            if problems:
+                raise ValueError("production needs " + "; ".join(problems))
         return self
 
     # Derived values -------------------------------------------------------------------------
