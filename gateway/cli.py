@@ -125,6 +125,35 @@ def send(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def check(
+    database: Annotated[bool, typer.Option(help="the database answers and has the schema")] = True,
+    broker: Annotated[bool, typer.Option(help="the broker accepts a connection")] = True,
+    model: Annotated[bool, typer.Option(help="the model artifact loads")] = False,
+    dicom: Annotated[bool, typer.Option(help="the local listener answers C-ECHO")] = False,
+    dicom_host: Annotated[str, typer.Option(help="listener host for --dicom")] = "127.0.0.1",
+) -> None:
+    """Readiness checks for container health checks and operators; exit 1 if any fails."""
+    from gateway import health
+
+    settings = _settings()
+    results = []
+    if database:
+        results.append(health.check_database(settings))
+    if broker:
+        results.append(health.check_broker(settings))
+    if model:
+        results.append(health.check_model(settings))
+    if dicom:
+        results.append(
+            health.dicom_echo(dicom_host, settings.dicom_port, settings.ae_title, settings.ae_title)
+        )
+    for r in results:
+        typer.echo(f"{'ok' if r.ok else 'FAILED':<6} {r.name:<9} {r.detail}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(code=1)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply database migrations (safe to repeat)."""

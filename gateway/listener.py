@@ -78,10 +78,13 @@ def make_peer_policy(settings: Settings) -> PeerPolicy:
     def policy(calling_ae: str, called_ae: str, address: str) -> str | None:
         if called_ae.strip() != our_ae:
             return "called_ae_not_recognised"
+        loopback = address in ("127.0.0.1", "::1") or address.startswith("127.")
+        if calling_ae.strip() == our_ae and loopback:
+            return None  # our own health check (`cxr-gateway check --dicom`)
         if allowed:
             if not any(peer.matches(calling_ae, address) for peer in allowed):
                 return "calling_ae_or_host_not_allowed"
-        elif address not in ("127.0.0.1", "::1") and not address.startswith("127."):
+        elif not loopback:
             # No allow-list configured: the embedded default trusts loopback only.
             return "calling_host_not_allowed"
         return None

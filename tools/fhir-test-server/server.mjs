@@ -6,6 +6,7 @@
 //
 // Env:
 //   FHIR_TEST_PORT          port (default 0)
+//   FHIR_TEST_HOST          address to bind (default 127.0.0.1)
 //   FHIR_TEST_BEARER_TOKEN  if set, every FHIR request must carry "Authorization: Bearer <token>"
 //   FHIR_TEST_TOKEN_CLIENT_ID / FHIR_TEST_TOKEN_CLIENT_SECRET
 //                           if both set, POST /oauth2/token issues that bearer token for an
@@ -312,7 +313,9 @@ if (isMain) {
     tokenClientId: process.env.FHIR_TEST_TOKEN_CLIENT_ID || undefined,
     tokenClientSecret: process.env.FHIR_TEST_TOKEN_CLIENT_SECRET || undefined,
   });
-  server.listen(port, '127.0.0.1', () => {
+  // Loopback unless FHIR_TEST_HOST says otherwise (the compose demo binds its container).
+  const host = process.env.FHIR_TEST_HOST ?? '127.0.0.1';
+  server.listen(port, host, () => {
     const { port: actual } = server.address();
     console.log(`FHIR test server ready on http://127.0.0.1:${actual}${BASE_PATH}`);
   });

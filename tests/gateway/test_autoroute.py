@@ -1,0 +1,86 @@
+"""Orthanc as a hospital PACS would run it: it auto-routes quiet CR/DX studies to the gateway
+with the project's Lua script (deploy/orthanc/autoroute.lua), the gateway stores its SR back
+into the same study, and the SR's arrival never routes the study a second time."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from tests import dicom_files as files
+from tests.gateway.helpers import Recorded, wait_until
+from tests.peers import ROOT, GatewayProcess, Redis, free_port, start_gateway
+
+pytestmark = pytest.mark.slow
+
+LUA = ROOT / "deploy" / "orthanc" / "autoroute.lua"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def test_orthanc_autoroutes_once_and_routes_new_images_again(
+    tmp_path: Path,
+    procs: list[GatewayProcess],
+    redis_server: Redis,
+    orthanc_factory: Callable[..., Any],
+    model_dir: Path,
+) -> None:
+    gw_port = free_port()
+    orthanc = orthanc_factory(
+        modalities={"cxrgw": ["CXRGW", "127.0.0.1", gw_port]},
+        extra_config={
+            "LuaScripts": [str(LUA)],
+            "StableAge": 1,
+            "UserMetadata": {"CxrRouted": 1024},
+        },
+    )
+    database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
+    env = {
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": redis_server.url,
+        "CXR_DICOM_PORT": str(gw_port),
+        "CXR_QUIET_SECONDS": "1",
+        "CXR_MODEL_DIR": str(model_dir),
+        "CXR_ALLOWED_PEERS": json.dumps([{"ae_title": "ORTHANC", "host": "127.0.0.1"}]),
+        "CXR_PACS_DESTINATIONS": json.dumps(
+            [
+                {
+                    "name": "pacs",
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ]
+        ),
+    }
+    procs.append(start_gateway(env, tmp_path / "listen.log", ("listen",)))
+    procs.append(start_gateway(env, tmp_path / "worker.log", ("worker",)))
+    db = Recorded(database)
+    paths = files.study_files(files.CHEST_CR, tmp_path / "study", 2)
+    study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+    for p in paths:
+        orthanc.upload(p)  # like a modality storing to the PACS: nobody pushes by hand
+    wait_until(lambda: db.count("dicom-sr.delivered", study_uid) == 1, 120, "SR back", procs)
+    time.sleep(4)  # the SR made the study change; it becomes stable again
+    assert db.count("instance.stored", study_uid) == 2
+    assert db.count("instance.duplicate", study_uid) == 0
+    assert db.count("instance.failed", study_uid) == 0  # the SR was not routed to us
+
+    extra = files.study_files(files.CHEST_CR, tmp_path / "extra", 1, study_uid=study_uid)
+    orthanc.upload(extra[0])
+    wait_until(lambda: db.count("dicom-sr.delivered", study_uid) == 2, 120, "amendment", procs)
+    assert db.count("instance.stored", study_uid) == 3
+    assert db.count("study.new_version", study_uid) == 1
