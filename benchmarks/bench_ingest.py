@@ -28,7 +28,16 @@ from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.peers import free_port, start_gateway, stop_process, wait_for_port  # noqa: E402
+from tests.peers import (  # noqa: E402
+    Postgres,
+    free_port,
+    start_gateway,
+    start_postgres,
+    stop_process,
+    wait_for_port,
+)
+
+POSTGRES: Postgres
 
 SHARED = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
 FIXTURE = ROOT / "tests" / "fixtures" / "dicom" / "rg1_cr_small.dcm"
@@ -93,9 +102,11 @@ def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_gateway(paths: list[Path], associations: int, workdir: Path) -> float:
+def run_gateway(paths: list[Path], associations: int, workdir: Path, database: str) -> float:
     data = workdir / f"gw-{time.monotonic_ns()}"
     env = {"CXR_DATA_DIR": str(data), "CXR_QUIET_SECONDS": "3600", "CXR_MAX_ASSOCIATIONS": "32"}
+    if database == "postgresql":
+        env["CXR_DATABASE_URL"] = POSTGRES.create_database(f"bench_{time.monotonic_ns()}")
     gw = start_gateway(env, workdir / "gateway.log", ("listen",))
     try:
         return send(gw.dicom_port, "CXRGW", paths, associations)
@@ -124,10 +135,14 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=300, help="small DX images (512x512)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
+    if args.database == "postgresql":
+        global POSTGRES
+        POSTGRES = start_postgres()
     print(f"machine: {machine()}")
     print("sender: storescu (TCP_NODELAY=1, -pdu 131072); storescp: TCP_NODELAY=1, no fsync; "
-          "gateway: fsync + database commit per instance, SQLite")
+          f"gateway: fsync + database commit per instance, {args.database}")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         sets = {
@@ -141,7 +156,7 @@ def main() -> None:
                 times: dict[str, list[float]] = {"storescp": [], "gateway": []}
                 for _ in range(args.repeats):  # interleaved
                     times["storescp"].append(run_storescp(paths, assoc, work))
-                    times["gateway"].append(run_gateway(paths, assoc, work))
+                    times["gateway"].append(run_gateway(paths, assoc, work, args.database))
                 ref = statistics.median(times["storescp"])
                 for receiver in ("storescp", "gateway"):
                     t = statistics.median(times[receiver])

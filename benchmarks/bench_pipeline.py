@@ -1,0 +1,154 @@
+"""End-to-end pipeline throughput and latency beside the bare decode+predict limit, one run.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--studies 20] [--images 2] [--workers 1 2]
+
+Real peers on loopback: Orthanc (the PACS receiving the SR), the FHIR R4 test server (the EHR),
+Redis (broker), SQLite (database), `cxr-gateway listen` and N `cxr-gateway worker` processes.
+Studies are sent with DCMTK storescu. Latency per study = time from its last instance stored
+to both its SR acknowledged by Orthanc and its DiagnosticReport created on the FHIR server
+(from the audit log). Throughput = studies / (last delivery - first instance stored).
+The bare limit decodes, preprocesses and predicts the same images in a tight loop, in one
+process, with heat maps, as the worker does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pydicom import dcmread  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from gateway.db.models import AuditEvent  # noqa: E402
+from gateway.db.session import make_engine, make_session_factory  # noqa: E402
+from tests import dicom_files  # noqa: E402
+from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server  # noqa: E402
+from tests.orthanc import start_orthanc  # noqa: E402
+from tests.peers import free_port, start_gateway, start_redis  # noqa: E402
+
+SHARED_CR = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
+
+
+def bare_limit(paths: list[Path], model_dir: Path | None) -> float:
+    from inference.predictor import Predictor
+
+    predictor = Predictor.load(model_dir)
+    predictor.predict_dataset(dcmread(paths[0]))  # warm-up
+    start = time.perf_counter()
+    for path in paths:
+        predictor.predict_dataset(dcmread(path), heatmap=True)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def times(sessions, kind: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        rows = session.execute(
+            select(AuditEvent.study_uid, AuditEvent.occurred_at).where(AuditEvent.kind == kind)
+        ).all()
+    out: dict[str, float] = {}
+    for uid, at in rows:
+        t = at.timestamp()
+        out[uid] = max(out.get(uid, 0.0), t)
+    return out
+
+
+def run(workers: int, studies: list[list[Path]], work: Path, args: argparse.Namespace) -> dict[str, float]:
+    redis = start_redis()
+    fhir = start_fhir_test_server({})
+    gw_port = free_port()
+    orthanc = start_orthanc(work / f"orthanc-{workers}", modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
+    database = f"sqlite:///{work / f'gw-{workers}.sqlite3'}"
+    env = {
+        "CXR_DATA_DIR": str(work / f"data-{workers}"), "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": redis.url, "CXR_DICOM_PORT": str(gw_port),
+        "CXR_QUIET_SECONDS": str(args.quiet), "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.2",
+        "CXR_PACS_DESTINATIONS": json.dumps([{"name": "pacs", "ae_title": orthanc.aet,
+                                              "host": "127.0.0.1", "port": orthanc.dicom_port}]),
+        "CXR_FHIR_BASE_URL": fhir.base_url, "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
+        "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": "urn:oid:1.2.3.4",
+    }
+    if args.model:
+        env["CXR_MODEL_DIR"] = str(args.model)
+    procs = [start_gateway(env, work / f"listen-{workers}.log", ("listen",))]
+    procs += [start_gateway(env, work / f"worker-{workers}-{i}.log", ("worker", "--pool", "solo"))
+              for i in range(workers)]
+    try:
+        time.sleep(8)  # workers load the model
+        sender_env = dict(os.environ, TCP_NODELAY="1")
+        for study in studies:
+            subprocess.run(["storescu", "-aet", "BENCH", "-aec", "CXRGW", "127.0.0.1", str(gw_port),
+                            *map(str, study)], check=True, capture_output=True, env=sender_env)
+            time.sleep(args.gap)
+        sessions = make_session_factory(make_engine(database))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            sr, dr = times(sessions, "dicom-sr.delivered"), times(sessions, "fhir.delivered")
+            if len(sr) >= len(studies) and len(dr) >= len(studies):
+                break
+            time.sleep(0.5)
+        stored = times(sessions, "instance.stored")
+        with sessions() as session:
+            first = min(a.timestamp() for a in session.execute(
+                select(AuditEvent.occurred_at).where(AuditEvent.kind == "instance.stored")).scalars())
+        done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
+        latencies = sorted(done[uid] - stored[uid] for uid in done)
+        span = max(done.values()) - first
+        return {
+            "studies": len(done),
+            "per_min": 60 * len(done) / span,
+            "p50": statistics.median(latencies),
+            "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        }
+    finally:
+        for p in procs:
+            p.stop()
+        orthanc.stop()
+        stop_fhir_test_server(fhir)
+        redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--images", type=int, default=2, help="images per study")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quiet", type=float, default=2.0, help="CXR_QUIET_SECONDS")
+    parser.add_argument("--gap", type=float, default=0.0, help="seconds between studies sent")
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}")
+    source = SHARED_CR if SHARED_CR.exists() else dicom_files.CHEST_CR
+    print(f"input: {args.studies} studies x {args.images} x {source.name} "
+          f"({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; SQLite + Redis")
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        work = Path(tmp)
+        studies = [dicom_files.study_files(source, work / "in" / f"s{i}", args.images)
+                   for i in range(args.studies)]
+        flat = [p for s in studies for p in s]
+        limit = bare_limit(flat[: min(len(flat), 20)], args.model)
+        bare_per_min = 60 * limit / args.images
+        print(f"bare limit: {limit:.1f} images/s = {bare_per_min:.1f} studies/min (1 process)")
+        print(f"{'workers':>8}{'studies':>9}{'studies/min':>13}{'of bare':>9}{'p50 s':>8}{'p95 s':>8}")
+        for n in args.workers:
+            r = run(n, studies, work, args)
+            print(f"{n:>8}{r['studies']:>9.0f}{r['per_min']:>13.1f}{r['per_min'] / bare_per_min:>9.2f}"
+                  f"{r['p50']:>8.2f}{r['p95']:>8.2f}")
+            studies = [dicom_files.study_files(source, work / f"in{n}" / f"s{i}", args.images)
+                       for i in range(args.studies)]
+
+
+if __name__ == "__main__":
+    main()
