@@ -1,0 +1,85 @@
+"""Spool retention: received images are kept until their study is finished and old enough.
+
+A study (all its versions) is purgeable when every version is reported or failed, no delivery
+is still pending or retrying, and its last instance arrived more than ``older_than_days`` ago.
+Its files are deleted; the database rows and the audit log stay (the path is kept for the
+record; the console shows the images as purged). Each purge is audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.audit import record_event
+from gateway.db.models import Delivery, Instance, Study, StudyState, utcnow
+from gateway.db.session import transaction
+
+FINISHED = (StudyState.REPORTED, StudyState.FAILED)
+UNFINISHED_DELIVERY = ("pending", "retrying", "sending")
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    studies: int
+    files: int
+    bytes: int
+
+
+def purgeable_study_uids(session: Session, *, older_than: dt.datetime) -> list[str]:
+    newest = (
+        select(Study.study_uid)
+        .group_by(Study.study_uid)
+        .having(func.max(Study.last_received_at) < older_than)
+    )
+    unfinished = select(Study.study_uid).where(Study.state.not_in(FINISHED))
+    undelivered = (
+        select(Study.study_uid)
+        .join(Delivery, Delivery.study_id == Study.id)
+        .where(Delivery.state.in_(UNFINISHED_DELIVERY))
+    )
+    query = newest.where(Study.study_uid.not_in(unfinished), Study.study_uid.not_in(undelivered))
+    return list(session.execute(query).scalars())
+
+
+def purge_spool(
+    sessions: sessionmaker[Session], *, older_than_days: float, actor: str, dry_run: bool = False
+) -> PurgeResult:
+    cutoff = utcnow() - dt.timedelta(days=older_than_days)
+    with sessions() as session:
+        uids = purgeable_study_uids(session, older_than=cutoff)
+    files = size = 0
+    for uid in uids:
+        with sessions() as session:
+            paths = [
+                Path(p)
+                for p in session.execute(
+                    select(Instance.path)
+                    .join(Study, Study.id == Instance.study_id)
+                    .where(Study.study_uid == uid)
+                ).scalars()
+            ]
+        existing = [p for p in paths if p.exists()]
+        if not existing:
+            continue
+        study_bytes = sum(p.stat().st_size for p in existing)
+        files, size = files + len(existing), size + study_bytes
+        if dry_run:
+            continue
+        for path in existing:
+            path.unlink(missing_ok=True)
+        try:
+            existing[0].parent.rmdir()
+        except OSError:
+            pass  # not empty (another version's files) or already gone
+        with transaction(sessions) as session:
+            record_event(
+                session=session, kind="spool.purged", actor=actor, study_uid=uid,
+                detail={"files": len(existing), "bytes": study_bytes,
+                        "older_than_days": older_than_days},
+            )
+    return PurgeResult(len(uids), files, size)
