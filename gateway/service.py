@@ -116,13 +116,18 @@ def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -
 
 
 def serve(settings: Settings) -> None:
-    """The whole gateway on one machine: listener here, workers in a child process that is
-    restarted if it dies."""
+    """The whole gateway on one machine: listener and web console here, workers in a child
+    process that is restarted if it dies."""
+    from gateway.web.server import WebServer
+
     process = ListenerProcess(settings)
     process.start()
+    web = WebServer(settings)
+    web.start()
     port = process.listener.port if process.listener else settings.dicom_port
     print(
         f"cxr-gateway serving: DICOM AE {settings.ae_title} on {settings.dicom_bind}:{port}, "
+        f"web console on http://{settings.web_bind}:{web.port}/, "
         f"data in {settings.data_dir.resolve()}",
         flush=True,
     )
@@ -155,6 +160,7 @@ def serve(settings: Settings) -> None:
         wait_for_signal()
     finally:
         stop.set()
+        web.stop()
         process.stop()
         for child in children:
             child.terminate()

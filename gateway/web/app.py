@@ -1,0 +1,123 @@
+"""The web application: console pages and the JSON API (OpenAPI at /api/openapi.json).
+
+``create_app(settings)`` builds everything from settings and does no I/O until a request
+arrives (the database engine connects lazily; the model loads on the first upload).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.db.session import make_engine, make_session_factory
+from gateway.settings import Settings
+from gateway.web import health, pages_audit, pages_auth, pages_studies, pages_upload
+from gateway.web.deps import (
+    HERE,
+    BadCsrf,
+    Forbidden,
+    NotAuthenticated,
+    WebContext,
+    is_api,
+    problem,
+    render,
+)
+from gateway.web.model import LazyPredictor
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'"
+    ),
+}
+
+
+def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) -> FastAPI:
+    """The console for these settings. ``predictor`` lets a caller share a loaded model."""
+    app = FastAPI(
+        title="cxr-gateway",
+        summary="Admin console, audit log and clinician upload of the cxr-gateway.",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    sessions = make_session_factory(make_engine(settings.database))
+    app.state.ctx = WebContext(
+        settings=settings,
+        sessions=sessions,
+        predictor=predictor or LazyPredictor(settings.model_dir),
+    )
+    app.state.metrics = health.make_registry(sessions)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    for module in (pages_auth, pages_studies, pages_audit, pages_upload, health):
+        app.include_router(module.router)
+    _install_handlers(app)
+
+    @app.middleware("http")
+    async def security_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        if not request.url.path.startswith("/static/"):
+            # Pages carry PHI: never keep them in a shared or browser cache.
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    return app
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotAuthenticated)
+    async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
+        if is_api(request):
+            response = problem(401, "Unauthorized", "log in first (POST /api/session)")
+            if request.url.path == "/metrics":
+                response.headers["WWW-Authenticate"] = 'Basic realm="cxr-gateway metrics"'
+            return response
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> Response:
+        if is_api(request):
+            return problem(403, "Forbidden", "your role does not allow this")
+        return render(request, "error.html", 403, message="Your role does not allow this page.")
+
+    @app.exception_handler(BadCsrf)
+    async def bad_csrf(request: Request, exc: BadCsrf) -> Response:
+        if is_api(request):
+            return problem(403, "Forbidden", "missing or wrong X-CSRF-Token")
+        return render(
+            request,
+            "error.html",
+            403,
+            message="The form expired or did not come from this site. Reload the page.",
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if is_api(request) or request.url.path.startswith("/static/"):
+            return problem(exc.status_code, str(exc.detail))
+        return render(request, "error.html", exc.status_code, message=str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        if is_api(request):
+            return problem(422, "Unprocessable Content", "invalid request", errors=errors)
+        return render(
+            request,
+            "error.html",
+            422,
+            message="; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+        )

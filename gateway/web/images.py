@@ -1,0 +1,45 @@
+"""Pictures for the study page: a thumbnail of a spooled instance, rendered with inference's
+decoder (LUTs, MONOCHROME1), and the stored heat map of an image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+THUMB_SIZE = 256
+
+
+def render_thumbnail(path: Path, size: int = THUMB_SIZE) -> bytes:
+    """PNG bytes of the instance's first frame, fitted into ``size`` x ``size``.
+    Raises PixelDecodeError (or OSError) when the file cannot be decoded."""
+    import pydicom
+
+    from inference.dicom_pixels import dicom_to_image
+
+    image = dicom_to_image(pydicom.dcmread(path)).image
+    if image.ndim == 3:
+        image = image[0]
+    return png_thumbnail(image, size)
+
+
+def png_thumbnail(image: np.ndarray, size: int = THUMB_SIZE) -> bytes:
+    """Scale a 2-D image to 0-255 and fit it into ``size`` x ``size`` (aspect kept)."""
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    scale = size / max(img.shape)
+    shape = (max(1, round(img.shape[1] * scale)), max(1, round(img.shape[0] * scale)))
+    small = cv2.resize(img, shape, interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".png", np.clip(small * 255 + 0.5, 0, 255).astype(np.uint8))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return bytes(encoded.tobytes())
+
+
+def heatmap_file(heatmap_root: Path, study_id: int, sop_instance_uid: str) -> Path | None:
+    """The heat map PNG of one image, if the worker kept one. The UID comes from the database
+    (never straight from the URL), so it cannot name a file outside the folder."""
+    path = heatmap_root / str(study_id) / f"{sop_instance_uid}.png"
+    return path if path.is_file() else None

@@ -1,0 +1,137 @@
+"""The model in the web process: loaded once, lazily (the console starts without TensorFlow),
+and one prediction at a time. Also the intended-use text of the model card."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.predictor import Prediction, Predictor, default_model_dir
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What the upload page shows. ``probability`` None means "no result" (see ``reason``)."""
+
+    probability: float | None
+    present: bool | None
+    threshold: float
+    reason: str | None
+    heatmap_data_uri: str | None
+    model_name: str
+    model_version: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "probability": self.probability,
+            "present": self.present,
+            "threshold": self.threshold,
+            "result": "no result" if self.probability is None else "result",
+            "declined_reason": self.reason,
+            "heatmap_png_base64": (
+                self.heatmap_data_uri.split(",", 1)[1] if self.heatmap_data_uri else None
+            ),
+            "model": {"name": self.model_name, "version": self.model_version},
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class UnreadableImage(Exception):
+    """The upload is not a DICOM, PNG or JPEG image we can decode."""
+
+
+class ModelUnavailable(Exception):
+    """The model artifact cannot be loaded (missing, or its content hash does not match)."""
+
+
+class LazyPredictor:
+    """Loads the Predictor on first use; predictions are serialised (one model, one lock)."""
+
+    def __init__(self, model_dir: Path | None) -> None:
+        self.model_dir = model_dir or default_model_dir()
+        self._predictor: Predictor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
+
+    def get(self) -> Predictor:
+        with self._lock:
+            if self._predictor is None:
+                from inference.artifact import ArtifactError
+
+                try:
+                    self._predictor = Predictor.load(self.model_dir)
+                except (ArtifactError, OSError) as exc:
+                    raise ModelUnavailable(str(exc)) from exc
+            return self._predictor
+
+    def predict_upload(self, data: bytes) -> UploadResult:
+        """Predict one uploaded file's bytes. Raises UnreadableImage, or ModelUnavailable."""
+        predictor = self.get()
+        start = time.perf_counter()
+        with self._lock:
+            prediction = _predict(predictor, data)
+        elapsed = time.perf_counter() - start
+        png = prediction.heatmap_png
+        return UploadResult(
+            probability=prediction.probability,
+            present=prediction.present,
+            threshold=prediction.threshold,
+            reason=prediction.declined_reason,
+            heatmap_data_uri=(
+                "data:image/png;base64," + base64.b64encode(png).decode() if png else None
+            ),
+            model_name=predictor.meta.name,
+            model_version=predictor.meta.version,
+            seconds=elapsed,
+        )
+
+    def intended_use(self) -> str:
+        return intended_use(self.model_dir)
+
+
+def _predict(predictor: Predictor, data: bytes) -> Prediction:
+    import pydicom
+
+    from inference.dicom_pixels import PixelDecodeError, decode_image_bytes
+
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            # Reading is lazy: touch the pixels here so a truncated file fails as unreadable.
+            if "PixelData" not in ds:
+                raise UnreadableImage("the DICOM file has no pixel data")
+            return predictor.predict_dataset(ds, heatmap=True)
+        except UnreadableImage:
+            raise
+        except Exception as exc:
+            raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
+    try:
+        image = decode_image_bytes(data)
+    except PixelDecodeError as exc:
+        raise UnreadableImage("the file is not a DICOM, PNG or JPEG image") from exc
+    if image.ndim != 2 or min(image.shape) < 16:
+        raise UnreadableImage("the image is too small to be a radiograph")
+    return predictor.predict_array(image, heatmap=True)
+
+
+def intended_use(model_dir: Path) -> str:
+    """The "Intended use" section of the model card (plain text), or a cautious default."""
+    card = model_dir / "model_card.md"
+    text = card.read_text(encoding="utf-8") if card.exists() else ""
+    match = re.search(r"^## Intended use\s*\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if not match:
+        return (
+            "Assistive use only: the result is unverified and must be read by a clinician "
+            "together with the image. Not for unsupervised diagnosis."
+        )
+    return re.sub(r"\*\*(.+?)\*\*", r"\1", " ".join(match.group(1).split()))
