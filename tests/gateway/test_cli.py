@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import text
 
 from gateway.db.session import make_engine
@@ -134,3 +135,29 @@ def test_readme_documents_every_setting() -> None:
         if f"CXR_{name.upper()}" not in readme
     ]
     assert missing == []
+
+
+def test_purge_spool_keeps_unfinished_studies(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from gateway.db.models import Study
+    from gateway.db.session import transaction
+
+    gw = gateway_factory()
+    files.study_files(files.CHEST_CR, tmp_path / "a", 2)
+    files.study_files(files.CHEST_CR, tmp_path / "b", 1)
+    assert cli("send", str(tmp_path / "a"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    assert cli("send", str(tmp_path / "b"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    a_uid = str(dcmread(next((tmp_path / "a").iterdir())).StudyInstanceUID)
+    with transaction(gw.sessions) as session:  # study a is finished; b is still receiving
+        session.execute(update(Study).where(Study.study_uid == a_uid).values(state="reported"))
+    env = {"CXR_DATA_DIR": str(gw.settings.data_dir)}
+    dry = cli("purge-spool", "--older-than-days", "0", "--dry-run", env=env)
+    assert dry.returncode == 0 and "would delete 2 files" in dry.stdout
+    done = cli("purge-spool", "--older-than-days", "0", env=env)
+    assert "deleted 2 files" in done.stdout
+    spool = gw.settings.spool_path
+    assert not (spool / a_uid).exists()
+    assert sum(1 for _ in spool.rglob("*.dcm")) == 1  # study b untouched
+    listed = cli("audit", "list", "--kind", "spool.purged", "--json", env=env)
+    assert json.loads(listed.stdout.splitlines()[0])["study_uid"] == a_uid
