@@ -175,27 +175,6 @@ def purge_spool_command(
     )
 
 
-@app.command("purge-spool")
-def purge_spool_command(
-    older_than_days: Annotated[float, typer.Option(min=0, help="age of the study's last image")],
-    dry_run: Annotated[bool, typer.Option(help="only count what would be deleted")] = False,
-) -> None:
-    """Delete spooled images of finished, fully delivered studies older than N days (audited)."""
-    import getpass
-
-    from gateway.db.session import make_engine, make_session_factory
-    from gateway.retention import purge_spool
-
-    sessions = make_session_factory(make_engine(_settings().database))
-    result = purge_spool(
-        sessions, older_than_days=older_than_days, actor=f"cli:{getpass.getuser()}", dry_run=dry_run
-    )
-    verb = "would delete" if dry_run else "deleted"
-    typer.echo(
-        f"{verb} {result.files} files ({result.bytes / 1e6:.1f} MB) of {result.studies} studies"
-    )
-
-
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply database migrations (safe to repeat)."""
