@@ -105,16 +105,22 @@ def _predict(predictor: Predictor, data: bytes) -> Prediction:
     from inference.dicom_pixels import PixelDecodeError, decode_image_bytes
 
     if len(data) >= 132 and data[128:132] == b"DICM":
+        from inference.dicom_pixels import dicom_to_image
+        from inference.input_check import header_decline_reason
+
         try:
             ds = pydicom.dcmread(io.BytesIO(data))
-            # Reading is lazy: touch the pixels here so a truncated file fails as unreadable.
             if "PixelData" not in ds:
                 raise UnreadableImage("the DICOM file has no pixel data")
-            return predictor.predict_dataset(ds, heatmap=True)
+            reason = header_decline_reason(ds)
+            if reason is not None:  # a readable file that is not for this model: "no result"
+                return Prediction(None, None, None, reason, threshold=predictor.threshold)
+            image = dicom_to_image(ds).image
         except UnreadableImage:
             raise
-        except Exception as exc:
+        except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
             raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
+        return predictor.predict_array(image[0] if image.ndim == 3 else image, heatmap=True)
     try:
         image = decode_image_bytes(data)
     except PixelDecodeError as exc:

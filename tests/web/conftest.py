@@ -48,15 +48,6 @@ def shared_predictor(model_dir: Path) -> LazyPredictor:
 
 
 @pytest.fixture
-def web_settings(
-    make_settings: Callable[..., Settings], model_dir: Path, database_url: str
-) -> Settings:
-    settings = make_settings(database_url=database_url, model_dir=model_dir, web_port=0)
-    add_users(settings.database)
-    return settings
-
-
-@pytest.fixture
 def sqlite_web_settings(make_settings: Callable[..., Settings], model_dir: Path) -> Settings:
     settings = make_settings(model_dir=model_dir, web_port=0)
     add_users(settings.database)

@@ -1,0 +1,336 @@
+"""The JSON API and the pages without a browser: permissions per role, anonymous access,
+CSRF, sessions, bad uploads, audit export and integrity, health, metrics, users CLI."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, text, update
+
+from gateway.db.models import AuditEvent, WebSession
+from gateway.db.session import make_engine, make_session_factory, transaction
+from gateway.settings import Settings
+from gateway.web.app import create_app
+from tests import dicom_files as files
+from tests.peers import Postgres
+from tests.web.conftest import PASSWORDS, ROOT, add_users
+
+Api = Callable[[str | None], TestClient]
+JPEG = sorted((ROOT / "tests/fixtures/images/kermany/PNEUMONIA").iterdir())[0]
+
+
+def events(settings: Settings, kind: str) -> list[AuditEvent]:
+    sessions = make_session_factory(make_engine(settings.database))
+    with sessions() as session:
+        query = select(AuditEvent).where(AuditEvent.kind == kind).order_by(AuditEvent.id)
+        return list(session.execute(query).scalars())
+
+
+PROTECTED_GETS = [
+    "/api/dashboard",
+    "/api/studies",
+    "/api/studies/1",
+    "/api/audit/events",
+    "/api/audit/verify",
+    "/api/session",
+    "/metrics",
+]
+
+
+def test_anonymous_gets_401_and_nothing_else(api: Api) -> None:
+    anon = api(None)
+    for path in PROTECTED_GETS:
+        r = anon.get(path)
+        assert r.status_code == 401, path
+        assert r.headers["content-type"] == "application/problem+json"
+        assert set(r.json()) == {"type", "title", "status", "detail"}
+    for path in ("/api/predict", "/api/deliveries/1/retry"):
+        r = anon.post(path, files={"file": ("a.png", b"x")})
+        assert r.status_code == 401, path
+    # Pages send the browser to the login page, keeping where it wanted to go.
+    for path in ("/", "/studies?q=1", "/audit", "/upload", "/studies/1/images/1.2/heatmap.png"):
+        r = anon.get(path, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next=/")
+    assert anon.get("/healthz").json() == {"status": "ok"}
+    assert anon.get("/login").status_code == 200
+    assert anon.get("/static/style.css").status_code == 200
+    assert "/api/predict" in anon.get("/api/openapi.json").json()["paths"]
+
+
+def test_roles(api: Api) -> None:
+    auditor, clinician, admin = api("auditor"), api("clinician"), api("admin")
+    # An auditor reads, but cannot retry or upload.
+    assert auditor.get("/api/audit/events").status_code == 200
+    assert auditor.get("/api/dashboard").status_code == 200
+    assert auditor.get("/metrics").status_code == 200
+    assert auditor.post("/api/deliveries/1/retry").status_code == 403
+    with JPEG.open("rb") as fh:
+        assert auditor.post("/api/predict", files={"file": fh}).status_code == 403
+    assert auditor.get("/upload").status_code == 403
+    # A clinician uploads and sees studies, but not the audit log.
+    for path in ("/api/audit/events", "/api/audit/verify", "/api/dashboard", "/metrics"):
+        assert clinician.get(path).status_code == 403, path
+    assert clinician.get("/audit").status_code == 403
+    assert clinician.get("/api/studies").status_code == 200
+    assert clinician.post("/api/deliveries/1/retry").status_code == 403
+    # The admin may retry (there is no delivery 1: a conflict, not a permission error).
+    assert admin.post("/api/deliveries/1/retry").status_code == 409
+
+
+def test_csrf_is_required_for_changes(api: Api) -> None:
+    admin = api("admin")
+    token = admin.headers.pop("X-CSRF-Token")
+    assert admin.post("/api/deliveries/1/retry").status_code == 403
+    with JPEG.open("rb") as fh:
+        assert admin.post("/api/predict", files={"file": fh}).status_code == 403
+    r = admin.post("/deliveries/1/retry", data={"csrf": "wrong"})
+    assert r.status_code == 403 and "expired" in r.text
+    r = admin.post("/logout", data={"csrf": "wrong"})
+    assert r.status_code == 403
+    assert admin.get("/api/session").json()["csrf_token"] == token
+    # The login form has its own token (a cookie and a field that must match).
+    anon = api(None)
+    r = anon.post("/login", data={"username": "admin", "password": PASSWORDS["admin"]})
+    assert r.status_code == 400
+
+
+def test_login_logout_and_failures_are_audited(api: Api, sqlite_web_settings: Settings) -> None:
+    anon = api(None)
+    r = anon.post("/api/session", json={"username": "admin", "password": "not-the-password"})
+    assert r.status_code == 401
+    r = anon.post("/api/session", json={"username": "nobody", "password": "whatever-it-is"})
+    assert r.status_code == 401
+    page = anon.get("/login")
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    r = anon.post(
+        "/login",
+        data={"username": "admin", "password": PASSWORDS["admin"], "csrf": csrf, "next": "/audit"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303 and r.headers["location"] == "/audit"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    token = anon.get("/api/session").json()["csrf_token"]
+    assert anon.post("/logout", data={"csrf": token}, follow_redirects=False).status_code == 303
+    assert anon.get("/api/studies").status_code == 401
+    failed = events(sqlite_web_settings, "user.login_failed")
+    assert [(e.actor, e.outcome) for e in failed] == [("admin", "failure"), ("nobody", "failure")]
+    assert all(e.peer_address == "testclient" for e in failed)
+    assert [e.actor for e in events(sqlite_web_settings, "user.login")] == ["admin"]
+    assert [e.actor for e in events(sqlite_web_settings, "user.logout")] == ["admin"]
+
+
+def test_idle_session_expires(api: Api, sqlite_web_settings: Settings) -> None:
+    admin = api("admin")
+    assert admin.get("/api/studies").status_code == 200
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(
+        minutes=sqlite_web_settings.web_session_minutes + 1
+    )
+    sessions = make_session_factory(make_engine(sqlite_web_settings.database))
+    with transaction(sessions) as session:
+        session.execute(update(WebSession).values(last_seen_at=old))
+    assert admin.get("/api/studies").status_code == 401
+
+
+def test_bad_uploads_are_refused_clearly_and_audited(
+    make_settings: Callable[..., Settings], model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(model_dir=model_dir, web_max_upload_mb=1)
+    add_users(settings.database)
+    client = TestClient(create_app(settings))
+    r = client.post(
+        "/api/session", json={"username": "clinician", "password": PASSWORDS["clinician"]}
+    )
+    client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+    corrupt = files.with_new_uids(files.CHEST_CR, tmp_path / "c.dcm")
+    raw = (tmp_path / "c.dcm").read_bytes()
+    del corrupt
+    cases = {
+        "not an image": (b"%PDF-1.4 this is a document, not an image" * 10, 422),
+        "huge": (os.urandom(3 * 2**20), 413),
+        "corrupt DICOM": (raw[: len(raw) // 2], 422),
+        "empty": (b"", 400),
+    }
+    for name, (data, status) in cases.items():
+        r = client.post("/api/predict", files={"file": ("upload.bin", data)})
+        assert r.status_code == status, (name, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["detail"], name
+    # The same through the page: a readable message, not a stack trace.
+    token = client.headers["X-CSRF-Token"]
+    r = client.post("/upload", data={"csrf": token}, files={"file": ("x.txt", b"hello there")})
+    assert r.status_code == 422 and "not a DICOM, PNG or JPEG image" in r.text
+    rejected = events(settings, "upload.rejected")
+    assert len(rejected) == 5 and all(e.actor == "clinician" for e in rejected)
+    reasons = [json.loads(e.detail)["reason"] for e in rejected]
+    assert "too large" in reasons and "empty file" in reasons
+    assert "upload.bin" not in "".join(e.detail for e in rejected)  # no file names (PHI risk)
+    # And the service still works.
+    with JPEG.open("rb") as fh:
+        ok = client.post("/api/predict", files={"file": ("x.jpeg", fh)})
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["result"] in ("result", "no result")
+    if body["result"] == "result":
+        assert 0 <= body["probability"] <= 1 and body["heatmap_png_base64"]
+        assert body["present"] == (body["probability"] >= body["threshold"])
+    else:
+        assert body["declined_reason"]
+    assert "Intended use" not in body["intended_use"] and len(body["intended_use"]) > 40
+    assert len(events(settings, "upload.predicted")) == 1
+
+
+def test_audit_export_filters_and_integrity(api: Api, sqlite_web_settings: Settings) -> None:
+    auditor = api("auditor")
+    api(None).post("/api/session", json={"username": "admin", "password": "wrong-password"})
+    r = auditor.get("/api/audit/events", params={"kind": "user.", "outcome": "failure"})
+    assert [e["kind"] for e in r.json()] == ["user.login_failed"]
+    r = auditor.get("/api/audit/events", params={"format": "csv", "actor": "auditor"})
+    assert r.headers["content-disposition"].startswith("attachment")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert rows and {row["actor"] for row in rows} == {"auditor"}
+    assert auditor.get("/api/audit/events", params={"since": "yesterday"}).status_code == 400
+    assert auditor.get("/api/audit/verify").json()["intact"] is True
+    assert "Hash chain intact" in auditor.get("/audit").text
+
+    engine = make_engine(sqlite_web_settings.database)
+    with engine.begin() as conn:  # tamper as in tests/gateway/test_cli.py
+        conn.execute(text("DROP TRIGGER audit_events_no_update"))
+        conn.execute(text("UPDATE audit_events SET actor = 'SOMEONE' WHERE id = 2"))
+    check = auditor.get("/api/audit/verify").json()
+    assert check == {
+        "intact": False,
+        "checked": 1,
+        "first_bad_id": 2,
+        "problem": "row content does not match its hash",
+    }
+    page = auditor.get("/audit").text
+    assert 'class="card integrity bad"' in page and "BROKEN at event 2" in page
+
+
+def test_health_readiness_and_metrics(api: Api, sqlite_web_settings: Settings) -> None:
+    anon = api(None)
+    r = anon.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "ready": True,
+        "checks": {"database": "ok", "broker": "ok", "model": "ok"},
+    }
+    text_ = api("admin").get("/metrics").text
+    for name in (
+        "cxr_studies_received_total",
+        "cxr_studies_completed_total",
+        "cxr_studies_failed_total",
+        'cxr_queue_depth{state="queued"}',
+        'cxr_delivery_attempts_total{outcome="failed"}',
+        "cxr_inference_job_seconds_bucket",
+        "cxr_upload_inference_seconds_bucket",
+    ):
+        assert name in text_, name
+    # Prometheus scrapes with HTTP Basic credentials instead of a session.
+    assert anon.get("/metrics", auth=("auditor", PASSWORDS["auditor"])).status_code == 200
+    bad = anon.get("/metrics", auth=("auditor", "nope-nope-nope"))
+    assert bad.status_code == 401 and bad.headers["www-authenticate"].startswith("Basic")
+
+
+def test_readiness_fails_without_the_model(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(model_dir=tmp_path / "no-model")
+    add_users(settings.database)
+    r = TestClient(create_app(settings)).get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["model"] != "ok"
+
+
+def cli(*args: str, settings: Settings, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    env.update({"CXR_DATA_DIR": str(settings.data_dir), "CXR_DATABASE_URL": settings.database})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_users_cli(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    weak = cli(
+        "users", "create-admin", "root", "--password-stdin", settings=settings, stdin="short\n"
+    )
+    assert weak.returncode == 1 and "at least 12" in weak.stderr
+    made = cli(
+        "users",
+        "create-admin",
+        "root",
+        "--password-stdin",
+        settings=settings,
+        stdin="a long enough password\n",
+    )
+    assert made.returncode == 0, made.stderr
+    again = cli(
+        "users",
+        "create-admin",
+        "other",
+        "--password-stdin",
+        settings=settings,
+        stdin="a long enough password\n",
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
+    made = cli(
+        "users",
+        "create",
+        "dr-who",
+        "--role",
+        "clinician",
+        "--password-stdin",
+        settings=settings,
+        stdin="another long password\n",
+    )
+    assert made.returncode == 0, made.stderr
+    assert cli("users", "disable", "dr-who", settings=settings).returncode == 0
+    listed = cli("users", "list", settings=settings).stdout
+    assert "root" in listed and "dr-who" in listed and "disabled" in listed
+    client = TestClient(create_app(settings))
+    r = client.post(
+        "/api/session", json={"username": "dr-who", "password": "another long password"}
+    )
+    assert r.status_code == 401
+    r = client.post("/api/session", json={"username": "root", "password": "a long enough password"})
+    assert r.status_code == 200 and r.json()["role"] == "admin"
+    kinds = [e.kind for e in events(settings, "user.created")] + [
+        e.kind for e in events(settings, "user.disabled")
+    ]
+    assert kinds == ["user.created", "user.created", "user.disabled"]
+    assert events(settings, "user.created")[0].actor.startswith("cli:")
+
+
+@pytest.mark.postgres
+def test_console_on_postgresql(
+    make_settings: Callable[..., Settings], postgres_server: Postgres, model_dir: Path
+) -> None:
+    """Login, PHI-view audit and integrity on the production database too."""
+    url = postgres_server.create_database("cxr_web_console")
+    settings = make_settings(database_url=url, model_dir=model_dir)
+    add_users(settings.database)
+    client = TestClient(create_app(settings))
+    r = client.post("/api/session", json={"username": "auditor", "password": PASSWORDS["auditor"]})
+    assert r.status_code == 200
+    assert client.get("/api/studies").json()["total"] == 0
+    assert client.get("/api/audit/verify").json()["intact"] is True
+    kinds = [e["kind"] for e in client.get("/api/audit/events", params={"kind": "phi."}).json()]
+    assert kinds == ["phi.viewed"]
