@@ -37,7 +37,7 @@ class ArtifactMeta:
     class_names: tuple[str, ...]
     preprocess: PreprocessConfig
     members: tuple[str, ...]  # file stems, e.g. ("member0",)
-    temperature: float
+    temperature: float  # P(pneumonia) = sigmoid(logit / temperature + logit_bias)
     threshold: float
     threshold_rule: str
     ood_threshold: float
@@ -45,6 +45,14 @@ class ArtifactMeta:
     training: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     format_version: int = FORMAT_VERSION
+    logit_bias: float = 0.0
+
+    def probability(self, logits: Any) -> Any:
+        """Calibrated P(pneumonia) for raw ensemble logits (numpy array or float)."""
+        import numpy as np
+
+        z = np.asarray(logits, dtype=np.float64) / self.temperature + self.logit_bias
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -70,6 +78,7 @@ class ArtifactMeta:
                 training=dict(d.get("training", {})),
                 content_hash=str(d.get("content_hash", "")),
                 format_version=int(d.get("format_version", FORMAT_VERSION)),
+                logit_bias=float(d.get("logit_bias", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"bad {META_FILE}: {exc}") from exc
@@ -92,6 +101,7 @@ def compute_hash(folder: Path, meta: ArtifactMeta) -> str:
         h.update(hashlib.sha256(path.read_bytes()).digest())
     numbers = {
         "temperature": meta.temperature,
+        "logit_bias": meta.logit_bias,
         "threshold": meta.threshold,
         "ood_threshold": meta.ood_threshold,
         "preprocess": meta.preprocess.to_json(),

@@ -1,13 +1,13 @@
 """Input checks before a prediction: DICOM header rules and an out-of-distribution score.
 
-The OOD score combines two distances from the training distribution, each divided by its
-99th percentile on the (clean and shifted) validation images, and takes the larger:
+The OOD score averages several distances from the training distribution, each divided by its
+99th percentile on the (clean and shifted) validation images:
 
-- ``feature``: Mahalanobis distance of the network's pooled features (member 0) to the nearer
-  class mean (shared covariance with shrinkage), fitted on the training images;
-- ``appearance``: reconstruction error of the preprocessed image at 32 x 32 by a PCA of the
-  training images ("eigen-chests"): a frontal chest is well explained by a few components, a
-  knee, a lateral view, a CT slice, a photo or a document is not.
+- per middle block of the network (member 0): Mahalanobis distance of the block's pooled
+  features to the nearer class mean (shared covariance with shrinkage), fitted on training
+  images (several layers separate far better than the last one alone, Lee et al. 2018);
+- the preprocessed image at 32 x 32 against a PCA of the training images ("eigen-chests"):
+  whitened distance inside the subspace and reconstruction error outside it.
 
 An image is declined when the score exceeds the artifact's ``ood_threshold`` (set on validation).
 """
@@ -124,54 +124,103 @@ def thumbnail(preprocessed: F) -> F:
 
 @dataclass(frozen=True)
 class OODModel:
-    class_means: F  # (2, C)
-    precision: F  # (C, C) inverse shrunk covariance
+    """Per-layer class-conditional Mahalanobis distances plus a PCA (eigen-chest) distance.
+
+    ``score = mean over parts of (distance / its 99th validation percentile)``; the parts are
+    each feature block of the embedding (``layer_dims`` gives their widths) and the PCA
+    coordinates of the 32 x 32 thumbnail (whitened, so an unusual mix of eigen-chests counts)
+    plus the thumbnail's PCA reconstruction error.
+    """
+
+    layer_dims: tuple[int, ...]
+    class_means: tuple[F, ...]  # per layer (2, d)
+    precisions: tuple[F, ...]  # per layer (d, d)
+    layer_scales: tuple[float, ...]
     pca_mean: F  # (D,)
     pca_components: F  # (k, D)
-    feature_scale: float
-    appearance_scale: float
+    pca_sigma: F  # (k,)
+    pca_scales: tuple[float, float]  # (inside, residual)
 
-    def feature_distance(self, emb: F) -> F:
+    def _layers(self, emb: F) -> list[F]:
         emb = np.asarray(emb, np.float64)
-        d = []
-        for mu in self.class_means:
-            diff = emb - mu
-            d.append(np.einsum("nc,cd,nd->n", diff, self.precision, diff))
-        return np.asarray(np.sqrt(np.maximum(np.min(d, axis=0), 0.0)))
+        out, start = [], 0
+        for d in self.layer_dims:
+            out.append(emb[:, start : start + d])
+            start += d
+        if start != emb.shape[1]:
+            raise ValueError(f"embedding has {emb.shape[1]} features, expected {start}")
+        return out
 
-    def appearance_error(self, thumbs: F) -> F:
+    def layer_distances(self, emb: F) -> list[F]:
+        dists = []
+        for part, means, prec in zip(
+            self._layers(emb), self.class_means, self.precisions, strict=True
+        ):
+            d2 = [np.einsum("nc,cd,nd->n", part - mu, prec, part - mu) for mu in means]
+            dists.append(np.asarray(np.sqrt(np.maximum(np.min(d2, axis=0), 0.0))))
+        return dists
+
+    def pca_distances(self, thumbs: F) -> tuple[F, F]:
         x = np.asarray(thumbs, np.float64) - self.pca_mean
         coeff = x @ self.pca_components.T
-        resid = x - coeff @ self.pca_components
-        return np.asarray(np.sqrt(np.mean(resid**2, axis=1)))
+        inside = np.sqrt(np.sum((coeff / self.pca_sigma) ** 2, axis=1))
+        resid = np.sqrt(np.mean((x - coeff @ self.pca_components) ** 2, axis=1))
+        return np.asarray(inside), np.asarray(resid)
 
-    def scores(self, emb: F, thumbs: F) -> tuple[F, F, F]:
-        """(combined, feature ratio, appearance ratio); combined = max of the two ratios."""
-        f = self.feature_distance(emb) / self.feature_scale
-        a = self.appearance_error(thumbs) / self.appearance_scale
-        return np.maximum(f, a), f, a
+    def parts(self, emb: F, thumbs: F) -> dict[str, F]:
+        """Each part's distance divided by its validation scale (1.0 = 99th percentile)."""
+        out = {
+            f"layer{i}": d / s
+            for i, (d, s) in enumerate(
+                zip(self.layer_distances(emb), self.layer_scales, strict=True)
+            )
+        }
+        inside, resid = self.pca_distances(thumbs)
+        out["pca_inside"] = inside / self.pca_scales[0]
+        out["pca_residual"] = resid / self.pca_scales[1]
+        return out
+
+    def scores(self, emb: F, thumbs: F) -> F:
+        """Combined OOD score per image (mean of the scaled parts)."""
+        return np.asarray(np.mean(list(self.parts(emb, thumbs).values()), axis=0))
 
     def save(self, path: Path) -> None:
-        np.savez(
-            path,
-            class_means=self.class_means,
-            precision=self.precision,
-            pca_mean=self.pca_mean,
-            pca_components=self.pca_components,
-            scales=np.array([self.feature_scale, self.appearance_scale]),
-        )
+        arrays: dict[str, Any] = {
+            "layer_dims": np.array(self.layer_dims),
+            "layer_scales": np.array(self.layer_scales),
+            "pca_mean": self.pca_mean,
+            "pca_components": self.pca_components,
+            "pca_sigma": self.pca_sigma,
+            "pca_scales": np.array(self.pca_scales),
+        }
+        for i, (m, p) in enumerate(zip(self.class_means, self.precisions, strict=True)):
+            arrays[f"means{i}"] = m.astype(np.float32)
+            arrays[f"precision{i}"] = p.astype(np.float32)
+        np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> OODModel:
         with np.load(path) as z:
+            dims = tuple(int(d) for d in z["layer_dims"])
             return cls(
-                class_means=z["class_means"],
-                precision=z["precision"],
+                layer_dims=dims,
+                class_means=tuple(z[f"means{i}"].astype(np.float64) for i in range(len(dims))),
+                precisions=tuple(z[f"precision{i}"].astype(np.float64) for i in range(len(dims))),
+                layer_scales=tuple(float(s) for s in z["layer_scales"]),
                 pca_mean=z["pca_mean"],
                 pca_components=z["pca_components"],
-                feature_scale=float(z["scales"][0]),
-                appearance_scale=float(z["scales"][1]),
+                pca_sigma=z["pca_sigma"],
+                pca_scales=(float(z["pca_scales"][0]), float(z["pca_scales"][1])),
             )
+
+
+def _gaussian(part: F, labels: F, shrinkage: float) -> tuple[F, F]:
+    means = np.stack([part[labels == c].mean(axis=0) for c in (0, 1)])
+    centred = part - means[labels]
+    cov = np.atleast_2d(np.cov(centred, rowvar=False))
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * np.eye(d) * np.trace(cov) / d
+    return means, np.linalg.inv(cov)
 
 
 def fit_ood(
@@ -181,29 +230,41 @@ def fit_ood(
     val_emb: F,
     val_thumbs: F,
     *,
+    layer_dims: tuple[int, ...] | None = None,
     n_components: int = 24,
     shrinkage: float = 0.1,
     quantile: float = 99.0,
 ) -> OODModel:
-    """Fit on training features/thumbnails; scale each distance by its validation quantile."""
+    """Fit on training embeddings/thumbnails; scale each part by its validation quantile."""
     emb = np.asarray(train_emb, np.float64)
-    labels = np.asarray(train_labels)
-    means = np.stack([emb[labels == c].mean(axis=0) for c in (0, 1)])
-    centred = emb - means[labels]
-    cov = np.cov(centred, rowvar=False)
-    cov = (1 - shrinkage) * cov + shrinkage * np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
-    precision = np.linalg.inv(cov)
+    labels = np.asarray(train_labels).astype(int)
+    dims = tuple(layer_dims) if layer_dims else (emb.shape[1],)
     thumbs = np.asarray(train_thumbs, np.float64)
     pca_mean = thumbs.mean(axis=0)
-    _, _, vt = np.linalg.svd(thumbs - pca_mean, full_matrices=False)
-    model = OODModel(means, precision, pca_mean, vt[:n_components], 1.0, 1.0)
-    f = model.feature_distance(val_emb)
-    a = model.appearance_error(val_thumbs)
-    return OODModel(
-        means,
-        precision,
+    _, sv, vt = np.linalg.svd(thumbs - pca_mean, full_matrices=False)
+    k = min(n_components, len(sv))
+    sigma = np.maximum(sv[:k] / np.sqrt(max(len(thumbs) - 1, 1)), 1e-6)
+    draft = OODModel(dims, (), (), (), pca_mean, vt[:k], sigma, (1.0, 1.0))
+    gaussians = [_gaussian(part, labels, shrinkage) for part in draft._layers(emb)]
+    draft = OODModel(
+        dims,
+        tuple(g[0] for g in gaussians),
+        tuple(g[1] for g in gaussians),
+        tuple(1.0 for _ in dims),
         pca_mean,
-        vt[:n_components],
-        float(np.percentile(f, quantile)),
-        float(np.percentile(a, quantile)),
+        vt[:k],
+        sigma,
+        (1.0, 1.0),
+    )
+    layer_val = draft.layer_distances(val_emb)
+    inside, resid = draft.pca_distances(val_thumbs)
+    return OODModel(
+        dims,
+        draft.class_means,
+        draft.precisions,
+        tuple(float(np.percentile(d, quantile)) for d in layer_val),
+        pca_mean,
+        vt[:k],
+        sigma,
+        (float(np.percentile(inside, quantile)), float(np.percentile(resid, quantile))),
     )

@@ -119,21 +119,41 @@ class ModelRunner:
         )
 
 
+# Which ReLU outputs (in model order) feed the input check: the middle blocks. Early layers see
+# only texture and the last one only the classes; the middle ones separated non-chest images
+# best (knee, dog lateral, photos, documents, rotated chests) in the experiment of the v1 run.
+OOD_ACTIVATIONS = slice(2, 7)
+
+
+def ood_layer_dims(trained: Any) -> list[int]:
+    """Channel count of each activation that the serving model's embedding concatenates."""
+    import keras
+
+    acts = [la for la in trained.layers if isinstance(la, keras.layers.Activation)]
+    return [int(a.output.shape[-1]) for a in acts[OOD_ACTIVATIONS]]
+
+
 def serving_model(trained: Any) -> Any:
-    """Wrap a trained member (see training.models) into the three-output serving model."""
+    """Wrap a trained member (see training.models) into the three-output serving model.
+
+    ``embedding`` concatenates the spatial means of the OOD_ACTIVATIONS feature maps.
+    """
     import keras
     from keras import layers
 
     dense = trained.get_layer("logit")
     fmap = trained.get_layer("features").output
     kernel, bias = dense.get_weights()
-    h, w = int(fmap.shape[1]), int(fmap.shape[2])
     cam_layer = layers.Dense(1, name="cam")
     cam = cam_layer(fmap)
     cam_layer.set_weights([kernel, bias])
-    emb = layers.GlobalAveragePooling2D(name="embedding")(fmap)
+    acts = [la for la in trained.layers if isinstance(la, keras.layers.Activation)]
+    pooled = [
+        layers.GlobalAveragePooling2D(name=f"ood_pool{i}")(a.output)
+        for i, a in enumerate(acts[OOD_ACTIVATIONS])
+    ]
+    emb = layers.Concatenate(name="embedding")(pooled)
     logit = trained.outputs[0]
-    del h, w
     return keras.Model(trained.inputs, {"logit": logit, "embedding": emb, "cam": cam})
 
 

@@ -103,8 +103,8 @@ class Predictor:
         x = np.stack([preprocess(img, cfg) for img in images])[..., None]
         raw = self.runner.run(x)
         thumbs = np.stack([thumbnail(xi[..., 0]) for xi in x])
-        ood, _, _ = self.ood.scores(raw.embedding, thumbs)
-        probs = 1.0 / (1.0 + np.exp(-raw.logits.astype(np.float64) / self.meta.temperature))
+        ood = self.ood.scores(raw.embedding, thumbs)
+        probs = self.meta.probability(raw.logits)
         out = []
         for i, img in enumerate(images):
             score = float(ood[i])

@@ -32,6 +32,33 @@ def fit_temperature(y: Array, logits: Array) -> float:
     return float(np.exp(res.x))
 
 
+def fit_platt(y: Array, logits: Array) -> tuple[float, float]:
+    """Temperature and bias (T, b) minimising the NLL of sigmoid(z / T + b) (Platt scaling).
+
+    Why a bias as well as a temperature: class-weighted training centres the logits on a
+    balanced prior, which a temperature alone cannot move.
+    """
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, dtype=np.float64)
+    yy = np.asarray(y, dtype=np.float64)
+
+    def loss(ab: Array) -> float:
+        s = ab[0] * z + ab[1]
+        return float(np.mean(np.logaddexp(0.0, s) - yy * s))
+
+    res = minimize(
+        loss,
+        np.array([1.0, 0.0]),
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 2000},
+    )
+    a, b = float(res.x[0]), float(res.x[1])
+    if a <= 0:
+        raise ValueError("Platt scaling found a non-positive slope: logits do not rank the classes")
+    return 1.0 / a, b
+
+
 def threshold_for_sensitivity(y: Array, p: Array, target: float) -> float:
     """The highest threshold whose sensitivity (p >= threshold) is at least ``target``."""
     y = np.asarray(y).astype(bool)

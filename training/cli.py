@@ -42,8 +42,12 @@ def train(
         float, typer.Option(help="Operating point: keep at least this validation sensitivity")
     ] = 0.95,
     threshold_on: Annotated[
-        str, typer.Option(help="'stress' (validation + shifted copies) or 'clean' validation")
-    ] = "stress",
+        str,
+        typer.Option(
+            help="Where the sensitivity target must hold: 'clean' validation, 'stress' (its "
+            "shifted copies pooled) or 'both' (the lower threshold)"
+        ),
+    ] = "both",
     ood_dicom_dir: Annotated[
         Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
     ] = None,

@@ -34,14 +34,12 @@ def evaluate_folder(
         x = np.stack([preprocess(read_image_file(s.path)[0], meta.preprocess) for s in chunk])
         x = x[..., None]
         raw = predictor.runner.run(x)
-        score, _, _ = predictor.ood.scores(
-            raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x])
-        )
+        score = predictor.ood.scores(raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x]))
         logits.append(raw.logits)
         ood.append(score)
     logit = np.concatenate(logits).astype(np.float64)
     ood_score = np.concatenate(ood)
-    p = 1.0 / (1.0 + np.exp(-logit / meta.temperature))
+    p = meta.probability(logit)
     y = np.array([s.label for s in samples])
     out.mkdir(parents=True, exist_ok=True)
     extra = {
@@ -53,6 +51,7 @@ def evaluate_folder(
             "path": str(model),
             "backend": predictor.runner.backend,
             "temperature": meta.temperature,
+            "logit_bias": meta.logit_bias,
             "threshold_rule": meta.threshold_rule,
         },
         "ood_declined": {

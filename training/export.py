@@ -16,7 +16,7 @@ from inference.artifact import ArtifactMeta, write_meta
 from inference.input_check import fit_ood, thumbnail
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, stress
-from training.calibration import fit_temperature, sigmoid, threshold_for_sensitivity
+from training.calibration import fit_platt, fit_temperature, sigmoid, threshold_for_sensitivity
 from training.data import CLASS_NAMES
 from training.metrics import binary_metrics
 from training.report import write_report
@@ -52,9 +52,15 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     if art.exists():
         shutil.rmtree(art)
     art.mkdir(parents=True)
+    from inference.model import ood_layer_dims
+
     stems = []
+    layer_dims: tuple[int, ...] = ()
     for i, path in enumerate(members):
-        serve = serving_model(keras.models.load_model(path, compile=False))
+        trained = keras.models.load_model(path, compile=False)
+        if i == 0:
+            layer_dims = tuple(ood_layer_dims(trained))
+        serve = serving_model(trained)
         serve.save(art / f"member{i}.keras")
         (art / f"member{i}.tflite").write_bytes(to_tflite(serve))
         stems.append(f"member{i}")
@@ -89,22 +95,33 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     all_stress = np.concatenate([stress_logits[n] for n in STRESS_NAMES])
     y_all_stress = np.tile(y_val, len(STRESS_NAMES))
 
-    # Temperature on clean + one-shift-per-image validation: calibrated for shifted inputs too.
+    # Calibration on clean + one-shift-per-image validation, so shifted inputs count too.
     cal_logits = np.concatenate([val_logit, s1_logit])
     cal_y = np.concatenate([y_val, y_val])
-    temperature = fit_temperature(cal_y, cal_logits)
+    temperature_only = fit_temperature(cal_y, cal_logits)
+    temperature, logit_bias = fit_platt(cal_y, cal_logits)
+
+    def prob(z: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        return sigmoid(np.asarray(z) / temperature + logit_bias)
 
     # Threshold: highest threshold keeping the target sensitivity on the chosen validation set.
     target = float(config.extra.get("threshold_sensitivity", 0.95))
-    on = str(config.extra.get("threshold_on", "stress"))
+    on = str(config.extra.get("threshold_on", "both"))
+    t_clean = threshold_for_sensitivity(y_val, prob(val_logit), target)
+    t_shift = threshold_for_sensitivity(y_all_stress, prob(all_stress), target)
     if on == "clean":
-        thr_y, thr_logits = y_val, val_logit
-        rule_set = "the clean validation split"
+        threshold, rule_set = t_clean, "the clean validation split"
+    elif on == "stress":
+        threshold = t_shift
+        rule_set = f"the {len(STRESS_NAMES)} shifted copies of the validation split, pooled"
+    elif on == "both":
+        threshold = min(t_clean, t_shift)
+        rule_set = (
+            f"the clean validation split and on its {len(STRESS_NAMES)} shifted copies pooled "
+            "(the lower of the two thresholds)"
+        )
     else:
-        thr_y = np.concatenate([y_val, y_all_stress])
-        thr_logits = np.concatenate([val_logit, all_stress])
-        rule_set = f"the validation split plus its {len(STRESS_NAMES)} shifted copies"
-    threshold = threshold_for_sensitivity(thr_y, sigmoid(thr_logits / temperature), target)
+        raise ValueError(f"threshold_on must be clean, stress or both, not {on!r}")
     rule = f"highest threshold with sensitivity >= {target:.2f} on {rule_set}"
 
     # Input check: fitted on training images, scaled and thresholded on validation.
@@ -112,17 +129,24 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     _, train_emb = run_batches(runner, train_x)
     val_both_emb = np.concatenate([val_emb, s1_emb])
     val_both_thumbs = np.concatenate([_thumbs(prep.val_x), _thumbs(prep.val_stress_x)])
-    ood = fit_ood(train_emb, prep.train_y, _thumbs(train_x), val_both_emb, val_both_thumbs)
+    ood = fit_ood(
+        train_emb,
+        prep.train_y,
+        _thumbs(train_x),
+        val_both_emb,
+        val_both_thumbs,
+        layer_dims=layer_dims,
+    )
     ood.save(art / "ood.npz")
-    val_ood, _, _ = ood.scores(val_both_emb, val_both_thumbs)
+    val_ood = ood.scores(val_both_emb, val_both_thumbs)
     ood_quantile = float(config.extra.get("ood_quantile", 99.5))
-    ood_margin = float(config.extra.get("ood_margin", 1.25))
+    ood_margin = float(config.extra.get("ood_margin", 1.0))
     ood_threshold = float(np.percentile(val_ood, ood_quantile)) * ood_margin
 
     neg_kinds, neg_imgs = zip(*negatives(list(prep.val_images)), strict=True)
     neg_x = preprocess_batch(list(neg_imgs), pre)
     _, neg_emb = run_batches(runner, neg_x)
-    neg_score, _, _ = ood.scores(neg_emb, _thumbs(neg_x))
+    neg_score = ood.scores(neg_emb, _thumbs(neg_x))
     ood_eval: dict[str, Any] = {
         "validation_declined": float(np.mean(val_ood > ood_threshold)),
         "validation_clean_declined": float(np.mean(val_ood[: len(y_val)] > ood_threshold)),
@@ -140,7 +164,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     )
 
     # Validation reports.
-    p_val = sigmoid(val_logit / temperature)
+    p_val = prob(val_logit)
     subgroups = [s.subgroup for s in prep.val]
     val_report = write_report(
         y_val,
@@ -152,11 +176,11 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     )
     stress_table = {}
     for name in STRESS_NAMES:
-        sm = binary_metrics(y_val, sigmoid(stress_logits[name] / temperature), threshold)
+        sm = binary_metrics(y_val, prob(stress_logits[name]), threshold)
         stress_table[name] = {
             k: sm[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
         }
-    p_all = sigmoid(all_stress / temperature)
+    p_all = prob(all_stress)
     pooled = write_report(
         y_all_stress,
         p_all,
@@ -167,6 +191,8 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     )
     uncal = binary_metrics(y_val, sigmoid(val_logit), 0.5)
     uncal_stress = binary_metrics(y_all_stress, sigmoid(all_stress), 0.5)
+    t_only = binary_metrics(y_val, sigmoid(val_logit / temperature_only), 0.5)
+    t_only_stress = binary_metrics(y_all_stress, sigmoid(all_stress / temperature_only), 0.5)
 
     history = []
     for i in range(len(members)):
@@ -203,6 +229,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         preprocess=pre,
         members=tuple(stems),
         temperature=temperature,
+        logit_bias=logit_bias,
         threshold=threshold,
         threshold_rule=rule,
         ood_threshold=ood_threshold,
@@ -215,7 +242,14 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         "validation_shifted_pooled": pooled,
         "stress": stress_table,
         "uncalibrated_threshold_0.5": {"clean": uncal, "shifted": uncal_stress},
+        "temperature_only": {
+            "temperature": temperature_only,
+            "clean": t_only,
+            "shifted": t_only_stress,
+        },
         "temperature": temperature,
+        "logit_bias": logit_bias,
+        "threshold_candidates": {"clean": t_clean, "shifted": t_shift},
         "threshold": threshold,
         "threshold_rule": rule,
         "ood": ood_eval,
@@ -256,7 +290,7 @@ def _score_dicom_folder(
         ds = pydicom.dcmread(path)
         x = preprocess(dicom_to_image(ds).image, pre)[None, ..., None]
         raw = runner.run(x)
-        score, _, _ = ood.scores(raw.embedding, _thumbs(x))
+        score = ood.scores(raw.embedding, _thumbs(x))
         out[path.name] = {
             "ood_score": float(score[0]),
             "ood_declined": bool(score[0] > threshold),

@@ -54,8 +54,9 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         f"  weights), {len(meta.members)} member(s); ensemble logit = mean of member logits.",
         f"- Input: grayscale, plain resize to {meta.preprocess.size}x{meta.preprocess.size},",
         "  histogram equalisation (256 levels), centred (see inference/preprocess.py).",
-        "- Output: P(pneumonia) = sigmoid(logit / T), temperature "
-        f"T = {meta.temperature:.3f} (fitted on validation, clean + shifted copies).",
+        "- Output: P(pneumonia) = sigmoid(logit / T + b), Platt scaling with "
+        f"T = {meta.temperature:.3f}, b = {meta.logit_bias:.3f}",
+        "  (fitted on validation: clean images plus one shifted copy of each).",
         f"- Operating threshold: **{meta.threshold:.4f}**; rule: {meta.threshold_rule}.",
         "- Heat map: class-activation map of the last convolution (equal to Grad-CAM for this",
         "  global-average-pooling head).",
@@ -77,7 +78,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "",
         "## Validation results (patient-level validation split; NOT the official test split)",
         "",
-        "Clean validation images, threshold and temperature as shipped:",
+        "Clean validation images, threshold and calibration as shipped:",
         "",
         *_metrics_table(val),
         "",
@@ -107,11 +108,19 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
     for g, m in sub.items():
         lines.append(f"| {g} | {m['n']} | {_ci(m['auc_vs_normal'])} | {_ci(m['sensitivity'])} |")
     unc = summary["uncalibrated_threshold_0.5"]
+    tonly = summary["temperature_only"]
+    cands = summary["threshold_candidates"]
     lines += [
         "",
-        "Calibration: before temperature scaling (T = 1, threshold 0.5) validation ECE was "
-        f"{unc['clean']['ece']:.3f} clean and {unc['shifted']['ece']:.3f} shifted; after, "
-        f"{val['ece']['value']:.3f} clean and {pooled['ece']['value']:.3f} shifted.",
+        "Calibration (ECE, validation): raw logits "
+        f"{unc['clean']['ece']:.3f} clean / {unc['shifted']['ece']:.3f} shifted; temperature "
+        f"only (T = {tonly['temperature']:.2f}) {tonly['clean']['ece']:.3f} / "
+        f"{tonly['shifted']['ece']:.3f}; shipped Platt scaling {val['ece']['value']:.3f} / "
+        f"{pooled['ece']['value']:.3f}. A temperature alone cannot undo the shift of the logits",
+        "that class-weighted training causes; the bias term does.",
+        "",
+        f"Threshold candidates (sensitivity >= target): clean validation {cands['clean']:.4f}, "
+        f"shifted copies {cands['shifted']:.4f}; shipped {meta.threshold:.4f}.",
         "",
         "Plots: validation/ (confusion matrix, ROC, precision-recall, reliability) and",
         "validation_shifted/.",
@@ -121,8 +130,11 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "to be lower than these, mostly in specificity.",
         "",
         "## Input check (out-of-distribution score)",
-        f"Score = max of two distances scaled by their 99th validation percentile; declined above "
-        f"{meta.ood_threshold:.3f} ({summary.get('ood_rule', '')}).",
+        "Score = mean of several distances from the training images, each divided by its 99th",
+        "percentile on validation: Mahalanobis distances of the pooled features of five middle",
+        "blocks of the network, and the whitened and residual PCA distances of the 32x32",
+        f"preprocessed image. Declined above {meta.ood_threshold:.3f} "
+        f"({summary.get('ood_rule', '')}).",
         f"Validation chest images declined: {ood['validation_clean_declined']:.2%} clean, "
         f"{ood['validation_declined']:.2%} clean + shifted.",
         "",

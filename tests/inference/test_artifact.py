@@ -45,7 +45,11 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = ModelRunner(folder, meta, backend="keras").run(x)
     thumbs = np.stack([thumbnail(v[..., 0]) for v in x])
     labels = np.array([0] * 10 + [1] * 10)
-    fit_ood(raw.embedding, labels, thumbs, raw.embedding, thumbs).save(folder / "ood.npz")
+    from inference.model import ood_layer_dims
+
+    dims = tuple(ood_layer_dims(build_model("cnn-s", SIZE, seed=1)))
+    ood = fit_ood(raw.embedding, labels, thumbs, raw.embedding, thumbs, layer_dims=dims)
+    ood.save(folder / "ood.npz")
     # A generous threshold: the tiny untrained model must not decline the fixture chests.
     from dataclasses import replace
 

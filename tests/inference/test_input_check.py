@@ -93,32 +93,42 @@ def test_not_an_image() -> None:
     assert header_decline_reason(ds) is not None
 
 
-def _fitted(tmp: Path | None = None) -> tuple[OODModel, np.ndarray, np.ndarray]:
+def _fitted() -> tuple[OODModel, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     basis = rng.normal(size=(3, 64))
     thumbs = rng.normal(size=(400, 3)) @ basis + 0.05 * rng.normal(size=(400, 64))
-    emb = rng.normal(size=(400, 8))
+    emb = rng.normal(size=(400, 12))
     labels = (rng.random(400) < 0.5).astype(int)
     emb[labels == 1] += 3.0
-    model = fit_ood(emb[:300], labels[:300], thumbs[:300], emb[300:], thumbs[300:], n_components=3)
+    model = fit_ood(
+        emb[:300], labels[:300], thumbs[:300], emb[300:], thumbs[300:],
+        layer_dims=(4, 8), n_components=3,
+    )
     return model, emb[300:], thumbs[300:]
 
 
 def test_ood_scores_in_and_out_of_distribution() -> None:
     model, emb, thumbs = _fitted()
-    combined, f, a = model.scores(emb, thumbs)
-    # Scaled by the validation 99th percentile: about 1% of in-distribution above 1.
-    assert np.mean(combined > 1.0) <= 0.03
+    parts = model.parts(emb, thumbs)
+    assert set(parts) == {"layer0", "layer1", "pca_inside", "pca_residual"}
+    for name, values in parts.items():
+        # Each part is scaled by its validation 99th percentile.
+        assert np.mean(values > 1.0) <= 0.03, name
+    combined = model.scores(emb, thumbs)
+    assert np.allclose(combined, np.mean(list(parts.values()), axis=0))
     rng = np.random.default_rng(1)
-    far_emb = emb + 25.0
-    odd_thumbs = rng.normal(size=thumbs.shape) * 3
-    assert np.all(model.scores(far_emb, thumbs)[0] > 2)
-    assert np.all(model.scores(emb, odd_thumbs)[0] > 2)
-    assert np.allclose(combined, np.maximum(f, a))
+    assert np.all(model.scores(emb + 25.0, thumbs) > 2)
+    assert np.all(model.scores(emb, rng.normal(size=thumbs.shape) * 3) > 2)
+
+
+def test_ood_rejects_wrong_embedding_width() -> None:
+    model, emb, thumbs = _fitted()
+    with pytest.raises(ValueError):
+        model.scores(emb[:, :5], thumbs)
 
 
 def test_ood_save_load_round_trip(tmp_path: Path) -> None:
     model, emb, thumbs = _fitted()
     model.save(tmp_path / "ood.npz")
     loaded = OODModel.load(tmp_path / "ood.npz")
-    np.testing.assert_allclose(loaded.scores(emb, thumbs)[0], model.scores(emb, thumbs)[0])
+    np.testing.assert_allclose(loaded.scores(emb, thumbs), model.scores(emb, thumbs), rtol=1e-5)
