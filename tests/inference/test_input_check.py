@@ -101,8 +101,13 @@ def _fitted() -> tuple[OODModel, np.ndarray, np.ndarray]:
     labels = (rng.random(400) < 0.5).astype(int)
     emb[labels == 1] += 3.0
     model = fit_ood(
-        emb[:300], labels[:300], thumbs[:300], emb[300:], thumbs[300:],
-        layer_dims=(4, 8), n_components=3,
+        emb[:300],
+        labels[:300],
+        thumbs[:300],
+        emb[300:],
+        thumbs[300:],
+        layer_dims=(4, 8),
+        n_components=3,
     )
     return model, emb[300:], thumbs[300:]
 
