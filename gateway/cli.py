@@ -66,7 +66,11 @@ def worker(
     from gateway.service import configure_logging, run_worker
 
     configure_logging()
-    run_worker(_settings(), concurrency=concurrency, pool=pool)
+    try:
+        run_worker(_settings(), concurrency=concurrency, pool=pool)
+    except ConfigurationError as exc:
+        typer.echo(f"cxr-gateway worker: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
 
 
 def _dicom_files(paths: list[Path]) -> list[Path]:

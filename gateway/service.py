@@ -17,6 +17,7 @@ from types import FrameType
 from gateway.coordinator import Coordinator
 from gateway.db.migrate import upgrade
 from gateway.db.session import make_engine, make_session_factory
+from gateway.errors import ConfigurationError
 from gateway.ingest import Ingestor, Limits
 from gateway.listener import Listener
 from gateway.queue import QUEUE_NAME, make_celery
@@ -96,7 +97,16 @@ def run_listener(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -> None:
-    """Run a Celery worker in this process (blocks)."""
+    """Run a Celery worker in this process (blocks). Refuses to start when the model artifact
+    is missing or corrupt (checked without TensorFlow, which loads in each pool process), so a
+    supervisor or container health check sees the problem instead of jobs failing one by one."""
+    from inference.artifact import ArtifactError, read_meta
+    from inference.predictor import default_model_dir
+
+    try:
+        read_meta(settings.model_dir or default_model_dir())
+    except (ArtifactError, OSError, ValueError) as exc:
+        raise ConfigurationError(f"model artifact unusable: {exc}") from exc
     engine = make_engine(settings.database)
     upgrade(engine)  # a worker may start before the listener on a fresh database
     engine.dispose()
@@ -146,11 +156,23 @@ def serve(settings: Settings) -> None:
         return subprocess.Popen(cmd, env=os.environ.copy())
 
     def supervise() -> None:
+        # Restart a dead worker; back off (up to 5 min) while it keeps dying young, so that a
+        # broken model or database does not turn into a restart loop.
+        delay, started_at = 2.0, time.monotonic()
         while not stop.is_set():
             for i, child in enumerate(children):
-                if child.poll() is not None and not stop.is_set():
-                    log.error("worker process exited with %s; restarting", child.returncode)
-                    children[i] = start_worker()
+                if child.poll() is None or stop.is_set():
+                    continue
+                lived = time.monotonic() - started_at
+                delay = 2.0 if lived > 300 else min(300.0, delay * 2)
+                log.error(
+                    "worker process exited with %s after %.0f s; restarting in %.0f s",
+                    child.returncode, lived, delay,
+                )
+                if stop.wait(delay):
+                    return
+                children[i] = start_worker()
+                started_at = time.monotonic()
             stop.wait(2)
 
     if settings.workers > 0:
