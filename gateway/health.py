@@ -36,11 +36,11 @@ def check_database(settings: Settings) -> Check:
 
 
 def check_broker(settings: Settings) -> Check:
-    from kombu import Connection
+    from kombu.connection import Connection
     from kombu.exceptions import KombuError
 
     try:
-        with Connection(settings.broker, connect_timeout=3) as conn:
+        with Connection(settings.broker, connect_timeout=3) as conn:  # type: ignore[no-untyped-call]
             conn.ensure_connection(max_retries=1, timeout=3)
     except (KombuError, OSError) as exc:
         return Check("broker", False, type(exc).__name__)
