@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway import studies
 from gateway.audit import record_event
 from gateway.db.models import Instance, utcnow
-from gateway.db.session import transaction
+from gateway.db.session import READ_ONLY, transaction
 from gateway.errors import IngestError
 from gateway.spool import Spool, SpoolFull, is_valid_uid
 
@@ -212,10 +212,14 @@ class Ingestor:
         raise AssertionError("unreachable")
 
     def _is_duplicate(self, peer: Peer, sop_uid: str, study_uid: str) -> bool:
+        query = select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)
+        with self.sessions() as session:
+            # A read that takes no write lock (SQLite), so it never waits behind other stores.
+            session.connection(execution_options={READ_ONLY: True})
+            if session.execute(query).first() is None:
+                return False
         with transaction(self.sessions) as session:
-            existing = session.execute(
-                select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)
-            ).first()
+            existing = session.execute(query).first()
             if existing is None:
                 return False
             record_event(

@@ -8,6 +8,7 @@ record; the console shows the images as purged). Each purge is audited.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,8 @@ def purge_spool(
             continue
         for path in existing:
             path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # not empty (another version's files) or gone
             existing[0].parent.rmdir()
-        except OSError:
-            pass  # not empty (another version's files) or already gone
         with transaction(sessions) as session:
             record_event(
                 session=session, kind="spool.purged", actor=actor, study_uid=uid,

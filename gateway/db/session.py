@@ -11,6 +11,7 @@ from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "cxr_read_only"  # execution option: a read-only transaction (no write lock)
 
 
 def make_engine(url: str) -> Engine:
@@ -45,7 +46,9 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock up front: read-then-write transactions (the audit hash
         # chain, study versioning) cannot interleave, and waiting happens in busy_timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only transactions (READ_ONLY option) take no lock; WAL lets them run alongside.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
