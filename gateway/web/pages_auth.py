@@ -3,13 +3,16 @@ failed login and logout is audited."""
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
+from sqlalchemy import func, select
 
+from gateway.db.models import AuditEvent, utcnow
 from gateway.db.session import transaction
 from gateway.web.deps import (
     SESSION_COOKIE,
@@ -45,11 +48,49 @@ def _set_cookie(request: Request, response: Response, name: str, value: str) -> 
     )
 
 
+class LoginThrottled(Exception):
+    """Too many failed logins for this user name from this address: wait, then try again."""
+
+
+MAX_FAILURES = 10
+FAILURE_WINDOW = dt.timedelta(minutes=15)
+
+
+def _throttled(request: Request, username: str) -> bool:
+    """Counted from the audit log itself: failed logins for this name from this address in
+    the last 15 minutes. Per address, so an attacker elsewhere cannot lock a user out."""
+    since = utcnow() - FAILURE_WINDOW
+    with context(request).sessions() as session:
+        failures = session.execute(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(
+                AuditEvent.kind == "user.login_failed",
+                AuditEvent.occurred_at >= since,
+                AuditEvent.actor == username[:64],
+                AuditEvent.peer_address == client_ip(request),
+            )
+        ).scalar()
+    return int(failures or 0) >= MAX_FAILURES
+
+
+THROTTLED = "Too many failed logins; wait 15 minutes and try again."
+
+
 def _login(request: Request, username: str, password: str) -> tuple[str, CurrentUser] | None:
     """Check the credentials and open a session (audited either way)."""
     ctx = context(request)
     current: CurrentUser | None = None
     token = ""
+    if _throttled(request, username):
+        audit(
+            request,
+            kind="user.login_failed",
+            outcome="failure",
+            actor=username[:64],
+            detail={"reason": "too many failed logins from this address"},
+        )
+        raise LoginThrottled()
     with transaction(ctx.sessions) as session:
         user = authenticate(session, username, password)
         if user is not None:
@@ -100,7 +141,10 @@ def login_submit(
             login_csrf=csrf,
             next="/",
         )
-    done = _login(request, username, password)
+    try:
+        done = _login(request, username, password)
+    except LoginThrottled:
+        return render(request, "login.html", 429, error=THROTTLED, login_csrf=csrf, next="/")
     if done is None:
         return render(
             request,
@@ -142,7 +186,10 @@ class SessionInfo(BaseModel):
 @router.post("/api/session", response_model=SessionInfo, tags=["session"])
 def api_login(request: Request, body: Credentials) -> Response:
     """Log in; the session cookie is set. Send ``csrf_token`` as X-CSRF-Token on POSTs."""
-    done = _login(request, body.username, body.password)
+    try:
+        done = _login(request, body.username, body.password)
+    except LoginThrottled:
+        return problem(429, "Too Many Requests", THROTTLED)
     if done is None:
         return problem(401, "Unauthorized", "wrong user name or password")
     token, user = done

@@ -104,9 +104,13 @@ def study_page(request: Request, user: Reader, study_id: int) -> Response:
     detail = _study(request, user, study_id)
     if detail is None:
         return render(request, "error.html", 404, message=f"There is no study {study_id}.")
-    root = context(request).settings.heatmap_path
+    settings = context(request).settings
     for inst in detail["instances"]:
-        inst["has_heatmap"] = heatmap_file(root, study_id, inst["sop_instance_uid"]) is not None
+        inst["has_heatmap"] = (
+            heatmap_file(settings.heatmap_path, study_id, inst["sop_instance_uid"]) is not None
+        )
+    for d in detail["deliveries"]:
+        d["links"] = fhir_links(settings.fhir_base_url, d) if d["kind"] == "fhir" else []
     return render(request, "study.html", s=detail, retried=request.query_params.get("retried"))
 
 
@@ -117,6 +121,18 @@ def study_api(request: Request, user: Reader, study_id: int) -> Response:
     if detail is None:
         return problem(404, "Not Found", f"no study {study_id}")
     return JSONResponse(detail)
+
+
+def fhir_links(base: str, delivery: dict[str, Any]) -> list[tuple[str, str]]:
+    """Links to the FHIR resources a delivery created on the EHR (when its base URL is known)."""
+    if not base:
+        return []
+    links = []
+    for key, kind in (("diagnostic_report", "DiagnosticReport"), ("observations", "Observation")):
+        ids = delivery["remote_ids"].get(key) or []
+        for rid in [ids] if isinstance(ids, str) else ids:
+            links.append((f"{kind}/{rid}", f"{base.rstrip('/')}/{kind}/{rid}"))
+    return links
 
 
 def _instance_path(request: Request, study_id: int, sop: str) -> Path | None:

@@ -130,6 +130,21 @@ def test_login_logout_and_failures_are_audited(api: Api, sqlite_web_settings: Se
     assert [e.actor for e in events(sqlite_web_settings, "user.logout")] == ["admin"]
 
 
+def test_repeated_failed_logins_are_throttled(api: Api, sqlite_web_settings: Settings) -> None:
+    anon = api(None)
+    for _ in range(10):
+        r = anon.post("/api/session", json={"username": "admin", "password": "guess-guess-guess"})
+        assert r.status_code == 401
+    r = anon.post("/api/session", json={"username": "admin", "password": PASSWORDS["admin"]})
+    assert r.status_code == 429 and "wait 15 minutes" in r.json()["detail"]
+    # Other users (and this user from elsewhere) are not affected.
+    assert api("auditor").get("/api/studies").status_code == 200
+    reasons = [
+        json.loads(e.detail)["reason"] for e in events(sqlite_web_settings, "user.login_failed")
+    ]
+    assert reasons[-1] == "too many failed logins from this address"
+
+
 def test_idle_session_expires(api: Api, sqlite_web_settings: Settings) -> None:
     admin = api("admin")
     assert admin.get("/api/studies").status_code == 200
@@ -334,3 +349,16 @@ def test_console_on_postgresql(
     assert client.get("/api/audit/verify").json()["intact"] is True
     kinds = [e["kind"] for e in client.get("/api/audit/events", params={"kind": "phi."}).json()]
     assert kinds == ["phi.viewed"]
+
+
+def test_fhir_links_point_at_the_ehr() -> None:
+    from gateway.web.pages_studies import fhir_links
+
+    delivery = {"remote_ids": {"diagnostic_report": ["dr1"], "observations": ["o1", "o2"]}}
+    assert fhir_links("https://ehr.example/fhir/", delivery) == [
+        ("DiagnosticReport/dr1", "https://ehr.example/fhir/DiagnosticReport/dr1"),
+        ("Observation/o1", "https://ehr.example/fhir/Observation/o1"),
+        ("Observation/o2", "https://ehr.example/fhir/Observation/o2"),
+    ]
+    assert fhir_links("", delivery) == []
+    assert fhir_links("https://ehr.example/fhir", {"remote_ids": {"file": "x.json"}}) == []
