@@ -72,9 +72,21 @@ def send(port: int, aec: str, paths: list[Path], associations: int) -> float:
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aet", "BENCH", "-aec", aec, "-pdu", "131072", "127.0.0.1", str(port),
-             *map(str, chunk)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                aec,
+                "-pdu",
+                "131072",
+                "127.0.0.1",
+                str(port),
+                *map(str, chunk),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for chunk in chunks
     ]
@@ -92,8 +104,12 @@ def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
     args = ["storescp", "-aet", "REF", "-pdu", "131072", "-od", str(out)]
     if associations > 1:
         args.append("--fork")  # one process per association, as the gateway's threads
-    proc = subprocess.Popen([*args, str(port)], env=dict(os.environ, TCP_NODELAY="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port)
         return send(port, "REF", paths, associations)
@@ -124,9 +140,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return (f"{platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}"
-            f" | {dcmtk.strip()}")
+    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.split(
+        "\n"
+    )[0]
+    return (
+        f"{platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}"
+        f" | {dcmtk.strip()}"
+    )
 
 
 def main() -> None:
@@ -141,8 +161,10 @@ def main() -> None:
         global POSTGRES
         POSTGRES = start_postgres()
     print(f"machine: {machine()}")
-    print("sender: storescu (TCP_NODELAY=1, -pdu 131072); storescp: TCP_NODELAY=1, no fsync; "
-          f"gateway: fsync + database commit per instance, {args.database}")
+    print(
+        "sender: storescu (TCP_NODELAY=1, -pdu 131072); storescp: TCP_NODELAY=1, no fsync; "
+        f"gateway: fsync + database commit per instance, {args.database}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         sets = {
@@ -161,8 +183,10 @@ def main() -> None:
                 for receiver in ("storescp", "gateway"):
                     t = statistics.median(times[receiver])
                     ratio = ref / t
-                    print(f"{name:<10}{assoc:>6}{receiver:>10}{len(paths) / t:>11.1f}"
-                          f"{megabytes / t:>9.1f}{ratio:>8.2f}")
+                    print(
+                        f"{name:<10}{assoc:>6}{receiver:>10}{len(paths) / t:>11.1f}"
+                        f"{megabytes / t:>9.1f}{ratio:>8.2f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -63,32 +63,63 @@ def times(sessions, kind: str) -> dict[str, float]:  # type: ignore[no-untyped-d
     return out
 
 
-def run(workers: int, studies: list[list[Path]], work: Path, args: argparse.Namespace) -> dict[str, float]:
+def run(
+    workers: int, studies: list[list[Path]], work: Path, args: argparse.Namespace
+) -> dict[str, float]:
     redis = start_redis()
     fhir = start_fhir_test_server({})
     gw_port = free_port()
-    orthanc = start_orthanc(work / f"orthanc-{workers}", modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
+    orthanc = start_orthanc(
+        work / f"orthanc-{workers}", modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]}
+    )
     database = f"sqlite:///{work / f'gw-{workers}.sqlite3'}"
     env = {
-        "CXR_DATA_DIR": str(work / f"data-{workers}"), "CXR_DATABASE_URL": database,
-        "CXR_BROKER_URL": redis.url, "CXR_DICOM_PORT": str(gw_port),
-        "CXR_QUIET_SECONDS": str(args.quiet), "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.2",
-        "CXR_PACS_DESTINATIONS": json.dumps([{"name": "pacs", "ae_title": orthanc.aet,
-                                              "host": "127.0.0.1", "port": orthanc.dicom_port}]),
-        "CXR_FHIR_BASE_URL": fhir.base_url, "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
+        "CXR_DATA_DIR": str(work / f"data-{workers}"),
+        "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": redis.url,
+        "CXR_DICOM_PORT": str(gw_port),
+        "CXR_QUIET_SECONDS": str(args.quiet),
+        "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.2",
+        "CXR_PACS_DESTINATIONS": json.dumps(
+            [
+                {
+                    "name": "pacs",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ]
+        ),
+        "CXR_FHIR_BASE_URL": fhir.base_url,
+        "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
         "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": "urn:oid:1.2.3.4",
     }
     if args.model:
         env["CXR_MODEL_DIR"] = str(args.model)
     procs = [start_gateway(env, work / f"listen-{workers}.log", ("listen",))]
-    procs += [start_gateway(env, work / f"worker-{workers}-{i}.log", ("worker", "--pool", "solo"))
-              for i in range(workers)]
+    procs += [
+        start_gateway(env, work / f"worker-{workers}-{i}.log", ("worker", "--pool", "solo"))
+        for i in range(workers)
+    ]
     try:
         time.sleep(8)  # workers load the model
         sender_env = dict(os.environ, TCP_NODELAY="1")
         for study in studies:
-            subprocess.run(["storescu", "-aet", "BENCH", "-aec", "CXRGW", "127.0.0.1", str(gw_port),
-                            *map(str, study)], check=True, capture_output=True, env=sender_env)
+            subprocess.run(
+                [
+                    "storescu",
+                    "-aet",
+                    "BENCH",
+                    "-aec",
+                    "CXRGW",
+                    "127.0.0.1",
+                    str(gw_port),
+                    *map(str, study),
+                ],
+                check=True,
+                capture_output=True,
+                env=sender_env,
+            )
             time.sleep(args.gap)
         sessions = make_session_factory(make_engine(database))
         deadline = time.monotonic() + 600
@@ -99,8 +130,12 @@ def run(workers: int, studies: list[list[Path]], work: Path, args: argparse.Name
             time.sleep(0.5)
         stored = times(sessions, "instance.stored")
         with sessions() as session:
-            first = min(a.timestamp() for a in session.execute(
-                select(AuditEvent.occurred_at).where(AuditEvent.kind == "instance.stored")).scalars())
+            first = min(
+                a.timestamp()
+                for a in session.execute(
+                    select(AuditEvent.occurred_at).where(AuditEvent.kind == "instance.stored")
+                ).scalars()
+            )
         done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
         latencies = sorted(done[uid] - stored[uid] for uid in done)
         span = max(done.values()) - first
@@ -127,27 +162,47 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.0, help="seconds between studies sent")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    print(f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores"
+        f" | Python {platform.python_version()}"
+    )
     source = SHARED_CR if SHARED_CR.exists() else dicom_files.CHEST_CR
-    print(f"input: {args.studies} studies x {args.images} x {source.name} "
-          f"({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; SQLite + Redis")
+    print(
+        f"input: {args.studies} studies x {args.images} x {source.name} "
+        f"({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; SQLite + Redis"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        studies = [dicom_files.study_files(source, work / "in" / f"s{i}", args.images)
-                   for i in range(args.studies)]
+        studies = [
+            dicom_files.study_files(source, work / "in" / f"s{i}", args.images)
+            for i in range(args.studies)
+        ]
         flat = [p for s in studies for p in s]
         limit = bare_limit(flat[: min(len(flat), 20)], args.model)
         bare_per_min = 60 * limit / args.images
         print(f"bare limit: {limit:.1f} images/s = {bare_per_min:.1f} studies/min (1 process)")
-        print(f"{'workers':>8}{'studies':>9}{'studies/min':>13}{'of bare':>9}{'p50 s':>8}{'p95 s':>8}")
+        print(
+            f"{'workers':>8}{'studies':>9}{'studies/min':>13}{'of bare':>9}{'p50 s':>8}{'p95 s':>8}"
+        )
         for n in args.workers:
             r = run(n, studies, work, args)
-            print(f"{n:>8}{r['studies']:>9.0f}{r['per_min']:>13.1f}{r['per_min'] / bare_per_min:>9.2f}"
-                  f"{r['p50']:>8.2f}{r['p95']:>8.2f}")
-            studies = [dicom_files.study_files(source, work / f"in{n}" / f"s{i}", args.images)
-                       for i in range(args.studies)]
+            print(
+                f"{n:>8}{r['studies']:>9.0f}{r['per_min']:>13.1f}"
+                f"{r['per_min'] / bare_per_min:>9.2f}"
+                f"{r['p50']:>8.2f}{r['p95']:>8.2f}"
+            )
+            studies = [
+                dicom_files.study_files(source, work / f"in{n}" / f"s{i}", args.images)
+                for i in range(args.studies)
+            ]
 
 
 if __name__ == "__main__":

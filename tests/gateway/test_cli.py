@@ -137,7 +137,9 @@ def test_readme_documents_every_setting() -> None:
     assert missing == []
 
 
-def test_purge_spool_keeps_unfinished_studies(gateway_factory: Callable[..., RunningGateway], tmp_path: Path) -> None:
+def test_purge_spool_keeps_unfinished_studies(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
     from sqlalchemy import update
 
     from gateway.db.models import Study
@@ -146,8 +148,12 @@ def test_purge_spool_keeps_unfinished_studies(gateway_factory: Callable[..., Run
     gw = gateway_factory()
     files.study_files(files.CHEST_CR, tmp_path / "a", 2)
     files.study_files(files.CHEST_CR, tmp_path / "b", 1)
-    assert cli("send", str(tmp_path / "a"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
-    assert cli("send", str(tmp_path / "b"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    assert (
+        cli("send", str(tmp_path / "a"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    )
+    assert (
+        cli("send", str(tmp_path / "b"), "--port", str(gw.port), "--aet", "CXRGW").returncode == 0
+    )
     a_uid = str(dcmread(next((tmp_path / "a").iterdir())).StudyInstanceUID)
     with transaction(gw.sessions) as session:  # study a is finished; b is still receiving
         session.execute(update(Study).where(Study.study_uid == a_uid).values(state="reported"))

@@ -28,15 +28,20 @@ def production(
     def start(workers: int = 2) -> tuple[Recorded, list[GatewayProcess], int]:
         database = postgres_server.create_database(f"faults_{time.monotonic_ns()}")
         env = {
-            "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_DATABASE_URL": database,
-            "CXR_BROKER_URL": redis_server.url, "CXR_QUIET_SECONDS": "1",
-            "CXR_RECONCILE_INTERVAL_SECONDS": "1", "CXR_MODEL_DIR": str(model_dir),
+            "CXR_DATA_DIR": str(tmp_path / "data"),
+            "CXR_DATABASE_URL": database,
+            "CXR_BROKER_URL": redis_server.url,
+            "CXR_QUIET_SECONDS": "1",
+            "CXR_RECONCILE_INTERVAL_SECONDS": "1",
+            "CXR_MODEL_DIR": str(model_dir),
             "CXR_DELIVERY_BACKOFF_SECONDS": "1",
         }
         listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
         procs.append(listener)
         for i in range(workers):
-            procs.append(start_gateway(env, tmp_path / f"worker{i}.log", ("worker", "--pool", "solo")))
+            procs.append(
+                start_gateway(env, tmp_path / f"worker{i}.log", ("worker", "--pool", "solo"))
+            )
         return Recorded(database), procs, listener.dicom_port
 
     yield start
@@ -52,7 +57,9 @@ def uid(study: list[Path]) -> str:
     return str(dcmread(study[0], stop_before_pixels=True).StudyInstanceUID)
 
 
-def test_two_competing_workers_process_each_study_once(production: Callable[..., tuple[Recorded, list[GatewayProcess], int]], tmp_path: Path) -> None:
+def test_two_competing_workers_process_each_study_once(
+    production: Callable[..., tuple[Recorded, list[GatewayProcess], int]], tmp_path: Path
+) -> None:
     db, procs, port = production(workers=2)
     studies = make_studies(tmp_path, 8, 2)
     for study in studies:
@@ -69,7 +76,8 @@ def test_two_competing_workers_process_each_study_once(production: Callable[...,
 
 def test_postgres_restart_loses_nothing(
     production: Callable[..., tuple[Recorded, list[GatewayProcess], int]],
-    postgres_server: Postgres, tmp_path: Path,
+    postgres_server: Postgres,
+    tmp_path: Path,
 ) -> None:
     db, procs, port = production(workers=1)
     studies = make_studies(tmp_path, 4, 1)
@@ -91,8 +99,11 @@ def test_postgres_restart_loses_nothing(
 
 def _fds_and_rss(pid: int) -> tuple[int, int]:
     fds = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if line.startswith("VmRSS:"))
+    rss_kb = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
     return fds, rss_kb
 
 
