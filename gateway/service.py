@@ -133,7 +133,11 @@ def serve(settings: Settings) -> None:
     process = ListenerProcess(settings)
     process.start()
     web = WebServer(settings)
-    web.start()
+    try:
+        web.start()
+    except RuntimeError:
+        process.stop()
+        raise
     port = process.listener.port if process.listener else settings.dicom_port
     print(
         f"cxr-gateway serving: DICOM AE {settings.ae_title} on {settings.dicom_bind}:{port}, "

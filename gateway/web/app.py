@@ -7,9 +7,10 @@ arrives (the database engine connects lazily; the model loads on the first uploa
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -24,11 +25,13 @@ from gateway.web.deps import (
     Forbidden,
     NotAuthenticated,
     WebContext,
+    current_user,
     is_api,
     problem,
     render,
 )
 from gateway.web.model import LazyPredictor
+from gateway.web.users import CurrentUser
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -46,8 +49,9 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     app = FastAPI(
         title="cxr-gateway",
         summary="Admin console, audit log and clinician upload of the cxr-gateway.",
-        openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # Served below behind the login; no Swagger UI (it loads scripts from a CDN).
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     sessions = make_session_factory(make_engine(settings.database))
@@ -61,6 +65,10 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     for module in (pages_auth, pages_studies, pages_audit, pages_upload, health):
         app.include_router(module.router)
     _install_handlers(app)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(user: Annotated[CurrentUser, Depends(current_user)]) -> dict[str, Any]:
+        return app.openapi()
 
     @app.middleware("http")
     async def security_headers(

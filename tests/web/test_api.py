@@ -22,7 +22,7 @@ from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from tests import dicom_files as files
-from tests.peers import Postgres
+from tests.peers import Postgres, free_port, start_gateway, wait_for_port
 from tests.web.conftest import PASSWORDS, ROOT, add_users
 
 Api = Callable[[str | None], TestClient]
@@ -64,7 +64,7 @@ def test_anonymous_gets_401_and_nothing_else(api: Api) -> None:
     assert anon.get("/healthz").json() == {"status": "ok"}
     assert anon.get("/login").status_code == 200
     assert anon.get("/static/style.css").status_code == 200
-    assert "/api/predict" in anon.get("/api/openapi.json").json()["paths"]
+    assert anon.get("/api/openapi.json").status_code == 401
 
 
 def test_roles(api: Api) -> None:
@@ -83,6 +83,7 @@ def test_roles(api: Api) -> None:
     assert clinician.get("/audit").status_code == 403
     assert clinician.get("/api/studies").status_code == 200
     assert clinician.post("/api/deliveries/1/retry").status_code == 403
+    assert "/api/predict" in auditor.get("/api/openapi.json").json()["paths"]
     # The admin may retry (there is no delivery 1: a conflict, not a permission error).
     assert admin.post("/api/deliveries/1/retry").status_code == 409
 
@@ -362,3 +363,21 @@ def test_fhir_links_point_at_the_ehr() -> None:
     ]
     assert fhir_links("", delivery) == []
     assert fhir_links("https://ehr.example/fhir", {"remote_ids": {"file": "x.json"}}) == []
+
+
+def test_web_command_runs_the_console_alone(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    port = free_port()
+    env = {"CXR_DATA_DIR": str(settings.data_dir), "CXR_WEB_PORT": str(port)}
+    proc = start_gateway(env, settings.data_dir.parent / "web.log", ("web",))
+    try:
+        wait_for_port(port, timeout=60, process=proc.process)
+        client = TestClient(create_app(settings))  # the same database, migrated by `web`
+        assert client.get("/readyz").status_code in (200, 503)
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+    finally:
+        proc.stop()
+    assert "web console on http://127.0.0.1:" in proc.log()
