@@ -52,6 +52,10 @@ def train(
         Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
     ] = None,
     limit: Annotated[int, typer.Option(help="Use at most N images per class (smoke tests)")] = 0,
+    detail_target: Annotated[
+        float,
+        typer.Option(help="Normalise fine detail to this std (0 = off; see inference.preprocess)"),
+    ] = 0.0,
 ) -> None:
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
     _quiet_tensorflow()
@@ -79,6 +83,7 @@ def train(
             "threshold_on": threshold_on,
             "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
             "limit": limit,
+            "detail_target": detail_target,
         },
     )
     artifact = run(config)

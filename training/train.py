@@ -265,7 +265,9 @@ def train(config: TrainConfig) -> Path:
     """Train all members, then calibrate, set the threshold and export; returns the artifact."""
     from training.export import finalize
 
-    pre = PreprocessConfig(size=config.image_size)
+    pre = PreprocessConfig(
+        size=config.image_size, detail_target=float(config.extra.get("detail_target", 0.0))
+    )
     (config.out).mkdir(parents=True, exist_ok=True)
     (config.out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
     prep = prepare(config, pre)
