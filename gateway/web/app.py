@@ -61,6 +61,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
         predictor=predictor or LazyPredictor(settings.model_dir),
     )
     app.state.metrics = health.make_registry(sessions)
+    app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     for module in (pages_auth, pages_studies, pages_audit, pages_upload, health):
         app.include_router(module.router)
