@@ -52,6 +52,10 @@ def train(
         Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
     ] = None,
     limit: Annotated[int, typer.Option(help="Use at most N images per class (smoke tests)")] = 0,
+    external_val: Annotated[
+        Path | None,
+        typer.Option(help="Optional labelled folder from another acquisition, reported only"),
+    ] = None,
     detail_target: Annotated[
         float,
         typer.Option(help="Normalise fine detail to this std (0 = off; see inference.preprocess)"),
@@ -84,6 +88,7 @@ def train(
             "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
             "limit": limit,
             "detail_target": detail_target,
+            "external_val": str(external_val) if external_val else "",
         },
     )
     artifact = run(config)

@@ -268,6 +268,13 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         stress_names=np.array(STRESS_NAMES),
         subgroups=np.array(subgroups),
     )
+    external = str(config.extra.get("external_val", "") or "")
+    if external:
+        from training.evaluate import evaluate_folder
+
+        rep = evaluate_folder(Path(external), art / "external_validation", art, n_boot=1000)
+        summary["external_validation"] = {"data": external, **rep}
+        (art / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(art, meta, summary)
     log.info("artifact written to %s (hash %s)", art, meta.content_hash[:12])
     return art

@@ -30,6 +30,19 @@ def _metrics_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _external(summary: dict[str, Any]) -> list[str]:
+    ext = summary.get("external_validation")
+    if not ext:
+        return []
+    return [
+        f"External check on `{ext['data']}` (a labelled folder outside the training data, used",
+        "for nothing but this report; small, so the intervals are wide):",
+        "",
+        *_metrics_table(ext),
+        "",
+    ]
+
+
 def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) -> Path:
     t = meta.training
     data = t.get("data", {})
@@ -125,6 +138,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "Plots: validation/ (confusion matrix, ROC, precision-recall, reliability) and",
         "validation_shifted/.",
         "",
+        *_external(summary),
         "**These are validation figures.** An earlier baseline with validation AUC 0.997 scored",
         "AUC 0.959 and specificity 0.73 on the official test split: expect the held-out figures",
         "to be lower than these, mostly in specificity.",

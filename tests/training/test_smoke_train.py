@@ -41,12 +41,18 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
         "0.3",
         "--seed",
         "3",
+        "--detail-target",
+        "0.03",
+        "--external-val",
+        str(FIXTURES),
     ]
     result = runner.invoke(app(), args)
     assert result.exit_code == 0, result.output
     artifact = out / "artifact"
     meta = json.loads((artifact / "model.json").read_text())
     assert meta["preprocess"]["size"] == 32
+    assert meta["preprocess"]["detail_target"] == 0.03
+    assert "External check" in (artifact / "model_card.md").read_text()
     assert meta["training"]["seed"] == 3
     assert 0.0 < meta["threshold"] < 1.0 and meta["temperature"] > 0
     assert (artifact / "model_card.md").read_text().count("95% CI") >= 1
