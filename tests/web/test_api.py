@@ -24,6 +24,7 @@ from gateway.web.app import create_app
 from tests import dicom_files as files
 from tests.peers import Postgres, free_port, start_gateway, wait_for_port
 from tests.web.conftest import PASSWORDS, ROOT, add_users
+from tests.web.images import chest_dicom
 
 Api = Callable[[str | None], TestClient]
 JPEG = sorted((ROOT / "tests/fixtures/images/kermany/PNEUMONIA").iterdir())[0]
@@ -382,3 +383,59 @@ def test_web_command_runs_the_console_alone(make_settings: Callable[..., Setting
     finally:
         proc.stop()
     assert "web console on http://127.0.0.1:" in proc.log()
+
+
+def test_upload_of_a_lateral_view_gives_no_result_with_the_reason(
+    api: Api, sqlite_web_settings: Settings, tmp_path: Path
+) -> None:
+    from pydicom import dcmread
+
+    path = chest_dicom(tmp_path / "lat.dcm")
+    ds = dcmread(path)
+    ds.ViewPosition = "LL"
+    ds.save_as(path)
+    clinician = api("clinician")
+    r = clinician.post("/api/predict", files={"file": ("lat.dcm", path.read_bytes())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["result"] == "no result" and body["probability"] is None
+    assert "not frontal" in body["declined_reason"]
+    detail = json.loads(events(sqlite_web_settings, "upload.predicted")[-1].detail)
+    assert detail["result"] == "no result" and "Doe" not in json.dumps(detail)  # no PHI
+    page = clinician.post(
+        "/upload",
+        data={"csrf": clinician.headers["X-CSRF-Token"]},
+        files={"file": ("lat.dcm", path.read_bytes())},
+    )
+    assert 'id="decision">No result' in page.text and "not frontal" in page.text
+
+
+def test_study_list_search_and_pages(api: Api, sqlite_web_settings: Settings) -> None:
+    from gateway.db.models import Study
+
+    sessions = make_session_factory(make_engine(sqlite_web_settings.database))
+    with transaction(sessions) as session:
+        for i in range(30):
+            session.add(
+                Study(
+                    study_uid=f"1.2.3.{i}",
+                    patient_id=f"PID{i:03d}",
+                    patient_name=f"Test^Patient{i}",
+                    accession_number=f"ACC{i:03d}",
+                    study_date="20261127" if i % 2 else "20261126",
+                    state="reported" if i < 25 else "failed",
+                )
+            )
+    reader = api("clinician")
+    first = reader.get("/api/studies").json()
+    assert (first["total"], first["pages"], len(first["studies"])) == (30, 2, 25)
+    assert first["studies"][0]["accession_number"] == "ACC029"  # newest first
+    assert len(reader.get("/api/studies", params={"page": 2}).json()["studies"]) == 5
+    assert reader.get("/api/studies", params={"q": "ACC007"}).json()["total"] == 1
+    assert reader.get("/api/studies", params={"q": "patient1"}).json()["total"] == 11
+    assert reader.get("/api/studies", params={"date": "2026-11-26"}).json()["total"] == 15
+    assert reader.get("/api/studies", params={"state": "failed"}).json()["total"] == 5
+    html = reader.get("/studies", params={"q": "PID00"}).text
+    assert "Test^Patient9" in html and "page 1 of 1" in html
+    views = [json.loads(e.detail) for e in events(sqlite_web_settings, "phi.viewed")]
+    assert len(views) == 7 and all("PID" not in json.dumps(v) for v in views)
