@@ -54,7 +54,7 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     assert meta["preprocess"]["detail_target"] == 0.03
     assert "External check" in (artifact / "model_card.md").read_text()
     assert meta["training"]["seed"] == 3
-    assert 0.0 < meta["threshold"] < 1.0 and meta["temperature"] > 0
+    assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
     assert (artifact / "model_card.md").read_text().count("95% CI") >= 1
     split = json.loads((out / "split.json").read_text())
     assert split["train"] and split["val"]
