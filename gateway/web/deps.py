@@ -24,14 +24,30 @@ SESSION_COOKIE = "cxr_session"
 HERE = Path(__file__).resolve().parent
 
 
+def person_name(value: str) -> str:
+    """DICOM PN "Family^Given^Middle" as "Family, Given Middle"."""
+    parts = [p for p in (value or "").split("=")[0].split("^") if p]
+    return f"{parts[0]}, {' '.join(parts[1:])}" if len(parts) > 1 else "".join(parts)
+
+
+def dicom_date(value: str) -> str:
+    """DICOM DA "YYYYMMDD" as "YYYY-MM-DD" (anything else unchanged)."""
+    v = value or ""
+    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if len(v) == 8 and v.isdigit() else v
+
+
+def make_templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters.update(pn=person_name, da=dicom_date)
+    return templates
+
+
 @dataclass
 class WebContext:
     settings: Settings
     sessions: sessionmaker[Session]
     predictor: LazyPredictor
-    templates: Jinja2Templates = field(
-        default_factory=lambda: Jinja2Templates(directory=str(HERE / "templates"))
-    )
+    templates: Jinja2Templates = field(default_factory=make_templates)
 
 
 class NotAuthenticated(Exception):

@@ -444,6 +444,15 @@ def test_study_list_search_and_pages(api: Api, sqlite_web_settings: Settings) ->
     assert reader.get("/api/studies", params={"date": "2026-11-26"}).json()["total"] == 15
     assert reader.get("/api/studies", params={"state": "failed"}).json()["total"] == 5
     html = reader.get("/studies", params={"q": "PID00"}).text
-    assert "Test^Patient9" in html and "page 1 of 1" in html
+    assert "Test, Patient9" in html and "page 1 of 1" in html
     views = [json.loads(e.detail) for e in events(sqlite_web_settings, "phi.viewed")]
     assert len(views) == 7 and all("PID" not in json.dumps(v) for v in views)
+
+
+def test_dicom_names_and_dates_are_shown_readably() -> None:
+    from gateway.web.deps import dicom_date, person_name
+
+    assert person_name("Doe^Jane^Q") == "Doe, Jane Q"
+    assert person_name("Doe") == "Doe" and person_name("") == ""
+    assert person_name("Yamada^Tarou=山田^太郎") == "Yamada, Tarou"
+    assert dicom_date("20261127") == "2026-11-27" and dicom_date("") == ""

@@ -82,7 +82,7 @@ def test_study_processed_end_to_end(pipeline: Pipeline, page: Any) -> None:
     rows = page.locator("table.studies tbody tr")
     assert rows.count() == 1
     row = rows.first.inner_text()
-    assert "ACC-0042" in row and "reported" in row and "Doe^Jane" in row
+    assert "ACC-0042" in row and "reported" in row and "Doe, Jane" in row
     shot(page, "studies")
     rows.first.locator("a").click()
     page.wait_for_load_state("load")
