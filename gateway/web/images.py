@@ -3,12 +3,14 @@ decoder (LUTs, MONOCHROME1), and the stored heat map of an image."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 THUMB_SIZE = 256
+UID = re.compile(r"[0-9][0-9.]{0,63}")
 
 
 def render_thumbnail(path: Path, size: int = THUMB_SIZE) -> bytes:
@@ -41,5 +43,7 @@ def png_thumbnail(image: np.ndarray, size: int = THUMB_SIZE) -> bytes:
 def heatmap_file(heatmap_root: Path, study_id: int, sop_instance_uid: str) -> Path | None:
     """The heat map PNG of one image, if the worker kept one. The UID comes from the database
     (never straight from the URL), so it cannot name a file outside the folder."""
+    if not UID.fullmatch(sop_instance_uid):  # a crafted "UID" must never name a path
+        return None
     path = heatmap_root / str(study_id) / f"{sop_instance_uid}.png"
     return path if path.is_file() else None

@@ -121,7 +121,8 @@ def login_page(request: Request, next: str = "/") -> Response:
 
 def _safe_next(target: str) -> str:
     # Only local paths: an open redirect would make the login page a phishing tool.
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    local = target.startswith("/") and not target.startswith(("//", "/\\"))
+    return target if local and "\\" not in target else "/"
 
 
 @router.post("/login", include_in_schema=False)

@@ -456,3 +456,13 @@ def test_dicom_names_and_dates_are_shown_readably() -> None:
     assert person_name("Doe") == "Doe" and person_name("") == ""
     assert person_name("Yamada^Tarou=山田^太郎") == "Yamada, Tarou"
     assert dicom_date("20261127") == "2026-11-27" and dicom_date("") == ""
+
+
+def test_login_redirects_only_to_local_pages() -> None:
+    from gateway.web.images import heatmap_file
+    from gateway.web.pages_auth import _safe_next
+
+    assert _safe_next("/audit?kind=user.") == "/audit?kind=user."
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example/", "javascript:x"):
+        assert _safe_next(target) == "/", target
+    assert heatmap_file(Path("/tmp"), 1, "../../etc/passwd") is None
