@@ -68,9 +68,39 @@ def _noise(img: Image, rng: np.random.Generator, sigma: float) -> Image:
     )
 
 
-def augment(image: npt.NDArray[np.uint8], rng: np.random.Generator, strength: float = 1.0) -> Image:
-    """One random training augmentation of a 2-D uint8 radiograph; returns float32 0..255."""
-    img = image.astype(np.float32)
+def debias_sharpness(
+    image: Image, label: int, rng: np.random.Generator, probability: float
+) -> Image:
+    """Class-conditional softening/sharpening that decorrelates sharpness from the label.
+
+    In the Kermany training images normal films are sharper than pneumonia films (fine-detail
+    energy alone separates the classes with AUC 0.79), a shortcut that fails on films from
+    other processing. With ``probability`` p, a NORMAL image is blurred (sigma 0.4-1.2 px at
+    224 px, which brings its median detail energy to the pneumonia median); with p / 3 a
+    PNEUMONIA image is sharpened.
+    """
+    if probability <= 0:
+        return image
+    if label == 0 and rng.random() < probability:
+        return _blur(image, float(rng.uniform(0.4, 1.2)))
+    if label == 1 and rng.random() < probability / 3:
+        return _sharpen(image, float(rng.uniform(0.3, 1.0)))
+    return image
+
+
+def augment(
+    image: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    strength: float = 1.0,
+    *,
+    label: int = -1,
+    debias: float = 0.0,
+) -> Image:
+    """One random training augmentation of a 2-D uint8 radiograph; returns float32 0..255.
+
+    ``debias`` > 0 with a ``label`` applies :func:`debias_sharpness` first.
+    """
+    img = debias_sharpness(image.astype(np.float32), label, rng, debias)
     k = strength
     if rng.random() < 0.5:
         img = img[:, ::-1].copy()

@@ -56,6 +56,10 @@ def train(
         Path | None,
         typer.Option(help="Optional labelled folder from another acquisition, reported only"),
     ] = None,
+    debias_sharpness: Annotated[
+        float,
+        typer.Option(help="Probability of class-conditional blur of NORMAL images (0 = off)"),
+    ] = 0.0,
     detail_target: Annotated[
         float,
         typer.Option(help="Normalise fine detail to this std (0 = off; see inference.preprocess)"),
@@ -88,6 +92,7 @@ def train(
             "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
             "limit": limit,
             "detail_target": detail_target,
+            "debias_sharpness": debias_sharpness,
             "external_val": str(external_val) if external_val else "",
         },
     )

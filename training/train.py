@@ -109,6 +109,7 @@ def _batches(
     pre: PreprocessConfig,
     seed: int,
     strength: float,
+    debias: float,
     start_epoch: int,
 ) -> Any:
     import keras
@@ -132,7 +133,8 @@ def _batches(
             rng = np.random.default_rng([seed, self.epoch, idx])
             x = np.empty((len(sel), pre.size, pre.size, 1), dtype=np.float32)
             for j, k in enumerate(sel):
-                x[j, :, :, 0] = preprocess(augment(images[k], rng, strength), pre)
+                img = augment(images[k], rng, strength, label=int(labels[k]), debias=debias)
+                x[j, :, :, 0] = preprocess(img, pre)
             return x, labels[sel].astype(np.float32)
 
         def on_epoch_end(self) -> None:
@@ -246,6 +248,7 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
             pre=pre,
             seed=seed,
             strength=config.aug_strength,
+            debias=float(config.extra.get("debias_sharpness", 0.0)),
             start_epoch=state["epoch"],
         )
         model.fit(
