@@ -205,6 +205,7 @@ def start_gateway(
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(env_overrides)
     env.setdefault("CXR_DICOM_PORT", str(free_port()))
+    env.setdefault("CXR_WEB_PORT", str(free_port()))  # `serve` also runs the console
     fh = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *command],
