@@ -35,7 +35,9 @@ from gateway.db.session import make_engine, make_session_factory  # noqa: E402
 from tests import dicom_files  # noqa: E402
 from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server  # noqa: E402
 from tests.orthanc import start_orthanc  # noqa: E402
-from tests.peers import free_port, start_gateway, start_redis  # noqa: E402
+from tests.peers import Postgres, free_port, start_gateway, start_postgres, start_redis  # noqa: E402
+
+POSTGRES: Postgres
 
 SHARED_CR = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
 
@@ -63,37 +65,59 @@ def times(sessions, kind: str) -> dict[str, float]:  # type: ignore[no-untyped-d
     return out
 
 
+def send(port: int, study: list[Path]) -> None:
+    subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", "CXRGW", "127.0.0.1", str(port), *map(str, study)],
+        check=True, capture_output=True, env=dict(os.environ, TCP_NODELAY="1"),
+    )  # fmt: skip
+
+
+def wait_delivered(sessions, count: int) -> tuple[dict[str, float], dict[str, float]]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        sr, dr = times(sessions, "dicom-sr.delivered"), times(sessions, "fhir.delivered")
+        if len(sr) >= count and len(dr) >= count:
+            return sr, dr
+        time.sleep(0.1)
+    raise TimeoutError(f"{count} studies not delivered in time")
+
+
 def run(
-    workers: int, studies: list[list[Path]], work: Path, args: argparse.Namespace
+    workers: int,
+    burst: list[list[Path]],
+    paced: list[list[Path]],
+    work: Path,
+    args: argparse.Namespace,
 ) -> dict[str, float]:
+    """Throughput from a burst of studies; latency from studies sent one at a time."""
     redis = start_redis()
     fhir = start_fhir_test_server({})
     gw_port = free_port()
     orthanc = start_orthanc(
         work / f"orthanc-{workers}", modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]}
     )
-    database = f"sqlite:///{work / f'gw-{workers}.sqlite3'}"
+    if args.database == "postgresql":
+        database = POSTGRES.create_database(f"bench_{workers}_{time.monotonic_ns()}")
+    else:
+        database = f"sqlite:///{work / f'gw-{workers}.sqlite3'}"
+    destination = {
+        "name": "pacs",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
     env = {
         "CXR_DATA_DIR": str(work / f"data-{workers}"),
         "CXR_DATABASE_URL": database,
         "CXR_BROKER_URL": redis.url,
         "CXR_DICOM_PORT": str(gw_port),
         "CXR_QUIET_SECONDS": str(args.quiet),
-        "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.2",
-        "CXR_PACS_DESTINATIONS": json.dumps(
-            [
-                {
-                    "name": "pacs",
-                    "ae_title": orthanc.aet,
-                    "host": "127.0.0.1",
-                    "port": orthanc.dicom_port,
-                }
-            ]
-        ),
+        "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.1",
+        "CXR_PACS_DESTINATIONS": json.dumps([destination]),
         "CXR_FHIR_BASE_URL": fhir.base_url,
         "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
         "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": "urn:oid:1.2.3.4",
-    }
+    }  # fmt: skip
     if args.model:
         env["CXR_MODEL_DIR"] = str(args.model)
     procs = [start_gateway(env, work / f"listen-{workers}.log", ("listen",))]
@@ -102,46 +126,26 @@ def run(
         for i in range(workers)
     ]
     try:
-        time.sleep(8)  # workers load the model
-        sender_env = dict(os.environ, TCP_NODELAY="1")
-        for study in studies:
-            subprocess.run(
-                [
-                    "storescu",
-                    "-aet",
-                    "BENCH",
-                    "-aec",
-                    "CXRGW",
-                    "127.0.0.1",
-                    str(gw_port),
-                    *map(str, study),
-                ],
-                check=True,
-                capture_output=True,
-                env=sender_env,
-            )
-            time.sleep(args.gap)
         sessions = make_session_factory(make_engine(database))
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            sr, dr = times(sessions, "dicom-sr.delivered"), times(sessions, "fhir.delivered")
-            if len(sr) >= len(studies) and len(dr) >= len(studies):
-                break
-            time.sleep(0.5)
+        time.sleep(15)  # workers load and warm up the model
+        for study in burst:
+            send(gw_port, study)
+        sr, dr = wait_delivered(sessions, len(burst))
         stored = times(sessions, "instance.stored")
-        with sessions() as session:
-            first = min(
-                a.timestamp()
-                for a in session.execute(
-                    select(AuditEvent.occurred_at).where(AuditEvent.kind == "instance.stored")
-                ).scalars()
-            )
         done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
-        latencies = sorted(done[uid] - stored[uid] for uid in done)
-        span = max(done.values()) - first
+        first = min(stored[uid] for uid in done)
+        per_min = 60 * len(done) / (max(done.values()) - first)
+        latencies = []
+        for i, study in enumerate(paced, start=1):
+            send(gw_port, study)
+            sr, dr = wait_delivered(sessions, len(burst) + i)
+            stored = times(sessions, "instance.stored")
+            uid = max(stored, key=lambda u: stored[u])
+            latencies.append(max(sr[uid], dr[uid]) - stored[uid])
+        latencies.sort()
         return {
             "studies": len(done),
-            "per_min": 60 * len(done) / span,
+            "per_min": per_min,
             "p50": statistics.median(latencies),
             "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
         }
@@ -159,7 +163,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="images per study")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quiet", type=float, default=2.0, help="CXR_QUIET_SECONDS")
-    parser.add_argument("--gap", type=float, default=0.0, help="seconds between studies sent")
+    parser.add_argument("--paced", type=int, default=10, help="studies for latency, one at a time")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
     cpu = next(
@@ -174,35 +179,35 @@ def main() -> None:
         f"machine: {platform.node()} | {cpu} | {os.cpu_count()} cores"
         f" | Python {platform.python_version()}"
     )
+    if args.database == "postgresql":
+        global POSTGRES
+        POSTGRES = start_postgres()
     source = SHARED_CR if SHARED_CR.exists() else dicom_files.CHEST_CR
     print(
-        f"input: {args.studies} studies x {args.images} x {source.name} "
-        f"({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; SQLite + Redis"
+        f"input: {args.studies} studies (burst) + {args.paced} (one at a time) x {args.images} x "
+        f"{source.name} ({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; "
+        f"{args.database} + Redis; workers use the solo pool"
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        studies = [
-            dicom_files.study_files(source, work / "in" / f"s{i}", args.images)
-            for i in range(args.studies)
-        ]
-        flat = [p for s in studies for p in s]
-        limit = bare_limit(flat[: min(len(flat), 20)], args.model)
+
+        def make(tag: str, count: int) -> list[list[Path]]:
+            return [dicom_files.study_files(source, work / tag / f"s{i}", args.images)
+                    for i in range(count)]  # fmt: skip
+
+        sample = make("sample", 10)
+        limit = bare_limit([p for s in sample for p in s], args.model)
         bare_per_min = 60 * limit / args.images
         print(f"bare limit: {limit:.1f} images/s = {bare_per_min:.1f} studies/min (1 process)")
-        print(
-            f"{'workers':>8}{'studies':>9}{'studies/min':>13}{'of bare':>9}{'p50 s':>8}{'p95 s':>8}"
-        )
+        print(f"{'workers':>8}{'studies':>9}{'studies/min':>13}{'of bare':>9}"
+              f"{'p50 s':>8}{'p95 s':>8}")  # fmt: skip
         for n in args.workers:
-            r = run(n, studies, work, args)
+            r = run(n, make(f"burst{n}", args.studies), make(f"paced{n}", args.paced), work, args)
             print(
                 f"{n:>8}{r['studies']:>9.0f}{r['per_min']:>13.1f}"
                 f"{r['per_min'] / bare_per_min:>9.2f}"
                 f"{r['p50']:>8.2f}{r['p95']:>8.2f}"
             )
-            studies = [
-                dicom_files.study_files(source, work / f"in{n}" / f"s{i}", args.images)
-                for i in range(args.studies)
-            ]
 
 
 if __name__ == "__main__":

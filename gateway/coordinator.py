@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway import studies
 from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
-from gateway.db.session import transaction
+from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
 from gateway.queue import publish_delivery, publish_job
 from gateway.settings import Settings
@@ -67,6 +67,7 @@ class Coordinator:
         """Complete every study that has been quiet long enough and publish its job."""
         quiet = self.settings.quiet_seconds
         with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})  # no write lock
             candidates = studies.quiet_study_ids(session, quiet)
         jobs: list[int] = []
         for study_id in candidates:
@@ -89,6 +90,7 @@ class Coordinator:
             seconds=max(5.0, self.settings.assembly_interval_seconds * 4)
         )
         with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})  # no write lock
             rows = session.execute(
                 select(Job.id, Job.state, Job.attempts).where(
                     or_(
@@ -121,6 +123,7 @@ class Coordinator:
             if publish_job(app=self.app, sessions=self.sessions, job_id=row.id, reason=reason):
                 republished.append(row.id)
         with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})  # no write lock
             due = due_deliveries(session, now=now)
         for delivery_id in due:
             publish_delivery(app=self.app, sessions=self.sessions, delivery_id=delivery_id)
