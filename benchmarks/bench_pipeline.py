@@ -82,6 +82,31 @@ def wait_delivered(sessions, count: int) -> tuple[dict[str, float], dict[str, fl
     raise TimeoutError(f"{count} studies not delivered in time")
 
 
+STAGES = [
+    ("completed -> job.started", "study.completed", "job.started"),
+    ("job.started -> study.inferred", "job.started", "study.inferred"),
+    ("study.inferred -> job.done", "study.inferred", "job.done"),
+    ("job.done -> dicom-sr.delivered", "job.done", "dicom-sr.delivered"),
+    ("dicom-sr.delivered -> fhir.delivered", "dicom-sr.delivered", "fhir.delivered"),
+]
+
+
+def print_breakdown(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Median time between consecutive steps of a study, from the audit log (burst phase)."""
+    for label, a, b in STAGES:
+        start, end = times(sessions, a), times(sessions, b)
+        gaps = [end[u] - start[u] for u in start if u in end]
+        if gaps:
+            print(f"    {label:<40} median {1000 * statistics.median(gaps):7.0f} ms")
+    # Between studies: from one study's last delivery to the next job start (queue, broker).
+    started = sorted(times(sessions, "job.started").values())
+    finished = sorted(times(sessions, "fhir.delivered").values())
+    idle = [b - a for a, b in zip(finished, started[1:], strict=False) if b > a]
+    if idle:
+        print(f"    {'last delivery -> next job.started':<40} median "
+              f"{1000 * statistics.median(idle):7.0f} ms")  # fmt: skip
+
+
 def run(
     workers: int,
     burst: list[list[Path]],
@@ -135,6 +160,7 @@ def run(
         done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
         first = min(stored[uid] for uid in done)
         per_min = 60 * len(done) / (max(done.values()) - first)
+        print_breakdown(sessions)
         latencies = []
         for i, study in enumerate(paced, start=1):
             send(gw_port, study)
