@@ -68,7 +68,7 @@ def test_restart_before_completion_completes_and_queues_exactly_once(
     env: dict[str, str], redis_server: Redis, procs: list[GatewayProcess], tmp_path: Path
 ) -> None:
     env["CXR_BROKER_URL"] = redis_server.url
-    env["CXR_QUIET_SECONDS"] = "4"
+    env["CXR_QUIET_SECONDS"] = "8"  # longer than a restart, so the PACS resumes inside it
     listener = start_gateway(env, tmp_path / "listen1.log", ("listen",))
     paths = files.study_files(files.CHEST_CR, tmp_path / "s", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
