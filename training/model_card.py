@@ -30,6 +30,25 @@ def _metrics_table(report: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _shortcut_lines(meta: ArtifactMeta) -> list[str]:
+    cfg = meta.training.get("config", {}).get("extra", {})
+    lines = []
+    if meta.preprocess.detail_target:
+        lines += [
+            f"- Fine-detail normalisation (target std {meta.preprocess.detail_target}):",
+            "  in these training images normal films are sharper than pneumonia films (fine-detail",
+            "  energy alone separates the classes with AUC 0.79), a shortcut that fails on films",
+            "  processed differently.",
+        ]
+    if cfg.get("debias_sharpness"):
+        lines += [
+            f"- Class-conditional sharpness augmentation (p = {cfg['debias_sharpness']}): NORMAL",
+            "  images blurred, PNEUMONIA images sometimes sharpened, so that sharpness no longer",
+            "  predicts the label in the training stream (its AUC drops from 0.65 to 0.51).",
+        ]
+    return lines
+
+
 def _external(summary: dict[str, Any]) -> list[str]:
     ext = summary.get("external_validation")
     if not ext:
@@ -88,6 +107,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "- Augmentation (on the raw image): flips, scale/aspect/rotation/shift, resolution loss,",
         "  blur/sharpening, exposure/contrast/gamma with clipping, noise, JPEG recompression,",
         "  random erasing. Early stopping on validation AUC over clean + shifted images.",
+        *_shortcut_lines(meta),
         "",
         "## Validation results (patient-level validation split; NOT the official test split)",
         "",
@@ -176,6 +196,11 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "- Labels are image-level from the dataset; bacterial vs viral is not predicted.",
         "- Histogram equalisation makes the model insensitive to exposure and window, but not to",
         "  heavy noise, lines and tubes, or text burned into the image.",
+        "- Geometry matters: zooming out or cropping the top of the film raises the probability",
+        "  for both classes (see the zoom_out / tall rows above); keep whole-chest framing.",
+        "- On the 16-image official 'val' split (another acquisition period) normal films score",
+        "  much higher than validation normals: the held-out test split is expected to show the",
+        "  same over-calling of normals, i.e. lower specificity than the validation figures.",
         "- The input check is a distance from the training images: unusual but valid chest films",
         "  (adults, devices) score higher and may be declined; some non-chest images close to the",
         "  training appearance may pass. Header rules (view, body part, modality) run first.",
