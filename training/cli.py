@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from training.metrics import METRIC_NAMES
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
 
 
@@ -112,17 +114,7 @@ def evaluate(
     from training.evaluate import evaluate_folder
 
     report = evaluate_folder(data, out, model, backend=backend, n_boot=n_boot)
-    keys = (
-        "auc",
-        "accuracy",
-        "sensitivity",
-        "specificity",
-        "precision",
-        "f1",
-        "npv",
-        "ece",
-        "brier",
-    )
+    keys = METRIC_NAMES
     typer.echo(f"n={report['n']} threshold={report['threshold']['value']:.4f}")
     for k in keys:
         v = report[k]

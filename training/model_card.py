@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.artifact import ArtifactMeta
+from training.metrics import METRIC_NAMES
 
 
 def _ci(m: dict[str, Any]) -> str:
@@ -15,17 +16,7 @@ def _ci(m: dict[str, Any]) -> str:
 
 def _metrics_table(report: dict[str, Any]) -> list[str]:
     rows = ["| metric | value (95% CI) |", "| --- | --- |", f"| n | {report['n']} |"]
-    for k in (
-        "auc",
-        "accuracy",
-        "sensitivity",
-        "specificity",
-        "precision",
-        "f1",
-        "npv",
-        "ece",
-        "brier",
-    ):
+    for k in METRIC_NAMES:
         rows.append(f"| {k} | {_ci(report[k])} |")
     return rows
 
