@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,14 @@ def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
                 )
             ).scalars()
         )
-    return [attempt(runtime.sessions, runtime.settings, i, runtime.senders) for i in ids]
+    if len(ids) <= 1:
+        return [attempt(runtime.sessions, runtime.settings, i, runtime.senders) for i in ids]
+    # Destinations are independent: send to all at once, so the waits for the PACS and the EHR
+    # overlap instead of adding up (each attempt has its own session and claim).
+    with ThreadPoolExecutor(max_workers=min(4, len(ids)), thread_name_prefix="deliver") as pool:
+        return list(
+            pool.map(lambda i: attempt(runtime.sessions, runtime.settings, i, runtime.senders), ids)
+        )
 
 
 def claim_job(
