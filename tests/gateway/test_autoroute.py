@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,6 @@ from tests.peers import ROOT, GatewayProcess, Postgres, Redis, free_port, start_
 pytestmark = pytest.mark.slow
 
 LUA = ROOT / "deploy" / "orthanc" / "autoroute.lua"
-
-
-@pytest.fixture
-def procs() -> Iterator[list[GatewayProcess]]:
-    started: list[GatewayProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def test_orthanc_autoroutes_once_and_routes_new_images_again(

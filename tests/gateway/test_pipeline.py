@@ -33,14 +33,6 @@ def env(tmp_path: Path, database_url: str, model_dir: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def procs() -> list[GatewayProcess]:
-    started: list[GatewayProcess] = []
-    yield started  # type: ignore[misc]
-    for p in started:
-        p.stop()
-
-
 def test_redis_broker_and_worker_process_make_study_ready_once(
     env: dict[str, str], redis_server: Redis, procs: list[GatewayProcess], tmp_path: Path
 ) -> None:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,6 @@ def sr_instances(orthanc: Any, study_uid: str) -> list[dict[str, Any]]:
             for instance_id in series["Instances"]:
                 out.append(orthanc.get(f"/instances/{instance_id}/simplified-tags"))
     return out
-
-
-@pytest.fixture
-def procs() -> Iterator[list[GatewayProcess]]:
-    started: list[GatewayProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
