@@ -20,6 +20,7 @@ from gateway.service import ListenerProcess
 from gateway.settings import Settings, get_settings
 from tests import peers
 from tests.orthanc import ORTHANC_BIN, Orthanc, start_orthanc
+from tests.smoke_model import smoke_train_args
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DICOM_FIXTURES = FIXTURES / "dicom"
@@ -162,26 +163,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return DEFAULT_MODEL_DIR
     out = tmp_path_factory.mktemp("smoke-model")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "train",
-            "--data",
-            str(FIXTURES / "images" / "kermany"),
-            "--out",
-            str(out),
-            "--epochs",
-            "2",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--val-fraction",
-            "0.3",
-            "--seed",
-            "3",
-        ],
+        [sys.executable, "-m", "gateway.cli", *smoke_train_args(out)],
         check=True,
         capture_output=True,
         timeout=900,

@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.inference.dicom_synth import make_dataset
+from tests.smoke_model import smoke_train_args
 from training.cli import register
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
@@ -26,21 +27,7 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "run"
     args = [
-        "train",
-        "--data",
-        str(FIXTURES),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--val-fraction",
-        "0.3",
-        "--seed",
-        "3",
+        *smoke_train_args(out, FIXTURES),
         "--detail-target",
         "0.03",
         "--external-val",
