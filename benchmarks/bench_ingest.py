@@ -6,7 +6,10 @@ association and with several concurrent ones.
 
 The gateway runs as `cxr-gateway listen` (fsync of every file + a database commit before each
 success status, as in production); storescp writes files without fsync. Both get TCP_NODELAY=1
-and the sender is DCMTK storescu with TCP_NODELAY=1. Runs are interleaved; medians are shown.
+and the sender is DCMTK storescu with TCP_NODELAY=1. A third receiver, `pynetdicom-noop`
+(benchmarks/noop_scp.py), is pynetdicom configured as the gateway but keeping nothing: the
+ceiling that the DICOM library itself puts on any pynetdicom-based receiver. Runs are
+interleaved; medians are shown.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tests.peers import (  # noqa: E402
 )
 
 POSTGRES: Postgres
+LABELS = {"storescp": "storescp", "noop": "pynetdicom-noop", "gateway": "gateway"}
 
 SHARED = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
 FIXTURE = ROOT / "tests" / "fixtures" / "dicom" / "rg1_cr_small.dcm"
@@ -118,6 +122,21 @@ def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def run_noop(paths: list[Path], associations: int, workdir: Path) -> float:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        return send(port, "NOOP", paths, associations)
+    finally:
+        stop_process(proc)
+
+
 def run_gateway(paths: list[Path], associations: int, workdir: Path, database: str) -> float:
     data = workdir / f"gw-{time.monotonic_ns()}"
     env = {"CXR_DATA_DIR": str(data), "CXR_QUIET_SECONDS": "3600", "CXR_MAX_ASSOCIATIONS": "32"}
@@ -171,20 +190,21 @@ def main() -> None:
             "large CR": make_files(work / "large", "large", args.large),
             "small DX": make_files(work / "small", "small", args.small),
         }
-        print(f"{'files':<10}{'assoc':>6}{'receiver':>10}{'images/s':>11}{'MB/s':>9}{'ratio':>8}")
+        print(f"{'files':<10}{'assoc':>6}{'receiver':>17}{'images/s':>11}{'MB/s':>9}{'ratio':>8}")
         for name, paths in sets.items():
             megabytes = sum(p.stat().st_size for p in paths) / 1e6
             for assoc in args.associations:
-                times: dict[str, list[float]] = {"storescp": [], "gateway": []}
+                times: dict[str, list[float]] = {"storescp": [], "noop": [], "gateway": []}
                 for _ in range(args.repeats):  # interleaved
                     times["storescp"].append(run_storescp(paths, assoc, work))
+                    times["noop"].append(run_noop(paths, assoc, work))
                     times["gateway"].append(run_gateway(paths, assoc, work, args.database))
                 ref = statistics.median(times["storescp"])
-                for receiver in ("storescp", "gateway"):
+                for receiver in ("storescp", "noop", "gateway"):
                     t = statistics.median(times[receiver])
                     ratio = ref / t
                     print(
-                        f"{name:<10}{assoc:>6}{receiver:>10}{len(paths) / t:>11.1f}"
+                        f"{name:<10}{assoc:>6}{LABELS[receiver]:>17}{len(paths) / t:>11.1f}"
                         f"{megabytes / t:>9.1f}{ratio:>8.2f}"
                     )
 

@@ -57,7 +57,7 @@ def main() -> None:
                 status = ingestor.store(
                     peer=Peer("BENCH", "127.0.0.1"),
                     dataset=ds,
-                    file_bytes=path.read_bytes(),
+                    file_parts=[path.read_bytes()],
                     transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
                 )
                 assert status == 0

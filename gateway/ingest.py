@@ -8,6 +8,7 @@ row is committed, so an acknowledged instance survives a crash.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -21,7 +22,7 @@ from gateway.audit import record_event
 from gateway.db.models import Instance, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.errors import IngestError
-from gateway.spool import Spool, SpoolFull, is_valid_uid
+from gateway.spool import Buffer, Spool, SpoolFull, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,16 @@ class Ingestor:
         self.limits = limits
 
     def store(
-        self, *, peer: Peer, dataset: Dataset, file_bytes: bytes, transfer_syntax: str
+        self, *, peer: Peer, dataset: Dataset, file_parts: Sequence[Buffer], transfer_syntax: str
     ) -> int:
-        """Handle one C-STORE whose dataset decoded; return the status to send back."""
+        """Handle one C-STORE whose dataset decoded; return the status to send back.
+
+        ``file_parts`` concatenated are the file to spool (preamble, meta, dataset as sent)."""
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         try:
-            self._check(dataset, file_bytes, transfer_syntax)
-            return self._store_checked(peer, dataset, file_bytes, transfer_syntax)
+            self._check(dataset, sum(len(part) for part in file_parts), transfer_syntax)
+            return self._store_checked(peer, dataset, file_parts, transfer_syntax)
         except IngestError as exc:
             self.audit_failure(peer, exc)
             return exc.status
@@ -88,7 +91,7 @@ class Ingestor:
             self.audit_failure(peer, failure)
             return OUT_OF_RESOURCES
 
-    def _check(self, ds: Dataset, file_bytes: bytes, transfer_syntax: str) -> None:
+    def _check(self, ds: Dataset, size_bytes: int, transfer_syntax: str) -> None:
         sop_uid = str(ds.get("SOPInstanceUID", ""))
         study_uid = str(ds.get("StudyInstanceUID", ""))
 
@@ -97,11 +100,11 @@ class Ingestor:
                 message, status=status, reason=reason, study_uid=study_uid, sop_instance_uid=sop_uid
             )
 
-        if len(file_bytes) > self.limits.max_instance_bytes:
+        if size_bytes > self.limits.max_instance_bytes:
             raise fail(
                 OUT_OF_RESOURCES,
                 "too_large",
-                f"instance is {len(file_bytes)} bytes, limit {self.limits.max_instance_bytes}",
+                f"instance is {size_bytes} bytes, limit {self.limits.max_instance_bytes}",
             )
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class not in SUPPORTED_SOP_CLASSES:
@@ -116,14 +119,14 @@ class Ingestor:
             raise fail(DATASET_DOES_NOT_MATCH, "bad_pixel_data", problem)
 
     def _store_checked(
-        self, peer: Peer, ds: Dataset, file_bytes: bytes, transfer_syntax: str
+        self, peer: Peer, ds: Dataset, file_parts: Sequence[Buffer], transfer_syntax: str
     ) -> int:
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         if self._is_duplicate(peer, sop_uid, study_uid):
             return SUCCESS
         try:
-            spooled = self.spool.write(study_uid, sop_uid, file_bytes)
+            spooled = self.spool.write(study_uid, sop_uid, file_parts)
         except SpoolFull as exc:
             raise IngestError(
                 str(exc),

@@ -32,6 +32,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -253,7 +254,9 @@ class Listener:
         try:
             dataset = event.dataset
             dataset.file_meta = event.file_meta
-            file_bytes = event.encoded_dataset(include_meta=True)
+            header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            # The dataset exactly as the peer sent it, without copying it.
+            body = event.request.DataSet.getbuffer()  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - undecodable input is answered, not raised
             from gateway.errors import IngestError
 
@@ -268,9 +271,15 @@ class Listener:
                 ),
             )
             return CANNOT_UNDERSTAND
-        return self.ingestor.store(
-            peer=peer, dataset=dataset, file_bytes=file_bytes, transfer_syntax=transfer_syntax
-        )
+        try:
+            return self.ingestor.store(
+                peer=peer,
+                dataset=dataset,
+                file_parts=(header, body),
+                transfer_syntax=transfer_syntax,
+            )
+        finally:
+            body.release()
 
     def _on_accepted(self, event: evt.Event) -> None:
         peer = self._peer(event)

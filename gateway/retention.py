@@ -77,8 +77,14 @@ def purge_spool(
             existing[0].parent.rmdir()
         with transaction(sessions) as session:
             record_event(
-                session=session, kind="spool.purged", actor=actor, study_uid=uid,
-                detail={"files": len(existing), "bytes": study_bytes,
-                        "older_than_days": older_than_days},
+                session=session,
+                kind="spool.purged",
+                actor=actor,
+                study_uid=uid,
+                detail={
+                    "files": len(existing),
+                    "bytes": study_bytes,
+                    "older_than_days": older_than_days,
+                },
             )
     return PurgeResult(len(uids), files, size)

@@ -171,7 +171,9 @@ def serve(settings: Settings) -> None:
                 delay = 2.0 if lived > 300 else min(300.0, delay * 2)
                 log.error(
                     "worker process exited with %s after %.0f s; restarting in %.0f s",
-                    child.returncode, lived, delay,
+                    child.returncode,
+                    lived,
+                    delay,
                 )
                 if stop.wait(delay):
                     return
