@@ -8,10 +8,14 @@ row is committed, so an acknowledged instance survives a crash.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -22,7 +26,14 @@ from gateway.audit import record_event
 from gateway.db.models import Instance, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.errors import IngestError
-from gateway.spool import Buffer, Spool, SpoolFull, is_valid_uid
+from gateway.spool import (
+    Buffer,
+    Spool,
+    SpooledFile,
+    SpoolFull,
+    is_valid_uid,
+    sha256_of_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ SUPPORTED_SOP_CLASSES = {
 }
 
 _DB_ATTEMPTS = 3
+RECOVERY_ACTOR = "spool-recovery"
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,14 @@ class Ingestor:
                 study_uid=study_uid,
                 sop_instance_uid=sop_uid,
             ) from exc
+        return self._record(peer, ds, spooled, transfer_syntax, kind="instance.stored")
 
+    def _record(
+        self, peer: Peer, ds: Dataset, spooled: SpooledFile, transfer_syntax: str, *, kind: str
+    ) -> int:
+        """Commit the row and the audit event for a spooled file (which is removed on failure)."""
+        sop_uid = str(ds.SOPInstanceUID)
+        study_uid = str(ds.StudyInstanceUID)
         meta = studies.InstanceMeta.from_dataset(ds)
         for attempt in range(1, _DB_ATTEMPTS + 1):
             try:
@@ -174,7 +193,7 @@ class Ingestor:
                     session.flush()
                     record_event(
                         session=session,
-                        kind="instance.stored",
+                        kind=kind,
                         actor=peer.ae_title,
                         peer_address=peer.address,
                         study_uid=study_uid,
@@ -213,6 +232,76 @@ class Ingestor:
                     sop_instance_uid=sop_uid,
                 ) from exc
         raise AssertionError("unreachable")
+
+    def recover_unrecorded(self) -> int:
+        """Record spooled files that the database does not know; return how many.
+
+        A file reaches the spool (fsynced, renamed) before its row is committed, so a crash in
+        between, or a database restored from a backup older than the spool, leaves files with
+        no row. Each is checked and recorded as if it had just arrived (``instance.recovered``);
+        a redundant copy of an instance already recorded is deleted; one that fails the checks
+        is moved to the spool's quarantine folder and audited."""
+        with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})
+            known = {os.path.realpath(p) for p in session.execute(select(Instance.path)).scalars()}
+        recovered = 0
+        for path in self.spool.files():
+            if os.path.realpath(path) in known:
+                continue
+            if self._recover_file(path):
+                recovered += 1
+        if recovered:
+            log.warning("recorded %d spooled instances the database did not know", recovered)
+        return recovered
+
+    def _recover_file(self, path: Path) -> bool:
+        peer = Peer(ae_title=RECOVERY_ACTOR, address="")
+        try:
+            ds = dcmread(path)
+            transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+            size = path.stat().st_size
+            self._check(ds, size, transfer_syntax)
+            if path.parent.name != str(ds.StudyInstanceUID):
+                raise IngestError(
+                    "file is not in its study's folder",
+                    status=CANNOT_UNDERSTAND,
+                    reason="misplaced_file",
+                    study_uid=str(ds.StudyInstanceUID),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                )
+        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+            self.spool.quarantine(path)
+            self.audit_failure(
+                peer,
+                IngestError(
+                    f"unreadable spooled file: {type(exc).__name__}",
+                    status=CANNOT_UNDERSTAND,
+                    reason="unreadable_spool_file",
+                ),
+            )
+            return False
+        except IngestError as exc:
+            self.spool.quarantine(path)
+            self.audit_failure(peer, exc)
+            return False
+        with self.sessions() as session:
+            recorded = session.execute(
+                select(Instance.path).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))
+            ).scalar_one_or_none()
+        if recorded is not None:
+            # Already recorded. Delete this copy only when the recorded file is another file
+            # that exists: a copy left by two associations racing with the same instance.
+            other = Path(recorded)
+            if other.exists() and not other.samefile(path):
+                self.spool.discard(path)
+            return False
+        spooled = SpooledFile(path, size, sha256_of_file(path))
+        try:
+            self._record(peer, ds, spooled, transfer_syntax, kind="instance.recovered")
+        except IngestError as exc:
+            self.audit_failure(peer, exc)
+            return False
+        return True
 
     def _is_duplicate(self, peer: Peer, sop_uid: str, study_uid: str) -> bool:
         query = select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)

@@ -60,6 +60,7 @@ class ListenerProcess:
             session_factory=sessions,
             limits=Limits(s.max_instance_bytes, s.max_instances_per_study),
         )
+        ingestor.recover_unrecorded()
         app = make_celery(s)
         self.coordinator = Coordinator(settings=s, sessions=sessions, app=app)
         self.listener = Listener(settings=s, sessions=sessions, ingestor=ingestor)

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,11 +92,34 @@ class Spool:
     def discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
+    def files(self) -> Iterator[Path]:
+        """Every instance file in the spool (not temp files, not quarantined ones)."""
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and is_valid_uid(folder.name):
+                yield from sorted(folder.glob("*.dcm"))
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a file that cannot be recorded out of the way, keeping it for inspection."""
+        folder = self.root / ".quarantine"
+        folder.mkdir(exist_ok=True)
+        target = folder / f"{path.parent.name}.{path.name}"
+        os.replace(path, target)
+        _fsync_dir(folder)
+        return target
+
 
 def _sha256(parts: Sequence[Buffer]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
+    return digest.hexdigest()
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
     return digest.hexdigest()
 
 

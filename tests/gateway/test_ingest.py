@@ -456,3 +456,51 @@ def test_dicom_tls_with_client_certificates(
             [path],
         )
     assert count(gw, Instance) == 1
+
+
+def test_spooled_files_without_a_row_are_recorded_at_start(
+    gateway_factory: Callable[..., RunningGateway], database_url: str, tmp_path: Path
+) -> None:
+    """A crash between a file's fsync and its commit, or a database restored from an older
+    backup, leaves spooled files with no row: the next start records them (nothing received is
+    lost), deletes only redundant copies, and quarantines what cannot be read."""
+    gw = gateway_factory(database_url=database_url, quiet_seconds=1)
+    sent = files.with_new_uids(files.CHEST_CR, tmp_path / "sent.dcm")
+    assert storescu(gw.port, [tmp_path / "sent.dcm"]).returncode == 0
+    gw.process.stop()
+    spool = gw.settings.spool_path
+    with gw.sessions() as session:
+        recorded = Path(session.execute(select(Instance.path)).scalar_one())
+    # 1. A spooled file whose commit never happened.
+    lost = files.with_new_uids(files.CHEST_CR, tmp_path / "lost.dcm")
+    lost_folder = spool / str(lost.StudyInstanceUID)
+    lost_folder.mkdir()
+    lost_path = lost_folder / f"{lost.SOPInstanceUID}.0badf00d.dcm"
+    lost_path.write_bytes((tmp_path / "lost.dcm").read_bytes())
+    # 2. A second copy of the instance already recorded (two associations raced).
+    copy = recorded.parent / f"{sent.SOPInstanceUID}.c0ffee00.dcm"
+    copy.write_bytes(recorded.read_bytes())
+    # 3. A file that is not DICOM at all.
+    junk = recorded.parent / "1.2.3.4.deadbeef.dcm"
+    junk.write_bytes(b"not a dicom file")
+
+    gw2 = gateway_factory(data_dir=gw.settings.data_dir, database_url=database_url, quiet_seconds=1)
+    with gw2.sessions() as session:
+        rows = {r.sop_instance_uid: r for r in session.execute(select(Instance)).scalars()}
+    assert set(rows) == {str(sent.SOPInstanceUID), str(lost.SOPInstanceUID)}
+    assert Path(rows[str(lost.SOPInstanceUID)].path) == lost_path
+    assert rows[str(lost.SOPInstanceUID)].size_bytes == lost_path.stat().st_size
+    recovered = audit(gw2, "instance.recovered")
+    assert [e.sop_instance_uid for e in recovered] == [str(lost.SOPInstanceUID)]
+    assert recovered[0].actor == "spool-recovery"
+    assert recorded.exists() and not copy.exists()
+    assert not junk.exists()
+    assert (spool / ".quarantine" / f"{recorded.parent.name}.{junk.name}").exists()
+    failed = audit(gw2, "instance.failed")
+    assert [json.loads(e.detail)["reason"] for e in failed] == ["unreadable_spool_file"]
+    # The recovered study completes and is queued like any other.
+    wait_until(lambda: len(audit(gw2, "study.queued")) == 2, 20, "both studies queued")
+    # A second start finds nothing new to record.
+    gw2.process.stop()
+    gw3 = gateway_factory(data_dir=gw.settings.data_dir, database_url=database_url, quiet_seconds=1)
+    assert count(gw3, Instance) == 2 and len(audit(gw3, "instance.recovered")) == 1
