@@ -21,10 +21,12 @@ from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
-from gateway.queue import publish_delivery, publish_job
+from gateway.queue import prune_embedded_queue, publish_delivery, publish_job
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+DELIVERED_MESSAGES_KEPT = dt.timedelta(minutes=10)  # for someone looking into the queue file
 
 
 class Coordinator:
@@ -54,6 +56,7 @@ class Coordinator:
             try:
                 if clock >= next_reconcile:
                     self.reconcile()
+                    prune_embedded_queue(self.settings, older_than=DELIVERED_MESSAGES_KEPT)
                     next_reconcile = clock + self.settings.reconcile_interval_seconds
                 self.assemble()
             except SQLAlchemyError as exc:

@@ -5,7 +5,8 @@ that the broker did not take stays PENDING and the reconciler publishes it again
 
 Embedded default: kombu's SQLAlchemy transport on a SQLite file in the data folder. It needs no
 server, survives restarts (messages are rows in a file), and goes through exactly the same
-Celery code path as Redis in production.
+Celery code path as Redis in production. kombu keeps each delivered message as a row marked
+invisible; ``prune_embedded_queue`` deletes those, so the file does not grow for years.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError
-from sqlalchemy import update
+from sqlalchemy import create_engine, inspect, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
@@ -143,3 +144,31 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
         if delivery is not None and delivery.state in ("pending", "retrying"):
             delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=300)
     return True
+
+
+KOMBU_MESSAGE_TABLE = "kombu_message"
+# kombu writes the message's local time, as naive text, when it marks a message delivered.
+_KOMBU_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def prune_embedded_queue(settings: Settings, *, older_than: dt.timedelta) -> int:
+    """Delete messages of the embedded queue delivered more than ``older_than`` ago; return how
+    many. Messages not yet delivered are never touched. No-op with an external broker."""
+    if not settings.broker_is_embedded:
+        return 0
+    engine = create_engine(settings.broker.removeprefix("sqla+"))
+    try:
+        if not inspect(engine).has_table(KOMBU_MESSAGE_TABLE):
+            return 0
+        cutoff = (dt.datetime.now() - older_than).strftime(_KOMBU_TIME_FORMAT)
+        with engine.begin() as conn:
+            result = conn.execute(
+                text(
+                    "DELETE FROM kombu_message "
+                    "WHERE visible = 0 AND timestamp IS NOT NULL AND timestamp < :cutoff"
+                ),
+                {"cutoff": cutoff},
+            )
+            return int(result.rowcount)
+    finally:
+        engine.dispose()
