@@ -38,6 +38,13 @@ def train(
     batch_size: int = 32,
     learning_rate: float = 2e-3,
     val_fraction: Annotated[float, typer.Option(help="Fraction of patients for validation")] = 0.15,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Validation patients: 'random' (shuffled with the seed) or 'batch' (both ends "
+            "of the acquisition numbering, see training.data.batch_split)"
+        ),
+    ] = "random",
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs")] = 8,
     aug_strength: Annotated[float, typer.Option(help="Augmentation strength (0 = none)")] = 1.0,
     threshold_sensitivity: Annotated[
@@ -68,6 +75,8 @@ def train(
     ] = 0.0,
 ) -> None:
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
+    if split not in ("random", "batch"):
+        raise typer.BadParameter("must be 'random' or 'batch'", param_hint="--split")
     _quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from training.train import TrainConfig
@@ -85,6 +94,7 @@ def train(
         batch_size=batch_size,
         learning_rate=learning_rate,
         val_fraction=val_fraction,
+        split=split,
         patience=patience,
         aug_strength=aug_strength,
         command=command,

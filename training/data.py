@@ -101,6 +101,41 @@ def patient_split(
     return train, val
 
 
+def patient_number(patient: str) -> int | None:
+    """The number in a Kermany patient key (``person123`` -> 123, ``im45`` -> 45), or None."""
+    m = re.search(r"(\d+)$", patient)
+    return int(m.group(1)) if m else None
+
+
+def batch_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Split by acquisition batch: within each class, the patients at both ends of the file
+    numbering (half of ``val_fraction`` from the lowest numbers, half from the highest) form
+    the validation side.
+
+    Kermany numbers patients in order of acquisition, and the set's own held-out images lie
+    outside the training numbering (its 'val' files carry higher numbers than any training
+    file). A random split validates on images from the same batches as the training images
+    and misses that shift; the ends of the numbering are the batches farthest from the bulk
+    of the training data. Patients whose key carries no number are never used for validation.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    val_patients: set[str] = set()
+    for label in (0, 1):
+        keys = {s.patient for s in samples if s.label == label}
+        numbered = sorted(
+            (p for p in keys if patient_number(p) is not None),
+            key=lambda p: (patient_number(p), p),
+        )
+        n_low = max(1, round(len(numbered) * val_fraction / 2)) if numbered else 0
+        n_high = max(1, round(len(numbered) * val_fraction)) - n_low if numbered else 0
+        val_patients.update(numbered[:n_low])
+        val_patients.update(numbered[len(numbered) - n_high :])
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:
     """Read an image file as 2-D uint8 (colour averaged by OpenCV's grayscale conversion)."""
     # Same decode flags as serving (inference.dicom_pixels.read_image_file) for 8-bit files.

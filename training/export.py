@@ -209,7 +209,12 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             "n_val": len(prep.val),
             "train_counts": {c: int(np.sum(prep.train_y == i)) for i, c in enumerate(CLASS_NAMES)},
             "val_counts": {c: int(np.sum(y_val == i)) for i, c in enumerate(CLASS_NAMES)},
-            "split": "patient-level, stratified by class, seed as above",
+            "split": (
+                "patient-level by acquisition batch: within each class the patients at both "
+                f"ends of the file numbering ({config.val_fraction:.0%} in all) validate"
+                if config.split == "batch"
+                else "patient-level, stratified by class, seed as above"
+            ),
         },
         "members": [
             {

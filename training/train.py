@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from inference.preprocess import PreprocessConfig, preprocess, preprocess_batch
 from training.augment import STRESS_NAMES, augment, stress
-from training.data import Sample, list_samples, load_images, patient_split
+from training.data import Sample, batch_split, list_samples, load_images, patient_split
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     val_fraction: float = 0.15
+    split: str = "random"  # "random" (patients shuffled) or "batch" (see data.batch_split)
     patience: int = 8
     aug_strength: float = 1.0
     command: str = ""
@@ -80,9 +81,13 @@ def prepare(config: TrainConfig, pre: PreprocessConfig) -> Prepared:
     if limit:
         # Smoke tests: the first ``limit`` images of each class (sorted by name).
         samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][:limit]]
-    train, val = patient_split(samples, val_fraction=config.val_fraction, seed=config.seed)
+    if config.split == "batch":
+        train, val = batch_split(samples, val_fraction=config.val_fraction)
+    else:
+        train, val = patient_split(samples, val_fraction=config.val_fraction, seed=config.seed)
     config.out.mkdir(parents=True, exist_ok=True)
     split = {
+        "mode": config.split,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "train": [f"{s.path.parent.name}/{s.path.name}" for s in train],

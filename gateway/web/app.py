@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.db.session import make_engine, make_session_factory
 from gateway.settings import Settings
-from gateway.web import health, pages_audit, pages_auth, pages_studies, pages_upload
+from gateway.web import (
+    health,
+    pages_account,
+    pages_audit,
+    pages_auth,
+    pages_studies,
+    pages_upload,
+)
 from gateway.web.deps import (
     HERE,
     BadCsrf,
@@ -63,7 +70,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     app.state.metrics = health.make_registry(sessions)
     app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    for module in (pages_auth, pages_studies, pages_audit, pages_upload, health):
+    for module in (pages_auth, pages_account, pages_studies, pages_audit, pages_upload, health):
         app.include_router(module.router)
     _install_handlers(app)
 

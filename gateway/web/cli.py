@@ -122,6 +122,30 @@ def register(app: typer.Typer) -> None:
                 state = "disabled" if user.disabled else "enabled"
                 typer.echo(f"{user.username:<24} {user.role:<10} {state:<9} {last}")
 
+    @users.command("set-password")
+    def set_password(
+        username: Annotated[str, typer.Argument(help="user name")],
+        password_stdin: PasswordStdin = False,
+    ) -> None:
+        """Set a user's password (a reset by an administrator); the user's sessions end."""
+        from gateway.db.session import transaction
+        from gateway.web.users import UserError, reset_password
+
+        sessions = _sessions()
+        password = _read_password(password_stdin)
+        try:
+            with transaction(sessions) as session:
+                found = reset_password(
+                    session=session, username=username, password=password, actor=_actor()
+                )
+        except UserError as exc:
+            typer.echo(f"cxr-gateway users: {exc}", err=True)
+            raise typer.Exit(code=1) from exc
+        if not found:
+            typer.echo(f"no user {username!r}", err=True)
+            raise typer.Exit(code=1)
+        typer.echo(f"password set for {username}; their sessions have ended")
+
     @users.command("disable")
     def disable(username: Annotated[str, typer.Argument(help="user name")]) -> None:
         """Disable a user and end its sessions (audited)."""

@@ -56,16 +56,16 @@ MAX_FAILURES = 10
 FAILURE_WINDOW = dt.timedelta(minutes=15)
 
 
-def _throttled(request: Request, username: str) -> bool:
-    """Counted from the audit log itself: failed logins for this name from this address in
-    the last 15 minutes. Per address, so an attacker elsewhere cannot lock a user out."""
+def throttled(request: Request, username: str, kind: str = "user.login_failed") -> bool:
+    """Counted from the audit log itself: failures (``kind``) for this name from this address
+    in the last 15 minutes. Per address, so an attacker elsewhere cannot lock a user out."""
     since = utcnow() - FAILURE_WINDOW
     with context(request).sessions() as session:
         failures = session.execute(
             select(func.count())
             .select_from(AuditEvent)
             .where(
-                AuditEvent.kind == "user.login_failed",
+                AuditEvent.kind == kind,
                 AuditEvent.occurred_at >= since,
                 AuditEvent.actor == username[:64],
                 AuditEvent.peer_address == client_ip(request),
@@ -82,7 +82,7 @@ def _login(request: Request, username: str, password: str) -> tuple[str, Current
     ctx = context(request)
     current: CurrentUser | None = None
     token = ""
-    if _throttled(request, username):
+    if throttled(request, username):
         audit(
             request,
             kind="user.login_failed",

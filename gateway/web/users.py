@@ -89,6 +89,54 @@ def disable_user(*, session: Session, username: str, actor: str) -> bool:
     return True
 
 
+def _set_password(
+    *, session: Session, user: User, password: str, actor: str, kind: str, keep_session: int = 0
+) -> None:
+    """Store a new password and end the user's other sessions (audited as ``kind``)."""
+    check_password_policy(password)
+    user.password_hash = hash_password(password)
+    session.execute(
+        delete(WebSession).where(WebSession.user_id == user.id, WebSession.id != keep_session)
+    )
+    record_event(
+        session=session,
+        kind=kind,
+        actor=actor,
+        detail={"user_id": user.id, "username": user.username},
+    )
+
+
+def change_own_password(
+    *, session: Session, current: CurrentUser, old_password: str, new_password: str
+) -> None:
+    """A logged-in user changes their password; their other sessions end. Raises UserError."""
+    user = session.get(User, current.id)
+    if user is None or user.disabled or not _verify(user.password_hash, old_password):
+        raise UserError("the current password is wrong")
+    if new_password == old_password:
+        raise UserError("the new password must differ from the current one")
+    _set_password(
+        session=session,
+        user=user,
+        password=new_password,
+        actor=current.username,
+        kind="user.password_changed",
+        keep_session=current.session_id,
+    )
+
+
+def reset_password(*, session: Session, username: str, password: str, actor: str) -> bool:
+    """An administrator sets a user's password; all the user's sessions end (audited as
+    ``user.password_reset``). False if there is no such user; raises UserError."""
+    user = session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    if user is None:
+        return False
+    _set_password(
+        session=session, user=user, password=password, actor=actor, kind="user.password_reset"
+    )
+    return True
+
+
 def active_admin_exists(session: Session) -> bool:
     query = select(User.id).where(User.role == "admin", User.disabled.is_(False))
     return session.execute(query).first() is not None

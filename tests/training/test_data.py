@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from training.augment import STRESS_NAMES, augment, stress
-from training.data import DataError, Sample, list_samples, patient_of, patient_split, subgroup_of
+from training.data import (
+    DataError,
+    Sample,
+    batch_split,
+    list_samples,
+    patient_of,
+    patient_split,
+    subgroup_of,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
 
@@ -58,6 +66,23 @@ def test_split_is_deterministic_and_seed_dependent() -> None:
     c = patient_split(samples, val_fraction=0.2, seed=8)[1]
     assert a == b
     assert a != c
+
+
+def test_batch_split_validates_on_both_ends_of_the_numbering() -> None:
+    samples = synthetic_samples()
+    extra = Sample(Path("NORMAL") / "scan.png", 0, patient_of("scan.png", 0), "normal")
+    train, val = batch_split([*samples, extra], val_fraction=0.2)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert len(train) + len(val) == len(samples) + 1
+    assert extra in train  # no number, no batch: never validation
+    # 300 pneumonia patients numbered 0-299: 30 lowest and 30 highest validate.
+    numbers = sorted(int(s.patient.split("person")[1]) for s in val if s.label == 1)
+    assert set(numbers) == set(range(30)) | set(range(270, 300))
+    # 120 normal patients: 12 lowest and 12 highest.
+    numbers = sorted(int(s.patient.split("im")[1]) for s in val if s.label == 0)
+    assert set(numbers) == set(range(12)) | set(range(108, 120))
+    with pytest.raises(ValueError):
+        batch_split(samples, val_fraction=1.0)
 
 
 def test_list_samples_on_fixture_folder(tmp_path: Path) -> None:

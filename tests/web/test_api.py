@@ -466,3 +466,88 @@ def test_login_redirects_only_to_local_pages() -> None:
     for target in ("https://evil.example/", "//evil.example/", "/\\evil.example/", "javascript:x"):
         assert _safe_next(target) == "/", target
     assert heatmap_file(Path("/tmp"), 1, "../../etc/passwd") is None
+
+
+def test_users_change_their_password_and_admins_reset_it(
+    api: Api, sqlite_web_settings: Settings
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from gateway.web.cli import register
+
+    cli_app = typer.Typer()
+    register(cli_app)
+
+    me, elsewhere = api("clinician"), api("clinician")
+    old, new = PASSWORDS["clinician"], "a brand new passphrase"
+
+    def change(client: TestClient, current: str, to: str) -> Any:
+        body = {"current_password": current, "new_password": to}
+        return client.post("/api/session/password", json=body)
+
+    wrong_token = {"X-CSRF-Token": "not-the-token"}
+    r = me.post(
+        "/api/session/password",
+        json={"current_password": old, "new_password": new},
+        headers=wrong_token,
+    )
+    assert r.status_code == 403
+    r = change(me, "not the password", new)
+    assert r.status_code == 400 and "current password is wrong" in r.json()["detail"]
+    assert change(me, old, "short").status_code == 400
+    assert change(me, old, old).status_code == 400
+    assert change(me, old, new).status_code == 204
+    # This session goes on; the user's other sessions have ended.
+    assert me.get("/api/studies").status_code == 200
+    assert elsewhere.get("/api/studies").status_code == 401
+    anon = api(None)
+    assert (
+        anon.post("/api/session", json={"username": "clinician", "password": old}).status_code
+        == 401
+    )
+    assert (
+        anon.post("/api/session", json={"username": "clinician", "password": new}).status_code
+        == 200
+    )
+    reasons = [
+        json.loads(e.detail)["reason"]
+        for e in events(sqlite_web_settings, "user.password_change_failed")
+    ]
+    assert reasons[0] == "the current password is wrong" and len(reasons) == 3
+    changed = events(sqlite_web_settings, "user.password_changed")
+    assert [e.actor for e in changed] == ["clinician"]
+    assert new not in changed[0].detail and old not in changed[0].detail
+
+    # The form page: the two new passwords must match.
+    page = me.get("/account")
+    assert page.status_code == 200 and "Change password" in page.text
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    form = {"current_password": new, "new_password": "x" * 14, "confirm_password": "y" * 14}
+    r = me.post("/account/password", data={**form, "csrf": csrf})
+    assert r.status_code == 400 and "differ" in r.text
+    r = me.post("/account/password", data={**form, "confirm_password": "x" * 14, "csrf": "bad"})
+    assert r.status_code == 403
+
+    # An administrator's reset from the command line ends every session of the user.
+    env = {
+        "CXR_DATA_DIR": str(sqlite_web_settings.data_dir),
+        "CXR_DATABASE_URL": sqlite_web_settings.database,
+    }
+    runner = CliRunner()
+    reset = runner.invoke(
+        cli_app,
+        ["users", "set-password", "clinician", "--password-stdin"],
+        input="reset by admin 1\n",
+        env=env,
+    )
+    assert reset.exit_code == 0, reset.output
+    missing = runner.invoke(
+        cli_app, ["users", "set-password", "nobody", "--password-stdin"], input="x" * 12, env=env
+    )
+    assert missing.exit_code == 1
+    assert me.get("/api/studies").status_code == 401
+    r = anon.post("/api/session", json={"username": "clinician", "password": "reset by admin 1"})
+    assert r.status_code == 200
+    resets = events(sqlite_web_settings, "user.password_reset")
+    assert len(resets) == 1 and resets[0].actor.startswith("cli:")

@@ -1,0 +1,88 @@
+"""The account page: a logged-in user changes their own password (audited). Administrators
+reset other users' passwords with `cxr-gateway users set-password`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from gateway.db.session import transaction
+from gateway.web.deps import audit, check_csrf, context, current_user, problem, render
+from gateway.web.pages_auth import throttled
+from gateway.web.users import MIN_PASSWORD_LENGTH, CurrentUser, UserError, change_own_password
+
+router = APIRouter()
+
+FAILED = "user.password_change_failed"
+THROTTLED = "Too many failed attempts; wait 15 minutes and try again."
+
+
+class PasswordChange(BaseModel):
+    current_password: str
+    new_password: str
+
+
+def _change(request: Request, user: CurrentUser, old: str, new: str) -> str | None:
+    """Change the password; return what went wrong, or None (both audited)."""
+    if throttled(request, user.username, FAILED):
+        return THROTTLED
+    try:
+        with transaction(context(request).sessions) as session:
+            change_own_password(session=session, current=user, old_password=old, new_password=new)
+    except UserError as exc:
+        audit(
+            request,
+            kind=FAILED,
+            outcome="failure",
+            actor=user.username,
+            detail={"reason": str(exc)},
+        )
+        return str(exc)
+    return None
+
+
+@router.get("/account", include_in_schema=False)
+def account_page(request: Request, user: Annotated[CurrentUser, Depends(current_user)]) -> Response:
+    return render(request, "account.html", min_length=MIN_PASSWORD_LENGTH)
+
+
+@router.post("/account/password", include_in_schema=False)
+def account_password(
+    request: Request,
+    current_password: Annotated[str, Form()],
+    new_password: Annotated[str, Form()],
+    confirm_password: Annotated[str, Form()],
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    user = current_user(request)
+    check_csrf(request, user, csrf)
+    if new_password != confirm_password:
+        error: str | None = "The two new passwords differ."
+    else:
+        error = _change(request, user, current_password, new_password)
+    if error is not None:
+        status = 429 if error == THROTTLED else 400
+        return render(request, "account.html", status, error=error, min_length=MIN_PASSWORD_LENGTH)
+    return render(
+        request,
+        "account.html",
+        message="Password changed. Your other sessions have been logged out.",
+        min_length=MIN_PASSWORD_LENGTH,
+    )
+
+
+@router.post("/api/session/password", status_code=204, tags=["session"])
+def api_change_password(request: Request, body: PasswordChange) -> Response:
+    """Change the logged-in user's password (needs X-CSRF-Token). The user's other sessions
+    end; this one stays."""
+    user = current_user(request)
+    check_csrf(request, user, None)
+    error = _change(request, user, body.current_password, body.new_password)
+    if error == THROTTLED:
+        return problem(429, "Too Many Requests", error)
+    if error is not None:
+        return problem(400, "Bad Request", error)
+    return Response(status_code=204)
