@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     web_session_minutes: int = Field(default=30, ge=1, le=24 * 60)  # idle timeout of a login
     web_secure_cookies: bool = False  # set in production (HTTPS in front); forced there
     web_max_upload_mb: int = Field(default=50, ge=1, le=2048)
+    # Reverse proxies (IP addresses or networks) whose X-Forwarded-For/-Proto are believed, so
+    # that the audit log and login throttling see the real client. Empty: no header is believed.
+    web_trusted_proxies: list[str] = Field(default_factory=list)
 
     # Workers started by `serve`
     workers: int = Field(default=1, ge=0, le=64)
@@ -164,6 +167,18 @@ class Settings(BaseSettings):
             ipaddress.ip_address(value)
         except ValueError as exc:
             raise ValueError(f"a bind address is an IP address, got {value!r}") from exc
+        return value
+
+    @field_validator("web_trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"a trusted proxy is an IP address or network, got {entry!r}"
+                ) from exc
         return value
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from gateway.db.session import make_engine, make_session_factory
 from gateway.settings import Settings
@@ -73,6 +74,10 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     for module in (pages_auth, pages_account, pages_studies, pages_audit, pages_upload, health):
         app.include_router(module.router)
     _install_handlers(app)
+    if settings.web_trusted_proxies:
+        # uvicorn's own middleware: takes the client address from X-Forwarded-For (the nearest
+        # hop that is not a trusted proxy) only when the connection comes from a trusted proxy.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.web_trusted_proxies)
 
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi(user: Annotated[CurrentUser, Depends(current_user)]) -> dict[str, Any]:

@@ -551,3 +551,27 @@ def test_users_change_their_password_and_admins_reset_it(
     assert r.status_code == 200
     resets = events(sqlite_web_settings, "user.password_reset")
     assert len(resets) == 1 and resets[0].actor.startswith("cli:")
+
+
+def test_client_address_comes_from_trusted_proxies_only(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Behind a reverse proxy the audit log and the login throttle must see the real client,
+    and nobody else may choose the address they are logged under."""
+    from gateway.errors import ConfigurationError
+
+    settings = make_settings(web_trusted_proxies=["10.9.0.0/16"])
+    add_users(settings.database)
+    app = create_app(settings)
+    wrong = {"username": "admin", "password": "wrong-password-x"}
+    proxy = TestClient(app, client=("10.9.0.7", 50000))
+    chain = {"X-Forwarded-For": "198.51.100.23, 10.9.0.8"}  # client, then an inner proxy
+    assert proxy.post("/api/session", json=wrong, headers=chain).status_code == 401
+    spoofer = TestClient(app, client=("192.0.2.50", 50000))
+    assert spoofer.post("/api/session", json=wrong, headers=chain).status_code == 401
+    untrusting = TestClient(create_app(make_settings()), client=("10.9.0.7", 50000))
+    assert untrusting.post("/api/session", json=wrong, headers=chain).status_code == 401
+    failed = events(settings, "user.login_failed")
+    assert [e.peer_address for e in failed] == ["198.51.100.23", "192.0.2.50", "10.9.0.7"]
+    with pytest.raises(ConfigurationError, match="CXR_WEB_TRUSTED_PROXIES"):
+        make_settings(web_trusted_proxies=["proxy.example.org"])
