@@ -14,7 +14,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +85,9 @@ class Spool:
             _fsync_dir(folder)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            # The caller may free ``parts`` as soon as we return: the hashing must be over.
+            if not checksum.cancel():
+                wait([checksum])
             raise
         return SpooledFile(final, size, checksum.result())
 

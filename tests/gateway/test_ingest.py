@@ -3,7 +3,9 @@ listener on a free port, on SQLite and on a real PostgreSQL."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -504,3 +506,43 @@ def test_spooled_files_without_a_row_are_recorded_at_start(
     gw2.process.stop()
     gw3 = gateway_factory(data_dir=gw.settings.data_dir, database_url=database_url, quiet_seconds=1)
     assert count(gw3, Instance) == 2 and len(audit(gw3, "instance.recovered")) == 1
+
+
+def test_spool_write_keeps_no_hold_on_the_received_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener frees pynetdicom's buffer right after the store, failed or not: the spool
+    (whose checksum runs on another thread) must be done with it by then."""
+    import threading
+
+    from gateway import spool as spool_module
+    from gateway.spool import Spool
+
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.prepare()
+    received = bytearray(os.urandom(8 << 20))
+    body = memoryview(received)
+    stored = spool.write("1.2.3", "1.2.3.4", [b"header", body])
+    body.release()  # raises BufferError if a view of it were still in use
+    assert stored.path.read_bytes() == b"header" + received
+    assert stored.sha256 == hashlib.sha256(b"header" + received).hexdigest()
+
+    # A write that fails while the checksum is still running.
+    hashing, hashed = threading.Event(), threading.Event()
+
+    def slow_checksum(parts: list[bytes]) -> str:
+        hashing.set()
+        time.sleep(0.3)
+        hashed.set()
+        return ""
+
+    def failing_write(fd: int, parts: list[bytes]) -> None:
+        assert hashing.wait(5)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "_sha256", slow_checksum)
+    monkeypatch.setattr(spool_module, "_write_all", failing_write)
+    with pytest.raises(OSError):
+        spool.write("1.2.3", "1.2.3.5", [b"header", memoryview(received)])
+    assert hashed.is_set()  # write() waited for the checksum before raising
+    assert not list((tmp_path / "spool" / ".incoming").iterdir())
