@@ -31,6 +31,7 @@ class DicomPixels:
     n_frames: int
     photometric: str
     windowed: str  # "window", "voi-lut" or "min-max": how the display range was chosen
+    colour: str | None = None  # why a colour image is not a radiograph (input_check)
 
 
 def _first(value: Any) -> float:
@@ -81,11 +82,15 @@ def dicom_to_image(ds: Any) -> DicomPixels:
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if n_frames > 1:
         arr = arr[0]
+    colour = None
     if samples > 1:
         if photometric.startswith("YBR"):
             from pydicom.pixels.processing import convert_color_space
 
             arr = convert_color_space(arr, photometric, "RGB")
+        from inference.input_check import colour_decline_reason
+
+        colour = colour_decline_reason(arr)
         x = np.asarray(arr, dtype=np.float32).mean(axis=-1)
     else:
         x = np.asarray(arr, dtype=np.float32)
@@ -120,7 +125,9 @@ def dicom_to_image(ds: Any) -> DicomPixels:
         x = _min_max(x)
     if photometric == "MONOCHROME1":
         x = 1.0 - x
-    return DicomPixels(np.ascontiguousarray(x, dtype=np.float32), n_frames, photometric, windowed)
+    return DicomPixels(
+        np.ascontiguousarray(x, dtype=np.float32), n_frames, photometric, windowed, colour
+    )
 
 
 def is_dicom_file(path: Path) -> bool:

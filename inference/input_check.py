@@ -114,6 +114,37 @@ def header_decline_reason(ds: Any) -> str | None:
     return None
 
 
+# Radiographs are grayscale. An image whose pixels are visibly coloured is a photograph, a
+# fundus or microscopy image, a screenshot...: declined before the model sees it (the model only
+# ever sees gray levels, so it could not tell). Kermany's JPEGs and CR/DX DICOMs have equal
+# channels or a single one; a few coloured annotation marks stay under the share.
+COLOUR_SPREAD = 24 / 255  # channel spread (of full scale) that a viewer sees as colour
+COLOUR_SHARE = 0.02  # share of such pixels above which the image is declined
+
+
+def colour_decline_reason(image: npt.NDArray[Any]) -> str | None:
+    """Why a colour image (H, W, 3 or 4; any channel order) is not a radiograph, or None."""
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        return None
+    rgb = arr[..., :3].astype(np.float32)
+    full = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0
+    if full == 1.0:
+        full = max(float(rgb.max()), 1e-6)
+    spread = (rgb.max(axis=2) - rgb.min(axis=2)) / full
+    share = float(np.mean(spread > COLOUR_SPREAD))
+    if share > COLOUR_SHARE:
+        return f"colour image ({share:.0%} of its pixels coloured), not a radiograph"
+    return None
+
+
+def colour_decline_reason_of_file(data: bytes) -> str | None:
+    """:func:`colour_decline_reason` for the bytes of a PNG/JPEG file (None if OpenCV cannot
+    decode them)."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return None if arr is None else colour_decline_reason(arr)
+
+
 def thumbnail(preprocessed: F) -> F:
     """(S, S) preprocessed image -> flattened 32 x 32 vector for the appearance model."""
     small = cv2.resize(

@@ -137,4 +137,10 @@ class Predictor:
             pixels = dicom_to_image(ds)
         except PixelDecodeError as exc:
             return Prediction(None, None, None, str(exc), threshold=self.threshold)
+        if pixels.colour is not None:
+            return self.declined(pixels.colour)
         return self.predict_array(pixels.image, heatmap=heatmap)
+
+    def declined(self, reason: str) -> Prediction:
+        """ "No result", with the reason (an input check said no before the model ran)."""
+        return Prediction(None, None, None, reason, threshold=self.threshold)

@@ -60,6 +60,10 @@ def train(
     ood_dicom_dir: Annotated[
         Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
     ] = None,
+    ood_image_dir: Annotated[
+        Path | None,
+        typer.Option(help="Optional folder of PNG/JPEG non-chest images scored by the input check"),
+    ] = None,
     limit: Annotated[int, typer.Option(help="Use at most N images per class (smoke tests)")] = 0,
     external_val: Annotated[
         Path | None,
@@ -102,6 +106,7 @@ def train(
             "threshold_sensitivity": threshold_sensitivity,
             "threshold_on": threshold_on,
             "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
+            "ood_image_dir": str(ood_image_dir) if ood_image_dir else "",
             "limit": limit,
             "detail_target": detail_target,
             "debias_sharpness": debias_sharpness,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_file
-from inference.input_check import thumbnail
+from inference.input_check import colour_decline_reason_of_file, thumbnail
 from inference.predictor import Predictor
 from inference.preprocess import preprocess
 from training.data import list_samples
@@ -99,8 +99,12 @@ def predict_file(
             pred = predictor.predict_dataset(pydicom.dcmread(path), heatmap=heatmap)
             result["format"] = "dicom"
         else:
-            image, _ = read_image_file(path)
-            pred = predictor.predict_array(image, heatmap=heatmap)
+            colour = colour_decline_reason_of_file(path.read_bytes())
+            if colour is not None:
+                pred = predictor.declined(colour)
+            else:
+                image, _ = read_image_file(path)
+                pred = predictor.predict_array(image, heatmap=heatmap)
             result["format"] = path.suffix.lower().lstrip(".")
     except (OSError, PixelDecodeError, ValueError) as exc:
         result["error"] = str(exc)

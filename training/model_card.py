@@ -179,6 +179,23 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
                 f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | "
                 f"{m['header_reason'] or '-'} |"
             )
+    if ood.get("image_files"):
+        files = ood["image_files"]
+        declined = sum(m["declined"] for m in files.values())
+        lines += [
+            "",
+            f"Real images that are not chest radiographs ({summary.get('ood_image_source', '')}): "
+            f"**{declined} of {len(files)} declined**. Colour images are declined before the "
+            "score (radiographs are grayscale).",
+            "",
+            "| image | OOD score | colour | declined |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, m in files.items():
+            lines.append(
+                f"| {name[:40]} | {m['ood_score']:.2f} | {'yes' if m['colour_reason'] else 'no'} "
+                f"| {m['declined']} |"
+            )
     lines += [
         "",
         "## Known limitations and failure modes",

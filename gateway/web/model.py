@@ -103,6 +103,7 @@ def _predict(predictor: Predictor, data: bytes) -> Prediction:
     import pydicom
 
     from inference.dicom_pixels import PixelDecodeError, decode_image_bytes
+    from inference.input_check import colour_decline_reason_of_file
 
     if len(data) >= 132 and data[128:132] == b"DICM":
         from inference.dicom_pixels import dicom_to_image
@@ -115,7 +116,10 @@ def _predict(predictor: Predictor, data: bytes) -> Prediction:
             reason = header_decline_reason(ds)
             if reason is not None:  # a readable file that is not for this model: "no result"
                 return Prediction(None, None, None, reason, threshold=predictor.threshold)
-            image = dicom_to_image(ds).image
+            pixels = dicom_to_image(ds)
+            if pixels.colour is not None:
+                return predictor.declined(pixels.colour)
+            image = pixels.image
         except UnreadableImage:
             raise
         except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
@@ -127,6 +131,9 @@ def _predict(predictor: Predictor, data: bytes) -> Prediction:
         raise UnreadableImage("the file is not a DICOM, PNG or JPEG image") from exc
     if image.ndim != 2 or min(image.shape) < 16:
         raise UnreadableImage("the image is too small to be a radiograph")
+    colour = colour_decline_reason_of_file(data)
+    if colour is not None:
+        return predictor.declined(colour)
     return predictor.predict_array(image, heatmap=True)
 
 

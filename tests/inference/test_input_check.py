@@ -137,3 +137,42 @@ def test_ood_save_load_round_trip(tmp_path: Path) -> None:
     model.save(tmp_path / "ood.npz")
     loaded = OODModel.load(tmp_path / "ood.npz")
     np.testing.assert_allclose(loaded.scores(emb, thumbs), model.scores(emb, thumbs), rtol=1e-5)
+
+
+def test_colour_images_are_declined_and_gray_ones_pass(tmp_path: Path) -> None:
+    import cv2
+
+    from inference.input_check import colour_decline_reason, colour_decline_reason_of_file
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (200, 200), dtype=np.uint8)
+    as_rgb = np.repeat(gray[..., None], 3, axis=2)  # how Kermany stores its JPEGs
+    assert colour_decline_reason(gray) is None and colour_decline_reason(as_rgb) is None
+    photo = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    reason = colour_decline_reason(photo)
+    assert reason is not None and "colour image" in reason
+    marked = as_rgb.copy()
+    marked[:2, :, 2] = 255  # a thin coloured annotation line: 1% of the pixels
+    assert colour_decline_reason(marked) is None
+    assert colour_decline_reason(photo.astype(np.uint16) * 257) is not None  # 16-bit PNG
+    # Through the bytes of real files, as the upload page and `predict` read them.
+    for name, image, declined in (("gray.jpg", as_rgb, False), ("photo.png", photo, True)):
+        ok, encoded = cv2.imencode(Path(name).suffix, image)
+        assert ok
+        assert (colour_decline_reason_of_file(encoded.tobytes()) is not None) is declined
+    assert colour_decline_reason_of_file(b"not an image") is None
+
+
+def test_colour_dicom_is_declined_before_the_model() -> None:
+    from inference.dicom_pixels import dicom_to_image
+
+    rgb = np.random.default_rng(1).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    ds = chest()
+    ds.Rows, ds.Columns = 160, 160
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = rgb.tobytes()
+    pixels = dicom_to_image(ds)
+    assert pixels.colour is not None and pixels.image.ndim == 2
+    ds.PixelData = np.repeat(rgb[..., :1], 3, axis=2).tobytes()  # gray content stored as RGB
+    assert dicom_to_image(ds).colour is None

@@ -73,3 +73,17 @@ def test_real_dicoms(predictor: Predictor) -> None:
                 assert pixels_only.probability is None, (path.name, pixels_only.ood_score)
             else:  # the dog's pixel score is borderline (about the threshold): see the card
                 assert pixels_only.ood_score is not None and pixels_only.ood_score > 0.9
+
+
+def test_colour_photo_gets_no_result_from_predict(tmp_path: Path, predictor: Predictor) -> None:
+    from training.evaluate import predict_file
+
+    rng = np.random.default_rng(3)
+    photo_path = tmp_path / "holiday.jpg"
+    cv2.imwrite(str(photo_path), rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    result, heatmap = predict_file(predictor, photo_path)
+    assert result["probability"] is None and heatmap is None
+    assert "colour image" in result["declined_reason"]
+    chest_path = sorted(IMAGES.rglob("*.jpeg"))[0]  # 3-channel JPEG with equal channels
+    result, _ = predict_file(predictor, chest_path)
+    assert result["probability"] is not None, result

@@ -575,3 +575,17 @@ def test_client_address_comes_from_trusted_proxies_only(
     assert [e.peer_address for e in failed] == ["198.51.100.23", "192.0.2.50", "10.9.0.7"]
     with pytest.raises(ConfigurationError, match="CXR_WEB_TRUSTED_PROXIES"):
         make_settings(web_trusted_proxies=["proxy.example.org"])
+
+
+def test_upload_of_a_colour_photo_gives_no_result(api: Api) -> None:
+    import cv2
+    import numpy as np
+
+    photo = np.random.default_rng(5).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", photo)
+    assert ok
+    r = api("clinician").post("/api/predict", files={"file": ("cat.jpg", encoded.tobytes())})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["result"] == "no result" and body["probability"] is None
+    assert "colour image" in body["declined_reason"]
