@@ -67,12 +67,10 @@ def test_real_dicoms(predictor: Predictor) -> None:
         pixels_only = predictor.predict_array(dicom_to_image(ds).image, heatmap=False)
         if path.name.startswith(("RG1_", "nih_cxr_")):
             assert pred.probability is not None, (path.name, pred.declined_reason)
-        else:  # RG3 tibia, dog lateral thorax: declined by the header rules
+        else:  # RG3 tibia, dog lateral thorax: declined by the header rules...
             assert pred.probability is None, path.name
-            if path.name.startswith("RG3_"):  # and the tibia by its pixels alone
-                assert pixels_only.probability is None, (path.name, pixels_only.ood_score)
-            else:  # the dog's pixel score is borderline (about the threshold): see the card
-                assert pixels_only.ood_score is not None and pixels_only.ood_score > 0.9
+            # ...and by their pixels alone (the dog's score is close: 1.01 against 0.94).
+            assert pixels_only.probability is None, (path.name, pixels_only.ood_score)
 
 
 def test_colour_photo_gets_no_result_from_predict(tmp_path: Path, predictor: Predictor) -> None:
