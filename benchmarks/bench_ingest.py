@@ -101,6 +101,23 @@ def send(port: int, aec: str, paths: list[Path], associations: int) -> float:
     return time.perf_counter() - start
 
 
+def send_to_process(
+    command: list[str], port: int, aec: str, paths: list[Path], assoc: int
+) -> float:
+    """Start a receiver (TCP_NODELAY=1), send ``paths`` to it, stop it; return the send time."""
+    proc = subprocess.Popen(
+        command,
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        return send(port, aec, paths, assoc)
+    finally:
+        stop_process(proc)
+
+
 def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
     out = workdir / f"scp-{time.monotonic_ns()}"
     out.mkdir()
@@ -108,33 +125,16 @@ def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
     args = ["storescp", "-aet", "REF", "-pdu", "131072", "-od", str(out)]
     if associations > 1:
         args.append("--fork")  # one process per association, as the gateway's threads
-    proc = subprocess.Popen(
-        [*args, str(port)],
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_for_port(port)
-        return send(port, "REF", paths, associations)
+        return send_to_process([*args, str(port)], port, "REF", paths, associations)
     finally:
-        stop_process(proc)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run_noop(paths: list[Path], associations: int, workdir: Path) -> float:
+def run_noop(paths: list[Path], associations: int) -> float:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"],
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        return send(port, "NOOP", paths, associations)
-    finally:
-        stop_process(proc)
+    noop = [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"]
+    return send_to_process(noop, port, "NOOP", paths, associations)
 
 
 def run_gateway(paths: list[Path], associations: int, workdir: Path, database: str) -> float:
@@ -201,7 +201,7 @@ def main() -> None:
                 run_gateway(paths, assoc, work, args.database)
                 for _ in range(args.repeats):  # interleaved
                     times["storescp"].append(run_storescp(paths, assoc, work))
-                    times["noop"].append(run_noop(paths, assoc, work))
+                    times["noop"].append(run_noop(paths, assoc))
                     times["gateway"].append(run_gateway(paths, assoc, work, args.database))
                 ref = statistics.median(times["storescp"])
                 for receiver in ("storescp", "noop", "gateway"):
