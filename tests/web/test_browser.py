@@ -19,7 +19,7 @@ from gateway.db.session import make_engine
 from gateway.settings import Settings
 from tests.gateway.helpers import Recorded, wait_until
 from tests.peers import GatewayProcess, free_port, start_gateway, storescu, wait_for_port
-from tests.web.conftest import add_users, login, shot
+from tests.web.conftest import PASSWORDS, add_users, login, shot
 from tests.web.images import chest_dicom, kermany_jpeg
 
 pytestmark = pytest.mark.slow
@@ -220,3 +220,28 @@ def test_clinician_uploads_an_image(console: tuple[str, Settings], page: Any) ->
     page.wait_for_load_state("load")
     assert "not a DICOM, PNG or JPEG image" in page.locator("#upload-error").inner_text()
     shot(page, "upload-refused")
+
+
+def test_user_changes_their_password_on_the_account_page(
+    console: tuple[str, Settings], page: Any
+) -> None:
+    base, _ = console
+    login(page, base, "auditor")
+    page.click("a.who")  # the user name in the header
+    page.wait_for_load_state("load")
+    assert page.url.endswith("/account")
+    new = "the auditor's new passphrase"
+    page.fill("input[name=current_password]", PASSWORDS["auditor"])
+    page.fill("input[name=new_password]", new)
+    page.fill("input[name=confirm_password]", new)
+    page.click("form[action='/account/password'] button")
+    page.wait_for_load_state("load")
+    assert "Password changed" in page.locator("[role=status]").inner_text()
+    shot(page, "account-password-changed")
+    page.click("form.logout button")
+    page.wait_for_load_state("load")
+    page.fill("input[name=username]", "auditor")
+    page.fill("input[name=password]", new)
+    page.click("button[type=submit]")
+    page.wait_for_load_state("load")
+    assert "/login" not in page.url
