@@ -159,12 +159,26 @@ class Ingestor:
         return self._record(peer, ds, spooled, transfer_syntax, kind="instance.stored")
 
     def _record(
-        self, peer: Peer, ds: Dataset, spooled: SpooledFile, transfer_syntax: str, *, kind: str
+        self,
+        peer: Peer,
+        ds: Dataset,
+        spooled: SpooledFile,
+        transfer_syntax: str,
+        *,
+        kind: str,
+        owns_file: bool = True,
     ) -> int:
-        """Commit the row and the audit event for a spooled file (which is removed on failure)."""
+        """Commit the row and the audit event for a spooled file. On failure the file is
+        removed when this call ``owns_file`` (its own freshly written copy); a file found in the
+        spool at start is never removed here, since another listener may be recording it."""
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         meta = studies.InstanceMeta.from_dataset(ds)
+
+        def discard() -> None:
+            if owns_file:
+                self.spool.discard(spooled.path)
+
         for attempt in range(1, _DB_ATTEMPTS + 1):
             try:
                 with transaction(self.sessions) as session:
@@ -208,19 +222,19 @@ class Ingestor:
                     )
                 return SUCCESS
             except IngestError:
-                self.spool.discard(spooled.path)
+                discard()
                 raise
             except IntegrityError:
                 # Another association stored the same SOP Instance UID (or created the same
                 # study version) between our check and our insert: look again.
                 if self._is_duplicate(peer, sop_uid, study_uid):
-                    self.spool.discard(spooled.path)
+                    discard()
                     return SUCCESS
                 if attempt == _DB_ATTEMPTS:
-                    self.spool.discard(spooled.path)
+                    discard()
                     raise
             except SQLAlchemyError as exc:
-                self.spool.discard(spooled.path)
+                discard()
                 log.error(
                     "database unavailable storing instance %s: %s", sop_uid, type(exc).__name__
                 )
@@ -297,7 +311,9 @@ class Ingestor:
             return False
         spooled = SpooledFile(path, size, sha256_of_file(path))
         try:
-            self._record(peer, ds, spooled, transfer_syntax, kind="instance.recovered")
+            self._record(
+                peer, ds, spooled, transfer_syntax, kind="instance.recovered", owns_file=False
+            )
         except IngestError as exc:
             self.audit_failure(peer, exc)
             return False

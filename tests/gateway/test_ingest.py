@@ -500,6 +500,20 @@ def test_spooled_files_without_a_row_are_recorded_at_start(
     assert (spool / ".quarantine" / f"{recorded.parent.name}.{junk.name}").exists()
     failed = audit(gw2, "instance.failed")
     assert [json.loads(e.detail)["reason"] for e in failed] == ["unreadable_spool_file"]
+    # A second listener recording the same file at the same moment loses the race on the
+    # unique SOP Instance UID: it must leave the file alone (it is the one now recorded).
+    from gateway.ingest import Peer
+    from gateway.spool import SpooledFile
+
+    assert gw2.process.listener is not None
+    racer = gw2.process.listener.ingestor
+    ds = dcmread(lost_path)
+    spooled = SpooledFile(lost_path, lost_path.stat().st_size, "")
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    status = racer._record(
+        Peer("spool-recovery", ""), ds, spooled, syntax, kind="instance.recovered", owns_file=False
+    )
+    assert status == 0 and lost_path.exists()
     # The recovered study completes and is queued like any other.
     wait_until(lambda: len(audit(gw2, "study.queued")) == 2, 20, "both studies queued")
     # A second start finds nothing new to record.
