@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     web_session_minutes: int = Field(default=30, ge=1, le=24 * 60)  # idle timeout of a login
     web_secure_cookies: bool = False  # set in production (HTTPS in front); forced there
     web_max_upload_mb: int = Field(default=50, ge=1, le=2048)
+    # Failed logins (or password changes) for one user name from one address within the window
+    # that block further attempts from there until the window has passed.
+    web_login_max_failures: int = Field(default=10, ge=1, le=1000)
+    web_login_window_minutes: int = Field(default=15, ge=1, le=24 * 60)
     # Reverse proxies (IP addresses or networks) whose X-Forwarded-For/-Proto are believed, so
     # that the audit log and login throttling see the real client. Empty: no header is believed.
     web_trusted_proxies: list[str] = Field(default_factory=list)

@@ -11,13 +11,12 @@ from pydantic import BaseModel
 
 from gateway.db.session import transaction
 from gateway.web.deps import audit, check_csrf, context, current_user, problem, render
-from gateway.web.pages_auth import throttled
+from gateway.web.pages_auth import throttled, throttled_message
 from gateway.web.users import MIN_PASSWORD_LENGTH, CurrentUser, UserError, change_own_password
 
 router = APIRouter()
 
 FAILED = "user.password_change_failed"
-THROTTLED = "Too many failed attempts; wait 15 minutes and try again."
 
 
 class PasswordChange(BaseModel):
@@ -25,10 +24,14 @@ class PasswordChange(BaseModel):
     new_password: str
 
 
+class Throttled(Exception):
+    """Too many wrong current passwords from this address: wait, then try again."""
+
+
 def _change(request: Request, user: CurrentUser, old: str, new: str) -> str | None:
-    """Change the password; return what went wrong, or None (both audited)."""
+    """Change the password; return what went wrong, or None (both audited). Raises Throttled."""
     if throttled(request, user.username, FAILED):
-        return THROTTLED
+        raise Throttled()
     try:
         with transaction(context(request).sessions) as session:
             change_own_password(session=session, current=user, old_password=old, new_password=new)
@@ -59,12 +62,15 @@ def account_password(
 ) -> Response:
     user = current_user(request)
     check_csrf(request, user, csrf)
-    if new_password != confirm_password:
-        error: str | None = "The two new passwords differ."
-    else:
-        error = _change(request, user, current_password, new_password)
+    status = 400
+    try:
+        if new_password != confirm_password:
+            error: str | None = "The two new passwords differ."
+        else:
+            error = _change(request, user, current_password, new_password)
+    except Throttled:
+        error, status = throttled_message(request, "attempts"), 429
     if error is not None:
-        status = 429 if error == THROTTLED else 400
         return render(request, "account.html", status, error=error, min_length=MIN_PASSWORD_LENGTH)
     return render(
         request,
@@ -80,9 +86,10 @@ def api_change_password(request: Request, body: PasswordChange) -> Response:
     end; this one stays."""
     user = current_user(request)
     check_csrf(request, user, None)
-    error = _change(request, user, body.current_password, body.new_password)
-    if error == THROTTLED:
-        return problem(429, "Too Many Requests", error)
+    try:
+        error = _change(request, user, body.current_password, body.new_password)
+    except Throttled:
+        return problem(429, "Too Many Requests", throttled_message(request, "attempts"))
     if error is not None:
         return problem(400, "Bad Request", error)
     return Response(status_code=204)

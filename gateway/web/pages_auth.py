@@ -52,14 +52,12 @@ class LoginThrottled(Exception):
     """Too many failed logins for this user name from this address: wait, then try again."""
 
 
-MAX_FAILURES = 10
-FAILURE_WINDOW = dt.timedelta(minutes=15)
-
-
 def throttled(request: Request, username: str, kind: str = "user.login_failed") -> bool:
     """Counted from the audit log itself: failures (``kind``) for this name from this address
-    in the last 15 minutes. Per address, so an attacker elsewhere cannot lock a user out."""
-    since = utcnow() - FAILURE_WINDOW
+    in the last CXR_WEB_LOGIN_WINDOW_MINUTES. Per address, so an attacker elsewhere cannot lock
+    a user out."""
+    settings = context(request).settings
+    since = utcnow() - dt.timedelta(minutes=settings.web_login_window_minutes)
     with context(request).sessions() as session:
         failures = session.execute(
             select(func.count())
@@ -71,10 +69,13 @@ def throttled(request: Request, username: str, kind: str = "user.login_failed") 
                 AuditEvent.peer_address == client_ip(request),
             )
         ).scalar()
-    return int(failures or 0) >= MAX_FAILURES
+    return int(failures or 0) >= settings.web_login_max_failures
 
 
-THROTTLED = "Too many failed logins; wait 15 minutes and try again."
+def throttled_message(request: Request, what: str) -> str:
+    minutes = context(request).settings.web_login_window_minutes
+    unit = "minute" if minutes == 1 else "minutes"
+    return f"Too many failed {what}; wait {minutes} {unit} and try again."
 
 
 def _login(request: Request, username: str, password: str) -> tuple[str, CurrentUser] | None:
@@ -145,7 +146,8 @@ def login_submit(
     try:
         done = _login(request, username, password)
     except LoginThrottled:
-        return render(request, "login.html", 429, error=THROTTLED, login_csrf=csrf, next="/")
+        error = throttled_message(request, "logins")
+        return render(request, "login.html", 429, error=error, login_csrf=csrf, next="/")
     if done is None:
         return render(
             request,
@@ -190,7 +192,7 @@ def api_login(request: Request, body: Credentials) -> Response:
     try:
         done = _login(request, body.username, body.password)
     except LoginThrottled:
-        return problem(429, "Too Many Requests", THROTTLED)
+        return problem(429, "Too Many Requests", throttled_message(request, "logins"))
     if done is None:
         return problem(401, "Unauthorized", "wrong user name or password")
     token, user = done

@@ -589,3 +589,21 @@ def test_upload_of_a_colour_photo_gives_no_result(api: Api) -> None:
     body = r.json()
     assert body["result"] == "no result" and body["probability"] is None
     assert "colour image" in body["declined_reason"]
+
+
+def test_login_throttling_is_configurable(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(web_login_max_failures=2, web_login_window_minutes=1)
+    add_users(settings.database)
+    client = TestClient(create_app(settings))
+    wrong = {"username": "admin", "password": "not-the-password"}
+    assert [client.post("/api/session", json=wrong).status_code for _ in range(2)] == [401, 401]
+    r = client.post("/api/session", json={"username": "admin", "password": PASSWORDS["admin"]})
+    assert r.status_code == 429 and "wait 1 minute " in r.json()["detail"]
+    # Wrong current passwords on the account page count the same way, separately.
+    r = client.post(
+        "/api/session", json={"username": "clinician", "password": PASSWORDS["clinician"]}
+    )
+    client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
+    body = {"current_password": "not-the-password", "new_password": "whatever-it-is-now"}
+    codes = [client.post("/api/session/password", json=body).status_code for _ in range(3)]
+    assert codes == [400, 400, 429]
