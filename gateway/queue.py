@@ -18,6 +18,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import KombuError
 from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
@@ -170,5 +171,8 @@ def prune_embedded_queue(settings: Settings, *, older_than: dt.timedelta) -> int
                 {"cutoff": cutoff},
             )
             return int(result.rowcount)
+    except SQLAlchemyError as exc:  # e.g. the file is busy: try again next time
+        log.warning("embedded queue not pruned this time: %s", type(exc).__name__)
+        return 0
     finally:
         engine.dispose()
