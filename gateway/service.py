@@ -189,10 +189,12 @@ def serve(settings: Settings) -> None:
         wait_for_signal()
     finally:
         stop.set()
-        web.stop()
-        process.stop()
+        # Workers first: their warm shutdown (finish the current study) runs while the web
+        # console and the listener stop here.
         for child in children:
             child.terminate()
+        web.stop()
+        process.stop()
         deadline = time.monotonic() + 20
         for child in children:
             try:
