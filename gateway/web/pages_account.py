@@ -12,11 +12,18 @@ from pydantic import BaseModel
 from gateway.db.session import transaction
 from gateway.web.deps import audit, check_csrf, context, current_user, problem, render
 from gateway.web.pages_auth import throttled, throttled_message
-from gateway.web.users import MIN_PASSWORD_LENGTH, CurrentUser, UserError, change_own_password
+from gateway.web.users import (
+    MIN_PASSWORD_LENGTH,
+    CurrentUser,
+    UserError,
+    WrongPassword,
+    change_own_password,
+)
 
 router = APIRouter()
 
-FAILED = "user.password_change_failed"
+FAILED = "user.password_change_failed"  # wrong current password
+REFUSED = "user.password_change_refused"  # new password refused by the policy
 
 
 class PasswordChange(BaseModel):
@@ -36,9 +43,10 @@ def _change(request: Request, user: CurrentUser, old: str, new: str) -> str | No
         with transaction(context(request).sessions) as session:
             change_own_password(session=session, current=user, old_password=old, new_password=new)
     except UserError as exc:
+        # Only wrong current passwords count toward the throttle; a weak new one is refused.
         audit(
             request,
-            kind=FAILED,
+            kind=FAILED if isinstance(exc, WrongPassword) else REFUSED,
             outcome="failure",
             actor=user.username,
             detail={"reason": str(exc)},

@@ -30,6 +30,10 @@ class UserError(GatewayError):
     """A user could not be created or changed (name taken, weak password, unknown role)."""
 
 
+class WrongPassword(UserError):
+    """The current password given to change it is wrong (counted by the login throttle)."""
+
+
 @dataclass(frozen=True)
 class CurrentUser:
     """The user behind a request, with the session's CSRF token."""
@@ -112,7 +116,7 @@ def change_own_password(
     """A logged-in user changes their password; their other sessions end. Raises UserError."""
     user = session.get(User, current.id)
     if user is None or user.disabled or not _verify(user.password_hash, old_password):
-        raise UserError("the current password is wrong")
+        raise WrongPassword("the current password is wrong")
     if new_password == old_password:
         raise UserError("the new password must differ from the current one")
     _set_password(
