@@ -21,7 +21,12 @@ from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
-from gateway.queue import prune_embedded_queue, publish_delivery, publish_job
+from gateway.queue import (
+    embedded_queue_engine,
+    prune_embedded_queue,
+    publish_delivery,
+    publish_job,
+)
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ class Coordinator:
         self.app = app
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._queue_engine = embedded_queue_engine(settings)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
@@ -48,6 +54,8 @@ class Coordinator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._queue_engine is not None:
+            self._queue_engine.dispose()
 
     def _run(self) -> None:
         next_reconcile = 0.0
@@ -56,7 +64,8 @@ class Coordinator:
             try:
                 if clock >= next_reconcile:
                     self.reconcile()
-                    prune_embedded_queue(self.settings, older_than=DELIVERED_MESSAGES_KEPT)
+                    if self._queue_engine is not None:
+                        prune_embedded_queue(self._queue_engine, older_than=DELIVERED_MESSAGES_KEPT)
                     next_reconcile = clock + self.settings.reconcile_interval_seconds
                 self.assemble()
             except SQLAlchemyError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import Engine, create_engine, inspect, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -152,17 +152,21 @@ KOMBU_MESSAGE_TABLE = "kombu_message"
 _KOMBU_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
-def prune_embedded_queue(settings: Settings, *, older_than: dt.timedelta) -> int:
-    """Delete messages of the embedded queue delivered more than ``older_than`` ago; return how
-    many. Messages not yet delivered are never touched. No-op with an external broker."""
+def embedded_queue_engine(settings: Settings) -> Engine | None:
+    """An engine on the embedded queue's SQLite file, or None with an external broker."""
     if not settings.broker_is_embedded:
-        return 0
-    engine = create_engine(settings.broker.removeprefix("sqla+"))
+        return None
+    return create_engine(settings.broker.removeprefix("sqla+"))
+
+
+def prune_embedded_queue(engine: Engine, *, older_than: dt.timedelta) -> int:
+    """Delete messages of the embedded queue delivered more than ``older_than`` ago; return how
+    many. Messages not yet delivered are never touched."""
+    cutoff = (dt.datetime.now() - older_than).strftime(_KOMBU_TIME_FORMAT)
     try:
-        if not inspect(engine).has_table(KOMBU_MESSAGE_TABLE):
-            return 0
-        cutoff = (dt.datetime.now() - older_than).strftime(_KOMBU_TIME_FORMAT)
         with engine.begin() as conn:
+            if not inspect(conn).has_table(KOMBU_MESSAGE_TABLE):
+                return 0  # no message was ever published
             result = conn.execute(
                 text(
                     "DELETE FROM kombu_message "
@@ -174,5 +178,3 @@ def prune_embedded_queue(settings: Settings, *, older_than: dt.timedelta) -> int
     except SQLAlchemyError as exc:  # e.g. the file is busy: try again next time
         log.warning("embedded queue not pruned this time: %s", type(exc).__name__)
         return 0
-    finally:
-        engine.dispose()

@@ -76,11 +76,9 @@ def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
                 )
             ).scalars()
         )
-    if len(ids) <= 1:
-        return [attempt(runtime.sessions, runtime.settings, i, runtime.senders) for i in ids]
     # Destinations are independent: send to all at once, so the waits for the PACS and the EHR
     # overlap instead of adding up (each attempt has its own session and claim).
-    with ThreadPoolExecutor(max_workers=min(4, len(ids)), thread_name_prefix="deliver") as pool:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="deliver") as pool:
         return list(
             pool.map(lambda i: attempt(runtime.sessions, runtime.settings, i, runtime.senders), ids)
         )

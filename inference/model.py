@@ -125,12 +125,16 @@ class ModelRunner:
 OOD_ACTIVATIONS = slice(2, 7)
 
 
-def ood_layer_dims(trained: Any) -> list[int]:
-    """Channel count of each activation that the serving model's embedding concatenates."""
+def _ood_activations(trained: Any) -> list[Any]:
     import keras
 
     acts = [la for la in trained.layers if isinstance(la, keras.layers.Activation)]
-    return [int(a.output.shape[-1]) for a in acts[OOD_ACTIVATIONS]]
+    return acts[OOD_ACTIVATIONS]
+
+
+def ood_layer_dims(trained: Any) -> list[int]:
+    """Channel count of each activation that the serving model's embedding concatenates."""
+    return [int(a.output.shape[-1]) for a in _ood_activations(trained)]
 
 
 def serving_model(trained: Any) -> Any:
@@ -147,10 +151,9 @@ def serving_model(trained: Any) -> Any:
     cam_layer = layers.Dense(1, name="cam")
     cam = cam_layer(fmap)
     cam_layer.set_weights([kernel, bias])
-    acts = [la for la in trained.layers if isinstance(la, keras.layers.Activation)]
     pooled = [
         layers.GlobalAveragePooling2D(name=f"ood_pool{i}")(a.output)
-        for i, a in enumerate(acts[OOD_ACTIVATIONS])
+        for i, a in enumerate(_ood_activations(trained))
     ]
     emb = layers.Concatenate(name="embedding")(pooled)
     logit = trained.outputs[0]

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.artifact import ArtifactMeta, read_meta
-from inference.dicom_pixels import PixelDecodeError, dicom_to_image
+from inference.dicom_pixels import DicomPixels, PixelDecodeError, dicom_to_image
 from inference.finding import ModelInfo
 from inference.heatmap import overlay_png
 from inference.input_check import OODModel, header_decline_reason, thumbnail
@@ -132,11 +132,15 @@ class Predictor:
         """Header check, decode (any transfer syntax, LUTs, MONOCHROME1) and predict a DICOM."""
         reason = header_decline_reason(ds)
         if reason is not None:
-            return Prediction(None, None, None, reason, threshold=self.threshold)
+            return self.declined(reason)
         try:
             pixels = dicom_to_image(ds)
         except PixelDecodeError as exc:
-            return Prediction(None, None, None, str(exc), threshold=self.threshold)
+            return self.declined(str(exc))
+        return self.predict_pixels(pixels, heatmap=heatmap)
+
+    def predict_pixels(self, pixels: DicomPixels, *, heatmap: bool = True) -> Prediction:
+        """Predict a decoded DICOM image; a colour one gets no result."""
         if pixels.colour is not None:
             return self.declined(pixels.colour)
         return self.predict_array(pixels.image, heatmap=heatmap)

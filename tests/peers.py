@@ -221,6 +221,23 @@ def start_gateway(
     return gw
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """`cxr-gateway ARGS` as a real process, with only the ``CXR_*`` variables in ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
 def storescu(
     port: int,
     files: Sequence[Path],

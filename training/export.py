@@ -291,6 +291,15 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     return art
 
 
+def _ood_score(image: Any, runner: Any, ood: Any, pre: PreprocessConfig) -> float:
+    """The input check's out-of-distribution score of one 2-D image."""
+    from inference.preprocess import preprocess
+
+    x = preprocess(image, pre)[None, ..., None]
+    raw = runner.run(x)
+    return float(ood.scores(raw.embedding, _thumbs(x))[0])
+
+
 def _score_image_folder(
     folder: Any, runner: Any, ood: Any, pre: PreprocessConfig, threshold: float
 ) -> dict[str, Any]:
@@ -300,7 +309,6 @@ def _score_image_folder(
         return {}
     from inference.dicom_pixels import PixelDecodeError, read_image_file
     from inference.input_check import colour_decline_reason_of_file
-    from inference.preprocess import preprocess
 
     out: dict[str, Any] = {}
     for path in sorted(Path(folder).iterdir()):
@@ -312,9 +320,7 @@ def _score_image_folder(
             continue
         if image.ndim != 2:
             continue
-        x = preprocess(image, pre)[None, ..., None]
-        raw = runner.run(x)
-        score = float(ood.scores(raw.embedding, _thumbs(x))[0])
+        score = _ood_score(image, runner, ood, pre)
         colour = colour_decline_reason_of_file(path.read_bytes())
         out[path.name] = {
             "ood_score": score,
@@ -334,17 +340,14 @@ def _score_dicom_folder(
 
     from inference.dicom_pixels import dicom_to_image
     from inference.input_check import header_decline_reason
-    from inference.preprocess import preprocess
 
     out: dict[str, Any] = {}
     for path in sorted(Path(folder).rglob("*.dcm")):
         ds = pydicom.dcmread(path)
-        x = preprocess(dicom_to_image(ds).image, pre)[None, ..., None]
-        raw = runner.run(x)
-        score = ood.scores(raw.embedding, _thumbs(x))
+        score = _ood_score(dicom_to_image(ds).image, runner, ood, pre)
         out[path.name] = {
-            "ood_score": float(score[0]),
-            "ood_declined": bool(score[0] > threshold),
+            "ood_score": score,
+            "ood_declined": score > threshold,
             "header_reason": header_decline_reason(ds),
         }
     return out

@@ -108,13 +108,7 @@ def _basic_user(request: Request, ctx: WebContext) -> CurrentUser:
         user = authenticate(session, username, password)
         found = CurrentUser(user.id, user.username, user.role, "", 0) if user else None
     if found is None:
-        audit(
-            request,
-            kind="user.login_failed",
-            outcome="failure",
-            actor=username[:64],
-            detail={"reason": "HTTP Basic on /metrics"},
-        )
+        audit_login_failure(request, username, "HTTP Basic on /metrics")
         raise NotAuthenticated()
     request.state.user = found
     return found
@@ -163,6 +157,17 @@ def audit(
             study_uid=study_uid,
             detail=detail,
         )
+
+
+def audit_login_failure(request: Request, username: str, reason: str) -> None:
+    """A failed login (``user.login_failed``); these events drive the login throttle."""
+    audit(
+        request,
+        kind="user.login_failed",
+        outcome="failure",
+        actor=username[:64],
+        detail={"reason": reason},
+    )
 
 
 def problem(status: int, title: str, detail: str = "", **extra: Any) -> JSONResponse:

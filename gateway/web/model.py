@@ -115,16 +115,15 @@ def _predict(predictor: Predictor, data: bytes) -> Prediction:
                 raise UnreadableImage("the DICOM file has no pixel data")
             reason = header_decline_reason(ds)
             if reason is not None:  # a readable file that is not for this model: "no result"
-                return Prediction(None, None, None, reason, threshold=predictor.threshold)
+                return predictor.declined(reason)
+            # Unlike the worker (which records a decline), an upload that cannot be decoded
+            # is answered as unreadable.
             pixels = dicom_to_image(ds)
-            if pixels.colour is not None:
-                return predictor.declined(pixels.colour)
-            image = pixels.image
         except UnreadableImage:
             raise
         except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
             raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
-        return predictor.predict_array(image[0] if image.ndim == 3 else image, heatmap=True)
+        return predictor.predict_pixels(pixels, heatmap=True)
     try:
         image = decode_image_bytes(data)
     except PixelDecodeError as exc:

@@ -17,6 +17,7 @@ from gateway.db.session import transaction
 from gateway.web.deps import (
     SESSION_COOKIE,
     audit,
+    audit_login_failure,
     check_csrf,
     client_ip,
     context,
@@ -84,13 +85,7 @@ def _login(request: Request, username: str, password: str) -> tuple[str, Current
     current: CurrentUser | None = None
     token = ""
     if throttled(request, username):
-        audit(
-            request,
-            kind="user.login_failed",
-            outcome="failure",
-            actor=username[:64],
-            detail={"reason": "too many failed logins from this address"},
-        )
+        audit_login_failure(request, username, "too many failed logins from this address")
         raise LoginThrottled()
     with transaction(ctx.sessions) as session:
         user = authenticate(session, username, password)
@@ -99,13 +94,7 @@ def _login(request: Request, username: str, password: str) -> tuple[str, Current
             session.flush()
             current = resolve_session(session, token, idle_minutes=ctx.settings.web_session_minutes)
     if current is None:
-        audit(
-            request,
-            kind="user.login_failed",
-            outcome="failure",
-            actor=username[:64],
-            detail={"reason": "unknown user, wrong password or disabled"},
-        )
+        audit_login_failure(request, username, "unknown user, wrong password or disabled")
         return None
     audit(request, kind="user.login", actor=current.username, detail={"role": current.role})
     request.state.user = current

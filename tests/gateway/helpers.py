@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -41,9 +42,32 @@ class Recorded:
         with self.sessions() as session:
             return list(session.execute(select(Job).order_by(Job.id)).scalars())
 
+    def delivered_once(self, study_uid: str) -> bool:
+        """The study's SR and its FHIR report have each been delivered exactly once."""
+        return (
+            self.count("dicom-sr.delivered", study_uid) == 1
+            and self.count("fhir.delivered", study_uid) == 1
+        )
+
     def delivery(self, kind: str) -> Delivery:
         with self.sessions() as session:
             return session.execute(select(Delivery).where(Delivery.kind == kind)).scalar_one()
+
+
+def process_env(
+    tmp_path: Path, model_dir: Path, database: str, broker: str, **extra: str
+) -> dict[str, str]:
+    """Environment of a gateway process under test: its own data folder, database and broker,
+    one-second quiet time and reconciliation, the test model; ``extra`` adds or overrides."""
+    return {
+        "CXR_DATA_DIR": str(tmp_path / "data"),
+        "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": broker,
+        "CXR_QUIET_SECONDS": "1",
+        "CXR_RECONCILE_INTERVAL_SECONDS": "1",
+        "CXR_MODEL_DIR": str(model_dir),
+        **extra,
+    }
 
 
 def wait_until(

@@ -72,15 +72,7 @@ def test_orthanc_autoroutes_once_and_routes_new_images_again(
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     for p in paths:
         orthanc.upload(p)  # like a modality storing to the PACS: nobody pushes by hand
-    wait_until(
-        lambda: (
-            db.count("dicom-sr.delivered", study_uid) == 1
-            and db.count("fhir.delivered", study_uid) == 1
-        ),
-        120,
-        "SR and report",
-        procs,
-    )
+    wait_until(lambda: db.delivered_once(study_uid), 120, "SR and report", procs)
     time.sleep(4)  # the SR made the study change; it becomes stable again
     assert db.count("instance.stored", study_uid) == 2
     assert db.count("instance.duplicate", study_uid) == 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,19 +15,7 @@ from gateway.db.session import make_engine
 from tests import dicom_files as files
 from tests.conftest import RunningGateway
 from tests.peers import ROOT
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    base.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        capture_output=True,
-        text=True,
-        env=base,
-        cwd=ROOT,
-        timeout=120,
-    )
+from tests.peers import run_cli as cli
 
 
 def test_invalid_settings_name_the_variable(tmp_path: Path) -> None:

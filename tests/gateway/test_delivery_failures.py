@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, wait_until
+from tests.gateway.helpers import Recorded, process_env, wait_until
 from tests.peers import ROOT, GatewayProcess, Redis, free_port, start_gateway, storescu
 
 pytestmark = pytest.mark.slow
@@ -33,17 +33,15 @@ def gateway(
 
     def start(**extra: str) -> tuple[Recorded, list[GatewayProcess], int]:
         database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-        env = {
-            "CXR_DATA_DIR": str(tmp_path / "data"),
-            "CXR_DATABASE_URL": database,
-            "CXR_BROKER_URL": redis_server.url,
-            "CXR_QUIET_SECONDS": "1",
-            "CXR_RECONCILE_INTERVAL_SECONDS": "1",
-            "CXR_DELIVERY_BACKOFF_SECONDS": "1",
-            "CXR_DELIVERY_BACKOFF_MAX_SECONDS": "2",
-            "CXR_MODEL_DIR": str(model_dir),
+        env = process_env(
+            tmp_path,
+            model_dir,
+            database,
+            redis_server.url,
+            CXR_DELIVERY_BACKOFF_SECONDS="1",
+            CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
             **extra,
-        }
+        )
         listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
         procs.extend([listener, start_gateway(env, tmp_path / "worker.log", ("worker",))])
         return Recorded(database), procs, listener.dicom_port

@@ -6,7 +6,7 @@ import datetime as dt
 import sqlite3
 from collections.abc import Callable
 
-from gateway.queue import QUEUE_NAME, make_celery, prune_embedded_queue
+from gateway.queue import QUEUE_NAME, embedded_queue_engine, make_celery, prune_embedded_queue
 from gateway.settings import Settings
 
 
@@ -34,8 +34,10 @@ def test_delivered_messages_are_pruned_and_pending_ones_kept(
             db.close()
 
     assert [visible for visible, _ in rows()] == [0, 0, 1]
-    assert prune_embedded_queue(settings, older_than=dt.timedelta(hours=1)) == 0  # too recent
-    assert prune_embedded_queue(settings, older_than=dt.timedelta(0)) == 2
+    engine = embedded_queue_engine(settings)
+    assert engine is not None
+    assert prune_embedded_queue(engine, older_than=dt.timedelta(hours=1)) == 0  # too recent
+    assert prune_embedded_queue(engine, older_than=dt.timedelta(0)) == 2
     assert [visible for visible, _ in rows()] == [1]
     # The message left is the one not yet delivered, and it still is delivered normally.
     with app.connection_for_write() as conn:
@@ -44,6 +46,13 @@ def test_delivered_messages_are_pruned_and_pending_ones_kept(
         queue.close()
 
 
-def test_pruning_is_a_no_op_with_an_external_broker(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(broker_url="redis://127.0.0.1:1/0")
-    assert prune_embedded_queue(settings, older_than=dt.timedelta(0)) == 0
+def test_nothing_to_prune_with_an_external_broker_or_before_any_message(
+    make_settings: Callable[..., Settings],
+) -> None:
+    assert embedded_queue_engine(make_settings(broker_url="redis://127.0.0.1:1/0")) is None
+    settings = make_settings()
+    settings.data_dir.mkdir(parents=True)
+    engine = embedded_queue_engine(settings)
+    assert engine is not None
+    assert prune_embedded_queue(engine, older_than=dt.timedelta(0)) == 0  # no table yet
+    assert (settings.data_dir / "queue.sqlite3").exists()  # it did look

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, wait_until
+from tests.gateway.helpers import Recorded, process_env, wait_until
 from tests.peers import GatewayProcess, Postgres, Redis, start_gateway, storescu
 
 pytestmark = pytest.mark.slow
@@ -27,15 +27,9 @@ def production(
 
     def start(workers: int = 2) -> tuple[Recorded, list[GatewayProcess], int]:
         database = postgres_server.create_database(f"faults_{time.monotonic_ns()}")
-        env = {
-            "CXR_DATA_DIR": str(tmp_path / "data"),
-            "CXR_DATABASE_URL": database,
-            "CXR_BROKER_URL": redis_server.url,
-            "CXR_QUIET_SECONDS": "1",
-            "CXR_RECONCILE_INTERVAL_SECONDS": "1",
-            "CXR_MODEL_DIR": str(model_dir),
-            "CXR_DELIVERY_BACKOFF_SECONDS": "1",
-        }
+        env = process_env(
+            tmp_path, model_dir, database, redis_server.url, CXR_DELIVERY_BACKOFF_SECONDS="1"
+        )
         listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
         procs.append(listener)
         for i in range(workers):

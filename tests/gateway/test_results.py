@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, wait_until
+from tests.gateway.helpers import Recorded, process_env, wait_until
 from tests.peers import GatewayProcess, Redis, free_port, start_gateway
 
 pytestmark = pytest.mark.slow
@@ -98,15 +98,7 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
 
     ids = [orthanc.upload(p)["ID"] for p in paths]
     assert push(orthanc, ids)["FailedInstancesCount"] == 0
-    wait_until(
-        lambda: (
-            db.count("dicom-sr.delivered", study_uid) == 1
-            and db.count("fhir.delivered", study_uid) == 1
-        ),
-        180,
-        "both deliveries",
-        procs,
-    )
+    wait_until(lambda: db.delivered_once(study_uid), 180, "both deliveries", procs)
 
     # The SR is in the same study on the PACS, unverified, and says what the model is.
     (sr,) = sr_instances(orthanc, study_uid)
@@ -218,15 +210,7 @@ def test_worker_killed_mid_study_is_redone_once(
     tmp_path: Path, procs: list[GatewayProcess], redis_server: Redis, model_dir: Path
 ) -> None:
     database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-    env = {
-        "CXR_DATA_DIR": str(tmp_path / "data"),
-        "CXR_DATABASE_URL": database,
-        "CXR_BROKER_URL": redis_server.url,
-        "CXR_QUIET_SECONDS": "1",
-        "CXR_RECONCILE_INTERVAL_SECONDS": "1",
-        "CXR_JOB_LEASE_SECONDS": "5",
-        "CXR_MODEL_DIR": str(model_dir),
-    }
+    env = process_env(tmp_path, model_dir, database, redis_server.url, CXR_JOB_LEASE_SECONDS="5")
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
     paths = files.study_files(files.CHEST_CR, tmp_path / "s", 40)  # long enough to die inside
@@ -259,15 +243,7 @@ def test_worker_killed_mid_study_is_redone_once(
     wait_until(
         lambda: db.count("job.done", study_uid) == 1, 180, "done after restart", [listener, worker2]
     )
-    wait_until(
-        lambda: (
-            db.count("fhir.delivered", study_uid) == 1
-            and db.count("dicom-sr.delivered", study_uid) == 1
-        ),
-        60,
-        "delivered",
-        [listener, worker2],
-    )
+    wait_until(lambda: db.delivered_once(study_uid), 60, "delivered", [listener, worker2])
     time.sleep(2)
     assert db.count("study.inferred", study_uid) in (1, 2)  # redone at most once
     assert db.count("job.done", study_uid) == 1

@@ -8,8 +8,6 @@ import datetime as dt
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from tests import dicom_files as files
-from tests.peers import Postgres, free_port, start_gateway, wait_for_port
+from tests.peers import Postgres, free_port, run_cli, start_gateway, wait_for_port
 from tests.web.conftest import PASSWORDS, ROOT, add_users
 from tests.web.images import chest_dicom
 
@@ -272,20 +270,6 @@ def test_readiness_fails_without_the_model(
     assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["model"] != "ok"
 
 
-def cli(*args: str, settings: Settings, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update({"CXR_DATA_DIR": str(settings.data_dir), "CXR_DATABASE_URL": settings.database})
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
-
-
 def test_users_cli(make_settings: Callable[..., Settings]) -> None:
     import typer
     from typer.testing import CliRunner
@@ -294,12 +278,13 @@ def test_users_cli(make_settings: Callable[..., Settings]) -> None:
 
     settings = make_settings()
     # The real command line once (entry point wiring, password on stdin)...
-    made = cli(
+    env = {"CXR_DATA_DIR": str(settings.data_dir), "CXR_DATABASE_URL": settings.database}
+    made = run_cli(
         "users",
         "create-admin",
         "root",
         "--password-stdin",
-        settings=settings,
+        env=env,
         stdin="a long enough password\n",
     )
     assert made.returncode == 0, made.stderr
