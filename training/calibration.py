@@ -32,8 +32,24 @@ def fit_temperature(y: Array, logits: Array) -> float:
     return float(np.exp(res.x))
 
 
-def fit_platt(y: Array, logits: Array) -> tuple[float, float]:
-    """Temperature and bias (T, b) minimising the NLL of sigmoid(z / T + b) (Platt scaling).
+def composition_weights(groups: list[str], population: list[str]) -> npt.NDArray[np.float64]:
+    """Per-sample weights that give ``groups`` the group shares of ``population``.
+
+    The weights average 1. A group absent from ``population`` gets weight 0.
+    """
+    names, counts = np.unique(np.asarray(groups), return_counts=True)
+    pop_names, pop_counts = np.unique(np.asarray(population), return_counts=True)
+    pop_share = dict(zip(pop_names.tolist(), (pop_counts / pop_counts.sum()).tolist(), strict=True))
+    share = dict(zip(names.tolist(), (counts / counts.sum()).tolist(), strict=True))
+    w = np.array([pop_share.get(g, 0.0) / share[g] for g in groups], dtype=np.float64)
+    if w.sum() <= 0:
+        raise ValueError("no validation group occurs in the population")
+    return np.asarray(w * len(w) / w.sum(), dtype=np.float64)
+
+
+def fit_platt(y: Array, logits: Array, weights: Array | None = None) -> tuple[float, float]:
+    """Temperature and bias (T, b) minimising the NLL of sigmoid(z / T + b) (Platt scaling),
+    optionally with per-sample weights.
 
     Why a bias as well as a temperature: class-weighted training centres the logits on a
     balanced prior, which a temperature alone cannot move.
@@ -42,12 +58,13 @@ def fit_platt(y: Array, logits: Array) -> tuple[float, float]:
 
     z = np.asarray(logits, dtype=np.float64)
     yy = np.asarray(y, dtype=np.float64)
+    w = np.ones_like(z) if weights is None else np.asarray(weights, dtype=np.float64)
 
     def loss(ab: Array) -> float:
         s = ab[0] * z + ab[1]
         # A weak pull towards (1, 0) keeps the fit finite on separable (tiny) validation sets.
         prior = 1e-5 * ((ab[0] - 1.0) ** 2 + ab[1] ** 2)
-        return float(np.mean(np.logaddexp(0.0, s) - yy * s) + prior)
+        return float(np.average(np.logaddexp(0.0, s) - yy * s, weights=w) + prior)
 
     res = minimize(
         loss,
@@ -61,15 +78,29 @@ def fit_platt(y: Array, logits: Array) -> tuple[float, float]:
     return 1.0 / a, b
 
 
-def threshold_for_sensitivity(y: Array, p: Array, target: float) -> float:
-    """The highest threshold whose sensitivity (p >= threshold) is at least ``target``."""
+def threshold_for_sensitivity(
+    y: Array, p: Array, target: float, weights: Array | None = None
+) -> float:
+    """The highest threshold whose sensitivity (p >= threshold) is at least ``target``;
+    with ``weights``, the weighted share of positives at or above it."""
     y = np.asarray(y).astype(bool)
-    pos = np.sort(np.asarray(p, dtype=np.float64)[y])
+    p = np.asarray(p, dtype=np.float64)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(p[y], kind="stable")
+    pos, pos_w = p[y][order], w[y][order]
     if len(pos) == 0:
         raise ValueError("no positive cases to set a sensitivity threshold")
-    # Allow floor((1 - target) * n) positives below the threshold.
-    k = int(np.floor((1.0 - target) * len(pos) + 1e-9))
-    return float(pos[k])
+    # Leave out the lowest positives while their weight stays within (1 - target) of the total.
+    missed = np.cumsum(pos_w)
+    k = int(np.searchsorted(missed, (1.0 - target) * pos_w.sum() * (1 + 1e-12), side="right"))
+    return float(pos[min(k, len(pos) - 1)])
+
+
+def weighted_sensitivity(y: Array, p: Array, threshold: float, weights: Array) -> float:
+    """Share of the positives' weight at or above ``threshold``."""
+    y = np.asarray(y).astype(bool)
+    w = np.asarray(weights, dtype=np.float64)[y]
+    return float(np.sum(w * (np.asarray(p)[y] >= threshold)) / np.sum(w))
 
 
 def threshold_for_specificity(y: Array, p: Array, target: float) -> float:

@@ -57,6 +57,13 @@ def train(
             "shifted copies pooled) or 'both' (the lower threshold)"
         ),
     ] = "both",
+    reweight_validation: Annotated[
+        bool,
+        typer.Option(
+            help="Weight validation films so that normal, bacterial and viral films count at "
+            "their share of the whole data folder (calibration and threshold)"
+        ),
+    ] = True,
     ood_dicom_dir: Annotated[
         Path | None, typer.Option(help="Optional DICOM folder scored by the input check (report)")
     ] = None,
@@ -105,6 +112,7 @@ def train(
         extra={
             "threshold_sensitivity": threshold_sensitivity,
             "threshold_on": threshold_on,
+            "reweight_validation": reweight_validation,
             "ood_dicom_dir": str(ood_dicom_dir) if ood_dicom_dir else "",
             "ood_image_dir": str(ood_image_dir) if ood_image_dir else "",
             "limit": limit,

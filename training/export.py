@@ -16,14 +16,21 @@ from inference.artifact import ArtifactMeta, write_meta
 from inference.input_check import fit_ood, thumbnail
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, stress
-from training.calibration import fit_platt, fit_temperature, sigmoid, threshold_for_sensitivity
+from training.calibration import (
+    composition_weights,
+    fit_platt,
+    fit_temperature,
+    sigmoid,
+    threshold_for_sensitivity,
+    weighted_sensitivity,
+)
 from training.data import CLASS_NAMES
 from training.metrics import binary_metrics
 from training.report import write_report
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
-MODEL_VERSION = "1.1.0"
+MODEL_VERSION = "1.2.0"
 
 
 def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tuple[Any, Any]:
@@ -95,11 +102,20 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     all_stress = np.concatenate([stress_logits[n] for n in STRESS_NAMES])
     y_all_stress = np.tile(y_val, len(STRESS_NAMES))
 
+    # Validation reweighted to the whole data folder's mix of normal, bacterial and viral
+    # films: a batch split can hold out far fewer viral films than the data has, and viral
+    # pneumonia is the harder group, so unweighted sensitivity would overstate the model.
+    subgroups = [s.subgroup for s in prep.val]
+    population = [s.subgroup for s in [*prep.train, *prep.val]]
+    reweight = bool(config.extra.get("reweight_validation", True))
+    w_val = composition_weights(subgroups, population) if reweight else np.ones(len(y_val))
+    w_stress = np.tile(w_val, len(STRESS_NAMES))
+
     # Calibration on clean + one-shift-per-image validation, so shifted inputs count too.
     cal_logits = np.concatenate([val_logit, s1_logit])
     cal_y = np.concatenate([y_val, y_val])
     temperature_only = fit_temperature(cal_y, cal_logits)
-    temperature, logit_bias = fit_platt(cal_y, cal_logits)
+    temperature, logit_bias = fit_platt(cal_y, cal_logits, np.concatenate([w_val, w_val]))
 
     def prob(z: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
         return sigmoid(np.asarray(z) / temperature + logit_bias)
@@ -107,8 +123,8 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     # Threshold: highest threshold keeping the target sensitivity on the chosen validation set.
     target = float(config.extra.get("threshold_sensitivity", 0.95))
     on = str(config.extra.get("threshold_on", "both"))
-    t_clean = threshold_for_sensitivity(y_val, prob(val_logit), target)
-    t_shift = threshold_for_sensitivity(y_all_stress, prob(all_stress), target)
+    t_clean = threshold_for_sensitivity(y_val, prob(val_logit), target, w_val)
+    t_shift = threshold_for_sensitivity(y_all_stress, prob(all_stress), target, w_stress)
     if on == "clean":
         threshold, rule_set = t_clean, "the clean validation split"
     elif on == "stress":
@@ -123,6 +139,8 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     else:
         raise ValueError(f"threshold_on must be clean, stress or both, not {on!r}")
     rule = f"highest threshold with sensitivity >= {target:.2f} on {rule_set}"
+    if reweight:
+        rule += ", each reweighted to the data's mix of normal, bacterial and viral films"
 
     # Input check: fitted on training images, scaled and thresholded on validation.
     train_x = preprocess_batch(list(prep.train_images), pre)
@@ -170,7 +188,18 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
 
     # Validation reports.
     p_val = prob(val_logit)
-    subgroups = [s.subgroup for s in prep.val]
+    composition = {
+        g: {
+            "validation": float(np.mean(np.array(subgroups) == g)),
+            "data": float(np.mean(np.array(population) == g)),
+            "weight": float(w_val[np.array(subgroups) == g][0]) if g in subgroups else 0.0,
+        }
+        for g in sorted(set(population))
+    }
+    reweighted_sensitivity = {
+        "clean": weighted_sensitivity(y_val, p_val, threshold, w_val),
+        "shifted": weighted_sensitivity(y_all_stress, prob(all_stress), threshold, w_stress),
+    }
     val_report = write_report(
         y_val,
         p_val,
@@ -260,6 +289,9 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         "temperature": temperature,
         "logit_bias": logit_bias,
         "threshold_candidates": {"clean": t_clean, "shifted": t_shift},
+        "reweighted": reweight,
+        "composition": composition,
+        "reweighted_sensitivity": reweighted_sensitivity,
         "threshold": threshold,
         "threshold_rule": rule,
         "ood": ood_eval,

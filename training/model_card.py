@@ -40,6 +40,30 @@ def _shortcut_lines(meta: ArtifactMeta) -> list[str]:
     return lines
 
 
+def _composition(summary: dict[str, Any]) -> list[str]:
+    """How validation was reweighted for calibration and threshold (empty when it was not)."""
+    if not summary.get("reweighted"):
+        return []
+    rows = [
+        f"| {g} | {c['validation']:.1%} | {c['data']:.1%} | {c['weight']:.2f} |"
+        for g, c in summary["composition"].items()
+    ]
+    sens = summary["reweighted_sensitivity"]
+    return [
+        "Calibration and threshold weight each validation film so that each group counts at",
+        "its share of the whole data folder (the batch split holds out fewer viral films than",
+        "the data has, and viral pneumonia is the harder group):",
+        "",
+        "| group | share of validation | share of the data | weight |",
+        "| --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"Reweighted sensitivity at the shipped threshold: {sens['clean']:.3f} clean, "
+        f"{sens['shifted']:.3f} shifted copies pooled (the tables above are unweighted).",
+        "",
+    ]
+
+
 def _external(summary: dict[str, Any]) -> list[str]:
     ext = summary.get("external_validation")
     if not ext:
@@ -146,6 +170,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         f"Threshold candidates (sensitivity >= target): clean validation {cands['clean']:.4f}, "
         f"shifted copies {cands['shifted']:.4f}; shipped {meta.threshold:.4f}.",
         "",
+        *_composition(summary),
         "Plots: validation/ (confusion matrix, ROC, precision-recall, reliability) and",
         "validation_shifted/.",
         "",

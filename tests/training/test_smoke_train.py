@@ -43,6 +43,11 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     assert meta["training"]["seed"] == 3
     assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
     assert (artifact / "model_card.md").read_text().count("95% CI") >= 1
+    # Threshold rule on validation reweighted to the data's normal/bacterial/viral mix.
+    summary = json.loads((artifact / "training_summary.json").read_text())
+    assert summary["reweighted"] and "reweighted to the data's mix" in meta["threshold_rule"]
+    assert min(summary["reweighted_sensitivity"].values()) >= 0.95
+    assert "Reweighted sensitivity" in (artifact / "model_card.md").read_text()
     split = json.loads((out / "split.json").read_text())
     assert split["train"] and split["val"]
 
