@@ -30,7 +30,7 @@ from training.report import write_report
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
-MODEL_VERSION = "1.2.0"
+MODEL_VERSION = "1.3.0"
 
 
 def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tuple[Any, Any]:
