@@ -121,27 +121,47 @@ def train(
             "external_val": str(external_val) if external_val else "",
         },
     )
-    artifact = run(config)
+    from training.data import DataError
+
+    try:
+        artifact = run(config)
+    except DataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(f"model artifact: {artifact}")
 
 
 def evaluate(
     data: Annotated[Path, typer.Option(help="Folder with NORMAL/ and PNEUMONIA/ subfolders")],
-    out: Annotated[Path, typer.Option(help="Report folder: metrics.json and plots")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder: metrics.json and plots [default: ./evaluation-DATA]"),
+    ] = None,
     model: Annotated[Path, typer.Option(help="Model artifact folder")] = DEFAULT_MODEL,
     backend: Annotated[str, typer.Option(help="auto, tflite or keras")] = "auto",
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals")] = 1000,
 ) -> None:
     """Evaluate a model artifact on a labelled folder at its fixed threshold."""
     _quiet_tensorflow()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from inference.artifact import ArtifactError
+    from training.data import DataError
     from training.evaluate import evaluate_folder
 
-    report = evaluate_folder(data, out, model, backend=backend, n_boot=n_boot)
+    out = out or Path(f"evaluation-{data.resolve().name}")
+    try:
+        report = evaluate_folder(data, out, model, backend=backend, n_boot=n_boot)
+    except (DataError, ArtifactError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     keys = METRIC_NAMES
     typer.echo(f"n={report['n']} threshold={report['threshold']['value']:.4f}")
     for k in keys:
         v = report[k]
         typer.echo(f"{k:12s} {v['value']:.4f}  (95% CI {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f})")
+    skipped = report["unreadable"]["count"]
+    if skipped:
+        typer.echo(f"left out {skipped} unreadable file(s), listed in metrics.json", err=True)
     typer.echo(f"report: {out / 'metrics.json'}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_f
 from inference.input_check import colour_decline_reason_of_file, thumbnail
 from inference.predictor import Predictor
 from inference.preprocess import preprocess
-from training.data import list_samples
+from training.data import DataError, list_samples
 from training.report import write_report
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_folder(
@@ -22,17 +25,26 @@ def evaluate_folder(
     """Score every image of ``data`` (NORMAL/, PNEUMONIA/) and write the report into ``out``.
 
     Every image is scored, including those the input check would decline in the gateway; the
-    declined fraction is reported separately (``ood_declined``).
+    declined fraction is reported separately (``ood_declined``). A file that cannot be read
+    as an image is left out of the metrics and listed under ``unreadable``.
     """
     predictor = Predictor.load(model, backend=backend)
     meta = predictor.meta
-    samples = list_samples(data)
+    samples, tensors, unreadable = [], [], []
+    for s in list_samples(data):
+        try:
+            tensors.append(preprocess(read_image_file(s.path)[0], meta.preprocess))
+            samples.append(s)
+        except (OSError, PixelDecodeError, ValueError) as exc:
+            # One broken file must not cost the whole evaluation: it is left out and listed.
+            log.warning("left out %s/%s: %s", s.path.parent.name, s.path.name, exc)
+            unreadable.append(f"{s.path.parent.name}/{s.path.name}")
+    if not samples:
+        raise DataError(f"no readable images under {data}")
     logits, ood = [], []
     batch = 64
     for i in range(0, len(samples), batch):
-        chunk = samples[i : i + batch]
-        x = np.stack([preprocess(read_image_file(s.path)[0], meta.preprocess) for s in chunk])
-        x = x[..., None]
+        x = np.stack(tensors[i : i + batch])[..., None]
         raw = predictor.runner.run(x)
         score = predictor.ood.scores(raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x]))
         logits.append(raw.logits)
@@ -59,6 +71,7 @@ def evaluate_folder(
             "count": int(np.sum(ood_score > meta.ood_threshold)),
             "note": "all images are scored for these metrics; the gateway would decline these",
         },
+        "unreadable": {"count": len(unreadable), "files": unreadable},
     }
     report = write_report(
         y,

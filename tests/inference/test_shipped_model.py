@@ -31,7 +31,8 @@ def predictor() -> Predictor:
 
 def test_artifact_is_small_and_complete() -> None:
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
-    assert total < 20 * 1024 * 1024
+    # The issue asks for well under 50 MB: five members of 5.5 MB (Keras + TFLite) each.
+    assert total < 32 * 1024 * 1024
     for name in ("model.json", "model_card.md", "ood.npz"):
         assert (DEFAULT_MODEL_DIR / name).exists()
 

@@ -1,0 +1,42 @@
+"""`cxr-gateway evaluate` on awkward folders, with the shipped model: a broken file is left
+out and listed, a missing folder is a clear error, and the report folder has a default."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.training.test_smoke_train import FIXTURES, app
+
+
+def test_evaluate_leaves_out_a_broken_file_and_lists_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "heldout"
+    shutil.copytree(FIXTURES, data)
+    (data / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(b"\xff\xd8 truncated")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app(), ["evaluate", "--data", str(data), "--n-boot", "20"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "evaluation-heldout" / "metrics.json").read_text())
+    assert metrics["n"] == 20
+    assert metrics["unreadable"] == {
+        "count": 1,
+        "files": ["PNEUMONIA/person9999_bacteria_1.jpeg"],
+    }
+    assert "left out 1 unreadable file" in result.output
+    rows = (tmp_path / "evaluation-heldout" / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 21 and not any("person9999" in r for r in rows)
+
+
+def test_evaluate_on_a_folder_without_classes_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app(), ["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "error:" in result.output and "NORMAL" in result.output
+    assert not (tmp_path / "r").exists()
