@@ -188,11 +188,12 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
 
     # Validation reports.
     p_val = prob(val_logit)
+    val_groups, data_groups = np.array(subgroups), np.array(population)
     composition = {
         g: {
-            "validation": float(np.mean(np.array(subgroups) == g)),
-            "data": float(np.mean(np.array(population) == g)),
-            "weight": float(w_val[np.array(subgroups) == g][0]) if g in subgroups else 0.0,
+            "validation": float(np.mean(val_groups == g)),
+            "data": float(np.mean(data_groups == g)),
+            "weight": float(w_val[val_groups == g][0]) if g in subgroups else 0.0,
         }
         for g in sorted(set(population))
     }
