@@ -40,6 +40,7 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # failure", 0x0213 "resource limitation". Everything else (SOP class not supported, dataset does
 # not match, cannot understand) would fail the same way again.
 _TRANSIENT_FAILURES = frozenset({0x0110, 0x0213})
+A_ASSOCIATE_RJ = 0x03  # PDU type of an association rejection (PS3.8 9.3.4)
 
 
 @dataclass(frozen=True)
@@ -175,21 +176,27 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
     contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(datasets)]
     tls_args = (destination.tls, destination.server_hostname) if destination.tls else None
     connected: list[bool] = []
+    received: list[int] = []  # types of the PDUs the peer sent
     assoc = ae.associate(
         destination.host,
         destination.port,
         contexts=contexts,
         ae_title=destination.ae_title,
         tls_args=tls_args,  # type: ignore[arg-type]
-        evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+            (evt.EVT_PDU_RECV, lambda event: received.append(event.pdu.pdu_type)),
+        ],
     )
     if assoc.is_established:
         return assoc
     # pynetdicom flags a refused connection as "aborted" too: tell them apart by whether the
-    # transport connection ever opened.
+    # transport connection ever opened. A peer that rejects and closes at once can also end up
+    # flagged "aborted" (the closed socket is seen before the rejection is processed): the
+    # A-ASSOCIATE-RJ PDU it sent (type 0x03) says what happened.
     if not connected:
         reason = "could not connect (peer down, wrong host or port, or timeout)"
-    elif assoc.is_rejected:
+    elif assoc.is_rejected or A_ASSOCIATE_RJ in received:
         reason = "association rejected (check the called and calling AE titles)"
     elif assoc.is_aborted:
         reason = "association aborted during negotiation (TLS failure or peer abort)"
