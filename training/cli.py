@@ -80,6 +80,10 @@ def train(
         float,
         typer.Option(help="Probability of class-conditional blur of NORMAL images (0 = off)"),
     ] = 0.0,
+    mixup: Annotated[
+        float,
+        typer.Option(help="Mixup: blend image pairs with Beta(ALPHA, ALPHA) weights (0 = off)"),
+    ] = 0.0,
     detail_target: Annotated[
         float,
         typer.Option(help="Normalise fine detail to this std (0 = off; see inference.preprocess)"),
@@ -118,6 +122,7 @@ def train(
             "limit": limit,
             "detail_target": detail_target,
             "debias_sharpness": debias_sharpness,
+            "mixup": mixup,
             "external_val": str(external_val) if external_val else "",
         },
     )

@@ -37,6 +37,11 @@ def _shortcut_lines(meta: ArtifactMeta) -> list[str]:
             "  images blurred, PNEUMONIA images sometimes sharpened, so that sharpness no longer",
             "  predicts the label in the training stream (its AUC drops from 0.65 to 0.51).",
         ]
+    if cfg.get("mixup"):
+        lines += [
+            f"- Mixup (alpha = {cfg['mixup']}): each training image is blended with another of",
+            "  its batch and its label with it, which discourages over-confident outputs.",
+        ]
     return lines
 
 

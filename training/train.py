@@ -115,9 +115,19 @@ def _batches(
     seed: int,
     strength: float,
     debias: float,
+    mixup: float,
+    class_weight: tuple[float, float],
     start_epoch: int,
 ) -> Any:
+    """Augmented batches ``(x, y, sample_weight)``.
+
+    ``mixup`` > 0 blends each image with another of the same batch, ``lam * a + (1 - lam) * b``
+    with ``lam ~ Beta(mixup, mixup)``, and its label the same way (soft labels). Each image's
+    weight is its (blended) label's class weight, so the classes stay balanced.
+    """
     import keras
+
+    w0, w1 = class_weight
 
     class AugmentedBatches(keras.utils.PyDataset):  # type: ignore[misc]
         """Batches of freshly augmented, preprocessed images; deterministic per (seed, epoch)."""
@@ -133,14 +143,20 @@ def _batches(
         def __len__(self) -> int:
             return math.ceil(len(images) / batch_size)
 
-        def __getitem__(self, idx: int) -> tuple[Any, Any]:
+        def __getitem__(self, idx: int) -> tuple[Any, Any, Any]:
             sel = self._order[idx * batch_size : (idx + 1) * batch_size]
             rng = np.random.default_rng([seed, self.epoch, idx])
             x = np.empty((len(sel), pre.size, pre.size, 1), dtype=np.float32)
             for j, k in enumerate(sel):
                 img = augment(images[k], rng, strength, label=int(labels[k]), debias=debias)
                 x[j, :, :, 0] = preprocess(img, pre)
-            return x, labels[sel].astype(np.float32)
+            y = labels[sel].astype(np.float32)
+            if mixup > 0 and len(sel) > 1:
+                lam = rng.beta(mixup, mixup, size=len(sel)).astype(np.float32)
+                other = rng.permutation(len(sel))
+                x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
+                y = lam * y + (1 - lam) * y[other]
+            return x, y, (y * w1 + (1 - y) * w0).astype(np.float32)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -194,7 +210,7 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
         )
     n0, n1 = int((y == 0).sum()), int((y == 1).sum())
     # Balanced class weights: each class contributes half of the loss.
-    class_weight = {0: len(y) / (2.0 * n0), 1: len(y) / (2.0 * n1)}
+    class_weight = (len(y) / (2.0 * n0), len(y) / (2.0 * n1))
     val_all_x = np.concatenate([prep.val_x, prep.val_stress_x])
     val_all_y = np.concatenate([prep.val_y, prep.val_y])
 
@@ -254,13 +270,14 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
             seed=seed,
             strength=config.aug_strength,
             debias=float(config.extra.get("debias_sharpness", 0.0)),
+            mixup=float(config.extra.get("mixup", 0.0)),
+            class_weight=class_weight,
             start_epoch=state["epoch"],
         )
         model.fit(
             data,
             epochs=config.epochs,
             initial_epoch=state["epoch"],
-            class_weight=class_weight,
             callbacks=[Resumable()],
             verbose=1 if sys.stdout.isatty() else 2,
         )

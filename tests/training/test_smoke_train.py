@@ -32,6 +32,8 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
         "0.03",
         "--external-val",
         str(FIXTURES),
+        "--mixup",
+        "0.2",
     ]
     result = runner.invoke(app(), args)
     assert result.exit_code == 0, result.output
@@ -40,6 +42,7 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     assert meta["preprocess"]["size"] == 32
     assert meta["preprocess"]["detail_target"] == 0.03
     assert "External check" in (artifact / "model_card.md").read_text()
+    assert "Mixup (alpha = 0.2)" in (artifact / "model_card.md").read_text()
     assert meta["training"]["seed"] == 3
     assert 0.0 <= meta["threshold"] <= 1.0 and meta["temperature"] > 0
     assert (artifact / "model_card.md").read_text().count("95% CI") >= 1
