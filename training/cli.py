@@ -80,6 +80,10 @@ def train(
         float,
         typer.Option(help="Probability of class-conditional blur of NORMAL images (0 = off)"),
     ] = 0.0,
+    reframe_normals: Annotated[
+        float,
+        typer.Option(help="Probability of an extra zoom/squeeze of NORMAL images (0 = off)"),
+    ] = 0.0,
     mixup: Annotated[
         float,
         typer.Option(help="Mixup: blend image pairs with Beta(ALPHA, ALPHA) weights (0 = off)"),
@@ -123,6 +127,7 @@ def train(
             "detail_target": detail_target,
             "debias_sharpness": debias_sharpness,
             "mixup": mixup,
+            "reframe_normals": reframe_normals,
             "external_val": str(external_val) if external_val else "",
         },
     )

@@ -37,6 +37,12 @@ def _shortcut_lines(meta: ArtifactMeta) -> list[str]:
             "  images blurred, PNEUMONIA images sometimes sharpened, so that sharpness no longer",
             "  predicts the label in the training stream (its AUC drops from 0.65 to 0.51).",
         ]
+    if cfg.get("reframe_normals"):
+        lines += [
+            f"- Class-conditional framing augmentation (p = {cfg['reframe_normals']}): NORMAL",
+            "  images get an extra zoom, squeeze or shift, so that unusual framing no longer",
+            "  signals pneumonia.",
+        ]
     if cfg.get("mixup"):
         lines += [
             f"- Mixup (alpha = {cfg['mixup']}): each training image is blended with another of",

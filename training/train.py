@@ -115,6 +115,7 @@ def _batches(
     seed: int,
     strength: float,
     debias: float,
+    reframe: float,
     mixup: float,
     class_weight: tuple[float, float],
     start_epoch: int,
@@ -148,7 +149,9 @@ def _batches(
             rng = np.random.default_rng([seed, self.epoch, idx])
             x = np.empty((len(sel), pre.size, pre.size, 1), dtype=np.float32)
             for j, k in enumerate(sel):
-                img = augment(images[k], rng, strength, label=int(labels[k]), debias=debias)
+                img = augment(
+                    images[k], rng, strength, label=int(labels[k]), debias=debias, reframe=reframe
+                )
                 x[j, :, :, 0] = preprocess(img, pre)
             y = labels[sel].astype(np.float32)
             if mixup > 0 and len(sel) > 1:
@@ -270,6 +273,7 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
             seed=seed,
             strength=config.aug_strength,
             debias=float(config.extra.get("debias_sharpness", 0.0)),
+            reframe=float(config.extra.get("reframe_normals", 0.0)),
             mixup=float(config.extra.get("mixup", 0.0)),
             class_weight=class_weight,
             start_epoch=state["epoch"],

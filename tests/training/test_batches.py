@@ -30,6 +30,7 @@ def _make(mixup: float) -> Any:
         seed=1,
         strength=0.0,
         debias=0.0,
+        reframe=0.0,
         mixup=mixup,
         class_weight=(W0, W1),
         start_epoch=0,

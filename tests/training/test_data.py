@@ -105,3 +105,17 @@ def test_augment_is_deterministic_and_keeps_shape() -> None:
         assert s.shape == img.shape, name
     with pytest.raises(ValueError):
         stress(img, "nope")
+
+
+def test_reframing_changes_normal_images_only() -> None:
+    img = np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)
+    for label, changed in ((0, True), (1, False)):
+        plain = augment(img, np.random.default_rng(7), 0.0, label=label)
+        framed = augment(img, np.random.default_rng(7), 0.0, label=label, reframe=1.0)
+        assert framed.shape == img.shape
+        assert (not np.array_equal(plain, framed)) is changed, label
+    # Off (0) leaves the random stream untouched, so earlier runs resume identically.
+    np.testing.assert_array_equal(
+        augment(img, np.random.default_rng(7), label=0),
+        augment(img, np.random.default_rng(7), label=0, reframe=0.0),
+    )
