@@ -7,7 +7,8 @@ The figures behind the README's "what each choice did": for each named group of 
 - clean AUC, Brier score and ECE;
 - AUC, Brier score and ECE over all 13 shifted copies pooled;
 - the mean calibrated probability of the latest NORMAL2 validation normals (the proxy inside
-  validation for later acquisitions) and of the earlier normals.
+  validation for later acquisitions) and of the earlier normals;
+- all validation normals' mean probability, clean and under each change of framing.
 
     .venv/bin/python benchmarks/compare_checkpoints.py --run /tmp/runs/b5 \
         base0=/tmp/runs/b5/members/0/best.keras mix0=/tmp/runs/m5/members/0/best.keras \
@@ -105,6 +106,11 @@ def main() -> None:
             f"{p_clean[early].mean():.3f}",
             flush=True,
         )
+        framing = ", ".join(
+            f"{n} {sigmoid(z[n] / t + b)[y == 0].mean():.3f}"
+            for n in ("zoom_in", "zoom_out", "wide", "tall")
+        )
+        print(f"{label}: normals' mean p, clean {p_clean[y == 0].mean():.3f}, {framing}")
 
 
 if __name__ == "__main__":
