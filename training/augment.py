@@ -91,9 +91,10 @@ def debias_sharpness(
 def reframe_normal(image: Image, label: int, rng: np.random.Generator, probability: float) -> Image:
     """With ``probability`` p, an extra change of framing for a NORMAL image only.
 
-    Every framing change (zoom, squeeze) raises validation normals' probability of pneumonia:
-    the training normals are framed alike, the pneumonia films less so, and the model learns
-    "unusual framing" as a sign of pneumonia. Zoom 0.78-1.28, aspect 0.82-1.22, shift 8%.
+    Every framing change (zoom, squeeze) raises validation normals' probability of pneumonia;
+    the hypothesis was that the model learns "unusual framing" as a sign of pneumonia. Zoom
+    0.78-1.28, aspect 0.82-1.22, shift 8%. Tried at p = 0.5 and not used: it made every
+    validation figure worse (README, the model section).
     """
     if probability <= 0 or label != 0 or rng.random() >= probability:
         return image
