@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.preprocess import PreprocessConfig, preprocess_batch
-from training.augment import STRESS_NAMES, stress
+from training.augment import STRESS_NAMES, one_shift_each, stress
 from training.calibration import composition_weights, fit_platt, sigmoid
 from training.data import list_samples, load_images
 from training.metrics import ece, roc_auc
@@ -43,9 +43,7 @@ def _inputs(images: list[Array], size: int, detail: float) -> dict[str, Array]:
     pre = PreprocessConfig(size=size, detail_target=detail)
     sets = {
         "clean": preprocess_batch(list(images), pre),
-        "one_shift": preprocess_batch(
-            [stress(im, STRESS_NAMES[i % len(STRESS_NAMES)]) for i, im in enumerate(images)], pre
-        ),
+        "one_shift": preprocess_batch(one_shift_each(images), pre),
     }
     for name in STRESS_NAMES:
         sets[name] = preprocess_batch([stress(im, name) for im in images], pre)
@@ -62,7 +60,7 @@ def main() -> None:
 
     config = json.loads((args.run / "train_config.json").read_text())
     split = json.loads((args.run / "split.json").read_text())
-    by_name = {f"{s.path.parent.name}/{s.path.name}": s for s in list_samples(Path(config["data"]))}
+    by_name = {s.name: s for s in list_samples(Path(config["data"]))}
     val = [by_name[p] for p in split["val"]]
     train = [by_name[p] for p in split["train"]]
     images = load_images(val)

@@ -124,7 +124,7 @@ def main() -> None:
     samples = list_samples(args.data)
     if args.split_json:
         validation = set(json.loads(args.split_json.read_text())["val"])
-        samples = [s for s in samples if f"{s.path.parent.name}/{s.path.name}" in validation]
+        samples = [s for s in samples if s.name in validation]
     chosen = []
     for label in (0, 1):
         of_class = [x for x in samples if x.label == label]

@@ -222,3 +222,9 @@ STRESS_NAMES = (
 def stress(image: npt.NDArray[np.uint8], name: str) -> Image:
     """Apply one named, deterministic acquisition shift (see STRESS_NAMES)."""
     return _stress(name)(image)
+
+
+def one_shift_each(images: list[npt.NDArray[np.uint8]]) -> list[Image]:
+    """One deterministic shift per image, cycling through STRESS_NAMES (the validation set
+    that early stopping and calibration see besides the clean images)."""
+    return [stress(img, STRESS_NAMES[i % len(STRESS_NAMES)]) for i, img in enumerate(images)]

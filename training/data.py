@@ -33,6 +33,11 @@ class Sample:
     patient: str
     subgroup: str  # "normal", "bacteria", "virus" or "unknown"
 
+    @property
+    def name(self) -> str:
+        """``CLASS/file``: how split.json, reports and predictions.csv name the image."""
+        return f"{self.path.parent.name}/{self.path.name}"
+
 
 def patient_of(filename: str, label: int) -> str:
     """Patient identifier from a Kermany file name; falls back to the file stem (own patient).

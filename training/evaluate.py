@@ -30,25 +30,30 @@ def evaluate_folder(
     """
     predictor = Predictor.load(model, backend=backend)
     meta = predictor.meta
-    samples, tensors, unreadable = [], [], []
+    samples, unreadable, logits, ood = [], [], [], []
+    batch: list[Any] = []
+
+    def run_batch() -> None:
+        x = np.stack(batch)[..., None]
+        raw = predictor.runner.run(x)
+        logits.append(raw.logits)
+        ood.append(predictor.ood.scores(raw.embedding, np.stack([thumbnail(v) for v in batch])))
+        batch.clear()
+
     for s in list_samples(data):
         try:
-            tensors.append(preprocess(read_image_file(s.path)[0], meta.preprocess))
+            batch.append(preprocess(read_image_file(s.path)[0], meta.preprocess))
             samples.append(s)
         except (OSError, PixelDecodeError, ValueError) as exc:
             # One broken file must not cost the whole evaluation: it is left out and listed.
-            log.warning("left out %s/%s: %s", s.path.parent.name, s.path.name, exc)
-            unreadable.append(f"{s.path.parent.name}/{s.path.name}")
+            log.warning("left out %s: %s", s.name, exc)
+            unreadable.append(s.name)
+        if len(batch) == 64:
+            run_batch()
+    if batch:
+        run_batch()
     if not samples:
         raise DataError(f"no readable images under {data}")
-    logits, ood = [], []
-    batch = 64
-    for i in range(0, len(samples), batch):
-        x = np.stack(tensors[i : i + batch])[..., None]
-        raw = predictor.runner.run(x)
-        score = predictor.ood.scores(raw.embedding, np.stack([thumbnail(v[..., 0]) for v in x]))
-        logits.append(raw.logits)
-        ood.append(score)
     logit = np.concatenate(logits).astype(np.float64)
     ood_score = np.concatenate(ood)
     p = meta.probability(logit)
@@ -89,7 +94,7 @@ def evaluate_folder(
         for s, pi, oi in zip(samples, p, ood_score, strict=True):
             w.writerow(
                 [
-                    f"{s.path.parent.name}/{s.path.name}",
+                    s.name,
                     s.label,
                     s.subgroup,
                     f"{pi:.6f}",

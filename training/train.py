@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.preprocess import PreprocessConfig, preprocess, preprocess_batch
-from training.augment import STRESS_NAMES, augment, stress
+from training.augment import augment, one_shift_each
 from training.data import Sample, batch_split, list_samples, load_images, patient_split
 
 log = logging.getLogger(__name__)
@@ -90,19 +90,15 @@ def prepare(config: TrainConfig, pre: PreprocessConfig) -> Prepared:
         "mode": config.split,
         "seed": config.seed,
         "val_fraction": config.val_fraction,
-        "train": [f"{s.path.parent.name}/{s.path.name}" for s in train],
-        "val": [f"{s.path.parent.name}/{s.path.name}" for s in val],
+        "train": [s.name for s in train],
+        "val": [s.name for s in val],
     }
     (config.out / "split.json").write_text(json.dumps(split, indent=1))
     log.info("split: %d train, %d validation images", len(train), len(val))
     train_images = load_images(train)
     val_images = load_images(val)
     val_x = preprocess_batch(list(val_images), pre)
-    # One deterministic acquisition shift per validation image (cycled over the stress list).
-    val_stress_x = preprocess_batch(
-        [stress(img, STRESS_NAMES[i % len(STRESS_NAMES)]) for i, img in enumerate(val_images)],
-        pre,
-    )
+    val_stress_x = preprocess_batch(one_shift_each(val_images), pre)
     return Prepared(train, val, train_images, val_images, val_x, val_stress_x)
 
 
