@@ -18,19 +18,29 @@ def test_evaluate_leaves_out_a_broken_file_and_lists_it(
 ) -> None:
     data = tmp_path / "heldout"
     shutil.copytree(FIXTURES, data)
+    # Four copies of the 20 fixtures: 80 images, more than one batch of 64.
+    for image in list(data.glob("*/*.jpeg")):
+        for k in (1, 2, 3):
+            shutil.copy(image, image.with_name(f"{image.stem}-copy{k}.jpeg"))
     (data / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(b"\xff\xd8 truncated")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app(), ["evaluate", "--data", str(data), "--n-boot", "20"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "evaluation-heldout" / "metrics.json").read_text())
-    assert metrics["n"] == 20
+    assert metrics["n"] == 80
     assert metrics["unreadable"] == {
         "count": 1,
         "files": ["PNEUMONIA/person9999_bacteria_1.jpeg"],
     }
     assert "left out 1 unreadable file" in result.output
     rows = (tmp_path / "evaluation-heldout" / "predictions.csv").read_text().splitlines()
-    assert len(rows) == 21 and not any("person9999" in r for r in rows)
+    assert len(rows) == 81 and not any("person9999" in r for r in rows)
+    # Every copy of an image gets the same probability, whichever batch it fell into.
+    by_file = {r.split(",")[0]: r.split(",")[3] for r in rows[1:]}
+    copies = [name for name in by_file if "-copy" in name]
+    assert len(copies) == 60
+    for name in copies:
+        assert by_file[name] == by_file[name.split("-copy")[0] + ".jpeg"], name
 
 
 def test_evaluate_on_a_folder_without_classes_is_a_clear_error(tmp_path: Path) -> None:
