@@ -41,8 +41,10 @@ def train(
     split: Annotated[
         str,
         typer.Option(
-            help="Validation patients: 'random' (shuffled with the seed) or 'batch' (both ends "
-            "of the acquisition numbering, see training.data.batch_split)"
+            help="Validation patients: 'random' (shuffled with the seed), 'batch' (both ends "
+            "of the acquisition numbering, see training.data.batch_split) or 'low' (the "
+            "lowest numbers of each file series, next to the held-out set, see "
+            "training.data.low_split)"
         ),
     ] = "random",
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs")] = 8,
@@ -94,8 +96,8 @@ def train(
     ] = 0.0,
 ) -> None:
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
-    if split not in ("random", "batch"):
-        raise typer.BadParameter("must be 'random' or 'batch'", param_hint="--split")
+    if split not in ("random", "batch", "low"):
+        raise typer.BadParameter("must be 'random', 'batch' or 'low'", param_hint="--split")
     _quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from training.train import TrainConfig

@@ -141,6 +141,50 @@ def batch_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sam
     return train, val
 
 
+_SERIES = re.compile(r"^(person|NORMAL2-IM-|IM-)(\d+)", re.IGNORECASE)
+
+
+def series_number(filename: str) -> tuple[str, int] | None:
+    """The file-name series of a Kermany image and its patient number
+    (``NORMAL2-IM-0383-0001.jpeg`` -> ("normal2-im-", 383)), or None for other names."""
+    m = _SERIES.match(filename)
+    return (m.group(1).lower(), int(m.group(2))) if m else None
+
+
+def low_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Split by acquisition batch at the low end: within each class and file series
+    (``IM-``, ``NORMAL2-IM-``, ``person``) the lowest-numbered ``val_fraction`` of patient
+    numbers validate.
+
+    The set's official test images are the ones missing from the low end of every series in
+    the training folder: it has no ``IM-`` below 115, no ``NORMAL2-IM-`` below 383, and no
+    ``person`` from 176 to 249 (persons 150-175 mostly missing as well). The lowest-numbered
+    patients are therefore the acquisitions next to the held-out ones, and calibration and
+    threshold are fitted on them. A patient key shared by two series (``IM-0400`` and
+    ``NORMAL2-IM-0400`` are one key) goes wholly to validation if either file is chosen, so no
+    patient is on both sides. Files without a series number always train.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    numbers: dict[tuple[int, str], set[int]] = {}
+    for s in samples:
+        sn = series_number(s.path.name)
+        if sn is not None:
+            numbers.setdefault((s.label, sn[0]), set()).add(sn[1])
+    chosen = {
+        key: set(sorted(nums)[: max(1, round(len(nums) * val_fraction))])
+        for key, nums in numbers.items()
+    }
+    val_patients = set()
+    for s in samples:
+        sn = series_number(s.path.name)
+        if sn is not None and sn[1] in chosen[(s.label, sn[0])]:
+            val_patients.add(s.patient)
+    train = [s for s in samples if s.patient not in val_patients]
+    val = [s for s in samples if s.patient in val_patients]
+    return train, val
+
+
 def read_gray(path: Path) -> npt.NDArray[np.uint8]:
     """Read an image file as 2-D uint8 (colour averaged by OpenCV's grayscale conversion)."""
     # Same decode flags as serving (inference.dicom_pixels.read_image_file) for 8-bit files.

@@ -32,6 +32,20 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
 MODEL_VERSION = "1.3.0"
 
+# The model card's description of each --split mode.
+_SPLIT_TEXT = {
+    "random": "patient-level, stratified by class, seed as above",
+    "batch": (
+        "patient-level by acquisition batch: within each class the patients at both "
+        "ends of the file numbering ({fraction:.0%} in all) validate"
+    ),
+    "low": (
+        "patient-level by acquisition batch: within each class and file series (IM-, "
+        "NORMAL2-IM-, person) the lowest-numbered {fraction:.0%} of patients validate, the "
+        "acquisitions next to the numbers missing from the folder (the official test split)"
+    ),
+}
+
 
 def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tuple[Any, Any]:
     """(logits, embeddings) for a preprocessed (N, S, S, 1) array."""
@@ -244,12 +258,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             "n_val": len(prep.val),
             "train_counts": {c: int(np.sum(prep.train_y == i)) for i, c in enumerate(CLASS_NAMES)},
             "val_counts": {c: int(np.sum(y_val == i)) for i, c in enumerate(CLASS_NAMES)},
-            "split": (
-                "patient-level by acquisition batch: within each class the patients at both "
-                f"ends of the file numbering ({config.val_fraction:.0%} in all) validate"
-                if config.split == "batch"
-                else "patient-level, stratified by class, seed as above"
-            ),
+            "split": _SPLIT_TEXT[config.split].format(fraction=config.val_fraction),
         },
         "members": [
             {

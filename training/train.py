@@ -25,7 +25,14 @@ import numpy.typing as npt
 
 from inference.preprocess import PreprocessConfig, preprocess, preprocess_batch
 from training.augment import augment, one_shift_each
-from training.data import Sample, batch_split, list_samples, load_images, patient_split
+from training.data import (
+    Sample,
+    batch_split,
+    list_samples,
+    load_images,
+    low_split,
+    patient_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,8 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     val_fraction: float = 0.15
-    split: str = "random"  # "random" (patients shuffled) or "batch" (see data.batch_split)
+    # "random" (patients shuffled), "batch" or "low" (see data.batch_split, data.low_split)
+    split: str = "random"
     patience: int = 8
     aug_strength: float = 1.0
     command: str = ""
@@ -83,6 +91,8 @@ def prepare(config: TrainConfig, pre: PreprocessConfig) -> Prepared:
         samples = [s for c in (0, 1) for s in [x for x in samples if x.label == c][:limit]]
     if config.split == "batch":
         train, val = batch_split(samples, val_fraction=config.val_fraction)
+    elif config.split == "low":
+        train, val = low_split(samples, val_fraction=config.val_fraction)
     else:
         train, val = patient_split(samples, val_fraction=config.val_fraction, seed=config.seed)
     config.out.mkdir(parents=True, exist_ok=True)

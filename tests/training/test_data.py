@@ -13,6 +13,7 @@ from training.data import (
     Sample,
     batch_split,
     list_samples,
+    low_split,
     patient_of,
     patient_split,
     subgroup_of,
@@ -83,6 +84,31 @@ def test_batch_split_validates_on_both_ends_of_the_numbering() -> None:
     assert set(numbers) == set(range(12)) | set(range(108, 120))
     with pytest.raises(ValueError):
         batch_split(samples, val_fraction=1.0)
+
+
+def test_low_split_validates_on_the_lowest_numbers_of_each_series() -> None:
+    def sample(name: str, label: int) -> Sample:
+        folder = ("NORMAL", "PNEUMONIA")[label]
+        return Sample(Path(folder) / name, label, patient_of(name, label), subgroup_of(name, label))
+
+    samples = [sample(f"person{n}_bacteria_{n}.jpeg", 1) for n in range(1, 201)]
+    samples += [sample(f"IM-{n:04d}-0001.jpeg", 0) for n in range(100, 200)]
+    samples += [sample(f"NORMAL2-IM-{n:04d}-0001.jpeg", 0) for n in range(300, 400)]
+    # IM-0305 shares its patient key with NORMAL2-IM-0305; "scan.png" has no number.
+    samples += [sample("IM-0305-0001.jpeg", 0), sample("scan.png", 0)]
+    train, val = low_split(samples, val_fraction=0.1)
+
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert len(train) + len(val) == len(samples)
+    val_names = {s.path.name for s in val}
+    assert val_names == (
+        {f"person{n}_bacteria_{n}.jpeg" for n in range(1, 21)}
+        | {f"IM-{n:04d}-0001.jpeg" for n in range(100, 110)}
+        | {f"NORMAL2-IM-{n:04d}-0001.jpeg" for n in range(300, 310)}
+        | {"IM-0305-0001.jpeg"}  # follows its key into validation
+    )
+    with pytest.raises(ValueError):
+        low_split(samples, val_fraction=0.0)
 
 
 def test_list_samples_on_fixture_folder(tmp_path: Path) -> None:
