@@ -190,9 +190,10 @@ def test_outbox_without_pacs_or_ehr(
     )
     assert send.returncode == 0
     outbox = tmp_path / "data" / "outbox"
-    wait_until(lambda: len(list(outbox.glob("*"))) >= 2, 180, "outbox files", procs)
     sr_file = outbox / f"{study_uid}_v1_sr.dcm"
     bundle_file = outbox / f"{study_uid}_v1_fhir.json"
+    # The named files, not a count: a ".part" temp file exists until its rename.
+    wait_until(lambda: sr_file.exists() and bundle_file.exists(), 180, "outbox files", procs)
     assert dcmread(sr_file).StudyInstanceUID == study_uid
     bundle = json.loads(bundle_file.read_text())
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
