@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,15 @@ def test_reframing_changes_normal_images_only() -> None:
         augment(img, np.random.default_rng(7), label=0),
         augment(img, np.random.default_rng(7), label=0, reframe=0.0),
     )
+
+
+def test_training_run_records_the_low_split(tmp_path: Path) -> None:
+    from inference.preprocess import PreprocessConfig
+    from training.train import TrainConfig, prepare
+
+    config = TrainConfig(data=FIXTURES, out=tmp_path, split="low", val_fraction=0.2)
+    prep = prepare(config, PreprocessConfig(size=32))
+    expected = low_split(list_samples(FIXTURES), val_fraction=0.2)[1]
+    assert prep.val == expected and prep.val
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["mode"] == "low" and split["val"] == [s.name for s in expected]
