@@ -157,11 +157,11 @@ def low_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sampl
     (``IM-``, ``NORMAL2-IM-``, ``person``) the lowest-numbered ``val_fraction`` of patient
     numbers validate.
 
-    The set's official test images are the ones missing from the low end of every series in
-    the training folder: it has no ``IM-`` below 115, no ``NORMAL2-IM-`` below 383, and no
-    ``person`` from 176 to 249 (persons 150-175 mostly missing as well). The lowest-numbered
-    patients are therefore the acquisitions next to the held-out ones, and calibration and
-    threshold are fitted on them. Tried for 1.4.0 and not used: those films look easy, and the
+    Judging by the gaps, the set's official test images are the numbers missing from the low
+    end of every series in the training folder: it has no ``IM-`` below 115, no
+    ``NORMAL2-IM-`` below 383, and no ``person`` from 163 to 252. The lowest-numbered patients
+    are therefore the acquisitions next to the held-out ones, and calibration and threshold
+    are fitted on them. Tried for 1.4.0 and not used: those films look easy, and the
     calibration fitted on them was over-confident on later films (see the README).
 
     A patient key shared by two series (``IM-0400`` and ``NORMAL2-IM-0400`` are one key) goes

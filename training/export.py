@@ -41,8 +41,8 @@ _SPLIT_TEXT = {
     ),
     "low": (
         "patient-level by acquisition batch: within each class and file series (IM-, "
-        "NORMAL2-IM-, person) the lowest-numbered {fraction:.0%} of patients validate, the "
-        "acquisitions next to the numbers missing from the folder (the official test split)"
+        "NORMAL2-IM-, person) the lowest-numbered {fraction:.0%} of patients validate, next to "
+        "the low numbers the folder lacks (by the gaps, the official test split)"
     ),
 }
 
