@@ -6,8 +6,9 @@ The figures behind the README's "what each choice did": for each named group of 
 
 - clean AUC, Brier score and ECE;
 - AUC, Brier score and ECE over all 13 shifted copies pooled;
-- the mean calibrated probability of the latest NORMAL2 validation normals (the proxy inside
-  validation for later acquisitions) and of the earlier normals;
+- the mean calibrated probability of the validation normals of each file series (``IM-``,
+  ``NORMAL2-IM-``); in a ``--split batch`` run the NORMAL2 ones are the latest batch, the proxy
+  inside validation for later acquisitions, in a ``--split low`` run the earliest;
 - all validation normals' mean probability, clean and under each change of framing.
 
     .venv/bin/python benchmarks/compare_checkpoints.py --run /tmp/runs/b5 \
@@ -33,7 +34,7 @@ import numpy.typing as npt
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, one_shift_each, stress
 from training.calibration import composition_weights, fit_platt, sigmoid
-from training.data import list_samples, load_images
+from training.data import list_samples, load_images, series_number
 from training.metrics import ece, roc_auc
 
 Array = npt.NDArray[Any]
@@ -66,11 +67,15 @@ def main() -> None:
     images = load_images(val)
     y = np.array([s.label for s in val])
     w = composition_weights([s.subgroup for s in val], [s.subgroup for s in [*train, *val]])
-    late = np.array([s.label == 0 and s.path.name.startswith("NORMAL2") for s in val])
-    early = (y == 0) & ~late
+    series = np.array([(series_number(s.path.name) or ("", 0))[0] for s in val])
+    normal2 = (y == 0) & (series == "normal2-im-")
+    im = (y == 0) & (series == "im-")
     detail = float(config["extra"].get("detail_target", 0.0))
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores")
-    print(f"validation: {len(val)} films of run {args.run} ({late.sum()} late NORMAL2 normals)")
+    print(
+        f"validation: {len(val)} films of run {args.run} "
+        f"(normals: {normal2.sum()} NORMAL2-IM-, {im.sum()} IM-)"
+    )
 
     inputs: dict[int, dict[str, Array]] = {}
     for group in args.groups:
@@ -100,8 +105,8 @@ def main() -> None:
             f"{roc_auc(y, z['clean']):.4f} Brier {np.mean((p_clean - y) ** 2):.4f} "
             f"ECE {ece(y, p_clean):.4f} | shifted AUC {roc_auc(y_shift, z_shift):.4f} "
             f"Brier {np.mean((p_shift - y_shift) ** 2):.4f} ECE {ece(y_shift, p_shift):.4f} | "
-            f"mean p late normals {p_clean[late].mean():.3f}, early normals "
-            f"{p_clean[early].mean():.3f}",
+            f"mean p NORMAL2-IM- normals {p_clean[normal2].mean():.3f}, IM- normals "
+            f"{p_clean[im].mean():.3f}",
             flush=True,
         )
         framing = ", ".join(

@@ -170,20 +170,15 @@ def low_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sampl
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError("val_fraction must be in (0, 1)")
+    numbered = [(s, sn) for s in samples if (sn := series_number(s.path.name)) is not None]
     numbers: dict[tuple[int, str], set[int]] = {}
-    for s in samples:
-        sn = series_number(s.path.name)
-        if sn is not None:
-            numbers.setdefault((s.label, sn[0]), set()).add(sn[1])
+    for s, (series, number) in numbered:
+        numbers.setdefault((s.label, series), set()).add(number)
     chosen = {
         key: set(sorted(nums)[: max(1, round(len(nums) * val_fraction))])
         for key, nums in numbers.items()
     }
-    val_patients = set()
-    for s in samples:
-        sn = series_number(s.path.name)
-        if sn is not None and sn[1] in chosen[(s.label, sn[0])]:
-            val_patients.add(s.patient)
+    val_patients = {s.patient for s, (series, n) in numbered if n in chosen[(s.label, series)]}
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     return train, val

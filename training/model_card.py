@@ -40,8 +40,8 @@ def _shortcut_lines(meta: ArtifactMeta) -> list[str]:
     if cfg.get("reframe_normals"):
         lines += [
             f"- Class-conditional framing augmentation (p = {cfg['reframe_normals']}): NORMAL",
-            "  images get an extra zoom, squeeze or shift, so that unusual framing no longer",
-            "  signals pneumonia.",
+            "  images get an extra zoom, squeeze or shift, meant to keep unusual framing from",
+            "  signalling pneumonia.",
         ]
     if cfg.get("mixup"):
         lines += [
