@@ -30,7 +30,7 @@ from training.report import write_report
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
-MODEL_VERSION = "1.3.0"
+MODEL_VERSION = "1.4.0"
 
 # The model card's description of each --split mode.
 _SPLIT_TEXT = {
