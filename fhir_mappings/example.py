@@ -17,26 +17,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import DigitalXRayImageStorageForPresentation
+
 from fhir_mappings.bundle import build_transaction_bundle, subject_reference
 from fhir_mappings.config import FhirMappingConfig
 from inference.artifact import read_meta
-from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
+from inference.finding import SourceImage, StudyContext, StudyFinding
 from inference.predictor import DEFAULT_MODEL_DIR
 
 EXAMPLE_STUDY_UID = "1.2.826.0.1.3680043.8.498.12345"
 EXAMPLE_PROBABILITY = 0.91
-DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 
 
 def example_bundle(model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, Any]:
     """The bundle for a made-up one-image study with a positive finding by the given model."""
-    meta = read_meta(model_dir, verify=False)
-    model = ModelInfo(
-        name=meta.name,
-        version=meta.version,
-        content_hash=meta.content_hash,
-        threshold=meta.threshold,
-    )
+    model = read_meta(model_dir, verify=False).model_info()
     uid = EXAMPLE_STUDY_UID
     probability = EXAMPLE_PROBABILITY
     finding = StudyFinding(
@@ -53,7 +48,7 @@ def example_bundle(model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, Any]:
         model=model,
         probability=probability,
         present=probability >= model.threshold,
-        images=(SourceImage(DX_IMAGE_STORAGE, f"{uid}.1.1", f"{uid}.1"),),
+        images=(SourceImage(DigitalXRayImageStorageForPresentation, f"{uid}.1.1", f"{uid}.1"),),
         declined=(),
         report_id=uid,  # as the worker sets it (gateway.processing)
         version=1,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference.finding import ModelInfo
 from inference.preprocess import PreprocessConfig
 
 META_FILE = "model.json"
@@ -53,6 +54,15 @@ class ArtifactMeta:
 
         z = np.asarray(logits, dtype=np.float64) / self.temperature + self.logit_bias
         return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+    def model_info(self) -> ModelInfo:
+        """The identity findings carry (reports, audit, FHIR Device) for this artifact."""
+        return ModelInfo(
+            name=self.name,
+            version=self.version,
+            content_hash=self.content_hash,
+            threshold=self.threshold,
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

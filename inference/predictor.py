@@ -86,12 +86,7 @@ class Predictor:
 
     @property
     def model_info(self) -> ModelInfo:
-        return ModelInfo(
-            name=self.meta.name,
-            version=self.meta.version,
-            content_hash=self.meta.content_hash,
-            threshold=self.meta.threshold,
-        )
+        return self.meta.model_info()
 
     def predict_arrays(
         self, images: list[npt.NDArray[Any]], *, heatmap: bool = False

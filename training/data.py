@@ -161,8 +161,8 @@ def low_split(samples: list[Sample], *, val_fraction: float) -> tuple[list[Sampl
     end of every series in the training folder: it has no ``IM-`` below 115, no
     ``NORMAL2-IM-`` below 383, and no ``person`` from 163 to 252. The lowest-numbered patients
     are therefore the acquisitions next to the held-out ones, and calibration and threshold
-    are fitted on them. Tried for 1.4.0 and not used: those films look easy, and the
-    calibration fitted on them was over-confident on later films (see the README).
+    are fitted on them. Tried as a five-member model and not shipped: those films look
+    easy, and the calibration fitted on them was over-confident on later films (see the README).
 
     A patient key shared by two series (``IM-0400`` and ``NORMAL2-IM-0400`` are one key) goes
     wholly to validation if either file is chosen, so no patient is on both sides.
