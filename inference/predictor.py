@@ -24,7 +24,12 @@ from inference.artifact import ArtifactMeta, read_meta
 from inference.dicom_pixels import DicomPixels, PixelDecodeError, dicom_to_image
 from inference.finding import ModelInfo
 from inference.heatmap import overlay_png
-from inference.input_check import OODModel, header_decline_reason, thumbnail
+from inference.input_check import (
+    OODModel,
+    OrientationModel,
+    header_decline_reason,
+    thumbnail,
+)
 from inference.preprocess import preprocess, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
@@ -34,6 +39,11 @@ def default_model_dir() -> Path:
     """``$CXR_MODEL_DIR`` if set, else the model shipped in the repository's models/."""
     env = os.environ.get("CXR_MODEL_DIR", "")
     return Path(env) if env else DEFAULT_MODEL_DIR
+
+
+# How the image-based input checks' decline reasons begin (the header rules have their own).
+OOD_REASON = "out of distribution"
+UPSIDE_DOWN_REASON = "the image looks upside down"
 
 
 @dataclass(frozen=True)
@@ -61,11 +71,19 @@ class Prediction:
 class Predictor:
     """Holds the loaded model; construct with :meth:`load` once per process."""
 
-    def __init__(self, folder: Path, meta: ArtifactMeta, runner: Any, ood: OODModel) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        meta: ArtifactMeta,
+        runner: Any,
+        ood: OODModel,
+        orientation: OrientationModel,
+    ) -> None:
         self.folder = folder
         self.meta = meta
         self.runner = runner
         self.ood = ood
+        self.orientation = orientation
 
     @classmethod
     def load(cls, folder: Path | None = None, *, backend: str = "auto") -> Predictor:
@@ -78,7 +96,13 @@ class Predictor:
         if backend == "auto":
             backend = "tflite" if (folder / f"{meta.members[0]}.tflite").exists() else "keras"
         runner = ModelRunner(folder, meta, backend=backend)
-        return cls(folder, meta, runner, OODModel.load(folder / "ood.npz"))
+        return cls(
+            folder,
+            meta,
+            runner,
+            OODModel.load(folder / "ood.npz"),
+            OrientationModel.load(folder / "orientation.npz"),
+        )
 
     @property
     def threshold(self) -> float:
@@ -87,6 +111,25 @@ class Predictor:
     @property
     def model_info(self) -> ModelInfo:
         return self.meta.model_info()
+
+    def input_check(self, embedding: Any, thumbs: Any) -> tuple[Any, list[str | None]]:
+        """OOD scores, and per image why the image-based checks decline it (None: accepted)."""
+        ood = self.ood.scores(embedding, thumbs)
+        turned = self.orientation.scores(embedding)
+        reasons: list[str | None] = []
+        for score, t in zip(ood, turned, strict=True):
+            if score > self.meta.ood_threshold:
+                limit = self.meta.ood_threshold
+                reasons.append(f"{OOD_REASON} (score {score:.2f} > {limit:.2f})")
+            elif t > self.orientation.threshold:
+                limit = self.orientation.threshold
+                reasons.append(
+                    f"{UPSIDE_DOWN_REASON} (orientation score {t:.2f} > {limit:.2f}): "
+                    "check its orientation"
+                )
+            else:
+                reasons.append(None)
+        return ood, reasons
 
     def predict_arrays(
         self, images: list[npt.NDArray[Any]], *, heatmap: bool = False
@@ -98,21 +141,13 @@ class Predictor:
         x = np.stack([preprocess(img, cfg) for img in images])[..., None]
         raw = self.runner.run(x)
         thumbs = np.stack([thumbnail(xi[..., 0]) for xi in x])
-        ood = self.ood.scores(raw.embedding, thumbs)
+        ood, reasons = self.input_check(raw.embedding, thumbs)
         probs = self.meta.probability(raw.logits)
         out = []
         for i, img in enumerate(images):
             score = float(ood[i])
-            if score > self.meta.ood_threshold:
-                out.append(
-                    Prediction(
-                        None,
-                        None,
-                        score,
-                        f"out of distribution (score {score:.2f} > {self.meta.ood_threshold:.2f})",
-                        threshold=self.threshold,
-                    )
-                )
+            if reasons[i] is not None:
+                out.append(Prediction(None, None, score, reasons[i], threshold=self.threshold))
                 continue
             p = float(probs[i])
             png = overlay_png(to_gray(img), raw.cam[i]) if heatmap else None

@@ -11,7 +11,7 @@ import numpy as np
 
 from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_file
 from inference.input_check import colour_decline_reason_of_file, thumbnail
-from inference.predictor import Predictor
+from inference.predictor import UPSIDE_DOWN_REASON, Predictor
 from inference.preprocess import preprocess
 from training.data import DataError, list_samples
 from training.report import write_report
@@ -31,13 +31,16 @@ def evaluate_folder(
     predictor = Predictor.load(model, backend=backend)
     meta = predictor.meta
     samples, unreadable, logits, ood = [], [], [], []
+    reasons: list[str | None] = []
     batch: list[Any] = []
 
     def run_batch() -> None:
         x = np.stack(batch)[..., None]
         raw = predictor.runner.run(x)
         logits.append(raw.logits)
-        ood.append(predictor.ood.scores(raw.embedding, np.stack([thumbnail(v) for v in batch])))
+        scores, why = predictor.input_check(raw.embedding, np.stack([thumbnail(v) for v in batch]))
+        ood.append(scores)
+        reasons.extend(why)
         batch.clear()
 
     for s in list_samples(data):
@@ -76,6 +79,11 @@ def evaluate_folder(
             "count": int(np.sum(ood_score > meta.ood_threshold)),
             "note": "all images are scored for these metrics; the gateway would decline these",
         },
+        "upside_down_declined": {
+            "count": sum(1 for r in reasons if r and r.startswith(UPSIDE_DOWN_REASON)),
+            "note": "not out of distribution, but the gateway would decline these as upside "
+            "down; they are scored for these metrics too",
+        },
         "unreadable": {"count": len(unreadable), "files": unreadable},
     }
     report = write_report(
@@ -90,8 +98,10 @@ def evaluate_folder(
     )
     with (out / "predictions.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "label", "subgroup", "probability", "predicted", "ood_score"])
-        for s, pi, oi in zip(samples, p, ood_score, strict=True):
+        w.writerow(
+            ["file", "label", "subgroup", "probability", "predicted", "ood_score", "declined"]
+        )
+        for s, pi, oi, why in zip(samples, p, ood_score, reasons, strict=True):
             w.writerow(
                 [
                     s.name,
@@ -100,6 +110,7 @@ def evaluate_folder(
                     f"{pi:.6f}",
                     int(pi >= meta.threshold),
                     f"{oi:.4f}",
+                    why or "",
                 ]
             )
     return report

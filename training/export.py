@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.artifact import ArtifactMeta, write_meta
-from inference.input_check import fit_ood, thumbnail
+from inference.input_check import OODModel, OrientationModel, fit_ood, fit_orientation, thumbnail
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, stress
 from training.calibration import (
@@ -30,7 +30,7 @@ from training.report import write_report
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
-MODEL_VERSION = "1.4.0"
+MODEL_VERSION = "1.4.1"
 
 # The model card's description of each --split mode.
 _SPLIT_TEXT = {
@@ -110,9 +110,12 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
 
     # Every validation image under every named shift.
     stress_logits: dict[str, npt.NDArray[Any]] = {}
+    stress_emb: dict[str, npt.NDArray[Any]] = {}
+    stress_thumbs: dict[str, npt.NDArray[Any]] = {}
     for name in STRESS_NAMES:
         xs = preprocess_batch([stress(img, name) for img in prep.val_images], pre)
-        stress_logits[name], _ = run_batches(runner, xs)
+        stress_logits[name], stress_emb[name] = run_batches(runner, xs)
+        stress_thumbs[name] = _thumbs(xs)
     all_stress = np.concatenate([stress_logits[n] for n in STRESS_NAMES])
     y_all_stress = np.tile(y_val, len(STRESS_NAMES))
 
@@ -177,27 +180,100 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     ood_margin = float(config.extra.get("ood_margin", 1.0))
     ood_threshold = float(np.percentile(val_ood, ood_quantile)) * ood_margin
 
+    # Upside-down check: training films upright (and mirrored, as training sees them) against
+    # the same films turned over (rows reversed, or turned by 180 degrees); the threshold is set
+    # on the upright validation films, clean and under every shift.
+    train_list = list(prep.train_images)
+    upright = [train_emb, _embed(runner, pre, train_list, "mirror")]
+    turned = [
+        _embed(runner, pre, train_list, "upside_down"),
+        _embed(runner, pre, train_list, "rot180"),
+    ]
+    val_upright_emb = np.concatenate([val_emb, *(stress_emb[n] for n in STRESS_NAMES)])
+    orientation_quantile = float(config.extra.get("orientation_quantile", 99.9))
+    orientation = fit_orientation(
+        np.concatenate(upright),
+        np.concatenate(turned),
+        val_upright_emb,
+        quantile=orientation_quantile,
+    )
+    orientation.save(art / "orientation.npz")
+
+    def declined(emb: npt.NDArray[Any], thumbs: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """What the gateway's image-based checks decline (either of them)."""
+        return (ood.scores(emb, thumbs) > ood_threshold) | (
+            orientation.scores(emb) > orientation.threshold
+        )
+
+    val_upright_thumbs = np.concatenate(
+        [_thumbs(prep.val_x), *(stress_thumbs[n] for n in STRESS_NAMES)]
+    )
+    upright_declined = declined(val_upright_emb, val_upright_thumbs)
+    upright_by_score = ood.scores(val_upright_emb, val_upright_thumbs) > ood_threshold
+    val_list = list(prep.val_images)
+    turned_caught, turned_normal_p = {}, {}
+    for kind in ("upside_down", "rot180"):
+        xs = preprocess_batch([_turn(im, kind) for im in val_list], pre)
+        logit, emb = run_batches(runner, xs)
+        turned_caught[kind] = float(np.mean(declined(emb, _thumbs(xs))))
+        # What the model would say without the check.
+        turned_normal_p[kind] = float(np.mean(prob(logit)[y_val == 0]))
+    shifted_turned = preprocess_batch(
+        [_turn(stress(im, name), "upside_down") for name in STRESS_NAMES for im in val_list], pre
+    )
+    _, emb = run_batches(runner, shifted_turned)
+    turned_caught["upside_down_shifted"] = float(np.mean(declined(emb, _thumbs(shifted_turned))))
+    n_val = len(y_val)
+    orientation_eval = {
+        "threshold": orientation.threshold,
+        "rule": (
+            f"{orientation_quantile}th percentile of the upright validation films' scores "
+            f"(clean + {len(STRESS_NAMES)} shifted copies)"
+        ),
+        "upright_declined_by_orientation": {
+            "clean": float(np.mean(orientation.scores(val_emb) > orientation.threshold)),
+            "clean_and_shifted": float(
+                np.mean(orientation.scores(val_upright_emb) > orientation.threshold)
+            ),
+        },
+        "upright_declined_by_score": {
+            "clean": float(np.mean(upright_by_score[:n_val])),
+            "clean_and_shifted": float(np.mean(upright_by_score)),
+        },
+        "upright_declined_by_either": {
+            "clean": float(np.mean(upright_declined[:n_val])),
+            "clean_and_shifted": float(np.mean(upright_declined)),
+        },
+        "turned_declined_by_either": turned_caught,
+        "turned_normals_mean_probability": turned_normal_p,
+        "upright_normals_mean_probability": float(np.mean(prob(val_logit)[y_val == 0])),
+    }
+
     neg_kinds, neg_imgs = zip(*negatives(list(prep.val_images)), strict=True)
     neg_x = preprocess_batch(list(neg_imgs), pre)
     _, neg_emb = run_batches(runner, neg_x)
     neg_score = ood.scores(neg_emb, _thumbs(neg_x))
+    neg_declined = declined(neg_emb, _thumbs(neg_x))
     ood_eval: dict[str, Any] = {
         "validation_declined": float(np.mean(val_ood > ood_threshold)),
         "validation_clean_declined": float(np.mean(val_ood[: len(y_val)] > ood_threshold)),
+        "orientation": orientation_eval,
         "synthetic": {},
     }
     for kind in sorted(set(neg_kinds)):
         m = np.array([k == kind for k in neg_kinds])
         ood_eval["synthetic"][kind] = {
             "n": int(m.sum()),
-            "declined": float(np.mean(neg_score[m] > ood_threshold)),
+            "declined_by_score": float(np.mean(neg_score[m] > ood_threshold)),
+            "declined": float(np.mean(neg_declined[m])),
             "median_score": float(np.median(neg_score[m])),
         }
+    checks = (runner, ood, orientation, pre)
     ood_eval["dicom_files"] = _score_dicom_folder(
-        config.extra.get("ood_dicom_dir"), runner, ood, pre, ood_threshold
+        config.extra.get("ood_dicom_dir"), checks, ood_threshold
     )
     ood_eval["image_files"] = _score_image_folder(
-        config.extra.get("ood_image_dir"), runner, ood, pre, ood_threshold
+        config.extra.get("ood_image_dir"), checks, ood_threshold
     )
 
     # Validation reports.
@@ -333,17 +409,35 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     return art
 
 
-def _ood_score(image: Any, runner: Any, ood: Any, pre: PreprocessConfig) -> float:
-    """The input check's out-of-distribution score of one 2-D image."""
+def _turn(image: Any, kind: str) -> Any:
+    """A 2-D image mirrored ("mirror"), upside down, or turned by 180 degrees ("rot180")."""
+    flipped = {"mirror": image[:, ::-1], "upside_down": image[::-1], "rot180": image[::-1, ::-1]}
+    return np.ascontiguousarray(flipped[kind])
+
+
+def _embed(runner: Any, pre: PreprocessConfig, images: list[Any], kind: str) -> Any:
+    """The OOD embeddings of ``images`` turned by :func:`_turn`."""
+    _, emb = run_batches(runner, preprocess_batch([_turn(im, kind) for im in images], pre))
+    return emb
+
+
+def _input_scores(
+    image: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig]
+) -> tuple[float, float]:
+    """(out-of-distribution score, upside-down score) of one 2-D image."""
     from inference.preprocess import preprocess
 
+    runner, ood, orientation, pre = checks
     x = preprocess(image, pre)[None, ..., None]
     raw = runner.run(x)
-    return float(ood.scores(raw.embedding, _thumbs(x))[0])
+    return (
+        float(ood.scores(raw.embedding, _thumbs(x))[0]),
+        float(orientation.scores(raw.embedding)[0]),
+    )
 
 
 def _score_image_folder(
-    folder: Any, runner: Any, ood: Any, pre: PreprocessConfig, threshold: float
+    folder: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig], threshold: float
 ) -> dict[str, Any]:
     """Colour check and OOD score of each PNG/JPEG under ``folder``, all of them images that
     are not chest radiographs (informational: nothing is chosen on them)."""
@@ -362,20 +456,23 @@ def _score_image_folder(
             continue
         if image.ndim != 2:
             continue
-        score = _ood_score(image, runner, ood, pre)
+        score, turned = _input_scores(image, checks)
         colour = colour_decline_reason_of_file(path.read_bytes())
         out[path.name] = {
             "ood_score": score,
             "colour_reason": colour,
-            "declined": bool(colour is not None or score > threshold),
+            "declined": bool(
+                colour is not None or score > threshold or turned > checks[2].threshold
+            ),
         }
     return out
 
 
 def _score_dicom_folder(
-    folder: Any, runner: Any, ood: Any, pre: PreprocessConfig, threshold: float
+    folder: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig], threshold: float
 ) -> dict[str, Any]:
-    """OOD score and header decision of each DICOM file under ``folder`` (informational)."""
+    """Image-based scores and header decision of each DICOM file under ``folder``
+    (informational)."""
     if not folder:
         return {}
     import pydicom
@@ -386,10 +483,12 @@ def _score_dicom_folder(
     out: dict[str, Any] = {}
     for path in sorted(Path(folder).rglob("*.dcm")):
         ds = pydicom.dcmread(path)
-        score = _ood_score(dicom_to_image(ds).image, runner, ood, pre)
+        score, turned = _input_scores(dicom_to_image(ds).image, checks)
         out[path.name] = {
             "ood_score": score,
             "ood_declined": score > threshold,
+            "upside_down_score": turned,
+            "upside_down_declined": turned > checks[2].threshold,
             "header_reason": header_decline_reason(ds),
         }
     return out

@@ -190,7 +190,7 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "AUC 0.959 and specificity 0.73 on the official test split: expect the held-out figures",
         "to be lower than these, mostly in specificity.",
         "",
-        "## Input check (out-of-distribution score)",
+        "## Input checks (out-of-distribution score, upside-down films)",
         "Score = mean of several distances from the training images, each divided by its 99th",
         "percentile on validation: Mahalanobis distances of the pooled features of five middle",
         "blocks of the network, and the whitened and residual PCA distances of the 32x32",
@@ -199,20 +199,26 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         f"Validation chest images declined: {ood['validation_clean_declined']:.2%} clean, "
         f"{ood['validation_declined']:.2%} clean + shifted.",
         "",
-        "| synthetic input | n | declined | median score |",
-        "| --- | --- | --- | --- |",
+        *_orientation(ood.get("orientation")),
+        "| synthetic input | n | declined by the score | declined by either check | median score |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for kind, m in ood["synthetic"].items():
-        lines.append(f"| {kind} | {m['n']} | {m['declined']:.0%} | {m['median_score']:.2f} |")
+        by_score = m.get("declined_by_score", m["declined"])
+        lines.append(
+            f"| {kind} | {m['n']} | {by_score:.0%} | {m['declined']:.0%} | "
+            f"{m['median_score']:.2f} |"
+        )
     if ood.get("dicom_files"):
         lines += [
             "",
-            "| DICOM file | OOD score | declined by score | header rule |",
-            "| --- | --- | --- | --- |",
+            "| DICOM file | OOD score | declined by score | upside-down score | header rule |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for name, m in ood["dicom_files"].items():
+            turned = m.get("upside_down_score", float("nan"))
             lines.append(
-                f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | "
+                f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | {turned:.2f} | "
                 f"{m['header_reason'] or '-'} |"
             )
     if ood.get("image_files"):
@@ -260,3 +266,42 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
     path = folder / "model_card.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _orientation(o: dict[str, Any] | None) -> list[str]:
+    """The upside-down check's paragraph of the input-check section."""
+    if not o:
+        return []
+    up, by_score, either, turned = (
+        o["upright_declined_by_orientation"],
+        o["upright_declined_by_score"],
+        o["upright_declined_by_either"],
+        o["turned_declined_by_either"],
+    )
+    normal_p = o["turned_normals_mean_probability"]
+    return [
+        "Upside-down films: a chest film turned over is still a chest to that score, but the",
+        "model would call nearly every such normal film pneumonia (validation normals' mean",
+        f"probability {normal_p['upside_down']:.3f} upside down, {normal_p['rot180']:.3f} "
+        f"turned by 180 degrees, against {o['upright_normals_mean_probability']:.3f} upright).",
+        "A Fisher discriminant on the same pooled features, between the training films upright",
+        "(and mirrored) and the same films turned over, declines above "
+        f"{o['threshold']:.3f} ({o['rule']}).",
+        "",
+        "| validation films | declined by the score | by the upside-down check | by either |",
+        "| --- | --- | --- | --- |",
+        f"| upright, clean | {by_score['clean']:.2%} | {up['clean']:.2%} | {either['clean']:.2%} |",
+        f"| upright, clean and every shifted copy | {by_score['clean_and_shifted']:.2%} | "
+        f"{up['clean_and_shifted']:.2%} | {either['clean_and_shifted']:.2%} |",
+        f"| upside down, clean | | | {turned['upside_down']:.2%} |",
+        f"| turned by 180 degrees, clean | | | {turned['rot180']:.2%} |",
+        f"| upside down, every shifted copy | | | {turned['upside_down_shifted']:.2%} |",
+        "",
+        "(The score's threshold is set on clean films plus one shifted copy of each, where it",
+        "declines the share given above; pooled over all shifted copies, zoomed-out and",
+        "brightened films push its share higher.)",
+        "",
+        "A DICOM header whose Patient Orientation puts the head at the bottom is declined by",
+        "the header rules before any of this.",
+        "",
+    ]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from inference.artifact import ArtifactError, ArtifactMeta, read_meta, write_meta
-from inference.input_check import fit_ood, thumbnail
-from inference.predictor import Predictor
+from inference.input_check import OrientationModel, fit_ood, fit_orientation, thumbnail
+from inference.predictor import UPSIDE_DOWN_REASON, Predictor
 from inference.preprocess import PreprocessConfig, preprocess
 from tests.inference.dicom_synth import make_dataset
 
@@ -50,8 +50,13 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dims = tuple(ood_layer_dims(build_model("cnn-s", SIZE, seed=1)))
     ood = fit_ood(raw.embedding, labels, thumbs, raw.embedding, thumbs, layer_dims=dims)
     ood.save(folder / "ood.npz")
-    # A generous threshold: the tiny untrained model must not decline the fixture chests.
+    turned = np.stack([preprocess(i[::-1], pre) for i in images])[..., None]
+    turned_emb = ModelRunner(folder, meta, backend="keras").run(turned).embedding
+    orientation = fit_orientation(raw.embedding, turned_emb, raw.embedding)
+    # Generous thresholds: the tiny untrained model must not decline the fixture chests.
     from dataclasses import replace
+
+    replace(orientation, threshold=1e6).save(folder / "orientation.npz")
 
     write_meta(folder, replace(meta, ood_threshold=1e6))
     return folder
@@ -113,6 +118,23 @@ def test_ood_decline_gives_no_number(artifact: Path, tmp_path: Path) -> None:
     assert p.probability is None and p.present is None and p.heatmap_png is None
     assert p.declined_reason is not None and "out of distribution" in p.declined_reason
     assert p.ood_score is not None
+
+
+def test_upside_down_decline_gives_no_number(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    copy = tmp_path / "u"
+    shutil.copytree(artifact, copy)
+    strict = replace(OrientationModel.load(copy / "orientation.npz"), threshold=-1e6)
+    strict.save(copy / "orientation.npz")
+    # The upside-down check is part of the content hash: changed, it fails until re-signed.
+    with pytest.raises(ArtifactError, match="hash"):
+        Predictor.load(copy)
+    write_meta(copy, read_meta(copy, verify=False))
+    p = Predictor.load(copy).predict_array(fixture_image())
+    assert p.probability is None and p.present is None and p.heatmap_png is None
+    assert p.declined_reason is not None and p.declined_reason.startswith(UPSIDE_DOWN_REASON)
 
 
 def test_tampered_weights_fail_hash_check(artifact: Path, tmp_path: Path) -> None:

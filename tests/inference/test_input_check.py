@@ -1,4 +1,4 @@
-"""Header rules and the out-of-distribution model (pure numpy parts)."""
+"""Header rules, the out-of-distribution model and the upside-down check (pure numpy parts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from inference.input_check import OODModel, fit_ood, header_decline_reason
+from inference.input_check import (
+    OODModel,
+    OrientationModel,
+    fit_ood,
+    fit_orientation,
+    header_decline_reason,
+)
 from tests.inference.dicom_synth import make_dataset
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
@@ -40,6 +46,13 @@ def test_lateral_from_description_or_orientation() -> None:
     assert header_decline_reason(chest(ViewPosition="", SeriesDescription="CHEST LAT")) is not None
     assert header_decline_reason(chest(ViewPosition="", PatientOrientation=["A", "F"])) is not None
     assert header_decline_reason(chest(PatientOrientation=["L", "F"])) is None
+
+
+@pytest.mark.parametrize("orientation", [["L", "H"], ["R", "H"], ["L", "HR"]])
+def test_upside_down_by_patient_orientation(orientation: list[str]) -> None:
+    # Columns running towards the head: the head is at the bottom of the image.
+    reason = header_decline_reason(chest(PatientOrientation=orientation))
+    assert reason is not None and "upside down" in reason
 
 
 def test_view_code_sequence_lateral() -> None:
@@ -137,6 +150,45 @@ def test_ood_save_load_round_trip(tmp_path: Path) -> None:
     model.save(tmp_path / "ood.npz")
     loaded = OODModel.load(tmp_path / "ood.npz")
     np.testing.assert_allclose(loaded.scores(emb, thumbs), model.scores(emb, thumbs), rtol=1e-5)
+
+
+def _orientation_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Upright and turned embeddings that differ along one direction, amid larger noise."""
+    rng = np.random.default_rng(2)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+
+    def cloud(n: int, sign: float) -> np.ndarray:
+        return rng.normal(scale=2.0, size=(n, 16)) + sign * 5.0 * direction
+
+    return cloud(500, -1), cloud(500, 1), cloud(300, -1), cloud(300, 1)
+
+
+def test_orientation_model_separates_and_scales() -> None:
+    up, turned, val_up, val_turned = _orientation_data()
+    model = fit_orientation(up, turned, val_up)
+    # Scaled so that the upright training mean is -1 and the turned-over mean +1.
+    assert float(np.mean(model.scores(up))) == pytest.approx(-1.0, abs=1e-9)
+    assert float(np.mean(model.scores(turned))) == pytest.approx(1.0, abs=1e-9)
+    # The threshold is the 99.9th percentile of the upright validation scores.
+    assert model.threshold == pytest.approx(float(np.percentile(model.scores(val_up), 99.9)))
+    assert np.mean(model.scores(val_up) > model.threshold) <= 1 / 300
+    assert np.mean(model.scores(val_turned) > model.threshold) > 0.9
+
+
+def test_orientation_model_refuses_features_that_do_not_separate() -> None:
+    up, _, val_up, _ = _orientation_data()
+    with pytest.raises(ValueError):
+        fit_orientation(up, up, val_up)
+
+
+def test_orientation_save_load_round_trip(tmp_path: Path) -> None:
+    up, turned, val_up, val_turned = _orientation_data()
+    model = fit_orientation(up, turned, val_up)
+    model.save(tmp_path / "orientation.npz")
+    loaded = OrientationModel.load(tmp_path / "orientation.npz")
+    assert loaded.threshold == model.threshold
+    np.testing.assert_allclose(loaded.scores(val_turned), model.scores(val_turned))
 
 
 def test_colour_images_are_declined_and_gray_ones_pass(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_artifact_is_small_and_complete() -> None:
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
     # The issue asks for well under 50 MB: five members of 5.5 MB (Keras + TFLite) each.
     assert total < 32 * 1024 * 1024
-    for name in ("model.json", "model_card.md", "ood.npz"):
+    for name in ("model.json", "model_card.md", "ood.npz", "orientation.npz"):
         assert (DEFAULT_MODEL_DIR / name).exists()
 
 
@@ -45,6 +45,14 @@ def test_fixture_chests_get_a_result_and_rank_sensibly(predictor: Predictor) -> 
     labels = np.array([1 if "PNEUMONIA" in str(p) else 0 for p in paths])
     probs = np.array([p.probability for p in preds], dtype=float)
     assert probs[labels == 1].mean() > probs[labels == 0].mean()
+
+
+def test_chests_turned_over_are_declined(predictor: Predictor) -> None:
+    # Without the upside-down check the model calls nearly every such normal film pneumonia.
+    images = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted(IMAGES.rglob("*.jpeg"))]
+    for turned in ([i[::-1] for i in images], [i[::-1, ::-1] for i in images]):
+        preds = predictor.predict_arrays([np.ascontiguousarray(t) for t in turned])
+        assert all(p.probability is None for p in preds), [p.declined_reason for p in preds]
 
 
 def test_synthetic_non_chest_images_are_declined(predictor: Predictor) -> None:
@@ -68,6 +76,9 @@ def test_real_dicoms(predictor: Predictor) -> None:
         pixels_only = predictor.predict_array(dicom_to_image(ds).image, heatmap=False)
         if path.name.startswith(("RG1_", "nih_cxr_")):
             assert pred.probability is not None, (path.name, pred.declined_reason)
+            # Turned upside down, the same adult films are declined by their pixels alone.
+            turned = np.ascontiguousarray(dicom_to_image(ds).image[::-1])
+            assert predictor.predict_array(turned, heatmap=False).probability is None, path.name
         else:  # RG3 tibia, dog lateral thorax: declined by the header rules...
             assert pred.probability is None, path.name
             # ...and by their pixels alone (the dog's score is close: see the model card).

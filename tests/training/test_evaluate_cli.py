@@ -50,3 +50,31 @@ def test_evaluate_on_a_folder_without_classes_is_a_clear_error(tmp_path: Path) -
     assert result.exit_code == 2
     assert "error:" in result.output and "NORMAL" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_names_the_films_the_gateway_would_decline(tmp_path: Path) -> None:
+    import csv
+
+    import cv2
+
+    data = tmp_path / "heldout"
+    shutil.copytree(FIXTURES, data)
+    turned = []
+    for image in sorted(data.glob("NORMAL/*.jpeg"))[:4]:
+        upside_down = image.with_name(f"{image.stem}-upside-down.jpeg")
+        cv2.imwrite(str(upside_down), cv2.imread(str(image))[::-1])
+        turned.append(f"NORMAL/{upside_down.name}")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app(), ["evaluate", "--data", str(data), "--out", str(out), "--n-boot", "20"]
+    )
+    assert result.exit_code == 0, result.output
+    with (out / "predictions.csv").open() as f:
+        declined = {row["file"]: row["declined"] for row in csv.DictReader(f)}
+    assert len(declined) == 24
+    # Every film is scored; the turned ones are named with the reason the gateway would give.
+    assert {name for name, why in declined.items() if why} == set(turned)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 24
+    by_check = metrics["ood_declined"]["count"] + metrics["upside_down_declined"]["count"]
+    assert by_check == 4
