@@ -254,6 +254,8 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         "- The input check is a distance from the training images: unusual but valid chest films",
         "  (adults, devices) score higher and may be declined; some non-chest images close to the",
         "  training appearance may pass. Header rules (view, body part, modality) run first.",
+        "- Not caught by the input checks, and over-called: films cut to their upper or lower",
+        "  half, and text written across the lungs (`benchmarks/input_alterations.py`).",
         "",
         "## How to retrain",
         "```",
