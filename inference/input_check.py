@@ -38,6 +38,9 @@ SC_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
     "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
 }
+# Raw detector data meant for further processing, not for display; the model learnt from
+# processed (For Presentation) films. A device that sends both gets its result from the other.
+FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray, For Processing
 CHEST_BODY_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP"}
 NON_FRONTAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO"}
 MIN_SIDE = 128
@@ -73,7 +76,8 @@ def header_decline_reason(ds: Any) -> str | None:
     """Why a DICOM image should not go to the model, or None if its header looks like a frontal
     chest radiograph. Pure function of the header: works on a dataset read with
     ``stop_before_pixels=True``. Checked in this order: image, modality (CR/DX; SC exports with
-    OT/empty modality pass to the pixel check), species and veterinary words, body part
+    OT/empty modality pass to the pixel check), For Processing (raw) images, species and
+    veterinary words, body part
     (CHEST/THORAX/empty), view (ViewPosition, descriptions, ViewCodeSequence, patient
     orientation: lateral, or upside down), frame count, minimum size."""
     if "Rows" not in ds or "Columns" not in ds:
@@ -85,6 +89,9 @@ def header_decline_reason(ds: Any) -> str | None:
         modality in SC_MODALITIES and sop_class in SC_SOP_CLASSES
     ):
         return f"modality {modality or 'missing'} is not a radiograph (CR/DX)"
+    intent = str(getattr(ds, "PresentationIntentType", "") or "").strip().upper()
+    if intent == "FOR PROCESSING" or sop_class in FOR_PROCESSING_SOP_CLASSES:
+        return "a For Processing image (raw detector data): the model reads For Presentation images"
     species = str(getattr(ds, "PatientSpeciesDescription", "") or "").strip().lower()
     if species and species not in ("homo sapiens", "human"):
         return f"patient species is {species}"

@@ -55,6 +55,15 @@ def test_upside_down_by_patient_orientation(orientation: list[str]) -> None:
     assert reason is not None and "upside down" in reason
 
 
+def test_for_processing_images_declined() -> None:
+    raw = chest(modality="DX", SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1.1")
+    assert "For Processing" in (header_decline_reason(raw) or "")
+    intent = chest(modality="DX", PresentationIntentType="FOR PROCESSING")
+    assert "For Processing" in (header_decline_reason(intent) or "")
+    shown = chest(modality="DX", PresentationIntentType="FOR PRESENTATION")
+    assert header_decline_reason(shown) is None
+
+
 def test_view_code_sequence_lateral() -> None:
     item = Dataset()
     item.CodeValue = "R-10236"
