@@ -77,9 +77,9 @@ def header_decline_reason(ds: Any) -> str | None:
     chest radiograph. Pure function of the header: works on a dataset read with
     ``stop_before_pixels=True``. Checked in this order: image, modality (CR/DX; SC exports with
     OT/empty modality pass to the pixel check), For Processing (raw) images, species and
-    veterinary words, body part
-    (CHEST/THORAX/empty), view (ViewPosition, descriptions, ViewCodeSequence, patient
-    orientation: lateral, or upside down), frame count, minimum size."""
+    veterinary words, body part (CHEST/THORAX/empty), view (ViewPosition, descriptions,
+    ViewCodeSequence, patient orientation: lateral, or upside down), frame count, minimum
+    size."""
     if "Rows" not in ds or "Columns" not in ds:
         # Checked on Rows/Columns so that a header read with stop_before_pixels works too.
         return "not an image (no Rows/Columns)"
@@ -370,3 +370,27 @@ def fit_orientation(
     draft = OrientationModel(weights, offset, 0.0)
     threshold = float(np.percentile(draft.scores(val_upright_emb), quantile))
     return OrientationModel(weights, offset, threshold)
+
+
+# How the image-based checks' decline reasons begin (the header rules have their own).
+OOD_REASON = "out of distribution"
+UPSIDE_DOWN_REASON = "the image looks upside down"
+
+
+def decline_reasons(
+    ood_scores: F, upside_down_scores: F, ood_threshold: float, upside_down_threshold: float
+) -> list[str | None]:
+    """Per image, why the image-based checks decline it (None: accepted). The OOD score goes
+    first: an image that is not a chest film is not said to be upside down."""
+    reasons: list[str | None] = []
+    for score, turned in zip(ood_scores, upside_down_scores, strict=True):
+        if score > ood_threshold:
+            reasons.append(f"{OOD_REASON} (score {score:.2f} > {ood_threshold:.2f})")
+        elif turned > upside_down_threshold:
+            reasons.append(
+                f"{UPSIDE_DOWN_REASON} (orientation score {turned:.2f} > "
+                f"{upside_down_threshold:.2f}): check its orientation"
+            )
+        else:
+            reasons.append(None)
+    return reasons

@@ -27,6 +27,7 @@ from inference.heatmap import overlay_png
 from inference.input_check import (
     OODModel,
     OrientationModel,
+    decline_reasons,
     header_decline_reason,
     thumbnail,
 )
@@ -39,11 +40,6 @@ def default_model_dir() -> Path:
     """``$CXR_MODEL_DIR`` if set, else the model shipped in the repository's models/."""
     env = os.environ.get("CXR_MODEL_DIR", "")
     return Path(env) if env else DEFAULT_MODEL_DIR
-
-
-# How the image-based input checks' decline reasons begin (the header rules have their own).
-OOD_REASON = "out of distribution"
-UPSIDE_DOWN_REASON = "the image looks upside down"
 
 
 @dataclass(frozen=True)
@@ -116,20 +112,8 @@ class Predictor:
         """OOD scores, and per image why the image-based checks decline it (None: accepted)."""
         ood = self.ood.scores(embedding, thumbs)
         turned = self.orientation.scores(embedding)
-        reasons: list[str | None] = []
-        for score, t in zip(ood, turned, strict=True):
-            if score > self.meta.ood_threshold:
-                limit = self.meta.ood_threshold
-                reasons.append(f"{OOD_REASON} (score {score:.2f} > {limit:.2f})")
-            elif t > self.orientation.threshold:
-                limit = self.orientation.threshold
-                reasons.append(
-                    f"{UPSIDE_DOWN_REASON} (orientation score {t:.2f} > {limit:.2f}): "
-                    "check its orientation"
-                )
-            else:
-                reasons.append(None)
-        return ood, reasons
+        limits = (self.meta.ood_threshold, self.orientation.threshold)
+        return ood, decline_reasons(ood, turned, *limits)
 
     def predict_arrays(
         self, images: list[npt.NDArray[Any]], *, heatmap: bool = False

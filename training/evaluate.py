@@ -10,8 +10,12 @@ from typing import Any
 import numpy as np
 
 from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_file
-from inference.input_check import colour_decline_reason_of_file, thumbnail
-from inference.predictor import UPSIDE_DOWN_REASON, Predictor
+from inference.input_check import (
+    UPSIDE_DOWN_REASON,
+    colour_decline_reason_of_file,
+    thumbnail,
+)
+from inference.predictor import Predictor
 from inference.preprocess import preprocess
 from training.data import DataError, list_samples
 from training.report import write_report

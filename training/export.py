@@ -13,7 +13,14 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.artifact import ArtifactMeta, write_meta
-from inference.input_check import OODModel, OrientationModel, fit_ood, fit_orientation, thumbnail
+from inference.input_check import (
+    OODModel,
+    OrientationModel,
+    decline_reasons,
+    fit_ood,
+    fit_orientation,
+    thumbnail,
+)
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, stress
 from training.calibration import (
@@ -201,9 +208,10 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
 
     def declined(emb: npt.NDArray[Any], thumbs: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
         """What the gateway's image-based checks decline (either of them)."""
-        return (ood.scores(emb, thumbs) > ood_threshold) | (
-            orientation.scores(emb) > orientation.threshold
+        reasons = decline_reasons(
+            ood.scores(emb, thumbs), orientation.scores(emb), ood_threshold, orientation.threshold
         )
+        return np.array([r is not None for r in reasons], dtype=bool)
 
     val_upright_thumbs = np.concatenate(
         [_thumbs(prep.val_x), *(stress_thumbs[n] for n in STRESS_NAMES)]

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from inference.artifact import ArtifactError, ArtifactMeta, read_meta, write_meta
-from inference.input_check import OrientationModel, fit_ood, fit_orientation, thumbnail
-from inference.predictor import UPSIDE_DOWN_REASON, Predictor
+from inference.input_check import (
+    UPSIDE_DOWN_REASON,
+    OrientationModel,
+    fit_ood,
+    fit_orientation,
+    thumbnail,
+)
+from inference.predictor import Predictor
 from inference.preprocess import PreprocessConfig, preprocess
 from tests.inference.dicom_synth import make_dataset
 

@@ -51,6 +51,11 @@ def test_train_evaluate_predict(tmp_path: Path) -> None:
     assert summary["reweighted"] and "reweighted to the data's mix" in meta["threshold_rule"]
     assert min(summary["reweighted_sensitivity"].values()) >= 0.95
     assert "Reweighted sensitivity" in (artifact / "model_card.md").read_text()
+    # The upside-down check is fitted and reported by every training run.
+    orientation = summary["ood"]["orientation"]
+    assert (artifact / "orientation.npz").exists()
+    assert orientation["upright_declined_by_orientation"]["clean_and_shifted"] < 0.02
+    assert "Upside-down films" in (artifact / "model_card.md").read_text()
     split = json.loads((out / "split.json").read_text())
     assert split["train"] and split["val"]
 
