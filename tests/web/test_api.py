@@ -601,3 +601,22 @@ def test_login_throttling_is_configurable(make_settings: Callable[..., Settings]
     body = {"current_password": "not-the-password", "new_password": "whatever-it-is-now"}
     codes = [client.post("/api/session/password", json=body).status_code for _ in range(3)]
     assert codes == [400, 400, 429]
+
+
+def test_upload_of_an_upside_down_chest_gives_no_result_with_the_reason(api: Api) -> None:
+    import cv2
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany" / "NORMAL"
+    image = cv2.imread(str(sorted(fixture.glob("*.jpeg"))[0]), cv2.IMREAD_GRAYSCALE)
+    clinician = api("clinician")
+    for name, pixels in (("upright.jpg", image), ("turned.jpg", image[::-1])):
+        ok, encoded = cv2.imencode(".jpg", pixels)
+        assert ok
+        r = clinician.post("/api/predict", files={"file": (name, encoded.tobytes())})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if name == "upright.jpg":
+            assert body["probability"] is not None and body["declined_reason"] is None
+        else:  # without the upside-down check, this normal film was called pneumonia
+            assert body["result"] == "no result" and body["probability"] is None
+            assert "upside down" in body["declined_reason"]
