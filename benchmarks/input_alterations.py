@@ -27,10 +27,11 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from inference.input_check import thumbnail
 from inference.predictor import Predictor
 from inference.preprocess import preprocess_batch
 from training.data import list_samples, load_images
-from training.export import _thumbs, run_batches
+from training.export import run_batches
 from training.metrics import roc_auc
 
 Image = npt.NDArray[Any]
@@ -104,7 +105,7 @@ def main() -> None:
     for name, alter in ALTERATIONS.items():
         x = preprocess_batch([np.ascontiguousarray(alter(a)) for a in images], meta.preprocess)
         logit, emb = run_batches(predictor.runner, x)
-        _, reasons = predictor.input_check(emb, _thumbs(x))
+        _, reasons = predictor.input_check(emb, np.stack([thumbnail(v[..., 0]) for v in x]))
         p = meta.probability(logit)
         accepted = np.array([r is None for r in reasons])
         pos, neg = accepted & (y == 1), accepted & (y == 0)

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,31 +207,27 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     )
     orientation.save(art / "orientation.npz")
 
-    def declined(emb: npt.NDArray[Any], thumbs: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
-        """What the gateway's image-based checks decline (either of them)."""
-        reasons = decline_reasons(
-            ood.scores(emb, thumbs), orientation.scores(emb), ood_threshold, orientation.threshold
-        )
-        return np.array([r is not None for r in reasons], dtype=bool)
-
+    checks = _ImageChecks(runner, pre, ood, ood_threshold, orientation)
     val_upright_thumbs = np.concatenate(
         [_thumbs(prep.val_x), *(stress_thumbs[n] for n in STRESS_NAMES)]
     )
-    upright_declined = declined(val_upright_emb, val_upright_thumbs)
-    upright_by_score = ood.scores(val_upright_emb, val_upright_thumbs) > ood_threshold
+    upright_scores, upright_reasons = checks.decide(val_upright_emb, val_upright_thumbs)
+    upright_declined = _declined(upright_reasons)
+    upright_by_score = upright_scores > ood_threshold
     val_list = list(prep.val_images)
     turned_caught, turned_normal_p = {}, {}
     for kind in ("upside_down", "rot180"):
         xs = preprocess_batch([_turn(im, kind) for im in val_list], pre)
         logit, emb = run_batches(runner, xs)
-        turned_caught[kind] = float(np.mean(declined(emb, _thumbs(xs))))
+        turned_caught[kind] = float(np.mean(_declined(checks.decide(emb, _thumbs(xs))[1])))
         # What the model would say without the check.
         turned_normal_p[kind] = float(np.mean(prob(logit)[y_val == 0]))
     shifted_turned = preprocess_batch(
         [_turn(stress(im, name), "upside_down") for name in STRESS_NAMES for im in val_list], pre
     )
     _, emb = run_batches(runner, shifted_turned)
-    turned_caught["upside_down_shifted"] = float(np.mean(declined(emb, _thumbs(shifted_turned))))
+    _, reasons = checks.decide(emb, _thumbs(shifted_turned))
+    turned_caught["upside_down_shifted"] = float(np.mean(_declined(reasons)))
     n_val = len(y_val)
     orientation_eval = {
         "threshold": orientation.threshold,
@@ -260,8 +257,8 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     neg_kinds, neg_imgs = zip(*negatives(list(prep.val_images)), strict=True)
     neg_x = preprocess_batch(list(neg_imgs), pre)
     _, neg_emb = run_batches(runner, neg_x)
-    neg_score = ood.scores(neg_emb, _thumbs(neg_x))
-    neg_declined = declined(neg_emb, _thumbs(neg_x))
+    neg_score, neg_reasons = checks.decide(neg_emb, _thumbs(neg_x))
+    neg_declined = _declined(neg_reasons)
     ood_eval: dict[str, Any] = {
         "validation_declined": float(np.mean(val_ood > ood_threshold)),
         "validation_clean_declined": float(np.mean(val_ood[: len(y_val)] > ood_threshold)),
@@ -276,13 +273,8 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             "declined": float(np.mean(neg_declined[m])),
             "median_score": float(np.median(neg_score[m])),
         }
-    checks = (runner, ood, orientation, pre)
-    ood_eval["dicom_files"] = _score_dicom_folder(
-        config.extra.get("ood_dicom_dir"), checks, ood_threshold
-    )
-    ood_eval["image_files"] = _score_image_folder(
-        config.extra.get("ood_image_dir"), checks, ood_threshold
-    )
+    ood_eval["dicom_files"] = _score_dicom_folder(config.extra.get("ood_dicom_dir"), checks)
+    ood_eval["image_files"] = _score_image_folder(config.extra.get("ood_image_dir"), checks)
 
     # Validation reports.
     p_val = prob(val_logit)
@@ -429,24 +421,39 @@ def _embed(runner: Any, pre: PreprocessConfig, images: list[Any], kind: str) -> 
     return emb
 
 
-def _input_scores(
-    image: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig]
-) -> tuple[float, float]:
-    """(out-of-distribution score, upside-down score) of one 2-D image."""
-    from inference.preprocess import preprocess
+@dataclass(frozen=True)
+class _ImageChecks:
+    """The fitted image-based input checks, deciding as the gateway does
+    (:func:`inference.input_check.decline_reasons`)."""
 
-    runner, ood, orientation, pre = checks
-    x = preprocess(image, pre)[None, ..., None]
-    raw = runner.run(x)
-    return (
-        float(ood.scores(raw.embedding, _thumbs(x))[0]),
-        float(orientation.scores(raw.embedding)[0]),
-    )
+    runner: Any
+    pre: PreprocessConfig
+    ood: OODModel
+    ood_threshold: float
+    orientation: OrientationModel
+
+    def decide(self, emb: Any, thumbs: Any) -> tuple[Any, list[str | None]]:
+        """(OOD scores, decline reason or None) for a batch of embeddings and thumbnails."""
+        scores = self.ood.scores(emb, thumbs)
+        turned = self.orientation.scores(emb)
+        limits = (self.ood_threshold, self.orientation.threshold)
+        return scores, decline_reasons(scores, turned, *limits)
+
+    def score_image(self, image: Any) -> tuple[float, float, str | None]:
+        """(OOD score, upside-down score, decline reason or None) of one 2-D image."""
+        from inference.preprocess import preprocess
+
+        x = preprocess(image, self.pre)[None, ..., None]
+        emb = self.runner.run(x).embedding
+        scores, reasons = self.decide(emb, _thumbs(x))
+        return float(scores[0]), float(self.orientation.scores(emb)[0]), reasons[0]
 
 
-def _score_image_folder(
-    folder: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig], threshold: float
-) -> dict[str, Any]:
+def _declined(reasons: list[str | None]) -> npt.NDArray[np.bool_]:
+    return np.array([r is not None for r in reasons], dtype=bool)
+
+
+def _score_image_folder(folder: Any, checks: _ImageChecks) -> dict[str, Any]:
     """Colour check and OOD score of each PNG/JPEG under ``folder``, all of them images that
     are not chest radiographs (informational: nothing is chosen on them)."""
     if not folder:
@@ -464,21 +471,17 @@ def _score_image_folder(
             continue
         if image.ndim != 2:
             continue
-        score, turned = _input_scores(image, checks)
+        score, _, reason = checks.score_image(image)
         colour = colour_decline_reason_of_file(path.read_bytes())
         out[path.name] = {
             "ood_score": score,
             "colour_reason": colour,
-            "declined": bool(
-                colour is not None or score > threshold or turned > checks[2].threshold
-            ),
+            "declined": colour is not None or reason is not None,
         }
     return out
 
 
-def _score_dicom_folder(
-    folder: Any, checks: tuple[Any, OODModel, OrientationModel, PreprocessConfig], threshold: float
-) -> dict[str, Any]:
+def _score_dicom_folder(folder: Any, checks: _ImageChecks) -> dict[str, Any]:
     """Image-based scores and header decision of each DICOM file under ``folder``
     (informational)."""
     if not folder:
@@ -491,12 +494,12 @@ def _score_dicom_folder(
     out: dict[str, Any] = {}
     for path in sorted(Path(folder).rglob("*.dcm")):
         ds = pydicom.dcmread(path)
-        score, turned = _input_scores(dicom_to_image(ds).image, checks)
+        score, turned, reason = checks.score_image(dicom_to_image(ds).image)
         out[path.name] = {
             "ood_score": score,
-            "ood_declined": score > threshold,
+            "ood_declined": score > checks.ood_threshold,
             "upside_down_score": turned,
-            "upside_down_declined": turned > checks[2].threshold,
+            "image_decline_reason": reason,
             "header_reason": header_decline_reason(ds),
         }
     return out

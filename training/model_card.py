@@ -199,14 +199,13 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
         f"Validation chest images declined: {ood['validation_clean_declined']:.2%} clean, "
         f"{ood['validation_declined']:.2%} clean + shifted.",
         "",
-        *_orientation(ood.get("orientation")),
+        *_orientation(ood["orientation"]),
         "| synthetic input | n | declined by the score | declined by either check | median score |",
         "| --- | --- | --- | --- | --- |",
     ]
     for kind, m in ood["synthetic"].items():
-        by_score = m.get("declined_by_score", m["declined"])
         lines.append(
-            f"| {kind} | {m['n']} | {by_score:.0%} | {m['declined']:.0%} | "
+            f"| {kind} | {m['n']} | {m['declined_by_score']:.0%} | {m['declined']:.0%} | "
             f"{m['median_score']:.2f} |"
         )
     if ood.get("dicom_files"):
@@ -216,9 +215,9 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
             "| --- | --- | --- | --- | --- |",
         ]
         for name, m in ood["dicom_files"].items():
-            turned = m.get("upside_down_score", float("nan"))
             lines.append(
-                f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | {turned:.2f} | "
+                f"| {name[:40]} | {m['ood_score']:.2f} | {m['ood_declined']} | "
+                f"{m['upside_down_score']:.2f} | "
                 f"{m['header_reason'] or '-'} |"
             )
     if ood.get("image_files"):
@@ -270,10 +269,8 @@ def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) 
     return path
 
 
-def _orientation(o: dict[str, Any] | None) -> list[str]:
+def _orientation(o: dict[str, Any]) -> list[str]:
     """The upside-down check's paragraph of the input-check section."""
-    if not o:
-        return []
     up, by_score, either, turned = (
         o["upright_declined_by_orientation"],
         o["upright_declined_by_score"],
