@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     dicom_bind: str = "127.0.0.1"
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1, le=256)
+    # Open connections from one remote address; more are closed at accept, before any read.
+    max_associations_per_host: int = Field(default=8, ge=1, le=256)
+    # A connection must deliver its whole A-ASSOCIATE-RQ within this time, or it is closed.
+    association_request_seconds: float = Field(default=10.0, gt=0, le=300)
     max_pdu_bytes: int = Field(default=0, ge=0)  # 0 = unlimited (fastest for large images)
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -102,6 +106,9 @@ class Settings(BaseSettings):
     spool_min_free_mb: int = Field(default=200, ge=0)
     max_instance_mb: int = Field(default=256, ge=1)
     max_instances_per_study: int = Field(default=2000, ge=1)
+    # Rows x Columns x frames x samples, read from the header and checked before any decode
+    # (listener, worker, thumbnails, uploads).
+    max_image_pixels: int = Field(default=50_000_000, ge=1_000_000)
 
     # Database and queue
     database_url: str | None = None  # default: SQLite in DATA_DIR
