@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -33,6 +31,13 @@ from gateway.spool import (
     SpoolFull,
     is_valid_uid,
     sha256_of_file,
+)
+from inference.bounded_read import (
+    DEFAULT_MAX_PIXELS,
+    InputTooLarge,
+    check_pixel_count,
+    parse_dataset,
+    read_dicom_file,
 )
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,64 @@ class Peer:
 
 @dataclass(frozen=True)
 class Limits:
-    max_instance_bytes: int
-    max_instances_per_study: int
+    max_instance_bytes: int  # of the dataset as decoded (inflated, for a deflated one)
+    max_instances_per_study: int  # over all versions of the study
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # rows x columns x frames x samples
+
+
+@dataclass(frozen=True)
+class RequestedInstance:
+    """The SOP class and instance named in the C-STORE request's command set."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def decode_received(body: Buffer, transfer_syntax: str, *, max_bytes: int) -> Dataset:
+    """Decode a received dataset in its negotiated transfer syntax, with every size bounded
+    (a deflated dataset is inflated in steps, never past ``max_bytes``), and check that it is
+    really encoded that way. Raises IngestError with the status to answer."""
+    try:
+        ds = parse_dataset(body, transfer_syntax, max_bytes=max_bytes)
+    except InputTooLarge as exc:
+        raise IngestError(str(exc), status=OUT_OF_RESOURCES, reason=exc.reason) from exc
+    except Exception as exc:  # pydicom raises many types for malformed data
+        raise IngestError(
+            f"cannot decode dataset: {type(exc).__name__}",
+            status=CANNOT_UNDERSTAND,
+            reason="undecodable",
+        ) from exc
+    problem = _encoding_problem(ds, body, UID(transfer_syntax))
+    if problem:
+        raise IngestError(
+            problem,
+            status=CANNOT_UNDERSTAND,
+            reason="transfer_syntax_mismatch",
+            study_uid=str(ds.get("StudyInstanceUID", "")),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        )
+    return ds
+
+
+def _encoding_problem(ds: Dataset, body: Buffer, syntax: UID) -> str:
+    """Why the bytes are not in the negotiated transfer syntax, or "" if they are."""
+    implicit, _little = ds.original_encoding
+    if syntax.is_transfer_syntax and implicit is not None and implicit != syntax.is_implicit_VR:
+        found = "implicit" if implicit else "explicit"
+        return f"dataset is encoded with {found} VR, the negotiated transfer syntax is {syntax}"
+    head = bytes(memoryview(body)[:2])
+    if len(head) == 2 and not syntax.is_deflated:
+        # The first tag's group (0008 or so) is small in the right byte order, large in the other.
+        little, big = int.from_bytes(head, "little"), int.from_bytes(head, "big")
+        if (little > big) == syntax.is_little_endian:
+            order = "big" if syntax.is_little_endian else "little"
+            return f"dataset is {order} endian, the negotiated transfer syntax is {syntax}"
+    if "PixelData" in ds:
+        encapsulated = bool(ds["PixelData"].is_undefined_length)
+        if encapsulated != syntax.is_encapsulated:
+            found = "encapsulated" if encapsulated else "native"
+            return f"Pixel Data is {found}, the negotiated transfer syntax is {syntax}"
+    return ""
 
 
 class Ingestor:
@@ -78,14 +139,23 @@ class Ingestor:
         self.limits = limits
 
     def store(
-        self, *, peer: Peer, dataset: Dataset, file_parts: Sequence[Buffer], transfer_syntax: str
+        self,
+        *,
+        peer: Peer,
+        dataset: Dataset,
+        file_parts: Sequence[Buffer],
+        transfer_syntax: str,
+        requested: RequestedInstance | None = None,
     ) -> int:
         """Handle one C-STORE whose dataset decoded; return the status to send back.
 
-        ``file_parts`` concatenated are the file to spool (preamble, meta, dataset as sent)."""
+        ``file_parts`` concatenated are the file to spool (preamble, meta, dataset as sent);
+        ``requested`` is what the command set named, which the dataset must match."""
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         try:
+            if requested is not None:
+                _check_request_matches(dataset, requested)
             self._check(dataset, sum(len(part) for part in file_parts), transfer_syntax)
             return self._store_checked(peer, dataset, file_parts, transfer_syntax)
         except IngestError as exc:
@@ -126,6 +196,12 @@ class Ingestor:
                 raise fail(DATASET_DOES_NOT_MATCH, "missing_uid", f"{keyword} missing or invalid")
         if "PixelData" not in ds:
             raise fail(DATASET_DOES_NOT_MATCH, "no_pixel_data", "no Pixel Data")
+        try:
+            check_pixel_count(ds, self.limits.max_image_pixels)
+        except InputTooLarge as exc:
+            raise fail(OUT_OF_RESOURCES, exc.reason, str(exc)) from exc
+        except ValueError:
+            pass  # reported below as an incomplete image pixel module
         problem = _pixel_data_problem(ds, transfer_syntax)
         if problem:
             raise fail(DATASET_DOES_NOT_MATCH, "bad_pixel_data", problem)
@@ -271,7 +347,11 @@ class Ingestor:
     def _recover_file(self, path: Path) -> bool:
         peer = Peer(ae_title=RECOVERY_ACTOR, address="")
         try:
-            ds = dcmread(path)
+            ds = read_dicom_file(
+                path,
+                max_bytes=self.limits.max_instance_bytes,
+                max_pixels=self.limits.max_image_pixels,
+            )
             transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
             size = path.stat().st_size
             self._check(ds, size, transfer_syntax)
@@ -283,7 +363,14 @@ class Ingestor:
                     study_uid=str(ds.StudyInstanceUID),
                     sop_instance_uid=str(ds.SOPInstanceUID),
                 )
-        except (InvalidDicomError, OSError, AttributeError, ValueError) as exc:
+        except (
+            OSError,
+            AttributeError,
+            ValueError,
+            KeyError,
+            EOFError,
+            NotImplementedError,
+        ) as exc:
             self.spool.quarantine(path)
             self.audit_failure(
                 peer,
@@ -346,7 +433,7 @@ class Ingestor:
             )
             return True
 
-    def audit_failure(self, peer: Peer, exc: IngestError) -> None:
+    def audit_failure(self, peer: Peer, exc: IngestError, *, sop_class: str = "") -> None:
         """Record a refused instance. Best effort: the database may be what failed."""
         log.warning(
             "instance %s refused: %s (status 0x%04X)",
@@ -368,10 +455,29 @@ class Ingestor:
                         "reason": exc.reason,
                         "status": f"0x{exc.status:04X}",
                         "message": str(exc)[:500],
+                        **({"sop_class": sop_class} if sop_class else {}),
                     },
                 )
         except SQLAlchemyError as db_exc:
             log.error("could not audit a refused instance: %s", type(db_exc).__name__)
+
+
+def _check_request_matches(ds: Dataset, requested: RequestedInstance) -> None:
+    """The command set's Affected SOP Class/Instance UIDs must be the dataset's (PS3.4 B.2.3):
+    acknowledging one UID while keeping another would mislead the sender's bookkeeping."""
+    for keyword, named in (
+        ("SOPInstanceUID", requested.sop_instance_uid),
+        ("SOPClassUID", requested.sop_class_uid),
+    ):
+        value = str(ds.get(keyword, ""))
+        if named and value != named:
+            raise IngestError(
+                f"the request names {keyword} {named}, the dataset has {value or 'none'}",
+                status=DATASET_DOES_NOT_MATCH,
+                reason="request_uid_mismatch",
+                study_uid=str(ds.get("StudyInstanceUID", "")),
+                sop_instance_uid=named if keyword == "SOPInstanceUID" else value,
+            )
 
 
 def _pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str:

@@ -7,7 +7,9 @@ association runs in its own thread; a handler always answers with a status and n
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -40,7 +42,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
 from gateway.db.session import transaction
-from gateway.ingest import CANNOT_UNDERSTAND, SUCCESS, Ingestor, Peer
+from gateway.errors import IngestError
+from gateway.ingest import SUCCESS, Ingestor, Peer, RequestedInstance, decode_received
 from gateway.settings import AllowedPeer, Settings
 
 log = logging.getLogger(__name__)
@@ -79,7 +82,7 @@ def make_peer_policy(settings: Settings) -> PeerPolicy:
     def policy(calling_ae: str, called_ae: str, address: str) -> str | None:
         if called_ae.strip() != our_ae:
             return "called_ae_not_recognised"
-        loopback = address in ("127.0.0.1", "::1") or address.startswith("127.")
+        loopback = _is_loopback(address)
         if calling_ae.strip() == our_ae and loopback:
             return None  # our own health check (`cxr-gateway check --dicom`)
         if allowed:
@@ -93,15 +96,64 @@ def make_peer_policy(settings: Settings) -> PeerPolicy:
     return policy
 
 
+class ConnectionGate:
+    """Decides at accept time, before a byte is read, whether a connection may proceed: its
+    address must be one an allowed peer may use (any AE title), and that address may hold at
+    most ``per_host`` connections at once, so one host cannot take every association slot."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._allowed = list(settings.allowed_peers)
+        self._per_host = settings.max_associations_per_host
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, address: str) -> str | None:
+        """Count the connection in and return None, or return why it is refused."""
+        if not self._host_allowed(address):
+            return "calling_host_not_allowed"
+        with self._lock:
+            if self._open.get(address, 0) >= self._per_host:
+                return "too_many_connections_from_host"
+            self._open[address] = self._open.get(address, 0) + 1
+        return None
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            left = self._open.get(address, 0) - 1
+            if left > 0:
+                self._open[address] = left
+            else:
+                self._open.pop(address, None)
+
+    def _host_allowed(self, address: str) -> bool:
+        if not self._allowed:
+            return _is_loopback(address)  # the embedded default: loopback only
+        if address in ("127.0.0.1", "::1"):
+            return True  # our own health check (`cxr-gateway check --dicom`), AE checked later
+        return any(peer.matches_host(address) for peer in self._allowed)
+
+
+def _is_loopback(address: str) -> bool:
+    return address in ("127.0.0.1", "::1") or address.startswith("127.")
+
+
 class _CheckingACSE(ACSE):
     """ACSE that applies the gateway's peer policy before negotiating anything."""
 
-    def __init__(self, assoc: Association, policy: PeerPolicy, on_reject: Callable[..., None]):
+    def __init__(
+        self,
+        assoc: Association,
+        policy: PeerPolicy,
+        on_reject: Callable[..., None],
+        on_request: Callable[[], None],
+    ):
         super().__init__(assoc)
         self._policy = policy
         self._on_reject = on_reject
+        self._on_request = on_request
 
     def _negotiate_as_acceptor(self) -> None:
+        self._on_request()  # the whole A-ASSOCIATE-RQ has arrived: the deadline is met
         request = self.requestor.primitive
         assert request is not None
         calling = str(request.calling_ae_title).strip()
@@ -125,6 +177,10 @@ TLS_HANDSHAKE_SECONDS = 30
 class _DeferredHandshakeServer(ThreadedAssociationServer):
     """Wraps accepted sockets in TLS without handshaking in the accept loop."""
 
+    # socketserver's default backlog of 5 drops a burst of connections (each dropped SYN
+    # costs the peer a one-second retransmit); refused connections are closed at accept.
+    request_queue_size = 128
+
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
         client, address = self.socket.accept()
@@ -133,6 +189,17 @@ class _DeferredHandshakeServer(ThreadedAssociationServer):
                 client, server_side=True, do_handshake_on_connect=False
             )
         return client, address
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """End a connection from any thread: a read blocked on it returns at once."""
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close(sock: socket.socket) -> None:
+    _shutdown(sock)
+    sock.close()
 
 
 class Listener:
@@ -169,31 +236,70 @@ class Listener:
 
         audit = self._audit
 
+        gate = ConnectionGate(self.settings)
+        deadline = self.settings.association_request_seconds
+
         class Handler(RequestHandler):
+            """One connection: admitted by the gate, then it must complete the TLS handshake
+            (if any) and its A-ASSOCIATE-RQ before the deadline, or it is closed."""
+
             def handle(self) -> None:
+                address = str(self.client_address[0])
+                refusal = gate.admit(address)
+                if refusal is not None:
+                    _close(self.request)
+                    audit("association.refused", "failure", "", address, {"reason": refusal})
+                    return
+                self._request_arrived = threading.Event()
+                watchdog = threading.Timer(deadline, self._expire, args=(address,))
+                watchdog.daemon = True
+                watchdog.start()
+                try:
+                    if isinstance(self.request, ssl.SSLSocket) and not self._handshake(address):
+                        return
+                    assoc = self._create_association()
+                    evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+                    assoc.start()
+                    assoc.join()  # hold the host's slot in the gate until the association ends
+                finally:
+                    watchdog.cancel()
+                    gate.release(address)
+
+            def _handshake(self, address: str) -> bool:
                 # The TLS handshake runs here, in the association's own thread, so a slow or
                 # silent client cannot block the accept loop (pynetdicom does it in accept).
-                if isinstance(self.request, ssl.SSLSocket):
-                    self.request.settimeout(TLS_HANDSHAKE_SECONDS)
-                    try:
-                        self.request.do_handshake()
-                    except (OSError, ValueError) as exc:
-                        address = str(self.client_address[0])
-                        audit(
-                            "association.tls_failed",
-                            "failure",
-                            "",
-                            address,
-                            {"error": type(exc).__name__},
-                        )
-                        self.request.close()
-                        return
-                    self.request.settimeout(None)
-                super().handle()
+                sock = self.request
+                sock.settimeout(min(TLS_HANDSHAKE_SECONDS, deadline))
+                try:
+                    sock.do_handshake()
+                except (OSError, ValueError) as exc:
+                    audit(
+                        "association.tls_failed",
+                        "failure",
+                        "",
+                        address,
+                        {"error": type(exc).__name__},
+                    )
+                    _close(sock)
+                    return False
+                sock.settimeout(None)
+                return True
+
+            def _expire(self, address: str) -> None:
+                if self._request_arrived.is_set():
+                    return
+                _shutdown(self.request)  # pynetdicom's reader then ends the association
+                audit(
+                    "association.refused",
+                    "failure",
+                    "",
+                    address,
+                    {"reason": "association_request_timeout", "seconds": deadline},
+                )
 
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
-                assoc.acse = _CheckingACSE(assoc, policy, audit_reject)
+                assoc.acse = _CheckingACSE(assoc, policy, audit_reject, self._request_arrived.set)
                 return assoc
 
         handlers: list[Any] = [
@@ -251,32 +357,30 @@ class Listener:
     def _on_store(self, event: evt.Event) -> int:
         peer = self._peer(event)
         transfer_syntax = str(event.context.transfer_syntax)
+        request = event.request
+        requested = RequestedInstance(
+            sop_class_uid=str(getattr(request, "AffectedSOPClassUID", "") or ""),
+            sop_instance_uid=str(getattr(request, "AffectedSOPInstanceUID", "") or ""),
+        )
+        # The dataset exactly as the peer sent it, without copying it.
+        body = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:
-            dataset = event.dataset
+            try:
+                dataset = decode_received(
+                    body, transfer_syntax, max_bytes=self.ingestor.limits.max_instance_bytes
+                )
+            except IngestError as exc:
+                exc.sop_instance_uid = exc.sop_instance_uid or requested.sop_instance_uid
+                self.ingestor.audit_failure(peer, exc, sop_class=requested.sop_class_uid)
+                return exc.status
             dataset.file_meta = event.file_meta
             header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-            # The dataset exactly as the peer sent it, without copying it.
-            body = event.request.DataSet.getbuffer()  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - undecodable input is answered, not raised
-            from gateway.errors import IngestError
-
-            request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-            self.ingestor.audit_failure(
-                peer,
-                IngestError(
-                    f"cannot decode dataset: {type(exc).__name__}",
-                    status=CANNOT_UNDERSTAND,
-                    reason="undecodable",
-                    sop_instance_uid=request_uid,
-                ),
-            )
-            return CANNOT_UNDERSTAND
-        try:
             return self.ingestor.store(
                 peer=peer,
                 dataset=dataset,
                 file_parts=(header, body),
                 transfer_syntax=transfer_syntax,
+                requested=requested,
             )
         finally:
             body.release()

@@ -47,8 +47,9 @@ class AllowedPeer(BaseModel):
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
     def matches(self, ae_title: str, address: str) -> bool:
-        if ae_title.strip() != self.ae_title:
-            return False
+        return ae_title.strip() == self.ae_title and self.matches_host(address)
+
+    def matches_host(self, address: str) -> bool:
         try:
             network = ipaddress.ip_network(self.host, strict=False)
         except ValueError:
@@ -109,6 +110,10 @@ class Settings(BaseSettings):
     # Rows x Columns x frames x samples, read from the header and checked before any decode
     # (listener, worker, thumbnails, uploads).
     max_image_pixels: int = Field(default=50_000_000, ge=1_000_000)
+    # Keyed checkpoints of the audit chain (gateway.audit_checkpoint); in production put both
+    # on another volume than the database. Defaults: DATA_DIR/audit-checkpoints.log, audit.key.
+    audit_checkpoint_file: Path | None = None
+    audit_key_file: Path | None = None  # 32 random bytes, created 0600 on first use if missing
 
     # Database and queue
     database_url: str | None = None  # default: SQLite in DATA_DIR

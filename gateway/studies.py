@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from gateway.audit import record_event
@@ -71,6 +71,20 @@ def study_for_new_instance(
     the instance in it. Raises IngestError when the study is over the instance limit."""
     now = utcnow()
     study = _latest_version(session, meta.study_uid)
+    # The limit counts every version: instances past it are refused, never made into a new
+    # version (an "amendment" that is only the overflow of one large study).
+    received = session.execute(
+        select(func.coalesce(func.sum(Study.instance_count), 0)).where(
+            Study.study_uid == meta.study_uid
+        )
+    ).scalar_one()
+    if received >= max_instances:
+        raise IngestError(
+            f"study has {received} instances, limit {max_instances}",
+            status=OUT_OF_RESOURCES,
+            reason="too_many_instances",
+            study_uid=meta.study_uid,
+        )
     if study is not None and study.state in _REOPENABLE:
         superseded = rows_changed(
             session.execute(
@@ -122,13 +136,6 @@ def study_for_new_instance(
                 "version": study.version,
                 "previous_study_id": previous.id if previous else None,
             },
-        )
-    if study.instance_count >= max_instances:
-        raise IngestError(
-            f"study has {study.instance_count} instances, limit {max_instances}",
-            status=OUT_OF_RESOURCES,
-            reason="too_many_instances",
-            study_uid=meta.study_uid,
         )
     study.instance_count += 1
     study.last_received_at = now

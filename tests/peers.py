@@ -8,6 +8,7 @@ A peer that cannot start is skipped locally with the reason, but fails the run u
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +200,22 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def _cap_memory(limit: int) -> Callable[[], None]:
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return cap
+
+
 def start_gateway(
-    env_overrides: dict[str, str], log_path: Path, command: Sequence[str] = ("serve",)
+    env_overrides: dict[str, str],
+    log_path: Path,
+    command: Sequence[str] = ("serve",),
+    *,
+    address_space_bytes: int | None = None,
 ) -> GatewayProcess:
+    """Start ``cxr-gateway COMMAND``; with ``address_space_bytes`` its memory is capped
+    (RLIMIT_AS), so that an allocation past the cap fails inside it, never on the machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(env_overrides)
     env.setdefault("CXR_DICOM_PORT", str(free_port()))
@@ -214,6 +228,7 @@ def start_gateway(
         stderr=subprocess.STDOUT,
         cwd=ROOT,
         start_new_session=True,
+        preexec_fn=None if address_space_bytes is None else _cap_memory(address_space_bytes),
     )
     gw = GatewayProcess(env, process, log_path, int(env["CXR_DICOM_PORT"]))
     if "listen" in command or "serve" in command:
