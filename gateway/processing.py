@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 
 from gateway.audit import record_event
@@ -25,6 +23,7 @@ from gateway.db.models import Instance, Study, StudyState
 from gateway.db.session import transaction
 from gateway.delivery import create_deliveries
 from gateway.settings import Settings
+from inference.bounded_read import ContentChanged, InputTooLarge, read_dicom_file
 from inference.finding import (
     DeclinedImage,
     ModelInfo,
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RULE = "maximum calibrated probability over the frontal chest images used"
+CHANGED_SINCE_RECEIPT = "spooled file changed since receipt"
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,29 @@ def context_from(ds: Dataset) -> StudyContext:
 
 
 def predict_instance(
-    predictor: Predictor, path: Path, *, heatmap: bool
+    predictor: Predictor, inst: Instance, settings: Settings
 ) -> tuple[Dataset | None, Prediction | None, str]:
-    """Read and predict one spooled file. Returns (header, prediction, error reason)."""
+    """Read and predict one spooled file. Returns (header, prediction, error reason).
+
+    The file is read once, with its sizes bounded, and must be the file received: the bytes
+    hash to the SHA-256 recorded at receipt and carry the recorded UIDs. A file changed since
+    (swapped for another patient's, say) is never predicted."""
     try:
-        ds = dcmread(path)
-    except (InvalidDicomError, OSError, ValueError) as exc:
+        ds = read_dicom_file(
+            Path(inst.path),
+            max_bytes=settings.max_instance_bytes,
+            max_pixels=settings.max_image_pixels,
+            expected_sha256=inst.sha256 or None,
+        )
+    except ContentChanged as exc:
+        return None, None, f"{CHANGED_SINCE_RECEIPT}: {exc}"
+    except InputTooLarge as exc:
+        return None, None, f"over a size limit ({exc})"
+    except (OSError, ValueError, KeyError, EOFError, NotImplementedError) as exc:
         return None, None, f"unreadable file ({type(exc).__name__})"
-    prediction = predictor.predict_dataset(ds, heatmap=heatmap)
+    if str(ds.get("SOPInstanceUID", "")) != inst.sop_instance_uid:
+        return None, None, f"{CHANGED_SINCE_RECEIPT}: its SOP Instance UID differs"
+    prediction = predictor.predict_dataset(ds, heatmap=settings.heatmaps)
     del ds.PixelData  # keep only the header in memory
     return ds, prediction, ""
 
@@ -132,9 +147,7 @@ class InferenceStage:
         results: list[ImageResult] = []
         for inst in instances:
             image = SourceImage(inst.sop_class_uid, inst.sop_instance_uid, inst.series_uid)
-            ds, prediction, error = predict_instance(
-                self.predictor, Path(inst.path), heatmap=self.settings.heatmaps
-            )
+            ds, prediction, error = predict_instance(self.predictor, inst, self.settings)
             if prediction is None:
                 results.append(ImageResult(image, None, error, None, ds))
                 continue
@@ -163,6 +176,16 @@ class InferenceStage:
             assert row is not None
             row.finding_json = _json(finding)
             for r in results:
+                if r.declined_reason and r.declined_reason.startswith(CHANGED_SINCE_RECEIPT):
+                    record_event(
+                        session=session,
+                        kind="instance.integrity_failed",
+                        outcome="failure",
+                        actor="worker",
+                        study_uid=study.study_uid,
+                        sop_instance_uid=r.image.sop_instance_uid,
+                        detail={"study_id": study.id, "reason": r.declined_reason},
+                    )
                 if r.probability is None:
                     record_event(
                         session=session,

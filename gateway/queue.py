@@ -178,3 +178,43 @@ def prune_embedded_queue(engine: Engine, *, older_than: dt.timedelta) -> int:
     except SQLAlchemyError as exc:  # e.g. the file is busy: try again next time
         log.warning("embedded queue not pruned this time: %s", type(exc).__name__)
         return 0
+
+
+def job_lost(
+    *, sessions: sessionmaker[Session], job_id: int, attempt_limit: int, actor: str, cause: str
+) -> str | None:
+    """Record that the worker running a job is gone (its process died, or its lease ran out):
+    the job's error says so, and its lease ends now so that the reconciler publishes it again.
+    After ``attempt_limit`` attempts the job fails for good instead, with the cause, so an
+    input that kills every worker that opens it cannot run forever. Returns "failed",
+    "requeue", or None when the job is no longer running."""
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.RUNNING:
+            return None
+        study = session.get(Study, job.study_id)
+        assert study is not None
+        note = f"attempt {job.attempts}: {cause}"
+        job.last_error = "\n".join(filter(None, [job.last_error, note]))[-2000:]
+        gave_up = job.attempts >= attempt_limit
+        if gave_up:
+            job.state = JobState.FAILED
+            job.finished_at = utcnow()
+            job.lease_until = None
+            study.state = StudyState.FAILED
+        else:
+            job.lease_until = utcnow() - dt.timedelta(seconds=1)
+        record_event(
+            session=session,
+            kind="job.failed" if gave_up else "job.worker_lost",
+            outcome="failure",
+            actor=actor,
+            study_uid=study.study_uid,
+            detail={
+                "job_id": job_id,
+                "study_id": study.id,
+                "attempts": job.attempts,
+                "error": (f"gave up after {job.attempts} attempts: " if gave_up else "") + cause,
+            },
+        )
+        return "failed" if gave_up else "requeue"

@@ -23,7 +23,7 @@ from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
 from gateway.delivery import Sender, attempt
 from gateway.errors import GatewayError
-from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY
+from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY, job_lost
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,32 @@ def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
 
 
 def claim_job(
-    sessions: sessionmaker[Session], job_id: int, lease_seconds: float, worker: str
+    sessions: sessionmaker[Session],
+    job_id: int,
+    lease_seconds: float,
+    worker: str,
+    attempt_limit: int | None = None,
 ) -> Study | None:
-    """Take the job if nobody holds it. Returns its study, or None if there is nothing to do."""
+    """Take the job if nobody holds it. Returns its study, or None if there is nothing to do.
+
+    A job whose holder is gone (its lease expired, or its process on this host has exited,
+    killed by the kernel for its memory, say) is taken over, and the loss is recorded on the
+    job; after ``attempt_limit`` attempts it fails for good with that reason instead, so an
+    input that kills every worker that opens it never stays `running`."""
     now = utcnow()
+    if attempt_limit is not None:
+        cause = _holder_gone(sessions, job_id, now)
+        if cause is not None:
+            outcome = job_lost(
+                sessions=sessions,
+                job_id=job_id,
+                attempt_limit=attempt_limit,
+                actor=worker,
+                cause=cause,
+            )
+            if outcome == "failed":
+                return None
+            now = utcnow()
     with transaction(sessions) as session:
         claimed = rows_changed(
             session.execute(
@@ -124,6 +146,34 @@ def claim_job(
             detail={"job_id": job_id, "study_id": study.id, "attempt": job.attempts},
         )
         return study
+
+
+def _holder_gone(sessions: sessionmaker[Session], job_id: int, now: Any) -> str | None:
+    """Why the worker holding a running job is gone, or None if it is not known to be."""
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.RUNNING:
+            return None
+        if job.lease_until is not None and _aware(job.lease_until) < now:
+            return "lease expired (the worker died or overran its lease)"
+        host, _, pid = (job.worker or "").rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            return f"worker process {pid} exited during the attempt"
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _aware(value: Any) -> Any:
+    import datetime as dt
+
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _seconds(value: float) -> Any:
@@ -174,7 +224,9 @@ def finish_job(
 
 def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: str) -> str:
     """Claim and run one job. Returns what happened ("skipped", "done", "retry", "failed")."""
-    study = claim_job(runtime.sessions, job_id, runtime.settings.job_lease_seconds, worker)
+    study = claim_job(
+        runtime.sessions, job_id, runtime.settings.job_lease_seconds, worker, attempt_limit
+    )
     if study is None:
         return "skipped"
     with runtime.sessions() as session:

@@ -35,7 +35,7 @@ class InputTooLarge(ValueError):
         self.reason = reason
 
 
-class IntegrityError(ValueError):
+class ContentChanged(ValueError):
     """A file's content is not the content recorded when it was received."""
 
 
@@ -125,11 +125,11 @@ def read_dicom_bytes(
 ) -> FileDataset:
     """Read a DICOM Part 10 file held in memory, bounded: the dataset (inflated if deflated)
     must be at most ``max_bytes`` and declare at most ``max_pixels``; with ``expected_sha256``
-    the bytes must hash to it (IntegrityError otherwise). Raises InputTooLarge, IntegrityError
+    the bytes must hash to it (ContentChanged otherwise). Raises InputTooLarge, ContentChanged
     or ValueError for a file that is not readable DICOM."""
     view = memoryview(data)
     if expected_sha256 is not None and hashlib.sha256(view).hexdigest() != expected_sha256:
-        raise IntegrityError("the file's SHA-256 differs from the one recorded at receipt")
+        raise ContentChanged("the file's SHA-256 differs from the one recorded at receipt")
     if len(view) < _PREAMBLE_END + 12 or bytes(view[128:132]) != b"DICM":
         raise ValueError("not a DICOM Part 10 file (no DICM marker)")
     # File meta: group 0002, explicit VR little endian; its first element is its group length.
