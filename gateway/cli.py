@@ -39,13 +39,18 @@ def _settings() -> Settings:
 
 @app.command()
 def serve() -> None:
-    """Run the whole gateway (DICOM listener, study assembly, workers) with the settings from
-    CXR_* variables; with none set, embedded defaults (SQLite, a queue needing no server)."""
+    """Run the whole gateway (DICOM listener and study assembly here; web console and workers
+    as supervised child processes) with the settings from CXR_* variables; with none set,
+    embedded defaults (SQLite, a queue needing no server)."""
     from gateway.service import configure_logging
     from gateway.service import serve as run
 
     configure_logging()
-    run(_settings())
+    try:
+        run(_settings())
+    except ConfigurationError as exc:
+        typer.echo(f"cxr-gateway serve: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command()
