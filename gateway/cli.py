@@ -246,23 +246,34 @@ def audit_list(
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check the audit log's hash chain; exit 1 and name the first bad row if broken."""
-    from gateway.audit import verify_chain
+def audit_verify(
+    checkpoint: Annotated[
+        bool, typer.Option("--checkpoint", help="when intact, append a checkpoint of the head")
+    ] = False,
+) -> None:
+    """Check the audit log: the hash chain, then the keyed checkpoints in
+    CXR_AUDIT_CHECKPOINT_FILE (truncated, rewritten and recomputed, checkpoint file tampered).
+    Exit 1 naming the problem."""
+    from gateway.audit_checkpoint import CheckpointError, CheckpointLog, verify_audit
     from gateway.db.session import make_engine, make_session_factory
 
-    sessions = make_session_factory(make_engine(_settings().database))
+    settings = _settings()
+    checkpoints = CheckpointLog.from_settings(settings)
+    sessions = make_session_factory(make_engine(settings.database))
     with sessions() as session:
-        result = verify_chain(session)
-    if result.intact:
-        typer.echo(f"audit log intact: {result.checked} events")
-        return
-    typer.echo(
-        f"audit log BROKEN at event {result.first_bad_id}: {result.problem} "
-        f"({result.checked} events verified before it)",
-        err=True,
-    )
-    raise typer.Exit(code=1)
+        result = verify_audit(session, checkpoints)
+    if not result.intact:
+        typer.echo(result.summary(), err=True)
+        raise typer.Exit(code=1)
+    typer.echo(result.summary())
+    if checkpoint:
+        try:
+            point = checkpoints.write(sessions, only_if_moved=False)
+        except (CheckpointError, OSError) as exc:
+            typer.echo(f"audit checkpoint not written: {exc}", err=True)
+            raise typer.Exit(code=1) from exc
+        assert point is not None  # only_if_moved=False always writes
+        typer.echo(f"checkpoint written: event {point.last_id} to {checkpoints.path}")
 
 
 @deliveries_app.command("list")

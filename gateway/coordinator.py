@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import studies
 from gateway.audit import record_event
+from gateway.audit_checkpoint import CheckpointError, CheckpointLog
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
@@ -36,7 +37,9 @@ DELIVERED_MESSAGES_KEPT = dt.timedelta(minutes=10)  # for someone looking into t
 
 class Coordinator:
     """Runs assembly every ``assembly_interval_seconds`` and reconciliation on start and every
-    ``reconcile_interval_seconds``, in one daemon thread."""
+    ``reconcile_interval_seconds``, in one daemon thread. After each reconciliation, and once at
+    stop, it appends the audit chain's head to the checkpoint file if the head has moved
+    (gateway.audit_checkpoint): off the ingest path, at most one line per interval."""
 
     def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], app: Celery) -> None:
         self.settings = settings
@@ -45,6 +48,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._queue_engine = embedded_queue_engine(settings)
+        self._checkpoints = CheckpointLog.from_settings(settings)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
@@ -54,6 +58,7 @@ class Coordinator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.checkpoint()  # clean shutdown: cover the last events
         if self._queue_engine is not None:
             self._queue_engine.dispose()
 
@@ -66,6 +71,7 @@ class Coordinator:
                     self.reconcile()
                     if self._queue_engine is not None:
                         prune_embedded_queue(self._queue_engine, older_than=DELIVERED_MESSAGES_KEPT)
+                    self.checkpoint()
                     next_reconcile = clock + self.settings.reconcile_interval_seconds
                 self.assemble()
             except SQLAlchemyError as exc:
@@ -74,6 +80,19 @@ class Coordinator:
                 log.exception("coordinator pass failed; retrying")
             self._stop.wait(self.settings.assembly_interval_seconds)
             clock += self.settings.assembly_interval_seconds
+
+    def checkpoint(self) -> None:
+        """Append an audit checkpoint if the chain's head moved. A refusal (the log is behind or
+        differs from the last checkpoint) or an I/O error is logged, not raised: ingest goes on,
+        and ``cxr-gateway audit verify`` reports the problem."""
+        try:
+            self._checkpoints.write(self.sessions)
+        except CheckpointError as exc:
+            log.error("audit checkpoint not written: %s", exc)
+        except OSError as exc:
+            log.error("audit checkpoint not written: %s", exc)
+        except SQLAlchemyError as exc:  # the type only: a statement's parameters stay out
+            log.error("audit checkpoint not written: database error %s", type(exc).__name__)
 
     def assemble(self) -> list[int]:
         """Complete every study that has been quiet long enough and publish its job."""

@@ -1,5 +1,6 @@
 """The audit log: filtered list, CSV and JSON export, and the hash-chain integrity check
-(gateway.audit does the work; this module only reads query parameters and formats)."""
+(gateway.audit and gateway.audit_checkpoint do the work; this module only reads query
+parameters and formats)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.audit import AuditFilter, event_as_dict, list_events, verify_chain
+from gateway.audit import AuditFilter, event_as_dict, list_events
+from gateway.audit_checkpoint import CheckpointLog, verify_audit
 from gateway.web.deps import OVERSIGHT, audit, context, problem, render, require
 from gateway.web.users import CurrentUser
 
@@ -36,8 +38,20 @@ COLUMNS = (
 )
 
 
+# A spreadsheet takes a cell starting with one of these for a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 class BadFilter(ValueError):
     pass
+
+
+def csv_cell(value: object) -> str:
+    """``value`` as a CSV cell that no spreadsheet runs: a leading ``'`` when it starts like a
+    formula (OWASP's rule), so ``=HYPERLINK(...)`` typed as a user name at login is shown as
+    text. The JSON export keeps the values as recorded."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _time(value: str, name: str) -> dt.datetime | None:
@@ -94,12 +108,16 @@ class IntegrityCache:
 
 
 def _integrity(request: Request) -> dict[str, Any]:
+    """The chain walk and the checkpoint comparison (gateway.audit_checkpoint.verify_audit);
+    ``problem`` starts with "truncated:", "rewritten:", "checkpoint file tampered:" or
+    "checkpoint unreadable:" when the chain itself is whole but the checkpoints disagree."""
     start = time.perf_counter()
-    with context(request).sessions() as session:
-        check = verify_chain(session)
+    ctx = context(request)
+    with ctx.sessions() as session:
+        check = verify_audit(session, CheckpointLog.from_settings(ctx.settings))
     return {
         "intact": check.intact,
-        "checked": check.checked,
+        "checked": check.chain.checked,
         "first_bad_id": check.first_bad_id,
         "problem": check.problem,
         "verified_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -184,7 +202,7 @@ def audit_events(
     writer.writerow(COLUMNS)
     for e in events:
         writer.writerow(
-            [json.dumps(e[c], sort_keys=True) if c == "detail" else e[c] for c in COLUMNS]
+            [csv_cell(json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]) for c in COLUMNS]
         )
     return Response(
         out.getvalue(),
@@ -195,5 +213,7 @@ def audit_events(
 
 @router.get("/api/audit/verify", tags=["audit"])
 def audit_verify(request: Request, user: Overseer) -> dict[str, Any]:
-    """Walk the whole audit hash chain now: intact, rows checked, first modified/deleted row."""
+    """Walk the whole audit hash chain now and compare it with the keyed checkpoints: intact,
+    rows checked, first modified/deleted row, and the problem (truncated, rewritten, checkpoint
+    file tampered)."""
     return _integrity(request)
