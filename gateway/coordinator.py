@@ -17,13 +17,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import studies
-from gateway.audit import record_event
 from gateway.audit_checkpoint import CheckpointError, CheckpointLog
-from gateway.db.models import Job, JobState, Study, StudyState, utcnow
+from gateway.db.models import Job, JobState, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
 from gateway.queue import (
     embedded_queue_engine,
+    job_lost,
     prune_embedded_queue,
     publish_delivery,
     publish_job,
@@ -161,21 +161,10 @@ class Coordinator:
         return republished
 
     def _give_up(self, job_id: int) -> None:
-        with transaction(self.sessions) as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.RUNNING:
-                return
-            study = session.get(Study, job.study_id)
-            assert study is not None
-            job.state = JobState.FAILED
-            job.finished_at = utcnow()
-            job.last_error = (job.last_error + "\nlease expired after the last attempt").strip()
-            study.state = StudyState.FAILED
-            record_event(
-                session=session,
-                kind="job.failed",
-                outcome="failure",
-                actor="reconciler",
-                study_uid=study.study_uid,
-                detail={"job_id": job_id, "attempts": job.attempts, "error": "lease expired"},
-            )
+        job_lost(
+            sessions=self.sessions,
+            job_id=job_id,
+            attempt_limit=self.settings.max_job_attempts,
+            actor="reconciler",
+            cause="lease expired after the last attempt (the worker died or overran its lease)",
+        )

@@ -66,7 +66,7 @@ class ListenerProcess:
         ingestor = Ingestor(
             spool=spool,
             session_factory=sessions,
-            limits=Limits(s.max_instance_bytes, s.max_instances_per_study),
+            limits=Limits(s.max_instance_bytes, s.max_instances_per_study, s.max_image_pixels),
         )
         ingestor.recover_unrecorded()
         app = make_celery(s)
