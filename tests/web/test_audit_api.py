@@ -88,3 +88,4 @@ def test_verify_reports_rows_deleted_after_a_checkpoint(
     assert check["problem"].startswith(f"truncated: {left} events, but the checkpoint of")
     page = auditor.get("/audit", params={"verify": "1"}).text
     assert 'class="card integrity bad"' in page and "truncated:" in page
+    assert f"BROKEN at event {left + 1}" in page
