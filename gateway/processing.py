@@ -49,6 +49,7 @@ class ImageResult:
     declined_reason: str | None
     heatmap_png: bytes | None
     header: Dataset | None  # without Pixel Data
+    caveat: str | None = None
 
 
 def study_instances(session: Any, study: Study) -> list[Instance]:
@@ -121,6 +122,7 @@ def make_finding(
     )
     probability = max((r.probability for r in used if r.probability is not None), default=None)
     present = None if probability is None else probability >= model.threshold
+    caveats = tuple(dict.fromkeys(r.caveat for r in used if r.caveat))
     return StudyFinding(
         study=context,
         model=model,
@@ -131,6 +133,7 @@ def make_finding(
         rule=RULE,
         report_id=study.study_uid,
         version=study.version,
+        caveats=caveats,
     )
 
 
@@ -158,6 +161,7 @@ class InferenceStage:
                     prediction.declined_reason,
                     prediction.heatmap_png,
                     ds,
+                    prediction.caveat,
                 )
             )
         readable = [r for r in results if r.header is not None]

@@ -110,15 +110,17 @@ def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -
     is missing or corrupt (checked without TensorFlow, which loads in each pool process), so a
     supervisor or container health check sees the problem instead of jobs failing one by one."""
     exit_with_supervisor()
+    from gateway.intended_use import announce_intended_ages
     from inference.artifact import ArtifactError, read_meta
     from inference.predictor import default_model_dir
 
     try:
-        read_meta(settings.model_dir or default_model_dir())
+        meta = read_meta(settings.model_dir or default_model_dir())
     except (ArtifactError, OSError, ValueError) as exc:
         raise ConfigurationError(f"model artifact unusable: {exc}") from exc
     engine = make_engine(settings.database)
     upgrade(engine)  # a worker may start before the listener on a fresh database
+    announce_intended_ages(settings, meta, make_session_factory(engine), actor="worker")
     engine.dispose()
     app = make_celery(settings)
     register_tasks(app, lambda: build_runtime(settings))

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     # Model
     model_dir: Path | None = None  # default: the model shipped in models/ (or CXR_MODEL_DIR)
     heatmaps: bool = True  # compute and keep a heat map per used image (for the console)
+    # Ages (completed years, "MIN-MAX") that get a result; empty: the model's own population.
+    # Wider than the model's is allowed, audited at start-up, and said in every such report.
+    intended_age_years: str = ""
 
     # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)
@@ -184,6 +187,15 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"a bind address is an IP address, got {value!r}") from exc
         return value
+
+    @field_validator("intended_age_years")
+    @classmethod
+    def _check_age_range(cls, value: str) -> str:
+        if value.strip():
+            from inference.population import AgeRange
+
+            AgeRange.parse(value)  # raises ValueError with the reason
+        return value.strip()
 
     @field_validator("web_trusted_proxies")
     @classmethod

@@ -49,12 +49,14 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     """Load the model (once per worker process) and connect to the database."""
     import numpy as np
 
+    from gateway.intended_use import intended_ages
     from gateway.processing import InferenceStage
     from gateway.senders import build_senders
     from inference.predictor import Predictor
 
     engine = make_engine(settings.database)
     predictor = Predictor.load(settings.model_dir)
+    predictor.intended_age = intended_ages(settings, predictor.meta)
     # Warm-up: the first prediction in a process builds TensorFlow's kernels (seconds); pay it
     # here, at start, rather than in the first study's latency.
     predictor.predict_array(np.zeros((64, 64), np.float32), heatmap=True)

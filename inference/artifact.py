@@ -11,6 +11,9 @@ Layout::
 
 ``content_hash`` is the sha256 over the weight files, both input checks and the
 calibration/threshold numbers: it changes whenever anything that affects an output changes.
+``weights_hash`` covers the files alone, so a site-calibrated artifact (``site`` in model.json,
+made by ``cxr-gateway calibrate``: the same files, its own calibration and threshold) can be
+shown to carry its base model's weights unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.finding import ModelInfo
+from inference.population import Population
 from inference.preprocess import PreprocessConfig
 
 META_FILE = "model.json"
@@ -48,6 +52,10 @@ class ArtifactMeta:
     content_hash: str = ""
     format_version: int = FORMAT_VERSION
     logit_bias: float = 0.0
+    population: Population | None = None  # whom it was trained and validated on
+    # Site calibration (training.calibrate_site): the local sample, rule and base model; None
+    # for an artifact as trained.
+    site: dict[str, Any] | None = None
 
     def probability(self, logits: Any) -> Any:
         """Calibrated P(pneumonia) for raw ensemble logits (numpy array or float)."""
@@ -63,6 +71,23 @@ class ArtifactMeta:
             version=self.version,
             content_hash=self.content_hash,
             threshold=self.threshold,
+            site_calibration=self.site_calibration,
+        )
+
+    @property
+    def site_calibration(self) -> str:
+        """One line naming the site calibration in force ("" for an artifact as trained), for
+        reports and logs: date, sample, target, data hash and the base model."""
+        if not self.site:
+            return ""
+        s, base = self.site, self.site.get("base", {})
+        counts = s.get("n_used", {})
+        return (
+            f"site calibration {str(s.get('date', ''))[:10]} on {counts.get('NORMAL', 0)} normal"
+            f" + {counts.get('PNEUMONIA', 0)} pneumonia local films (data sha256 "
+            f"{str(s.get('data_hash', ''))[:16]}), target sensitivity "
+            f"{s.get('target_sensitivity', '')}; base {base.get('name', '')} "
+            f"{base.get('version', '')} (sha256 {str(base.get('content_hash', ''))[:16]})"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +95,12 @@ class ArtifactMeta:
         d["preprocess"] = self.preprocess.to_json()
         d["class_names"] = list(self.class_names)
         d["members"] = list(self.members)
+        if self.population is None:
+            d.pop("population")
+        else:
+            d["population"] = self.population.to_json()
+        if self.site is None:
+            d.pop("site")
         return d
 
     @classmethod
@@ -90,6 +121,10 @@ class ArtifactMeta:
                 content_hash=str(d.get("content_hash", "")),
                 format_version=int(d.get("format_version", FORMAT_VERSION)),
                 logit_bias=float(d.get("logit_bias", 0.0)),
+                population=(
+                    Population.from_json(d["population"]) if d.get("population") else None
+                ),
+                site=dict(d["site"]) if d.get("site") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"bad {META_FILE}: {exc}") from exc
@@ -118,6 +153,18 @@ def compute_hash(folder: Path, meta: ArtifactMeta) -> str:
         "preprocess": meta.preprocess.to_json(),
     }
     h.update(json.dumps(numbers, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def weights_hash(folder: Path, meta: ArtifactMeta) -> str:
+    """sha256 over the weight and input-check files alone (names and bytes), without the
+    calibration numbers: equal for an artifact and its site-calibrated copies."""
+    h = hashlib.sha256()
+    for path in hashed_files(folder, meta):
+        if not path.exists():
+            raise ArtifactError(f"artifact file missing: {path.name}")
+        h.update(path.name.encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 

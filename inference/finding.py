@@ -21,6 +21,9 @@ class ModelInfo:
     content_hash: str  # hex sha256 of the artifact's weights; changes whenever the model does
     manufacturer: str = "cxr-gateway project"
     threshold: float = 0.5
+    # "" for a model as trained; else which site calibration set the probability and threshold
+    # (see inference.artifact.ArtifactMeta.site_calibration). The version then ends "+site.<h>".
+    site_calibration: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class StudyFinding:
     report_id: str = ""  # our stable identifier of this report (study uid + version)
     version: int = 1  # study version; > 1 means this report amends an earlier one
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # What the reader must know about the result: e.g. the patient is outside the ages the
+    # model was validated on (a site widened them). Empty for a result within its validation.
+    caveats: tuple[str, ...] = ()
 
     @property
     def has_result(self) -> bool:
@@ -105,4 +111,5 @@ class StudyFinding:
             report_id=data["report_id"],
             version=data["version"],
             created_at=dt.datetime.fromisoformat(data["created_at"]),
+            caveats=tuple(data.get("caveats", ())),
         )

@@ -42,7 +42,20 @@ SC_SOP_CLASSES = {
 # processed (For Presentation) films. A device that sends both gets its result from the other.
 FOR_PROCESSING_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.1.1.1"}  # Digital X-Ray, For Processing
 CHEST_BODY_PARTS = {"", "CHEST", "THORAX", "LUNG", "CHEST_PA", "CHEST_AP"}
-NON_FRONTAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO"}
+NON_FRONTAL_VIEWS = {
+    "LL", "RL", "LAT", "LATERAL", "LLO", "RLO", "LAO", "RAO", "LPO", "RPO", "LLD", "RLD",
+}  # fmt: skip
+# View Code Sequence (CID 4010): the frontal projections, in SNOMED CT and in the SNOMED RT
+# codes older devices send. Any other coded view (lateral 399067008, left lateral 399173006,
+# right lateral 399198007, the obliques, ...) gets no result.
+FRONTAL_VIEW_CODES = {
+    ("SCT", "399348003"),  # antero-posterior
+    ("SCT", "272479007"),  # postero-anterior
+    ("SCT", "399033003"),  # frontal
+    ("SRT", "R-10202"),  # antero-posterior
+    ("SRT", "R-10206"),  # postero-anterior
+}
+FRONTAL_VIEW_MEANINGS = ("antero-posterior", "postero-anterior", "frontal")
 MIN_SIDE = 128
 # Free-text fields where devices and technologists name the projection and the patient.
 DESCRIPTION_FIELDS = (
@@ -107,10 +120,9 @@ def header_decline_reason(ds: Any) -> str | None:
     if words & LATERAL_WORDS:
         named = ", ".join(sorted(words & LATERAL_WORDS)).lower()
         return f"description names a non-frontal view ({named})"
-    for item in getattr(ds, "ViewCodeSequence", []) or []:
-        meaning = str(getattr(item, "CodeMeaning", "")).lower()
-        if "lateral" in meaning or "oblique" in meaning:
-            return f"view is {meaning}"
+    view_code = _non_frontal_view_code(ds)
+    if view_code is not None:
+        return f"view is {view_code}, not frontal"
     orientation = [str(v).upper() for v in (getattr(ds, "PatientOrientation", None) or [])]
     if orientation and orientation[0][:1] in ("A", "P"):
         # Rows running anterior-posterior: a lateral projection.
@@ -125,6 +137,22 @@ def header_decline_reason(ds: Any) -> str | None:
     cols = int(getattr(ds, "Columns", 0) or 0)
     if min(rows, cols) < MIN_SIDE:
         return f"image too small ({rows}x{cols}) for a chest radiograph"
+    return None
+
+
+def _non_frontal_view_code(ds: Any) -> str | None:
+    """The coded view (View Code Sequence) when it is not a frontal projection, else None.
+    A code we do not know is judged by its meaning: frontal only if the meaning says so."""
+    for item in getattr(ds, "ViewCodeSequence", []) or []:
+        scheme = str(getattr(item, "CodingSchemeDesignator", "") or "").strip().upper()
+        value = str(getattr(item, "CodeValue", "") or "").strip()
+        meaning = str(getattr(item, "CodeMeaning", "") or "").strip().lower()
+        if (scheme, value) in FRONTAL_VIEW_CODES:
+            continue
+        frontal_words = any(word in meaning for word in FRONTAL_VIEW_MEANINGS)
+        if frontal_words and "oblique" not in meaning:
+            continue
+        return f"{meaning or 'coded'} ({scheme} {value})".strip()
     return None
 
 

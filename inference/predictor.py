@@ -13,7 +13,7 @@ has ``probability`` and ``present`` None and ``declined_reason`` set: never a nu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from inference.input_check import (
     header_decline_reason,
     thumbnail,
 )
+from inference.population import AgeRange, PatientAge, age_decline_reason, patient_age
 from inference.preprocess import preprocess, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
@@ -51,6 +52,7 @@ class Prediction:
     heatmap_png: bytes | None = None
     threshold: float = 0.5
     n_frames: int = 1
+    caveat: str | None = None  # e.g. the patient is outside the ages the model was validated on
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (the heat map is left out: it is binary)."""
@@ -61,6 +63,7 @@ class Prediction:
             "declined_reason": self.declined_reason,
             "threshold": self.threshold,
             "has_heatmap": self.heatmap_png is not None,
+            "caveat": self.caveat,
         }
 
 
@@ -80,6 +83,9 @@ class Predictor:
         self.runner = runner
         self.ood = ood
         self.orientation = orientation
+        # Ages (completed years) that get a result: the model's population, unless a site
+        # widens it (gateway setting CXR_INTENDED_AGE_YEARS; then reports say so).
+        self.intended_age: AgeRange | None = meta.population.age if meta.population else None
 
     @classmethod
     def load(cls, folder: Path | None = None, *, backend: str = "auto") -> Predictor:
@@ -144,20 +150,39 @@ class Predictor:
 
     def predict_dataset(self, ds: Any, *, heatmap: bool = True) -> Prediction:
         """Header check, decode (any transfer syntax, LUTs, MONOCHROME1) and predict a DICOM."""
-        reason = header_decline_reason(ds)
+        age = patient_age(ds)
+        reason = header_decline_reason(ds) or self.age_decline_reason(age)
         if reason is not None:
             return self.declined(reason)
         try:
             pixels = dicom_to_image(ds)
         except PixelDecodeError as exc:
             return self.declined(str(exc))
-        return self.predict_pixels(pixels, heatmap=heatmap)
+        prediction = self.predict_pixels(pixels, heatmap=heatmap)
+        caveat = self.age_caveat(age)
+        return prediction if caveat is None else replace(prediction, caveat=caveat)
 
     def predict_pixels(self, pixels: DicomPixels, *, heatmap: bool = True) -> Prediction:
         """Predict a decoded DICOM image; a colour one gets no result."""
         if pixels.colour is not None:
             return self.declined(pixels.colour)
         return self.predict_array(pixels.image, heatmap=heatmap)
+
+    def age_decline_reason(self, age: PatientAge | None) -> str | None:
+        """Why a patient of ``age`` gets no result (outside the intended ages), or None."""
+        if self.intended_age is None:
+            return None
+        return age_decline_reason(age, self.intended_age)
+
+    def age_caveat(self, age: PatientAge | None) -> str | None:
+        """For a result given only because a site widened the ages: what the reader must know."""
+        validated = self.meta.population.age if self.meta.population else None
+        if age is None or validated is None or validated.contains(age.years):
+            return None
+        return (
+            f"patient age {age} is outside the ages the model was validated on ({validated}); "
+            f"this site accepts {self.intended_age}"
+        )
 
     def declined(self, reason: str) -> Prediction:
         """ "No result", with the reason (an input check said no before the model ran)."""
