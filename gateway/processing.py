@@ -80,6 +80,13 @@ def context_from(ds: Dataset) -> StudyContext:
         study_time=text("StudyTime"),
         study_description=text("StudyDescription"),
         referring_physician_name=text("ReferringPhysicianName"),
+        timezone_offset=text("TimezoneOffsetFromUTC"),
+        series_date=text("SeriesDate"),
+        series_time=text("SeriesTime"),
+        acquisition_date=text("AcquisitionDate"),
+        acquisition_time=text("AcquisitionTime"),
+        content_date=text("ContentDate"),
+        content_time=text("ContentTime"),
     )
 
 

@@ -59,6 +59,16 @@ class StudyContext:
     study_time: str = ""  # DICOM TM
     study_description: str = ""
     referring_physician_name: str = ""
+    # (0008,0201) Timezone Offset From UTC of the source header, "+HHMM"/"-HHMM" or "": the
+    # zone of every date and time above when present.
+    timezone_offset: str = ""
+    # Later dates and times of the source image, for when Study Date/Time are absent.
+    series_date: str = ""
+    series_time: str = ""
+    acquisition_date: str = ""
+    acquisition_time: str = ""
+    content_date: str = ""
+    content_time: str = ""
 
 
 @dataclass(frozen=True)
