@@ -87,12 +87,18 @@ class StudyFinding:
     images: tuple[SourceImage, ...]  # the images the finding came from
     declined: tuple[DeclinedImage, ...] = ()
     rule: str = "maximum probability over the frontal chest images"
-    report_id: str = ""  # our stable identifier of this report (study uid + version)
+    # Our identifier of this report version: a random UUID minted once per study version and
+    # kept across retries (findings made before that: the Study Instance UID).
+    report_id: str = ""
     version: int = 1  # study version; > 1 means this report amends an earlier one
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     # What the reader must know about the result: e.g. the patient is outside the ages the
     # model was validated on (a site widened them). Empty for a result within its validation.
     caveats: tuple[str, ...] = ()
+    # The report this one amends: the latest earlier version of the study that was reported
+    # ("" and 0 when there is none).
+    previous_report_id: str = ""
+    previous_version: int = 0
 
     @property
     def has_result(self) -> bool:
@@ -122,4 +128,6 @@ class StudyFinding:
             version=data["version"],
             created_at=dt.datetime.fromisoformat(data["created_at"]),
             caveats=tuple(data.get("caveats", ())),
+            previous_report_id=data.get("previous_report_id", ""),
+            previous_version=data.get("previous_version", 0),
         )
