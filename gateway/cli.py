@@ -342,7 +342,8 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery i
 
 
 def _register_model_commands() -> None:
-    # train / evaluate / predict live with the model code; they import TensorFlow lazily.
+    # train / evaluate / predict / calibrate live with the model code; they import TensorFlow
+    # lazily.
     from training.cli import register
 
     register(app)

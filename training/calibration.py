@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,3 +113,76 @@ def threshold_for_specificity(y: Array, p: Array, target: float) -> float:
     k = int(np.ceil(target * len(neg) - 1e-9))
     k = min(max(k, 1), len(neg))
     return float(np.nextafter(neg[k - 1], np.inf))
+
+
+def sensitivity_lower_bound(detected: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson lower confidence bound of a sensitivity: ``detected`` of ``n``
+    positives called. Exact (binomial), conservative; 0.0 when none is detected."""
+    from scipy.stats import beta
+
+    if n <= 0 or not 0 <= detected <= n:
+        raise ValueError(f"need 0 <= detected <= n and n > 0, got {detected} of {n}")
+    if detected == 0:
+        return 0.0
+    return float(beta.ppf(1.0 - confidence, detected, n - detected + 1))
+
+
+def misses_allowed(n_positive: int, target: float, confidence: float = 0.95) -> int | None:
+    """The most positives a threshold may miss among ``n_positive`` while the one-sided
+    Clopper-Pearson lower bound of sensitivity stays >= ``target``; None when even no miss
+    reaches it (fewer than log(1 - confidence) / log(target) positives: 59 at 0.95/0.95)."""
+    allowed = None
+    for k in range(n_positive):
+        if sensitivity_lower_bound(n_positive - k, n_positive, confidence) < target:
+            break
+        allowed = k
+    return allowed
+
+
+@dataclass(frozen=True)
+class SensitivityRule:
+    """What :func:`threshold_with_margin` chose, and the guarantee it carries."""
+
+    threshold: float
+    n_positive: int
+    misses_allowed: int  # by the rule (0 when the target is out of reach)
+    misses: int  # positives below the threshold on the sample (<= misses_allowed; ties)
+    lower_bound: float  # one-sided Clopper-Pearson bound of sensitivity at ``confidence``
+    confidence: float
+    reachable: bool  # False: even 0 misses leave the bound below the target
+    achieved_confidence: float  # the confidence at which 0 misses show the target, if not
+
+
+def threshold_with_margin(
+    y: Array, p: Array, target: float, confidence: float = 0.95
+) -> SensitivityRule:
+    """The highest threshold (at a positive's score) whose sensitivity on the sample has a
+    one-sided ``confidence`` Clopper-Pearson lower bound >= ``target``.
+
+    The margin shrinks as the sample grows: with n positives the rule allows
+    ``misses_allowed(n)`` of them below the threshold (at 0.95/0.95: 0 of 59-92, 1 of 93-123,
+    2 of 124-152, 3 of 153-180, 4 of 181-207, ...). When no threshold can show the target (too
+    few positives), the threshold is the lowest positive's score (every sample positive is
+    called) and ``achieved_confidence`` says how sure that is (1 - target ** n).
+    Raises ValueError when there is no positive.
+    """
+    y = np.asarray(y).astype(bool)
+    pos = np.sort(np.asarray(p, dtype=np.float64)[y])
+    n = len(pos)
+    if n == 0:
+        raise ValueError("no positive cases to set a sensitivity threshold")
+    k = misses_allowed(n, target, confidence)
+    reachable = k is not None
+    k = k or 0
+    threshold = float(pos[k])
+    misses = int(np.sum(pos < threshold))
+    return SensitivityRule(
+        threshold=threshold,
+        n_positive=n,
+        misses_allowed=k,
+        misses=misses,
+        lower_bound=sensitivity_lower_bound(n - misses, n, confidence),
+        confidence=confidence,
+        reachable=reachable,
+        achieved_confidence=confidence if reachable else float(1.0 - target**n),
+    )

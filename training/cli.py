@@ -179,7 +179,10 @@ def evaluate(
 
 def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files")],
-    model: Annotated[Path, typer.Option(help="Model artifact folder")] = DEFAULT_MODEL,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Model artifact folder [default: $CXR_MODEL_DIR, else the shipped one]"),
+    ] = None,
     heatmap_dir: Annotated[
         Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
     ] = None,
@@ -202,8 +205,57 @@ def predict(
         raise typer.Exit(1)
 
 
+def calibrate(
+    data: Annotated[
+        Path, typer.Option(help="Labelled local sample: NORMAL/ and PNEUMONIA/ subfolders")
+    ],
+    out: Annotated[Path, typer.Option(help="New artifact folder (must not exist or be empty)")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Base artifact [default: $CXR_MODEL_DIR, else the shipped model]"),
+    ] = None,
+    target_sensitivity: Annotated[
+        float,
+        typer.Option(
+            min=0.5,
+            max=0.999,
+            help="Sensitivity the threshold keeps, as a one-sided 95% lower confidence bound",
+        ),
+    ] = 0.95,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals")] = 1000,
+) -> None:
+    """Site calibration: the model's weights with a calibration and threshold fitted on a
+    labelled local sample, as a new artifact with a local acceptance report."""
+    _quiet_tensorflow()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from inference.artifact import ArtifactError
+    from inference.predictor import default_model_dir
+    from training.calibrate_site import calibrate_site
+    from training.data import DataError
+
+    command = "cxr-gateway " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        meta = calibrate_site(
+            data,
+            out,
+            model or default_model_dir(),
+            target=target_sensitivity,
+            command=command,
+            n_boot=n_boot,
+        )
+    except (DataError, ArtifactError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    site = meta.site or {}
+    typer.echo(f"site artifact: {out} ({meta.name} {meta.version})")
+    typer.echo(f"threshold {meta.threshold:.4f}: {meta.threshold_rule}")
+    typer.echo(json.loads((out / site["report"]).with_name("metrics.json").read_text())["verdict"])
+    typer.echo(f"report: {out / site['report']}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the model commands (train, evaluate, predict) to the gateway's CLI app."""
+    """Add the model commands (train, evaluate, predict, calibrate) to the gateway's CLI app."""
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
+    app.command("calibrate")(calibrate)

@@ -15,6 +15,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from inference.dicom_pixels import is_dicom_file
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
 
@@ -65,7 +67,9 @@ def subgroup_of(filename: str, label: int) -> str:
 
 
 def list_samples(root: Path) -> list[Sample]:
-    """All images under ``root/NORMAL`` and ``root/PNEUMONIA``, sorted by path.
+    """All images under ``root/NORMAL`` and ``root/PNEUMONIA``, sorted by path: files with an
+    image suffix, and DICOM files by their preamble whatever their name (PACS exports often
+    name them by UID, without a suffix).
 
     Raises DataError if a class folder is missing or no image is found.
     """
@@ -75,7 +79,9 @@ def list_samples(root: Path) -> list[Sample]:
         if not folder.is_dir():
             raise DataError(f"{root} has no {name}/ subfolder")
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if path.is_file() and (
+                path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)  # named by UID
+            ):
                 samples.append(
                     Sample(path, label, patient_of(path.name, label), subgroup_of(path.name, label))
                 )
