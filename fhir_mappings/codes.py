@@ -16,8 +16,8 @@ V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DEVICE_NAME_TYPE = "model-name"  # R4 DeviceNameType
 DICOM_UID_SYSTEM = "urn:dicom:uid"
-# Our own code system for the probability, which has no standard code.
-LOCAL_CODES = "urn:cxr-gateway:codes"
+# DICOM Controlled Terminology (PS3.16), the code system the SR uses.
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
 
 
 def coding(system: str, code: str, display: str) -> dict[str, Any]:
@@ -38,7 +38,8 @@ ABSENT = coding(SNOMED, "2667000", "Absent")
 POSITIVE = coding(OBS_INTERPRETATION, "POS", "Positive")
 NEGATIVE = coding(OBS_INTERPRETATION, "NEG", "Negative")
 IMAGING_CATEGORY = coding(OBS_CATEGORY, "imaging", "Imaging")
-PROBABILITY_CODE = coding(LOCAL_CODES, "pneumonia-probability", "Probability of pneumonia (AI)")
+# The same concept as the SR's measurement (gateway.sr: DCM 122157 "Probability").
+PROBABILITY_CODE = coding(DCM, "122157", "Probability")
 ACCESSION_TYPE = coding(V2_0203, "ACSN", "Accession ID")
 # AI Transparency on FHIR: a security label saying the content was asserted by an AI.
 AI_ASSERTED = coding(V3_OBSERVATION_VALUE, "AIAST", "Artificial Intelligence asserted")

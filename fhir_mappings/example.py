@@ -6,7 +6,8 @@ hand, and a test checks that the committed file equals a fresh build::
 
     .venv/bin/python -m fhir_mappings.example > docs/fhir-example-bundle.json
 
-The patient, study and accession are made up.
+The patient, study, accession, order, encounter and organization are made up; the example shows
+a report linked to its order (``basedOn``) as the worker makes it when the EHR holds one.
 """
 
 from __future__ import annotations
@@ -50,16 +51,24 @@ def example_bundle(model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, Any]:
         present=probability >= model.threshold,
         images=(SourceImage(DigitalXRayImageStorageForPresentation, f"{uid}.1.1", f"{uid}.1"),),
         declined=(),
-        report_id=uid,  # as the worker sets it (gateway.processing)
+        report_id="0b6f4a52c1e94d7e9a3c5e8f1d2b7a60",  # random per version (gateway.processing)
         version=1,
         created_at=dt.datetime(2026, 11, 27, 9, 16, 2, tzinfo=dt.UTC),
     )
     config = FhirMappingConfig(
         patient_identifier_system="urn:oid:1.2.826.0.1.3680043.9.7777.1",
+        accession_identifier_system="urn:oid:1.2.826.0.1.3680043.9.7777.2",
         timezone="Europe/Berlin",
+        organization_name="Example Hospital, Department of Radiology",
     )
     subject = subject_reference(patient_id="example-patient-id", identifier=None)
-    return build_transaction_bundle(finding, config, subject=subject)
+    return build_transaction_bundle(
+        finding,
+        config,
+        subject=subject,
+        based_on={"reference": "ServiceRequest/example-order-id"},
+        encounter={"reference": "Encounter/example-encounter-id"},
+    )
 
 
 def render(bundle: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fhir_mappings import codes
 from fhir_mappings.config import FhirMappingConfig
-from fhir_mappings.dates import instant, study_datetime
+from fhir_mappings.dates import effective_datetime, instant
 from fhir_mappings.summary import conclusion_text, summary_text
 from inference.finding import StudyFinding
 
@@ -64,6 +64,7 @@ def _observation_base(
     subject: Json,
     device_url: str,
     status: str,
+    encounter: Json | None,
 ) -> Json:
     obs: Json = {
         "resourceType": "Observation",
@@ -76,7 +77,9 @@ def _observation_base(
         "device": {"reference": device_url},
         "derivedFrom": [imaging_study_reference(finding)],
     }
-    effective = study_datetime(finding.study.study_date, finding.study.study_time, config.timezone)
+    if encounter:
+        obs["encounter"] = encounter
+    effective = effective_datetime(finding.study, config.timezone)
     if effective:
         obs["effectiveDateTime"] = effective
     return obs
@@ -89,12 +92,25 @@ def identifier_for(finding: StudyFinding, config: FhirMappingConfig, suffix: str
 
 
 def probability_observation(
-    finding: StudyFinding, config: FhirMappingConfig, *, subject: Json, device_url: str, status: str
+    finding: StudyFinding,
+    config: FhirMappingConfig,
+    *,
+    subject: Json,
+    device_url: str,
+    status: str,
+    encounter: Json | None = None,
 ) -> Json:
-    """The calibrated probability of pneumonia, in percent (UCUM ``%``)."""
+    """The calibrated probability of pneumonia, in percent (UCUM ``%``), coded as the SR codes
+    it (DCM 122157 "Probability"); the text says of what."""
     assert finding.probability is not None
     obs = _observation_base(
-        finding, config, obs_id="probability", subject=subject, device_url=device_url, status=status
+        finding,
+        config,
+        obs_id="probability",
+        subject=subject,
+        device_url=device_url,
+        status=status,
+        encounter=encounter,
     )
     obs["code"] = {"coding": [codes.PROBABILITY_CODE], "text": "Probability of pneumonia (AI)"}
     obs["valueQuantity"] = {"value": round(finding.probability * 100, 2), **codes.PERCENT}
@@ -111,10 +127,17 @@ def finding_observation(
     device_url: str,
     status: str,
     probability_url: str,
+    encounter: Json | None = None,
 ) -> Json:
     """Pneumonia present/absent at the model's operating threshold."""
     obs = _observation_base(
-        finding, config, obs_id="finding", subject=subject, device_url=device_url, status=status
+        finding,
+        config,
+        obs_id="finding",
+        subject=subject,
+        device_url=device_url,
+        status=status,
+        encounter=encounter,
     )
     obs["code"] = {"coding": [codes.PNEUMONIA], "text": "Pneumonia (AI finding)"}
     present = bool(finding.present)
@@ -130,12 +153,21 @@ def diagnostic_report(
     *,
     subject: Json,
     result_urls: list[str],
+    status: str,
+    version_id: str,
+    based_on: Json | None = None,
+    encounter: Json | None = None,
 ) -> Json:
-    """The DiagnosticReport; ``amended`` from version 2 on."""
+    """The DiagnosticReport of one version (``version_id``: ``ehr.report_version_id``).
+
+    A study without a usable image gets a report that says what was received and why nothing
+    was analysed: no results, no conclusion code, and a code text that is not a chest finding.
+    """
     study = finding.study
-    ids = [identifier_for(finding, config, "")]
-    if finding.report_id:
-        ids.append(identifier(config.report_identifier_system + ":version", finding.report_id))
+    ids = [
+        identifier_for(finding, config, ""),
+        identifier(config.report_identifier_system + ":version", version_id),
+    ]
     if study.accession_number:
         ids.insert(
             0,
@@ -145,16 +177,18 @@ def diagnostic_report(
                 type={"coding": [codes.ACCESSION_TYPE]},
             ),
         )
+    title = (
+        "AI chest radiograph analysis (pneumonia)"
+        if finding.has_result
+        else "AI image analysis: no result (no image suitable for the algorithm)"
+    )
     report: Json = {
         "resourceType": "DiagnosticReport",
         "meta": ai_meta(),
         "identifier": ids,
-        "status": "amended" if finding.version > 1 else "final",
+        "status": status,
         "category": [{"coding": codes.CATEGORY_RADIOLOGY}],
-        "code": {
-            "coding": [codes.REPORT_CODE],
-            "text": "AI chest radiograph analysis (pneumonia)",
-        },
+        "code": {"coding": [codes.REPORT_CODE], "text": title},
         "subject": subject,
         "issued": instant(finding.created_at),
         "imagingStudy": [imaging_study_reference(finding)],
@@ -169,7 +203,11 @@ def diagnostic_report(
             }
         ],
     }
-    effective = study_datetime(study.study_date, study.study_time, config.timezone)
+    if based_on:
+        report["basedOn"] = [based_on]
+    if encounter:
+        report["encounter"] = encounter
+    effective = effective_datetime(study, config.timezone)
     if effective:
         report["effectiveDateTime"] = effective
     if result_urls:
@@ -180,25 +218,3 @@ def diagnostic_report(
         # and in the Observation (Absent).
         report["conclusionCode"] = [{"coding": [codes.PNEUMONIA]}]
     return report
-
-
-def provenance(
-    finding: StudyFinding,
-    *,
-    target_urls: list[str],
-    device_url: str,
-    tag: Json,
-) -> Json:
-    """AI Transparency on FHIR: the AI Device is author and assembler of the report."""
-    return {
-        "resourceType": "Provenance",
-        "meta": {"tag": [tag]},
-        "target": [{"reference": u} for u in target_urls],
-        "recorded": instant(finding.created_at),
-        "activity": {"coding": [codes.UPDATE if finding.version > 1 else codes.CREATE]},
-        "agent": [
-            {"type": {"coding": [codes.AUTHOR]}, "who": {"reference": device_url}},
-            {"type": {"coding": [codes.ASSEMBLER]}, "who": {"reference": device_url}},
-        ],
-        "entity": [{"role": "source", "what": imaging_study_reference(finding)}],
-    }

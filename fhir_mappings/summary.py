@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from pydicom.uid import UID
+
 from inference.finding import StudyFinding
 
 BANNER = "AI-GENERATED RESULT - NOT VERIFIED BY A PHYSICIAN."
@@ -11,29 +15,51 @@ def percent(p: float) -> str:
     return f"{p * 100:.1f} %"
 
 
+def received_text(finding: StudyFinding) -> str:
+    """What the study held, by DICOM object type (a "no result" report names it)."""
+    kinds = Counter(
+        UID(d.image.sop_class_uid).name for d in finding.declined if d.image.sop_class_uid
+    )
+    count = len(finding.images) + len(finding.declined)
+    listed = ", ".join(f"{n} x {name}" for name, n in sorted(kinds.items()))
+    text = f"{count} image{'s' if count != 1 else ''} received" + (f" ({listed})" if listed else "")
+    if finding.study.study_description.strip():
+        text += f"; study description '{finding.study.study_description.strip()}'"
+    return text
+
+
 def conclusion_text(finding: StudyFinding) -> str:
     """One or two sentences for DiagnosticReport.conclusion."""
     if not finding.has_result:
         reasons = "; ".join(sorted({d.reason for d in finding.declined})) or "no usable image"
-        return f"{BANNER} No AI result for this study: {reasons}."
+        return (
+            f"{BANNER} No AI result: the algorithm (pneumonia on frontal chest radiographs) "
+            f"was not applied. {received_text(finding)}; declined: {reasons}."
+        )
     assert finding.probability is not None  # has_result
     verdict = (
         "Findings suggestive of pneumonia"
         if finding.present
         else "No radiographic evidence of pneumonia detected"
     )
+    caveats = "".join(f" {c.rstrip('.')}." for c in finding.caveats)
     return (
         f"{BANNER} {verdict} (probability {percent(finding.probability)}, "
-        f"operating threshold {percent(finding.model.threshold)})."
+        f"operating threshold {percent(finding.model.threshold)}).{caveats}"
     )
 
 
 def summary_text(finding: StudyFinding) -> str:
     """Plain-text report body (no patient identifiers: the EHR shows those itself)."""
     m = finding.model
+    heading = (
+        "Chest radiograph - automated pneumonia detection."
+        if finding.has_result
+        else "Automated pneumonia detection (frontal chest radiographs): not applied."
+    )
     lines = [
         BANNER,
-        "Chest radiograph - automated pneumonia detection.",
+        heading,
         "",
         conclusion_text(finding).removeprefix(BANNER + " "),
         "",

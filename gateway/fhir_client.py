@@ -1,7 +1,9 @@
 """HTTP client for the EHR's FHIR R4 server: patient lookup and transaction posting.
 
-- Auth: none, a static bearer token, or OAuth2 client credentials (token cached until shortly
-  before it expires; a 401 drops the cached token and is tried once more with a new one).
+- Auth: none, a static bearer token, OAuth2 client credentials with a client secret
+  (``oauth2``), or SMART Backend Services (``smart-backend``: client credentials with a signed
+  JWT client assertion, private_key_jwt, RS384 or ES384). Tokens are cached until shortly
+  before they expire; a 401 drops the cached token and is tried once more with a new one.
 - TLS verified by default, optionally against a site CA bundle. Explicit timeouts.
 - Bounded retries with backoff on network errors, 408, 429 and 5xx (except 501/505), honouring
   ``Retry-After``. Other 4xx answers are never retried: ``FhirRejected`` carries the server's
@@ -18,18 +20,31 @@ import logging
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
+import jwt
 import tenacity
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-AuthMode = Literal["none", "bearer", "oauth2"]
+AuthMode = Literal["none", "bearer", "oauth2", "smart-backend"]
+JwtAlgorithm = Literal["RS384", "ES384"]
+_AUTH_MODES = ("none", "bearer", "oauth2", "smart-backend")
+_TOKEN_MODES = ("oauth2", "smart-backend")
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# SMART Backend Services: the assertion's exp is at most five minutes ahead; less leaves room
+# for a token endpoint whose clock runs a little behind ours.
+ASSERTION_SECONDS = 240
 _RETRY_STATUS = frozenset({408, 429, *range(500, 600)}) - {501, 505}
 _FHIR_JSON = "application/fhir+json"
 _MAX_OUTCOME_CHARS = 65536
@@ -66,6 +81,11 @@ class FhirUnavailable(FhirError):
         self.attempts = attempts
 
 
+class FhirConfigError(FhirError):
+    """The client's configuration cannot work (e.g. an unreadable key, or one unfit for the
+    JWT algorithm). Retrying will not help; the message names the setting."""
+
+
 class FhirPatientAmbiguous(FhirError):
     """More than one Patient matches the identifier: the report must be held for an admin."""
 
@@ -88,6 +108,11 @@ class FhirClientConfig:
     client_id: str = ""
     client_secret: str = field(default="", repr=False)
     scope: str = ""
+    # smart-backend: PEM private key (unencrypted PKCS#8 or traditional) whose public key the EHR
+    # holds for client_id, the key's id there (JWT "kid"), and the signature algorithm.
+    private_key_file: str = ""
+    key_id: str = ""
+    jwt_alg: JwtAlgorithm = "RS384"
     verify_tls: bool = True
     ca_bundle: str = ""  # PEM file of the site CA; "" = the system's trust store
     connect_timeout: float = 5.0
@@ -104,8 +129,16 @@ class FhirClientConfig:
             raise ValueError("auth 'bearer' needs bearer_token")
         if self.auth == "oauth2" and not (self.token_url and self.client_id and self.client_secret):
             raise ValueError("auth 'oauth2' needs token_url, client_id and client_secret")
-        if self.auth not in ("none", "bearer", "oauth2"):
+        if self.auth == "smart-backend" and not (
+            self.token_url and self.client_id and self.private_key_file and self.key_id
+        ):
+            raise ValueError(
+                "auth 'smart-backend' needs token_url, client_id, private_key_file and key_id"
+            )
+        if self.auth not in _AUTH_MODES:
             raise ValueError(f"unknown auth mode {self.auth!r}")
+        if self.jwt_alg not in ("RS384", "ES384"):
+            raise ValueError(f"unknown JWT algorithm {self.jwt_alg!r} (RS384 or ES384)")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
 
@@ -176,27 +209,64 @@ class FhirClient:
         self._lock = threading.Lock()
         self._token: str = ""
         self._token_expires = 0.0
+        self._signing_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None
 
     # -- public API ---------------------------------------------------------------------------
+
+    def search_by_identifier(
+        self, resource_type: str, system: str, value: str, *, count: int = 2
+    ) -> list[dict[str, Any]]:
+        """The resources of ``resource_type`` with identifier ``system|value`` (at most ``count``).
+
+        Raises FhirRejected, FhirUnavailable.
+        """
+        # POST _search: the identifier (PHI) travels in the body, never in a URL that proxies,
+        # server access logs or httpx's own request log would record.
+        form = {"identifier": f"{system}|{value}", "_count": str(count)}
+        response = self._request(
+            "POST", f"{resource_type}/_search", what=f"{resource_type} search", form=form
+        )
+        return [
+            e["resource"]
+            for e in response.json().get("entry", [])
+            if e.get("search", {}).get("mode", "match") == "match" and "resource" in e
+        ]
+
+    def find_patient(self, system: str, value: str) -> dict[str, Any] | None:
+        """The one Patient with identifier ``system|value`` (its name and birth date are checked
+        against the study by the caller); None if there is none.
+
+        Raises FhirPatientAmbiguous (several matches), FhirRejected, FhirUnavailable.
+        """
+        found = self.search_by_identifier("Patient", system, value)
+        if len(found) > 1:
+            raise FhirPatientAmbiguous("several Patients match the identifier")
+        return found[0] if found else None
 
     def resolve_patient(self, system: str, value: str) -> str | None:
         """Id of the one Patient with identifier ``system|value``; None if there is none.
 
         Raises FhirPatientAmbiguous (several matches), FhirRejected, FhirUnavailable.
         """
-        # POST _search: the identifier (PHI) travels in the body, never in a URL that proxies,
-        # server access logs or httpx's own request log would record.
-        form = {"identifier": f"{system}|{value}", "_count": "2"}
-        response = self._request("POST", "Patient/_search", what="Patient search", form=form)
-        bundle = response.json()
-        ids = [
-            e["resource"]["id"]
-            for e in bundle.get("entry", [])
-            if e.get("search", {}).get("mode", "match") == "match" and "resource" in e
-        ]
-        if len(ids) > 1:
-            raise FhirPatientAmbiguous("several Patients match the identifier")
-        return ids[0] if ids else None
+        patient = self.find_patient(system, value)
+        return str(patient["id"]) if patient else None
+
+    def report_versions(self, system: str, value: str) -> list[dict[str, Any]]:
+        """Every version of the one DiagnosticReport with identifier ``system|value``, newest
+        first; empty when there is none (or several, which the conditional update then refuses).
+
+        Raises FhirRejected, FhirUnavailable.
+        """
+        found = self.search_by_identifier("DiagnosticReport", system, value)
+        if len(found) != 1:
+            return []
+        path = f"DiagnosticReport/{quote(str(found[0]['id']), safe='')}/_history"
+        response = self._request("GET", path, what="DiagnosticReport history")
+        versions = [e["resource"] for e in response.json().get("entry", []) if "resource" in e]
+        # FHIR returns history newest first; sorting (stable) guards against a server that not.
+        return sorted(
+            versions, key=lambda r: str(r.get("meta", {}).get("lastUpdated", "")), reverse=True
+        )
 
     def post_transaction(self, bundle: dict[str, Any]) -> TransactionResult:
         """POST a transaction Bundle; returns the type, id and status of each entry.
@@ -312,7 +382,7 @@ class FhirClient:
                 raise _Transient(f"network error {type(exc).__name__}") from None
             status = response.status_code
             log.info("FHIR %s -> HTTP %d", what, status)
-            if status == 401 and self.config.auth == "oauth2" and auth_try == 1:
+            if status == 401 and self.config.auth in _TOKEN_MODES and auth_try == 1:
                 self._drop_token()  # revoked or expired early: one fresh token, then give up
                 continue
             if status < 300:
@@ -336,7 +406,7 @@ class FhirClient:
         cfg = self.config
         if cfg.auth == "bearer":
             return {"Authorization": f"Bearer {cfg.bearer_token}"}
-        if cfg.auth == "oauth2":
+        if cfg.auth in _TOKEN_MODES:
             return {"Authorization": f"Bearer {self._access_token()}"}
         return {}
 
@@ -353,16 +423,20 @@ class FhirClient:
         if cfg.scope:
             data["scope"] = cfg.scope
         try:
-            response = self._client().post(
-                cfg.token_url, data=data, auth=(cfg.client_id, cfg.client_secret)
-            )
+            if cfg.auth == "smart-backend":
+                data["client_assertion_type"] = JWT_BEARER
+                data["client_assertion"] = self._client_assertion()
+                response = self._client().post(cfg.token_url, data=data)
+            else:
+                basic = (cfg.client_id, cfg.client_secret)
+                response = self._client().post(cfg.token_url, data=data, auth=basic)
         except httpx.TransportError as exc:
             raise _Transient(f"token endpoint network error {type(exc).__name__}") from None
         if response.status_code in _RETRY_STATUS:
             raise _Transient(f"token endpoint HTTP {response.status_code}", response.status_code)
         if response.status_code != 200:
             raise FhirAuthError(
-                f"token endpoint refused: HTTP {response.status_code}",
+                _token_refusal(response, smart=cfg.auth == "smart-backend"),
                 status=response.status_code,
                 outcome_text=response.text,
             )
@@ -377,5 +451,71 @@ class FhirClient:
             # Renew a little early so a token never expires in flight.
             self._token = token
             self._token_expires = time.monotonic() + max(0.0, lifetime - min(30.0, lifetime / 10))
-        log.info("FHIR OAuth2 token obtained (expires in %.0f s)", lifetime)
+        log.info("FHIR access token obtained (%s, expires in %.0f s)", cfg.auth, lifetime)
         return token
+
+    def _client_assertion(self) -> str:
+        """SMART Backend Services: a JWT signed with our private key, valid for a few minutes,
+        with a unique ``jti`` so that it cannot be replayed."""
+        cfg = self.config
+        with self._lock:
+            if self._signing_key is None:
+                self._signing_key = load_signing_key(Path(cfg.private_key_file), cfg.jwt_alg)
+            key = self._signing_key
+        now = int(time.time())
+        claims = {
+            "iss": cfg.client_id,
+            "sub": cfg.client_id,
+            "aud": cfg.token_url,
+            "iat": now,
+            "exp": now + ASSERTION_SECONDS,
+            "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, key, algorithm=cfg.jwt_alg, headers={"kid": cfg.key_id})
+
+
+def _token_refusal(response: httpx.Response, *, smart: bool) -> str:
+    """The message for a refused token request: the OAuth2 error code, and what to check."""
+    try:
+        error = str(response.json().get("error", ""))
+    except ValueError:
+        error = ""
+    message = f"token endpoint refused: HTTP {response.status_code}" + (
+        f" {error}" if error else ""
+    )
+    if smart:
+        message += (
+            " (the signed client assertion was not accepted: check that CXR_FHIR_PRIVATE_KEY_FILE"
+            " and CXR_FHIR_KEY_ID match the public key the EHR holds for CXR_FHIR_CLIENT_ID)"
+        )
+    return message
+
+
+def load_signing_key(path: Path, algorithm: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """The unencrypted PEM private key in ``path``, checked to fit ``algorithm``.
+
+    RS384 needs an RSA key of at least 2048 bits, ES384 an EC key on P-384. Raises
+    FhirConfigError naming the setting (never the key's content).
+    """
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise FhirConfigError(
+            f"CXR_FHIR_PRIVATE_KEY_FILE {path}: cannot read ({type(exc).__name__})"
+        ) from None
+    except (ValueError, TypeError) as exc:
+        raise FhirConfigError(
+            f"CXR_FHIR_PRIVATE_KEY_FILE {path}: not an unencrypted PEM private key ({exc})"
+        ) from None
+    if algorithm == "RS384" and isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
+        return key
+    if (
+        algorithm == "ES384"
+        and isinstance(key, ec.EllipticCurvePrivateKey)
+        and isinstance(key.curve, ec.SECP384R1)
+    ):
+        return key
+    raise FhirConfigError(
+        f"CXR_FHIR_PRIVATE_KEY_FILE {path}: not a key for {algorithm} "
+        "(RS384: RSA of 2048 bits or more; ES384: EC on P-384)"
+    )

@@ -10,14 +10,20 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session, sessionmaker
 
 from fhir_mappings import (
     DeliveryStatus,
+    EhrRecords,
     FhirMappingConfig,
     FhirMappingError,
+    ReportStatus,
+    UnknownOrderPolicy,
     UnknownPatientPolicy,
+    order_identifier,
     patient_identifier,
     plan_delivery,
+    report_search_identifier,
 )
 from gateway.delivery import (
     FHIR,
@@ -31,9 +37,17 @@ from gateway.delivery import (
     write_outbox,
 )
 from gateway.dicom_sender import Destination, StoreFailedError, send_with_retries
-from gateway.fhir_client import FhirClient, FhirClientConfig, FhirRejected
+from gateway.fhir_client import (
+    FhirAuthError,
+    FhirClient,
+    FhirClientConfig,
+    FhirConfigError,
+    FhirPatientAmbiguous,
+    FhirRejected,
+)
 from gateway.settings import Settings
 from gateway.sr import SRBuildError, build_sr, sr_reference
+from inference.finding import StudyFinding
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +139,16 @@ def mapping_config(settings: Settings, *, outbox: bool) -> FhirMappingConfig:
         report_identifier_system=settings.fhir_report_identifier_system,
         device_identifier_system=settings.fhir_device_identifier_system,
         accession_identifier_system=settings.fhir_accession_identifier_system,
+        # The outbox has no EHR to look orders up in: a logical reference when it can.
+        unknown_order_policy=(
+            UnknownOrderPolicy.REFERENCE
+            if outbox
+            else UnknownOrderPolicy(settings.fhir_unknown_order_policy)
+        ),
+        report_status=ReportStatus(settings.fhir_report_status),
+        organization_reference=settings.fhir_organization_reference,
+        organization_identifier=settings.fhir_organization_identifier,
+        organization_name=settings.fhir_organization_name,
         timezone=settings.fhir_timezone,
         post_no_result=settings.fhir_post_no_result,
     )
@@ -139,6 +163,9 @@ def client_config(settings: Settings) -> FhirClientConfig:
         client_id=settings.fhir_client_id,
         client_secret=settings.fhir_client_secret.get_secret_value(),
         scope=settings.fhir_scope,
+        private_key_file=str(settings.fhir_private_key_file or ""),
+        key_id=settings.fhir_key_id,
+        jwt_alg=settings.fhir_jwt_alg,
         verify_tls=settings.fhir_verify_tls,
         ca_bundle=settings.fhir_ca_bundle,
         read_timeout=settings.fhir_timeout_seconds,
@@ -160,6 +187,13 @@ class FhirSender:
     def __call__(self, job: DeliveryJob) -> dict[str, Any]:
         try:
             return self._deliver(job)
+        except FhirConfigError as exc:
+            raise PermanentDeliveryError(f"FHIR client misconfigured: {exc}") from exc
+        except FhirAuthError as exc:
+            raise PermanentDeliveryError(
+                f"EHR authentication failed: {exc}",
+                {"http_status": exc.status, "operation_outcome": exc.outcome_text},
+            ) from exc
         except FhirRejected as exc:
             raise PermanentDeliveryError(
                 f"EHR rejected the request (HTTP {exc.status})",
@@ -169,13 +203,9 @@ class FhirSender:
     def _deliver(self, job: DeliveryJob) -> dict[str, Any]:
         outbox = job.destination == OUTBOX
         config = mapping_config(self.settings, outbox=outbox)
-        resolved = None
-        if not outbox:
-            ident = patient_identifier(job.finding, config)
-            if ident is not None:
-                resolved = self.client.resolve_patient(ident.system, ident.value)
+        ehr = EhrRecords() if outbox else look_up(self.client, job.finding, config)
         try:
-            plan = plan_delivery(job.finding, config, resolved_patient_id=resolved)
+            plan = plan_delivery(job.finding, config, ehr=ehr)
         except FhirMappingError as exc:
             raise PermanentDeliveryError(f"FHIR bundle not valid R4: {exc}") from exc
         if plan.status is DeliveryStatus.HELD:
@@ -185,14 +215,61 @@ class FhirSender:
         if outbox:
             name = f"{job.finding.study.study_instance_uid}_v{job.finding.version}_fhir.json"
             data = json.dumps(plan.bundle, indent=2, sort_keys=True).encode()
-            return {"file": write_outbox(self.settings.outbox_path, name, data).name}
+            return {"file": write_outbox(self.settings.outbox_path, name, data).name, **plan.notes}
         result = self.client.post_transaction(plan.bundle)
+        # The notes (subject, order, revises) go into the fhir.delivered audit event.
         return {
             "diagnostic_report": result.ids("DiagnosticReport"),
             "observations": result.ids("Observation"),
             "created": result.created_count,
-            "subject": plan.reason,
+            **plan.notes,
         }
+
+
+def look_up(client: FhirClient, finding: StudyFinding, config: FhirMappingConfig) -> EhrRecords:
+    """What the EHR holds for the finding: the Patient by identifier, the ServiceRequests by
+    accession number, and (for a later version) our DiagnosticReport's history.
+
+    Raises HeldDelivery when several Patients have the identifier; the client's errors."""
+    ident = patient_identifier(finding, config)
+    try:
+        patient = client.find_patient(ident.system, ident.value) if ident else None
+    except FhirPatientAmbiguous as exc:
+        raise HeldDelivery(str(exc)) from exc
+    order = order_identifier(finding, config)
+    orders = client.search_by_identifier("ServiceRequest", *order) if order else []
+    versions: list[dict[str, Any]] = []
+    if finding.version > 1:
+        versions = client.report_versions(*report_search_identifier(config, finding))
+    return EhrRecords(patient, tuple(orders), tuple(versions), consulted=True)
+
+
+def announce_report_status(
+    settings: Settings, sessions: sessionmaker[Session], *, actor: str
+) -> None:
+    """Log and audit (``settings.report_status_final``) a site that files unverified AI output
+    as ``final``; call once when a worker starts. Nothing happens for the default."""
+    if settings.fhir_report_status != "final":
+        return
+    from gateway.audit import record_event
+    from gateway.db.session import transaction
+
+    log.warning(
+        "CXR_FHIR_REPORT_STATUS=final: unverified AI reports are filed in the EHR as final "
+        "(FHIR R4: verified by a responsible person); later versions as amended"
+    )
+    with transaction(sessions) as session:
+        record_event(
+            session=session,
+            kind="settings.report_status_final",
+            outcome="warning",
+            actor=actor,
+            detail={
+                "setting": "CXR_FHIR_REPORT_STATUS",
+                "value": "final",
+                "default": "preliminary",
+            },
+        )
 
 
 def build_senders(settings: Settings) -> dict[str, Sender]:

@@ -111,6 +111,7 @@ def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -
     supervisor or container health check sees the problem instead of jobs failing one by one."""
     exit_with_supervisor()
     from gateway.intended_use import announce_intended_ages
+    from gateway.senders import announce_report_status
     from inference.artifact import ArtifactError, read_meta
     from inference.predictor import default_model_dir
 
@@ -121,6 +122,7 @@ def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -
     engine = make_engine(settings.database)
     upgrade(engine)  # a worker may start before the listener on a fresh database
     announce_intended_ages(settings, meta, make_session_factory(engine), actor="worker")
+    announce_report_status(settings, make_session_factory(engine), actor="worker")
     engine.dispose()
     app = make_celery(settings)
     register_tasks(app, lambda: build_runtime(settings))

@@ -79,6 +79,25 @@ class DicomDestination(BaseModel):
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
 
+def _check_smart_backend(s: Settings) -> None:
+    if not (s.fhir_token_url and s.fhir_client_id and s.fhir_key_id and s.fhir_private_key_file):
+        raise ValueError(
+            "fhir_auth 'smart-backend' needs CXR_FHIR_TOKEN_URL, CXR_FHIR_CLIENT_ID, "
+            "CXR_FHIR_PRIVATE_KEY_FILE and CXR_FHIR_KEY_ID"
+        )
+    if not s.fhir_private_key_file.is_file():
+        raise ValueError(f"CXR_FHIR_PRIVATE_KEY_FILE not found: {s.fhir_private_key_file}")
+
+
+def _check_fhir_organization(s: Settings) -> None:
+    from fhir_mappings.config import FhirMappingConfig
+
+    FhirMappingConfig(  # raises ValueError naming what is wrong
+        organization_reference=s.fhir_organization_reference,
+        organization_identifier=s.fhir_organization_identifier,
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the gateway. Environment variables are ``CXR_`` + the upper-case name."""
 
@@ -143,17 +162,36 @@ class Settings(BaseSettings):
 
     # Results: FHIR R4 to the EHR; no base URL = the outbox folder
     fhir_base_url: str = ""
-    fhir_auth: Literal["none", "bearer", "oauth2"] = "none"
+    # oauth2: client credentials with a client secret; smart-backend: SMART Backend Services
+    # (client credentials with a JWT client assertion signed by our private key).
+    fhir_auth: Literal["none", "bearer", "oauth2", "smart-backend"] = "none"
     fhir_bearer_token: SecretStr = SecretStr("")
     fhir_token_url: str = ""
     fhir_client_id: str = ""
     fhir_client_secret: SecretStr = SecretStr("")
     fhir_scope: str = ""
+    # smart-backend: our PEM private key (the EHR holds its public key for CXR_FHIR_CLIENT_ID),
+    # the key's id there (the JWT's "kid") and the signature algorithm.
+    fhir_private_key_file: Path | None = None
+    fhir_key_id: str = ""
+    fhir_jwt_alg: Literal["RS384", "ES384"] = "RS384"
     fhir_verify_tls: bool = True
     fhir_ca_bundle: str = ""
     fhir_timeout_seconds: float = Field(default=30.0, gt=0)
     fhir_patient_identifier_system: str = ""
     fhir_unknown_patient_policy: Literal["hold", "reference"] = "hold"
+    # No ServiceRequest with the study's accession number: basedOn left out (omit), a logical
+    # reference by the accession number (reference), or the report held (hold).
+    fhir_unknown_order_policy: Literal["omit", "reference", "hold"] = "omit"
+    # FHIR R4 "final" means verified by a responsible person: unverified AI output is
+    # "preliminary", unless the site's policy says "final" (audited at worker start).
+    fhir_report_status: Literal["preliminary", "final"] = "preliminary"
+    # The organization the AI Device acts for (Provenance.agent.onBehalfOf, US Core): a reference
+    # ("Organization/<id>"), else an identifier ("system|value"), else a contained Organization
+    # with this name.
+    fhir_organization_reference: str = ""
+    fhir_organization_identifier: str = ""
+    fhir_organization_name: str = ""
     fhir_report_identifier_system: str = "urn:cxr-gateway:report"
     fhir_device_identifier_system: str = "urn:cxr-gateway:model-sha256"
     fhir_accession_identifier_system: str = ""
@@ -221,8 +259,11 @@ class Settings(BaseSettings):
             raise ValueError("pacs_destinations have duplicate names")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
+        _check_fhir_organization(self)
         if self.fhir_auth == "bearer" and not self.fhir_bearer_token.get_secret_value():
             raise ValueError("fhir_auth 'bearer' needs CXR_FHIR_BEARER_TOKEN")
+        if self.fhir_auth == "smart-backend":
+            _check_smart_backend(self)
         if self.fhir_auth == "oauth2" and not (
             self.fhir_token_url
             and self.fhir_client_id

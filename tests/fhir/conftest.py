@@ -12,6 +12,7 @@ import queue
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_mappings import FhirMappingConfig
+from fhir_mappings import EhrRecords, FhirMappingConfig
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 
 SERVER_DIR = Path(__file__).resolve().parents[2] / "tools" / "fhir-test-server"
@@ -148,6 +149,28 @@ def fhir_auth_server(fhir_auth_server_session: FhirTestServer) -> FhirTestServer
     return fhir_auth_server_session
 
 
+def report_id_for(study_uid: str, version: int) -> str:
+    """A report id as the worker mints it (random per version; fixed here for known values)."""
+    return uuid.uuid5(uuid.NAMESPACE_OID, f"{study_uid}/{version}").hex
+
+
+def patient_resource(patient_id: str = "pat-1", **fields: Any) -> dict[str, Any]:
+    """A Patient as the EHR returns it; by default the same person as make_finding's."""
+    return {
+        "resourceType": "Patient",
+        "id": patient_id,
+        "identifier": [{"system": MRN_SYSTEM, "value": MRN}],
+        "name": [{"family": "Doe", "given": ["Jane"]}],
+        "birthDate": "1970-01-01",
+        **fields,
+    }
+
+
+def found(patient_id: str = "pat-1", **extra: Any) -> EhrRecords:
+    """EhrRecords with the patient found (and whatever else is given)."""
+    return EhrRecords(patient=patient_resource(patient_id), consulted=True, **extra)
+
+
 def make_finding(
     probability: float | None = 0.873,
     *,
@@ -177,7 +200,7 @@ def make_finding(
         present=None if probability is None else probability >= threshold,
         images=() if probability is None else (image,),
         declined=(DeclinedImage(lateral, "lateral view"),),
-        report_id=f"{study_uid}-v{version}",
+        report_id=report_id_for(study_uid, version),
         version=version,
         created_at=dt.datetime(2024, 1, 15, 10, 45, 1, 250000, tzinfo=dt.UTC),
     )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import httpx
 import pytest
 
-from fhir_mappings import DeliveryStatus, FhirMappingConfig, patient_identifier, plan_delivery
+from fhir_mappings import (
+    DeliveryStatus,
+    EhrRecords,
+    FhirMappingConfig,
+    patient_identifier,
+    plan_delivery,
+)
 from gateway.fhir_client import (
     FhirAuthError,
     FhirClient,
@@ -17,6 +24,7 @@ from gateway.fhir_client import (
     FhirRejected,
     FhirUnavailable,
 )
+from gateway.senders import look_up
 from tests.fhir.conftest import (
     BEARER_TOKEN,
     MRN,
@@ -25,6 +33,7 @@ from tests.fhir.conftest import (
     OAUTH_CLIENT_SECRET,
     PATIENT_NAME,
     FhirTestServer,
+    found,
     make_finding,
 )
 
@@ -65,12 +74,10 @@ def create_patient(
 
 
 def deliver(client: FhirClient, finding: Any, config: FhirMappingConfig) -> Any:
-    """What the worker does: resolve, plan, post."""
-    ident = patient_identifier(finding, config)
-    assert ident is not None
-    pid = client.resolve_patient(ident.system, ident.value)
-    plan = plan_delivery(finding, config, resolved_patient_id=pid)
+    """What the worker does (gateway.senders.FhirSender): look up, plan, post."""
+    plan = plan_delivery(finding, config, ehr=look_up(client, finding, config))
     assert plan.status is DeliveryStatus.READY, plan.reason
+    assert plan.bundle is not None
     return client.post_transaction(plan.bundle)
 
 
@@ -103,7 +110,7 @@ def test_posted_report_is_found_by_patient_with_observations_device_provenance(
     assert kinds.count(("Observation", "include")) == 2
     report = found["entry"][0]["resource"]
     assert report["id"] == report_id
-    assert report["status"] == "final"
+    assert report["status"] == "preliminary"
     assert report["subject"]["reference"] == f"Patient/{pid}"
 
     [device] = search(fhir_server, "Device")
@@ -136,10 +143,11 @@ def test_amended_version_replaces_report_and_old_resend_changes_nothing(
     fhir_server, mapping_config
 ):
     pid = create_patient(fhir_server)
+    final = dataclasses.replace(mapping_config, report_status="final")
     with client_for(fhir_server) as client:
-        v1 = deliver(client, make_finding(0.873), mapping_config)
-        v2 = deliver(client, make_finding(0.10, version=2), mapping_config)
-        deliver(client, make_finding(0.873), mapping_config)  # a late re-send of version 1
+        v1 = deliver(client, make_finding(0.873), final)
+        v2 = deliver(client, make_finding(0.10, version=2), final)
+        deliver(client, make_finding(0.873), final)  # a late re-send of version 1
     assert v2.ids("DiagnosticReport") == v1.ids("DiagnosticReport")
     [report] = search(fhir_server, "DiagnosticReport", patient=f"Patient/{pid}")
     assert report["status"] == "amended"
@@ -157,7 +165,7 @@ def test_unknown_patient_by_reference_policy(fhir_server):
     )
     with client_for(fhir_server) as client:
         assert client.resolve_patient(MRN_SYSTEM, MRN) is None
-        plan = plan_delivery(make_finding(), config, resolved_patient_id=None)
+        plan = plan_delivery(make_finding(), config, ehr=EhrRecords(consulted=True))
         assert plan.bundle is not None
         client.post_transaction(plan.bundle)
     assert search(fhir_server, "Patient") == []  # never creates patients
@@ -167,8 +175,9 @@ def test_unknown_patient_by_reference_policy(fhir_server):
 
 def test_no_result_report_accepted(fhir_server, mapping_config):
     create_patient(fhir_server)
+    config = dataclasses.replace(mapping_config, post_no_result=True)
     with client_for(fhir_server) as client:
-        result = deliver(client, make_finding(None), mapping_config)
+        result = deliver(client, make_finding(None), config)
     assert sorted(e.resource_type for e in result.entries) == [
         "Device",
         "DiagnosticReport",
@@ -190,7 +199,8 @@ def test_503_then_ok_posts_once_honouring_retry_after(fhir_server, mapping_confi
         ident = patient_identifier(make_finding(), mapping_config)
         assert ident is not None
         pid = client.resolve_patient(ident.system, ident.value)
-        plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id=pid)
+        assert pid is not None
+        plan = plan_delivery(make_finding(), mapping_config, ehr=found(pid))
         fhir_server.fail_next(2, status=503, retry_after="3")
         result = client.post_transaction(plan.bundle)
     assert result.created_count == 5
@@ -218,7 +228,7 @@ def test_429_and_network_errors_are_retried_with_backoff(fhir_server, mapping_co
 
 def test_persistent_503_gives_up_with_fhir_unavailable(fhir_server, mapping_config):
     fhir_server.fail_next(10, status=503)
-    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    plan = plan_delivery(make_finding(), mapping_config, ehr=found("p1"))
     with client_for(fhir_server) as client, pytest.raises(FhirUnavailable) as info:
         client.post_transaction(plan.bundle)
     assert info.value.status == 503
@@ -228,14 +238,14 @@ def test_persistent_503_gives_up_with_fhir_unavailable(fhir_server, mapping_conf
 
 def test_too_long_retry_after_gives_up_at_once(fhir_server, mapping_config):
     fhir_server.fail_next(1, status=503, retry_after="3600")
-    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    plan = plan_delivery(make_finding(), mapping_config, ehr=found("p1"))
     with client_for(fhir_server) as client, pytest.raises(FhirUnavailable):
         client.post_transaction(plan.bundle)
     assert fhir_server.stats()["POST /"] == 1
 
 
 def test_400_raises_rejected_with_outcome_not_retried_and_rolls_back(fhir_server, mapping_config):
-    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id="p1")
+    plan = plan_delivery(make_finding(), mapping_config, ehr=found("p1"))
     assert plan.bundle is not None
     # The server validates: an element unknown to R4 in the last entry fails the transaction.
     plan.bundle["entry"][-1]["resource"]["unknownElement"] = True
@@ -286,7 +296,7 @@ def test_no_phi_in_logs(fhir_server, mapping_config, caplog):
         fhir_server.fail_next(1, status=503, retry_after="0")
         deliver(client, make_finding(), mapping_config)
         other = make_finding(study_uid="1.2.826.0.1.3680043.8.498.999")
-        bad = plan_delivery(other, mapping_config, resolved_patient_id="x").bundle
+        bad = plan_delivery(other, mapping_config, ehr=found("x")).bundle
         assert bad is not None
         bad["entry"][-2]["resource"]["bogus"] = MRN  # the new DiagnosticReport
         with pytest.raises(FhirRejected) as info:

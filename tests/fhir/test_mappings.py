@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from fhir.resources.R4B.bundle import Bundle
 
 from fhir_mappings import (
     DeliveryStatus,
+    EhrRecords,
     FhirMappingConfig,
     FhirMappingError,
     PatientIdentifier,
@@ -24,7 +26,15 @@ from fhir_mappings import (
     validate_r4_bundle,
 )
 from fhir_mappings.dates import instant, study_datetime
-from tests.fhir.conftest import MRN, MRN_SYSTEM, PATIENT_NAME, STUDY_UID, make_finding
+from tests.fhir.conftest import (
+    MRN,
+    MRN_SYSTEM,
+    PATIENT_NAME,
+    STUDY_UID,
+    found,
+    make_finding,
+    report_id_for,
+)
 
 Json = dict[str, Any]
 
@@ -46,8 +56,10 @@ def entry_of(bundle: Json, rtype: str, code: str | None = None) -> Json:
     raise AssertionError(f"no {rtype} {code}")
 
 
-def build(finding: Any, config: FhirMappingConfig, patient_id: str = "pat-1") -> Json:
-    plan = plan_delivery(finding, config, resolved_patient_id=patient_id)
+def build(
+    finding: Any, config: FhirMappingConfig, patient_id: str = "pat-1", **ehr: Any
+) -> Json:
+    plan = plan_delivery(finding, config, ehr=found(patient_id, **ehr))
     assert plan.status is DeliveryStatus.READY
     assert plan.bundle is not None
     return plan.bundle
@@ -68,7 +80,7 @@ def test_diagnostic_report_fields_and_codes(mapping_config):
     finding = make_finding(0.873)
     bundle = build(finding, mapping_config)
     report = entry_of(bundle, "DiagnosticReport")["resource"]
-    assert report["status"] == "final"
+    assert report["status"] == "preliminary"  # unverified AI output (FHIR R4 'final': verified)
     assert report["code"]["coding"][0] == {
         "system": "http://loinc.org",
         "code": "18748-4",
@@ -91,7 +103,7 @@ def test_diagnostic_report_fields_and_codes(mapping_config):
     assert acsn[0]["type"]["coding"][0]["code"] == "ACSN"
     assert acsn[0]["type"]["coding"][0]["system"].endswith("v2-0203")
     values = {i["value"] for i in report["identifier"]}
-    assert {STUDY_UID, f"{STUDY_UID}-v1"} <= values
+    assert {STUDY_UID, f"{report_id_for(STUDY_UID, 1)}/v1"} <= values
     assert report["conclusionCode"][0]["coding"][0]["code"] == "233604007"
     assert report["conclusionCode"][0]["coding"][0]["system"] == "http://snomed.info/sct"
     assert "87.3 %" in report["conclusion"]
@@ -121,7 +133,7 @@ def test_presented_form_is_readable_and_flags_unverified_ai(mapping_config):
 def test_observations_probability_and_interpretation(mapping_config):
     bundle = build(make_finding(0.873), mapping_config)
     device_url = entry_of(bundle, "Device")["fullUrl"]
-    prob = entry_of(bundle, "Observation", "pneumonia-probability")["resource"]
+    prob = entry_of(bundle, "Observation", "122157")["resource"]
     assert prob["valueQuantity"] == {
         "value": 87.3,
         "system": "http://unitsofmeasure.org",
@@ -184,14 +196,17 @@ def test_first_version_uses_conditional_creates(mapping_config):
 
 def test_amended_version_updates_same_report_conditionally(mapping_config):
     v1 = build(make_finding(0.873), mapping_config)
-    v2 = build(make_finding(0.2, version=2), mapping_config)
+    in_ehr = {**entry_of(v1, "DiagnosticReport")["resource"], "id": "r1"}
+    in_ehr["meta"] = {"versionId": "1"}
+    final = dataclasses.replace(mapping_config, report_status="final")
+    v2 = build(make_finding(0.2, version=2), final, report_versions=(in_ehr,))
     report = entry_of(v2, "DiagnosticReport")
     assert report["resource"]["status"] == "amended"
     assert report["request"] == {
         "method": "PUT",
         "url": f"DiagnosticReport?identifier=urn:cxr-gateway:report|{STUDY_UID}",
     }
-    for code in ("233604007", "pneumonia-probability"):
+    for code in ("233604007", "122157"):
         obs = entry_of(v2, "Observation", code)
         assert obs["resource"]["status"] == "amended"
         assert obs["request"]["method"] == "PUT"
@@ -206,7 +221,8 @@ def test_amended_version_updates_same_report_conditionally(mapping_config):
 
 
 def test_no_result_posts_report_only_saying_why(mapping_config):
-    bundle = build(make_finding(None), mapping_config)
+    config = dataclasses.replace(mapping_config, post_no_result=True)
+    bundle = build(make_finding(None), config)
     types = [e["resource"]["resourceType"] for e in bundle["entry"]]
     assert types == ["Device", "DiagnosticReport", "Provenance"]
     report = entry_of(bundle, "DiagnosticReport")["resource"]
@@ -218,13 +234,13 @@ def test_no_result_posts_report_only_saying_why(mapping_config):
 
 def test_no_result_can_be_skipped():
     config = FhirMappingConfig(patient_identifier_system=MRN_SYSTEM, post_no_result=False)
-    plan = plan_delivery(make_finding(None), config, resolved_patient_id="pat-1")
+    plan = plan_delivery(make_finding(None), config, ehr=found())
     assert plan.status is DeliveryStatus.SKIPPED
     assert plan.bundle is None
 
 
 def test_unknown_patient_hold_policy_posts_nothing(mapping_config):
-    plan = plan_delivery(make_finding(), mapping_config, resolved_patient_id=None)
+    plan = plan_delivery(make_finding(), mapping_config, ehr=EhrRecords(consulted=True))
     assert mapping_config.unknown_patient_policy is UnknownPatientPolicy.HOLD
     assert plan.status is DeliveryStatus.HELD
     assert plan.bundle is None
@@ -235,7 +251,7 @@ def test_unknown_patient_reference_policy_uses_logical_identifier():
     config = FhirMappingConfig(
         patient_identifier_system=MRN_SYSTEM, unknown_patient_policy="reference"
     )
-    plan = plan_delivery(make_finding(), config, resolved_patient_id=None)
+    plan = plan_delivery(make_finding(), config, ehr=EhrRecords(consulted=True))
     assert plan.status is DeliveryStatus.READY
     assert plan.bundle is not None
     report = entry_of(plan.bundle, "DiagnosticReport")["resource"]
@@ -245,14 +261,14 @@ def test_unknown_patient_reference_policy_uses_logical_identifier():
     }
 
 
-def test_patient_identifier_system_falls_back_to_issuer_then_holds():
+def test_patient_identifier_needs_a_configured_system_else_holds():
     finding = make_finding()
     assert patient_identifier(finding, FhirMappingConfig(patient_identifier_system=MRN_SYSTEM)) == (
         PatientIdentifier(MRN_SYSTEM, MRN)
     )
     no_system = FhirMappingConfig(unknown_patient_policy="reference")
     assert patient_identifier(finding, no_system) is None
-    plan = plan_delivery(finding, no_system, resolved_patient_id=None)
+    plan = plan_delivery(finding, no_system, ehr=EhrRecords(consulted=True))
     assert plan.status is DeliveryStatus.HELD
     assert (
         patient_identifier(
