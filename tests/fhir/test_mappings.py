@@ -56,9 +56,7 @@ def entry_of(bundle: Json, rtype: str, code: str | None = None) -> Json:
     raise AssertionError(f"no {rtype} {code}")
 
 
-def build(
-    finding: Any, config: FhirMappingConfig, patient_id: str = "pat-1", **ehr: Any
-) -> Json:
+def build(finding: Any, config: FhirMappingConfig, patient_id: str = "pat-1", **ehr: Any) -> Json:
     plan = plan_delivery(finding, config, ehr=found(patient_id, **ehr))
     assert plan.status is DeliveryStatus.READY
     assert plan.bundle is not None
