@@ -3,6 +3,15 @@
 ``Ingestor.store`` never raises for bad input: it returns the DICOM status to answer and writes
 an audit event saying why. Success is returned only after the file is fsynced and the database
 row is committed, so an acknowledged instance survives a crash.
+
+A PACS pushes whole studies, and a study holds more than images: SRs (ours among them, once
+delivered), key object selections, presentation states, heat maps. So that such a push never
+fails, these are acknowledged with success and not kept (``ignore_reason``): they are audited
+as ``instance.ignored`` with the reason, never count toward the study, never reach the model.
+The rule: an instance of a storage SOP class we do not read that carries no pixel data is a
+non-image object and ignored; an image of a class we do read that is marked NOT FOR DIAGNOSIS
+(our heat maps, or anyone's) is ignored; an image of any other class (CT, MR, US...) is still
+refused with 0x0122, since a chest radiograph gateway receiving one points at a routing error.
 """
 
 from __future__ import annotations
@@ -55,6 +64,11 @@ SUPPORTED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
+
+# Marked so in Image Comments, Derivation Description or Series Description: a derived image
+# such as an AI heat map (gateway.heatmap_sc writes it in all three). Never fed to a model.
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 _DB_ATTEMPTS = 3
 RECOVERY_ACTOR = "spool-recovery"
@@ -156,6 +170,10 @@ class Ingestor:
         try:
             if requested is not None:
                 _check_request_matches(dataset, requested)
+            ignored = ignore_reason(dataset)
+            if ignored is not None:
+                self._audit_ignored(peer, dataset, *ignored)
+                return SUCCESS
             self._check(dataset, sum(len(part) for part in file_parts), transfer_syntax)
             return self._store_checked(peer, dataset, file_parts, transfer_syntax)
         except IngestError as exc:
@@ -433,6 +451,33 @@ class Ingestor:
             )
             return True
 
+    def _audit_ignored(self, peer: Peer, ds: Dataset, reason: str, message: str) -> None:
+        """Record an instance acknowledged but not kept. Its success status is sent even when
+        this record fails (the database is down): nothing was stored that the record would
+        have to account for."""
+        sop_class = str(ds.get("SOPClassUID", ""))
+        log.info("instance %s ignored: %s", ds.get("SOPInstanceUID", "?"), reason)
+        try:
+            with transaction(self.sessions) as session:
+                record_event(
+                    session=session,
+                    kind="instance.ignored",
+                    actor=peer.ae_title,
+                    peer_address=peer.address,
+                    study_uid=str(ds.get("StudyInstanceUID", "")),
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                    detail={
+                        "reason": reason,
+                        "message": message,
+                        "sop_class": sop_class,
+                        "modality": str(ds.get("Modality", "") or ""),
+                        "status": f"0x{SUCCESS:04X}",
+                        "action": "acknowledged, not kept",
+                    },
+                )
+        except SQLAlchemyError as exc:
+            log.error("could not audit an ignored instance: %s", type(exc).__name__)
+
     def audit_failure(self, peer: Peer, exc: IngestError, *, sop_class: str = "") -> None:
         """Record a refused instance. Best effort: the database may be what failed."""
         log.warning(
@@ -460,6 +505,24 @@ class Ingestor:
                 )
         except SQLAlchemyError as db_exc:
             log.error("could not audit a refused instance: %s", type(db_exc).__name__)
+
+
+def ignore_reason(ds: Dataset) -> tuple[str, str] | None:
+    """(reason, message) when ``ds`` is acknowledged but not kept (see the module docstring),
+    or None when it goes through the normal checks."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in SUPPORTED_SOP_CLASSES:
+        for keyword in ("ImageComments", "DerivationDescription", "SeriesDescription"):
+            if NOT_FOR_DIAGNOSIS in str(ds.get(keyword, "") or "").upper():
+                return (
+                    "not_for_diagnosis",
+                    f"{keyword} says {NOT_FOR_DIAGNOSIS} (a derived image such as an AI heat map)",
+                )
+        return None
+    if not sop_class or any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        return None  # no SOP class, or an image of a class we do not read: refused later
+    name = UID(sop_class).name if UID(sop_class).is_valid else sop_class
+    return "non_image", f"{name}: a non-image object, not used by the model"
 
 
 def _check_request_matches(ds: Dataset, requested: RequestedInstance) -> None:
