@@ -7,6 +7,10 @@ are typed so that the caller can record them per destination:
 - ``AssociationFailedError``: no connection, association rejected, or aborted by the peer. An
   abort with no status is what Orthanc does when it does not know the calling AE title, so an
   abort is reported as such, never as success. Transient: worth retrying.
+- ``TlsFailedError`` (an ``AssociationFailedError``): the destination asks for TLS and the
+  handshake failed (the peer's certificate is not signed by a trusted CA or does not carry the
+  expected name, or the port does not speak TLS). The message says which; nothing is ever
+  sent in clear instead.
 - ``StoreFailedError``: the association worked but the peer answered a failure status for at
   least one instance (``results`` holds every instance's status). Retried only when the
   failure is of a transient kind (out of resources, processing failure).
@@ -15,6 +19,7 @@ are typed so that the caller can record them per destination:
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,8 +53,9 @@ class Destination:
     """Where to send: the peer's AE title, host and port, and how we call ourselves.
 
     ``tls``: an ``ssl.SSLContext`` (client side, with the peer's CA loaded; add our certificate
-    for mutual TLS) turns on DICOM TLS (PS3.15 B.1); ``server_hostname`` is checked against the
-    peer certificate when the context checks host names.
+    for mutual TLS; see ``client_tls_context``) turns on DICOM TLS (PS3.15 B.1);
+    ``server_hostname`` (default: ``host``) is checked against the peer certificate when the
+    context checks host names.
     """
 
     ae_title: str
@@ -102,6 +108,11 @@ class AssociationFailedError(DicomSendError):
     ) -> None:
         super().__init__(message, destination=destination)
         self.results = tuple(results)  # instances already answered before an abort
+
+
+class TlsFailedError(AssociationFailedError):
+    """The TLS handshake with a destination that requires TLS failed (the reason is in the
+    message). Transient like any association failure: a certificate can be fixed."""
 
 
 class StoreFailedError(DicomSendError):
@@ -167,6 +178,46 @@ def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
     return [(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
 
 
+def client_tls_context(
+    *, ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A TLS 1.2+ client context that verifies the peer's certificate chain and host name:
+    against ``ca_file`` (PEM bundle) when given, else the system's trust store. With
+    ``cert_file`` and ``key_file`` we present our certificate (mutual TLS). Raises OSError or
+    ssl.SSLError when a file cannot be read."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    if cert_file is not None:
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return context
+
+
+def _tls_problem(destination: Destination) -> str:
+    """Why a TLS handshake with ``destination`` fails, or "" when it succeeds or when no TCP
+    connection can be made at all. pynetdicom reports a failed handshake like a refused
+    connection, so a second, bare handshake finds the reason to report."""
+    assert destination.tls is not None
+    timeout = min(destination.timeout, 10.0)
+    try:
+        raw = socket.create_connection((destination.host, destination.port), timeout=timeout)
+    except OSError:
+        return ""
+    hostname = destination.server_hostname or destination.host
+    try:
+        with destination.tls.wrap_socket(raw, server_hostname=hostname):
+            return ""
+    except ssl.SSLCertVerificationError as exc:
+        return f"the peer's certificate is not accepted for {hostname!r}: {exc.verify_message}"
+    except (ssl.SSLError, OSError) as exc:
+        return f"{exc or type(exc).__name__} (does the peer's port speak DICOM TLS?)"
+    finally:
+        raw.close()
+
+
 def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Association:
     ae = AE(ae_title=destination.calling_ae_title)
     ae.connection_timeout = destination.timeout
@@ -174,7 +225,8 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
     ae.dimse_timeout = destination.timeout
     ae.network_timeout = destination.timeout
     contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(datasets)]
-    tls_args = (destination.tls, destination.server_hostname) if destination.tls else None
+    hostname = destination.server_hostname or destination.host
+    tls_args = (destination.tls, hostname) if destination.tls else None
     connected: list[bool] = []
     received: list[int] = []  # types of the PDUs the peer sent
     assoc = ae.associate(
@@ -194,6 +246,10 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
     # transport connection ever opened. A peer that rejects and closes at once can also end up
     # flagged "aborted" (the closed socket is seen before the rejection is processed): the
     # A-ASSOCIATE-RJ PDU it sent (type 0x03) says what happened.
+    if not connected and destination.tls is not None:
+        problem = _tls_problem(destination)
+        if problem:
+            raise TlsFailedError(f"TLS handshake failed: {problem}", destination=destination)
     if not connected:
         reason = "could not connect (peer down, wrong host or port, or timeout)"
     elif assoc.is_rejected or A_ASSOCIATE_RJ in received:

@@ -4,11 +4,14 @@ The heat map (an RGB overlay the inference step renders) goes into the SOURCE st
 image in a new series, clearly marked as not for diagnosis: the words are burned into the
 pixels (so Burned In Annotation is YES), and repeated in Image Comments, Series Description and
 Derivation Description. It references the source image it was computed from. UIDs derive from
-(report_id, version, source image), so a re-sent heat map overwrites itself on the PACS.
+the report's random id (and the source image), so a re-sent heat map overwrites itself on the
+PACS and another installation's never does; Series Number is 9800 + version. Its times carry
+the same Timezone Offset From UTC as the SR's.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from pathlib import Path
 
@@ -23,14 +26,16 @@ from gateway.sr import (
     SRBuildError,
     algorithm_equipment,
     device_uid,
-    local_time,
+    is_minted,
+    report_time,
+    report_uid,
     source_header,
     uid_from,
 )
 from inference.finding import StudyFinding
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
-SC_SERIES_NUMBER = 9902
+SC_SERIES_BASE = 9800  # + version; the SRs are 9900 + version
 SERIES_DESCRIPTION = f"AI heat map - {NOT_FOR_DIAGNOSIS}"
 _BIPED = {"A", "P", "R", "L", "H", "F"}
 
@@ -71,11 +76,31 @@ def _orientation(src: Dataset) -> tuple[str, str] | None:
     return row, col
 
 
+def heatmap_uids(finding: StudyFinding, source_uid: str) -> tuple[str, str]:
+    """(Series, SOP Instance UID) of the heat map of ``source_uid`` in ``finding``'s report."""
+    if is_minted(finding.report_id):
+        return (
+            report_uid(finding.report_id, "heatmap-series"),
+            report_uid(finding.report_id, f"heatmap-instance\x1f{source_uid}"),
+        )
+    key = finding.report_id or finding.study.study_instance_uid  # made before random ids
+    version = str(finding.version)
+    return (
+        uid_from("heatmap-series", key, version),
+        uid_from("heatmap-instance", key, version, source_uid),
+    )
+
+
 def build_heatmap_sc(
-    finding: StudyFinding, source: Dataset, heatmap: NDArray[np.uint8] | bytes | Path
+    finding: StudyFinding,
+    source: Dataset,
+    heatmap: NDArray[np.uint8] | bytes | Path,
+    *,
+    site_timezone: dt.tzinfo = dt.UTC,
 ) -> hd.sc.SCImage:
     """Build the SC image of ``heatmap`` (RGB uint8 array, or PNG/JPEG bytes or path) computed
     from ``source`` (the image's header; it must belong to the finding's study).
+    ``site_timezone`` is the zone of the site's DICOM times (see ``gateway.sr.report_time``).
 
     Raises ``SRBuildError`` when the source is from another study and ``ValueError`` for an
     image that is not RGB uint8.
@@ -85,9 +110,9 @@ def build_heatmap_sc(
         raise SRBuildError("heat map source belongs to another study", study_instance_uid=study_uid)
     pixels = _label(_rgb(heatmap))
     header = source_header(source, finding)
-    key = finding.report_id or study_uid
+    series_uid, instance_uid = heatmap_uids(finding, str(source.SOPInstanceUID))
     orientation = _orientation(source)
-    created = local_time(finding.created_at)
+    created, offset = report_time(finding, [source], site_timezone)
     model = finding.model
     dev_uid = device_uid(model)
 
@@ -97,11 +122,9 @@ def build_heatmap_sc(
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=study_uid,
-        series_instance_uid=uid_from("heatmap-series", key, str(finding.version)),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=uid_from(
-            "heatmap-instance", key, str(finding.version), str(source.SOPInstanceUID)
-        ),
+        series_instance_uid=series_uid,
+        series_number=SC_SERIES_BASE + finding.version,
+        sop_instance_uid=instance_uid,
         instance_number=finding.version,
         manufacturer=model.manufacturer,
         patient_id=header.PatientID,
@@ -140,4 +163,5 @@ def build_heatmap_sc(
     ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [ref]
     sc.DeviceUID = dev_uid
+    sc.TimezoneOffsetFromUTC = offset
     return sc

@@ -8,15 +8,18 @@ is created per destination; sending happens in gateway.delivery.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
 from gateway.db.models import Instance, Study, StudyState
@@ -118,8 +121,66 @@ def predict_instance(
     return ds, prediction, ""
 
 
+@dataclass(frozen=True)
+class ReportIdentity:
+    """Who a study version's report is: its own random id, and the report it amends."""
+
+    report_id: str
+    previous_report_id: str = ""
+    previous_version: int = 0
+
+
+def report_identity(sessions: sessionmaker[Session], study_id: int) -> ReportIdentity:
+    """The report id of study version ``study_id``, minted (a random UUID) the first time and
+    stored on its row, so that a re-run of the job (its worker died) and every retried delivery
+    name the same report; and the latest earlier reported version's id, which this amends.
+
+    The id is random, not derived from the Study UID: another installation, a database reset
+    or a test instance never makes a different report with the same id (or SR UIDs). A row
+    that predates the column keeps the id its stored finding already carries."""
+    with transaction(sessions) as session:
+        row = session.get(Study, study_id)
+        assert row is not None
+        if row.report_id is None:
+            minted = _stored_report_id(row.finding_json) or str(uuid.uuid4())
+            # Conditional: of two workers racing on the same version, the first id wins.
+            session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.report_id.is_(None))
+                .values(report_id=minted)
+            )
+        report_id = session.execute(
+            select(Study.report_id).where(Study.id == study_id)
+        ).scalar_one()
+        earlier = session.execute(
+            select(Study.version, Study.finding_json)
+            .where(
+                Study.study_uid == row.study_uid,
+                Study.version < row.version,
+                Study.finding_json.is_not(None),
+            )
+            .order_by(Study.version.desc())
+            .limit(1)
+        ).first()
+    assert report_id is not None
+    if earlier is None:
+        return ReportIdentity(report_id)
+    return ReportIdentity(report_id, _stored_report_id(earlier.finding_json), earlier.version)
+
+
+def _stored_report_id(finding_json: str | None) -> str:
+    if not finding_json:
+        return ""
+    return str(json.loads(finding_json).get("report_id", "") or "")
+
+
 def make_finding(
-    *, study: Study, model: ModelInfo, results: Sequence[ImageResult], context: StudyContext
+    *,
+    study: Study,
+    model: ModelInfo,
+    results: Sequence[ImageResult],
+    context: StudyContext,
+    identity: ReportIdentity,
 ) -> StudyFinding:
     used = [r for r in results if r.probability is not None]
     declined = tuple(
@@ -138,9 +199,11 @@ def make_finding(
         images=tuple(r.image for r in used),
         declined=declined,
         rule=RULE,
-        report_id=study.study_uid,
+        report_id=identity.report_id,
         version=study.version,
         caveats=caveats,
+        previous_report_id=identity.previous_report_id,
+        previous_version=identity.previous_version,
     )
 
 
@@ -179,7 +242,11 @@ class InferenceStage:
         assert header is not None
         context = context_from(header)
         finding = make_finding(
-            study=study, model=self.predictor.model_info, results=results, context=context
+            study=study,
+            model=self.predictor.model_info,
+            results=results,
+            context=context,
+            identity=report_identity(runtime.sessions, study.id),
         )
         self._save_heatmaps(study, results)
         with transaction(runtime.sessions) as session:
@@ -241,6 +308,4 @@ class InferenceStage:
 
 
 def _json(finding: StudyFinding) -> str:
-    import json
-
     return json.dumps(finding.to_json(), sort_keys=True)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from io import BytesIO
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,7 +38,12 @@ from gateway.delivery import (
     source_headers,
     write_outbox,
 )
-from gateway.dicom_sender import Destination, StoreFailedError, send_with_retries
+from gateway.dicom_sender import (
+    Destination,
+    StoreFailedError,
+    client_tls_context,
+    send_with_retries,
+)
 from gateway.fhir_client import (
     FhirAuthError,
     FhirClient,
@@ -45,8 +52,8 @@ from gateway.fhir_client import (
     FhirPatientAmbiguous,
     FhirRejected,
 )
-from gateway.settings import Settings
-from gateway.sr import SRBuildError, build_sr, sr_reference
+from gateway.settings import DicomDestination, Settings
+from gateway.sr import SRBuildError, build_sr
 from inference.finding import StudyFinding
 
 log = logging.getLogger(__name__)
@@ -62,23 +69,37 @@ def _encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def tls_for(settings: Settings, config: DicomDestination) -> ssl.SSLContext | None:
+    """The TLS context for a destination with ``tls`` on (its own files, else the global
+    CXR_PACS_TLS_* ones), or None for a plain one. Built per attempt, so renewed certificate
+    files are read without a restart. Raises PermanentDeliveryError when a file cannot be
+    loaded (a broken PEM; their existence was checked with the settings)."""
+    if not config.tls:
+        return None
+    cert = config.tls_cert or settings.pacs_tls_cert
+    key = config.tls_key if config.tls_cert else settings.pacs_tls_key
+    try:
+        return client_tls_context(
+            ca_file=config.tls_ca or settings.pacs_tls_ca, cert_file=cert, key_file=key
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise PermanentDeliveryError(
+            f"TLS files of destination {config.name!r} cannot be loaded: {exc}"
+        ) from exc
+
+
 class SrSender:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.destinations = {d.name: d for d in settings.pacs_destinations}
+        self.site_timezone = ZoneInfo(settings.site_timezone)
 
     def build(self, job: DeliveryJob) -> list[Dataset]:
+        """The SR (its predecessor named by the finding) and the optional heat-map SC."""
         finding = job.finding
         headers = source_headers(job.paths)
-        replaces = None
-        if finding.version > 1:
-            replaces = sr_reference(
-                study_instance_uid=finding.study.study_instance_uid,
-                report_id=finding.report_id,
-                version=finding.version - 1,
-            )
         try:
-            datasets: list[Dataset] = [build_sr(finding, headers, replaces=replaces)]
+            datasets: list[Dataset] = [build_sr(finding, headers, site_timezone=self.site_timezone)]
         except SRBuildError as exc:
             raise PermanentDeliveryError(f"SR not built: {exc}") from exc
         if self.settings.send_heatmap_sc and finding.images:
@@ -93,9 +114,11 @@ class SrSender:
         source = next((h for h in headers if str(h.SOPInstanceUID) == first), None)
         if source is None or not png.exists():
             return []
-        return [build_heatmap_sc(job.finding, source, png)]
+        return [build_heatmap_sc(job.finding, source, png, site_timezone=self.site_timezone)]
 
     def __call__(self, job: DeliveryJob) -> dict[str, Any]:
+        if not job.finding.has_result and not self.settings.send_no_result_sr:
+            return {"skipped": "no result and CXR_SEND_NO_RESULT_SR is off"}
         datasets = self.build(job)
         sr = datasets[0]
         remote = {
@@ -111,11 +134,14 @@ class SrSender:
         config = self.destinations.get(job.destination)
         if config is None:
             raise PermanentDeliveryError(f"destination {job.destination!r} is no longer configured")
+        # A destination that asks for TLS gets TLS or nothing: never a plain association.
         destination = Destination(
             ae_title=config.ae_title,
             host=config.host,
             port=config.port,
             calling_ae_title=self.settings.ae_title,
+            tls=tls_for(self.settings, config),
+            server_hostname=config.tls_server_name or config.host,
         )
         try:
             send_with_retries(destination, datasets, attempts=2, backoff=0.5)
@@ -149,7 +175,7 @@ def mapping_config(settings: Settings, *, outbox: bool) -> FhirMappingConfig:
         organization_reference=settings.fhir_organization_reference,
         organization_identifier=settings.fhir_organization_identifier,
         organization_name=settings.fhir_organization_name,
-        timezone=settings.fhir_timezone,
+        timezone=settings.site_timezone,
         post_no_result=settings.fhir_post_no_result,
     )
 

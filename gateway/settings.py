@@ -13,8 +13,10 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     Field,
     SecretStr,
@@ -67,6 +69,12 @@ class AllowedPeer(BaseModel):
             return False
 
 
+def _check_files(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not path.is_file():
+            raise ValueError(f"TLS file not found: {path}")
+
+
 class DicomDestination(BaseModel):
     """A PACS that receives our DICOM SR by C-STORE."""
 
@@ -75,8 +83,25 @@ class DicomDestination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    # DICOM TLS (PS3.15 B.1) to this destination, when ``tls`` is true; each file defaults to
+    # the global CXR_PACS_TLS_* one. No CA file: the system's trust store.
+    tls_ca: Path | None = None  # PEM bundle of the CA(s) that sign the PACS's certificate
+    tls_cert: Path | None = None  # our client certificate (mutual TLS), with tls_key
+    tls_key: Path | None = None
+    tls_server_name: str = ""  # the name the PACS certificate must carry; default: host
 
     _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DicomDestination:
+        named = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
+        if not self.tls and (named or self.tls_server_name):
+            # Never ignore TLS settings silently: they only mean something with tls on.
+            raise ValueError(f"destination {self.name!r} sets TLS options but not tls: true")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"destination {self.name!r}: tls_cert and tls_key go together")
+        _check_files(self.tls_ca, self.tls_cert, self.tls_key)
+        return self
 
 
 def _check_smart_backend(s: Settings) -> None:
@@ -156,6 +181,12 @@ class Settings(BaseSettings):
     # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)
     send_heatmap_sc: bool = False  # also send a Secondary Capture of the heat map
+    # A study with no usable image still gets a "no result" SR saying what was declined and why.
+    send_no_result_sr: bool = True
+    # DICOM TLS to destinations with "tls": true, unless the destination names its own files.
+    pacs_tls_ca: Path | None = None  # CA bundle to trust; unset: the system's trust store
+    pacs_tls_cert: Path | None = None  # client certificate for mutual TLS, with the key
+    pacs_tls_key: Path | None = None
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
     delivery_backoff_seconds: float = Field(default=30.0, gt=0)  # doubles per attempt
     delivery_backoff_max_seconds: float = Field(default=3600.0, gt=0)
@@ -195,8 +226,15 @@ class Settings(BaseSettings):
     fhir_report_identifier_system: str = "urn:cxr-gateway:report"
     fhir_device_identifier_system: str = "urn:cxr-gateway:model-sha256"
     fhir_accession_identifier_system: str = ""
-    fhir_timezone: str = "UTC"
-    fhir_post_no_result: bool = True
+    # The site's IANA time zone: DICOM dates and times without a Timezone Offset From UTC are
+    # local to it (SR and FHIR). CXR_FHIR_TIMEZONE is its former name, still accepted.
+    site_timezone: str = Field(
+        default="UTC",
+        validation_alias=AliasChoices(
+            "site_timezone", "CXR_SITE_TIMEZONE", "fhir_timezone", "CXR_FHIR_TIMEZONE"
+        ),
+    )
+    fhir_post_no_result: bool = False  # a "no result" study sends nothing to the EHR
 
     # Web console
     web_port: int = Field(default=8080, ge=0, le=65535)
@@ -246,6 +284,22 @@ class Settings(BaseSettings):
                     f"a trusted proxy is an IP address or network, got {entry!r}"
                 ) from exc
         return value
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"not an IANA time zone name: {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_pacs_tls(self) -> Settings:
+        if (self.pacs_tls_cert is None) != (self.pacs_tls_key is None):
+            raise ValueError("pacs_tls_cert and pacs_tls_key are set together (both or neither)")
+        _check_files(self.pacs_tls_ca, self.pacs_tls_cert, self.pacs_tls_key)
+        return self
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -312,6 +366,11 @@ class Settings(BaseSettings):
     @property
     def broker_is_embedded(self) -> bool:
         return self.broker_url is None
+
+    @property
+    def fhir_timezone(self) -> str:
+        """The former name of ``site_timezone``."""
+        return self.site_timezone
 
     @property
     def heatmap_path(self) -> Path:

@@ -14,20 +14,34 @@ series of the SOURCE study, and follows the IHE AI Results (AIR) profile:
 - Verification Flag UNVERIFIED, Completion Flag COMPLETE, Preliminary Flag FINAL.
 
 "No result" (every image declined): an SR is still produced, stating Pneumonia = Undetermined
-(SNOMED CT 373068000, CID 240) with no probability, referencing the examined images. The PACS
-user then sees that the AI looked at the study and could not assess it, instead of silence.
+(SNOMED CT 373068000, CID 240) with no probability, referencing the examined images, with the
+source's own procedure code or the neutral SNOMED CT 363679005 "Imaging" (never "chest": the
+images may be a hand or a lateral view). Declined images are listed with their reasons in a
+TID 1500 Qualitative Evaluations container, so the PACS user sees what was received and why
+the AI could not assess it, instead of silence.
 
-UIDs are deterministic: the SR's series and SOP Instance UIDs derive from (report_id, version),
-so a re-sent finding overwrites the same object on the PACS instead of adding a second one.
-An amendment (version > 1) names the SR it replaces in the Predecessor Documents Sequence.
+Identity: every report version has a random report id (a UUID minted once by the worker and
+stored with the study version). The SR's SOP Instance UID is 2.25 + that UUID and its other
+UIDs derive from it, so a re-sent finding overwrites the same object on the PACS while another
+installation, a database reset or a test instance can never make a different document with
+the same UID. Reports made before random ids (report id = Study Instance UID) keep their old
+derivation. Series Number 9900 + version and a Series Description naming the version (and the
+one it amends) tell the reader which SR is current; an amendment names the SR it replaces in
+the Predecessor Documents Sequence.
+
+Times: Timezone Offset From UTC is the sources' own when they carry one, else the site time
+zone's, and the SR's dates and times are written in it. The order the images were acquired for
+(Request Attributes Sequence, Accession Number) becomes the Referenced Request Sequence.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import uuid
 from collections.abc import Iterable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -51,10 +65,16 @@ UNDETERMINED = Code("373068000", "SCT", "Undetermined")  # CID 240
 PROBABILITY = Code("122157", "DCM", "Probability")
 UNITLESS = Code("1", "UCUM", "no units")
 CHEST_RADIOGRAPH = Code("399208008", "SCT", "Plain X-ray of chest")
+NEUTRAL_PROCEDURE = Code("363679005", "SCT", "Imaging")  # for a study the model declined
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500
+COMMENT = Code("121106", "DCM", "Comment")
 
 SR_SOP_CLASS_UID = ComprehensiveSRStorage
-SR_SERIES_NUMBER = 9901  # a high number keeps the AI series after the acquired ones in viewers
-SERIES_DESCRIPTION = "AI pneumonia finding (UNVERIFIED)"
+# Series Number = base + version (v1 9901, v2 9902, ...): a high number keeps the AI series
+# after the acquired ones in viewers, and the version tells amendments apart.
+SR_SERIES_BASE = 9900
+CONTRIBUTION_DESCRIPTION = "AI pneumonia detection on frontal chest radiographs"
+_OFFSET = re.compile(r"^([+-])(\d\d)(\d\d)$")
 
 # A fixed namespace makes every derived UID reproducible across processes and hosts.
 _NAMESPACE = uuid.UUID("6f1c2b1e-3f0a-5b7e-9a61-2c5d0e8f4a10")
@@ -109,9 +129,31 @@ class SRReference:
 
 
 def uid_from(*parts: str) -> str:
-    """A deterministic DICOM UID under the 2.25 root (PS3.5 B.2) from the given strings."""
+    """A deterministic DICOM UID under the 2.25 root (PS3.5 B.2) from the given strings. Only
+    for what is the same everywhere by design (the model's Device UID) and for reports made
+    before random report ids; a report's own objects use ``report_uid``."""
     name = "\x1f".join(parts)
     return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+def new_report_id() -> str:
+    """A fresh random report id (UUID version 4), minted once per study version."""
+    return str(uuid.uuid4())
+
+
+def is_minted(report_id: str) -> bool:
+    """True for a report id made by ``new_report_id`` (a canonical UUID string)."""
+    try:
+        return str(uuid.UUID(report_id)) == report_id
+    except ValueError:
+        return False
+
+
+def report_uid(report_id: str, purpose: str = "") -> str:
+    """A UID of one object of the report ``report_id`` (a minted UUID): 2.25 + the UUID itself
+    for the SR (``purpose`` ""), else a name-based UUID under it, as unique as the UUID."""
+    root = uuid.UUID(report_id)
+    return f"2.25.{(uuid.uuid5(root, purpose) if purpose else root).int}"
 
 
 def device_uid(model: ModelInfo) -> str:
@@ -124,7 +166,13 @@ def sr_reference(*, study_instance_uid: str, report_id: str, version: int) -> SR
 
     The integrator uses it to name the predecessor of an amendment without storing the SR.
     """
-    key = report_id or study_instance_uid
+    if is_minted(report_id):
+        return SRReference(
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=report_uid(report_id, "sr-series"),
+            sop_instance_uid=report_uid(report_id),
+        )
+    key = report_id or study_instance_uid  # a report made before random report ids
     return SRReference(
         study_instance_uid=study_instance_uid,
         series_instance_uid=uid_from("sr-series", key, str(version)),
@@ -132,23 +180,137 @@ def sr_reference(*, study_instance_uid: str, report_id: str, version: int) -> SR
     )
 
 
+def previous_sr(finding: StudyFinding) -> SRReference | None:
+    """The SR that ``finding`` amends: the one of ``finding.previous_report_id`` (or, for a
+    report made before random report ids, of the same id at the version before); None when no
+    earlier version of the study was reported."""
+    study_uid = finding.study.study_instance_uid
+    if finding.previous_report_id:
+        return sr_reference(
+            study_instance_uid=study_uid,
+            report_id=finding.previous_report_id,
+            version=finding.previous_version,
+        )
+    if finding.version > 1 and not is_minted(finding.report_id):
+        return sr_reference(
+            study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version - 1
+        )
+    return None
+
+
+def sr_series_number(version: int) -> int:
+    return SR_SERIES_BASE + version
+
+
+def series_description(finding: StudyFinding) -> str:
+    """Says which version this SR is, and which one it amends (LO: 64 characters at most)."""
+    what = "AI pneumonia finding" if finding.has_result else "AI pneumonia: no result"
+    text = f"{what} v{finding.version}"
+    previous = previous_sr(finding)
+    if previous is not None:
+        text += f", amends v{finding.previous_version or finding.version - 1}"
+    return f"{text} (UNVERIFIED)"[:64]
+
+
+def report_time(
+    finding: StudyFinding, sources: Sequence[Dataset], site_timezone: dt.tzinfo
+) -> tuple[dt.datetime, str]:
+    """When the report was made, as a naive local time, and the Timezone Offset From UTC it is
+    local to ("+HHMM"): the sources' own offset when they carry a valid one (the copied study
+    times are then in it), else the site time zone's offset at that moment."""
+    moment = finding.created_at
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    for src in sources:
+        text = str(src.get("TimezoneOffsetFromUTC", "") or "").strip()
+        match = _OFFSET.match(text)
+        if match and int(match[2]) <= 14 and int(match[3]) < 60:
+            minutes = int(match[2]) * 60 + int(match[3])
+            offset = dt.timedelta(minutes=-minutes if match[1] == "-" else minutes)
+            return moment.astimezone(dt.timezone(offset)).replace(tzinfo=None), text
+    local = moment.astimezone(site_timezone)
+    offset = local.utcoffset() or dt.timedelta(0)
+    sign = "-" if offset < dt.timedelta(0) else "+"
+    minutes = abs(int(offset.total_seconds())) // 60
+    return local.replace(tzinfo=None), f"{sign}{minutes // 60:02d}{minutes % 60:02d}"
+
+
 def build_sr(
     finding: StudyFinding,
     sources: Sequence[Dataset],
     *,
     replaces: SRReference | Sequence[SRReference] | None = None,
+    site_timezone: dt.tzinfo = dt.UTC,
 ) -> hd.sr.ComprehensiveSR:
     """Build the SR of one finding.
 
     ``sources`` are the headers (read with ``stop_before_pixels``) of the study's images: at
     least every image in ``finding.images`` (or, for "no result", in ``finding.declined``);
-    other headers are ignored. ``replaces`` names the SR(s) an amendment replaces; it is
-    required when ``finding.version > 1``.
+    other headers are ignored. ``replaces`` names the SR(s) an amendment replaces; by default
+    the one ``previous_sr(finding)`` names. ``site_timezone`` is the zone of the site's DICOM
+    times, used when no source carries a Timezone Offset From UTC.
 
     Returns a highdicom ``ComprehensiveSR`` (a pydicom Dataset with file meta, ready for
     ``save_as`` or C-STORE). Raises ``SRBuildError`` for inconsistent input: no source image,
     a source from another study, a used image whose header is missing, a missing predecessor.
     """
+    study_uid = finding.study.study_instance_uid
+    by_uid = _checked_sources(finding, sources)
+    examined = finding.images if finding.has_result else tuple(d.image for d in finding.declined)
+    predecessors = _as_list(replaces if replaces is not None else previous_sr(finding))
+    if finding.previous_report_id and not predecessors:
+        raise SRBuildError(
+            f"version {finding.version} is an amendment and must name the SR it replaces",
+            study_instance_uid=study_uid,
+        )
+
+    examined_headers = [by_uid[im.sop_instance_uid] for im in examined]
+    evidence = [source_header(src, finding) for src in examined_headers]
+    ref = sr_reference(
+        study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version
+    )
+    dev_uid = device_uid(finding.model)
+    fallback = CHEST_RADIOGRAPH if finding.has_result else NEUTRAL_PROCEDURE
+    procedure = _procedure_reported(examined_headers, fallback)
+    content = _measurement_report(finding, evidence, dev_uid, procedure)
+    if finding.declined:
+        _add_declined(content, finding, by_uid)
+
+    # DICOM dates and times are local unless the instance says otherwise, and the study's are
+    # copied as the modality wrote them: the SR's own times are written in the same offset.
+    created, offset = report_time(finding, examined_headers, site_timezone)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=content,
+        series_instance_uid=ref.series_instance_uid,
+        series_number=sr_series_number(finding.version),
+        sop_instance_uid=ref.sop_instance_uid,
+        instance_number=finding.version,
+        manufacturer=finding.model.manufacturer,
+        is_complete=True,
+        is_final=True,
+        is_verified=False,
+        requested_procedures=referenced_requests(list(by_uid.values()), study_uid) or None,
+        previous_versions=[_predecessor_header(p) for p in predecessors] or None,
+        contributing_equipment=[algorithm_equipment(finding.model, dev_uid, created)],
+        series_description=series_description(finding),
+        manufacturer_model_name=finding.model.name,
+        software_versions=finding.model.version,
+        content_date=created.date(),
+        content_time=created.time(),
+        series_date=created.date(),
+        series_time=created.time(),
+    )
+    sr.DeviceUID = dev_uid
+    sr.TimezoneOffsetFromUTC = offset
+    # Instance creation time follows the finding, so the same finding gives the same object.
+    sr["InstanceCreationDate"].value = created.strftime("%Y%m%d")
+    sr["InstanceCreationTime"].value = created.strftime("%H%M%S")
+    return sr
+
+
+def _checked_sources(finding: StudyFinding, sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    """The sources by SOP Instance UID, after checking the finding and the sources agree."""
     study_uid = finding.study.study_instance_uid
     if not study_uid:
         raise SRBuildError("finding has no Study Instance UID")
@@ -160,7 +322,6 @@ def build_sr(
         raise SRBuildError(
             f"probability {finding.probability} is outside [0, 1]", study_instance_uid=study_uid
         )
-
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     for ds in sources:
         if str(ds.get("StudyInstanceUID", "")) != study_uid:
@@ -174,56 +335,7 @@ def build_sr(
     missing = [im.sop_instance_uid for im in examined if im.sop_instance_uid not in by_uid]
     if missing:
         raise SRBuildError(f"no source header for images {missing}", study_instance_uid=study_uid)
-
-    predecessors = _as_list(replaces)
-    if finding.version > 1 and not predecessors:
-        raise SRBuildError(
-            f"version {finding.version} is an amendment and must name the SR it replaces",
-            study_instance_uid=study_uid,
-        )
-
-    evidence = [source_header(by_uid[im.sop_instance_uid], finding) for im in examined]
-    ref = sr_reference(
-        study_instance_uid=study_uid, report_id=finding.report_id, version=finding.version
-    )
-    dev_uid = device_uid(finding.model)
-    procedure = _procedure_reported([by_uid[im.sop_instance_uid] for im in examined])
-    content = _measurement_report(finding, evidence, dev_uid, procedure)
-
-    # DICOM dates and times are local unless the instance says otherwise, and the study's are
-    # copied as the modality wrote them (local): the SR's own times follow the same convention.
-    created = local_time(finding.created_at)
-    sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
-        content=content,
-        series_instance_uid=ref.series_instance_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=ref.sop_instance_uid,
-        instance_number=finding.version,
-        manufacturer=finding.model.manufacturer,
-        is_complete=True,
-        is_final=True,
-        is_verified=False,
-        previous_versions=[_predecessor_header(p) for p in predecessors] or None,
-        contributing_equipment=[algorithm_equipment(finding.model, dev_uid, created)],
-        series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=finding.model.name,
-        software_versions=finding.model.version,
-        content_date=created.date(),
-        content_time=created.time(),
-        series_date=created.date(),
-        series_time=created.time(),
-    )
-    sr.DeviceUID = dev_uid
-    # Instance creation time follows the finding, so the same finding gives the same object.
-    sr["InstanceCreationDate"].value = created.strftime("%Y%m%d")
-    sr["InstanceCreationTime"].value = created.strftime("%H%M%S")
-    return sr
-
-
-def local_time(moment: dt.datetime) -> dt.datetime:
-    """``moment`` as a naive local time (a naive input is taken as already local)."""
-    return moment.astimezone().replace(tzinfo=None) if moment.tzinfo else moment
+    return by_uid
 
 
 def _as_list(replaces: SRReference | Sequence[SRReference] | None) -> list[SRReference]:
@@ -315,7 +427,7 @@ def algorithm_equipment(
         software_versions=model.version,
         device_serial_number=_short_hash(model.content_hash),
         contribution_datetime=created,
-        contribution_description="AI pneumonia detection on frontal chest radiographs",
+        contribution_description=CONTRIBUTION_DESCRIPTION,
     )
     item.DeviceUID = dev_uid
     return item
@@ -328,9 +440,10 @@ def _short_hash(content_hash: str) -> str:
     return hashlib.sha256(content_hash.encode()).hexdigest()
 
 
-def _procedure_reported(sources: Iterable[Dataset]) -> list[Code]:
+def _procedure_reported(sources: Iterable[Dataset], fallback: Code) -> list[Code]:
     """AIR: the procedure reported is the imaging procedure. Use the source's own code when it
-    is from a standard scheme; a private ("99...") code would draw warnings and mean little."""
+    is from a standard scheme (a private "99..." code would draw warnings and mean little),
+    else ``fallback``."""
     for src in sources:
         for item in src.get("ProcedureCodeSequence", []):
             scheme = str(item.get("CodingSchemeDesignator", ""))
@@ -338,7 +451,102 @@ def _procedure_reported(sources: Iterable[Dataset]) -> list[Code]:
             meaning = str(item.get("CodeMeaning", ""))
             if value and meaning and scheme in ("LN", "SCT", "DCM", "RADLEX", "RADLEX_PLAYBOOK"):
                 return [Code(value, scheme, meaning)]
-    return [CHEST_RADIOGRAPH]
+    return [fallback]
+
+
+# Referenced Request Sequence item (SR Document General Module): type 2 attributes copied from
+# the source's Request Attributes Sequence item, else from the source's own top level.
+_REQUEST_TEXT = (
+    "AccessionNumber",
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+    "RequestedProcedureID",
+    "RequestedProcedureDescription",
+)
+
+
+def referenced_requests(sources: Sequence[Dataset], study_uid: str) -> list[Dataset]:
+    """The orders the images were acquired for, as Referenced Request Sequence items: one per
+    Request Attributes Sequence item of the sources (distinct accession number and requested
+    procedure ID), or one from the Accession Number when a source has no such sequence. Empty
+    when the sources name no order at all (the attribute is then absent: type 1C)."""
+    items: dict[tuple[str, str], Dataset] = {}
+    for src in sources:
+        requests = list(src.get("RequestAttributesSequence", None) or [])
+        if not requests and str(src.get("AccessionNumber", "") or ""):
+            requests = [Dataset()]
+        for request in requests:
+            item = _request_item(request, src, study_uid)
+            items.setdefault((item.AccessionNumber, item.RequestedProcedureID), item)
+    return list(items.values())
+
+
+def _request_item(request: Dataset, src: Dataset, study_uid: str) -> Dataset:
+    item = Dataset()
+    uid = str(request.get("StudyInstanceUID", "") or "")
+    item.StudyInstanceUID = uid if uid and _valid("StudyInstanceUID", uid) else study_uid
+    item.ReferencedStudySequence = []
+    for kw in _REQUEST_TEXT:
+        value = str(request.get(kw, "") or src.get(kw, "") or "")
+        setattr(item, kw, value if value and _valid(kw, value) else "")
+    issuer = request.get("IssuerOfAccessionNumberSequence") or src.get(
+        "IssuerOfAccessionNumberSequence"
+    )
+    if issuer:
+        item.IssuerOfAccessionNumberSequence = deepcopy(issuer)
+    item.RequestedProcedureCodeSequence = [
+        _code_item(code)
+        for code in request.get("RequestedProcedureCodeSequence", None) or []
+        if all(str(code.get(kw, "") or "") for kw in _CODE_KEYWORDS)
+    ][:1]  # type 2, zero or one item
+    return item
+
+
+_CODE_KEYWORDS = ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")
+
+
+def _code_item(code: Dataset) -> Dataset:
+    item = Dataset()
+    for kw in (*_CODE_KEYWORDS, "CodingSchemeVersion"):
+        if str(code.get(kw, "") or ""):
+            setattr(item, kw, code.get(kw))
+    return item
+
+
+def _add_declined(
+    content: hd.sr.MeasurementReport, finding: StudyFinding, by_uid: dict[str, Dataset]
+) -> None:
+    """List the images the model did not use, and why, in TID 1500's Qualitative Evaluations
+    container: what was received and why it was declined, in plain words."""
+    used = len(finding.images)
+    total = used + len(finding.declined)
+    summary = (
+        f"No result: none of the {total} image(s) received could be used"
+        if not finding.has_result
+        else f"{used} of {total} image(s) used"
+    )
+    summary += " (the model reads frontal chest radiographs only)."
+    texts = [summary]
+    for declined in finding.declined:
+        src = by_uid.get(declined.image.sop_instance_uid)
+        kind = str(src.get("Modality", "") or "") if src is not None else ""
+        texts.append(
+            f"{kind or 'image'} {declined.image.sop_instance_uid} not used: {declined.reason}"
+        )
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=text[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for text in texts
+        ]
+    )
+    content[0].ContentSequence.append(container)
 
 
 def _measurement_report(
@@ -377,7 +585,9 @@ def _measurement_report(
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uid_from(
+            uid=report_uid(finding.report_id, "tracking")
+            if is_minted(finding.report_id)
+            else uid_from(
                 "tracking", finding.report_id or finding.study.study_instance_uid, "pneumonia"
             ),
             identifier="AI pneumonia finding",

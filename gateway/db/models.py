@@ -97,6 +97,9 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finding_json: Mapped[str | None] = mapped_column(Text, default=None)
+    # This version's report id: a random UUID minted once (gateway.processing.report_identity);
+    # the SR's UIDs derive from it. NULL until the first inference.
+    report_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

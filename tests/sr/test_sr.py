@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
+import uuid
 from pathlib import Path
 
 import highdicom as hd
@@ -47,6 +48,12 @@ def image_of(ds: Dataset) -> SourceImage:
     return SourceImage(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
 
 
+def report_id_for(study_uid: str, version: int) -> str:
+    """A fixed UUID per (study, version), so that tests are reproducible; the worker mints
+    random ones (gateway.processing.report_identity)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{study_uid}/v{version}"))
+
+
 def finding_for(
     sources: list[Dataset], *, probability: float | None = 0.91, version: int = 1
 ) -> StudyFinding:
@@ -62,9 +69,11 @@ def finding_for(
         declined=()
         if probability is not None
         else tuple(DeclinedImage(i, "out of distribution") for i in images),
-        report_id=f"{study_uid}/v{version}",
+        report_id=report_id_for(study_uid, version),
         version=version,
         created_at=CREATED,
+        previous_report_id=report_id_for(study_uid, version - 1) if version > 1 else "",
+        previous_version=version - 1,
     )
 
 
@@ -82,7 +91,7 @@ def variants() -> dict[str, tuple[StudyFinding, list[Dataset], SRReference | Non
     amend = finding_for([rg1], probability=0.35, version=2)
     previous = sr_reference(
         study_instance_uid=str(rg1.StudyInstanceUID),
-        report_id=f"{rg1.StudyInstanceUID}/v1",
+        report_id=report_id_for(str(rg1.StudyInstanceUID), 1),
         version=1,
     )
     two = [rg1, second_image(rg1)]
@@ -203,7 +212,7 @@ def test_uids_are_deterministic_per_report_and_version() -> None:
     # Rebuilding later (e.g. a re-delivery) gives the same bytes apart from nothing at all.
     assert a.InstanceCreationTime == b.InstanceCreationTime
 
-    f2 = dataclasses.replace(f1, version=2, report_id=f"{f1.study.study_instance_uid}/v2")
+    f2 = dataclasses.replace(f1, version=2, report_id=report_id_for(f1.study.study_instance_uid, 2))
     c = build_sr(f2, [rg1], replaces=expected)
     assert c.SOPInstanceUID != a.SOPInstanceUID
 
@@ -230,7 +239,7 @@ def test_amendment_references_the_sr_it_replaces() -> None:
 def test_amendment_without_predecessor_is_refused() -> None:
     finding, sources, _ = variants()["amendment"]
     with pytest.raises(SRBuildError, match="amendment"):
-        build_sr(finding, sources)
+        build_sr(finding, sources, replaces=[])
 
 
 def test_bad_inputs_are_refused_at_build_time() -> None:

@@ -1,0 +1,95 @@
+"""Report identity (issue #17, item 2): two installations that process the same study never make
+SRs with the same UIDs, while a job run again for the same study version (its worker died)
+and every retried delivery name the same report. Real listener, real model, real databases
+(SQLite and PostgreSQL); the worker's inference stage is called as the Celery task calls it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from gateway.db.models import Delivery, Study
+from gateway.delivery import SR, load_job
+from gateway.processing import InferenceStage
+from gateway.senders import SrSender
+from gateway.tasks import WorkerRuntime
+from tests import dicom_files as files
+from tests.conftest import RunningGateway
+from tests.peers import storescu
+
+pytestmark = pytest.mark.slow
+
+CHILD_CR = files.FIXTURES / "kermany_child_cr.dcm"  # gets a result (not declined by age)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir: Path) -> Iterator[Any]:
+    from inference.predictor import Predictor
+
+    yield Predictor.load(model_dir)
+
+
+def infer(gw: RunningGateway, predictor: Any, study_uid: str) -> Study:
+    """Run the worker's inference stage on the study's first version; return the row after."""
+    runtime = WorkerRuntime(gw.settings, gw.sessions, InferenceStage(gw.settings, predictor))
+    with gw.sessions() as session:
+        study = session.execute(
+            select(Study).where(Study.study_uid == study_uid, Study.version == 1)
+        ).scalar_one()
+    runtime.process(runtime, study)
+    with gw.sessions() as session:
+        row = session.get(Study, study.id)
+        assert row is not None
+        return row
+
+
+def sr_uids(gw: RunningGateway, study_id: int) -> tuple[str, str]:
+    """The (SOP Instance, Series) UIDs of the SR its delivery sends, as a retry builds it."""
+    with gw.sessions() as session:
+        delivery_id = session.execute(
+            select(Delivery.id).where(Delivery.study_id == study_id, Delivery.kind == SR)
+        ).scalar_one()
+    (sr,) = SrSender(gw.settings).build(load_job(gw.sessions, delivery_id))
+    return str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID)
+
+
+def test_two_installations_never_collide_and_a_rerun_keeps_the_report(
+    gateway_factory: Callable[..., RunningGateway],
+    database_url: str,
+    predictor: Any,
+    tmp_path: Path,
+) -> None:
+    paths = files.study_files(CHILD_CR, tmp_path / "study", 1)
+    study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+    first = gateway_factory(database_url=database_url, data_dir=tmp_path / "first")
+    second = gateway_factory(data_dir=tmp_path / "second")  # its own SQLite database
+    for gw in (first, second):
+        assert storescu(gw.port, paths).returncode == 0
+
+    a1 = infer(first, predictor, study_uid)
+    assert a1.report_id is not None and str(uuid.UUID(a1.report_id)) == a1.report_id
+    finding = json.loads(a1.finding_json or "{}")
+    assert finding["report_id"] == a1.report_id and finding["probability"] is not None
+    uids_a1 = sr_uids(first, a1.id)
+
+    # The same study version processed again (its worker died after inference): same report,
+    # same SR UIDs, and a retried delivery builds the same SR again.
+    a2 = infer(first, predictor, study_uid)
+    assert a2.report_id == a1.report_id
+    assert json.loads(a2.finding_json or "{}")["report_id"] == a1.report_id
+    assert sr_uids(first, a2.id) == uids_a1 == sr_uids(first, a1.id)
+
+    # Another installation, same study and version: another report, other UIDs.
+    b = infer(second, predictor, study_uid)
+    assert b.version == a1.version == 1
+    assert b.report_id != a1.report_id
+    uids_b = sr_uids(second, b.id)
+    assert uids_b[0] != uids_a1[0] and uids_b[1] != uids_a1[1]
+    assert uids_a1[0] == f"2.25.{uuid.UUID(a1.report_id).int}"
