@@ -248,6 +248,8 @@ def _write_predictions(
     base: ArtifactMeta,
     site: ArtifactMeta,
 ) -> None:
+    # Logits in full precision: the site's probabilities and decisions can
+    # be recomputed exactly from them.
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -256,6 +258,6 @@ def _write_predictions(
         )  # fmt: skip
         for s, pb, ps in zip(used, np.asarray(p_base), np.asarray(p_site), strict=True):
             w.writerow(
-                [s.name, s.label, s.subgroup, f"{s.logit:.6f}", f"{pb:.6f}",
+                [s.name, s.label, s.subgroup, repr(s.logit), f"{pb:.6f}",
                  int(pb >= base.threshold), f"{ps:.6f}", int(ps >= site.threshold)]
             )  # fmt: skip
