@@ -74,22 +74,23 @@ def test_two_installations_never_collide_and_a_rerun_keeps_the_report(
         assert storescu(gw.port, paths).returncode == 0
 
     a1 = infer(first, predictor, study_uid)
-    assert a1.report_id is not None and str(uuid.UUID(a1.report_id)) == a1.report_id
-    finding = json.loads(a1.finding_json or "{}")
-    assert finding["report_id"] == a1.report_id and finding["probability"] is not None
+    report_a = json.loads(a1.finding_json or "{}")["report_id"]
     uids_a1 = sr_uids(first, a1.id)
-
-    # The same study version processed again (its worker died after inference): same report,
-    # same SR UIDs, and a retried delivery builds the same SR again.
-    a2 = infer(first, predictor, study_uid)
-    assert a2.report_id == a1.report_id
-    assert json.loads(a2.finding_json or "{}")["report_id"] == a1.report_id
-    assert sr_uids(first, a2.id) == uids_a1 == sr_uids(first, a1.id)
 
     # Another installation, same study and version: another report, other UIDs.
     b = infer(second, predictor, study_uid)
     assert b.version == a1.version == 1
-    assert b.report_id != a1.report_id
+    report_b = json.loads(b.finding_json or "{}")["report_id"]
     uids_b = sr_uids(second, b.id)
+    assert report_b != report_a
     assert uids_b[0] != uids_a1[0] and uids_b[1] != uids_a1[1]
-    assert uids_a1[0] == f"2.25.{uuid.UUID(a1.report_id).int}"
+
+    # The same study version processed again (its worker died after inference): same report,
+    # same SR UIDs, and a retried delivery builds the same SR again.
+    a2 = infer(first, predictor, study_uid)
+    assert json.loads(a2.finding_json or "{}")["report_id"] == report_a
+    assert sr_uids(first, a2.id) == uids_a1 == sr_uids(first, a1.id)
+
+    # The id is a random UUID, stored with the study version; the SR's UID is made from it.
+    assert str(uuid.UUID(report_a)) == report_a == a1.report_id == a2.report_id
+    assert uids_a1[0] == f"2.25.{uuid.UUID(report_a).int}"

@@ -224,8 +224,9 @@ def test_peer_requiring_a_client_certificate_refuses_us_without_one(
 ) -> None:
     peer = tls_peer(storescp, pki)
     settings = make_settings(pacs_destinations=destination(peer.port, tls=True, tls_ca=str(pki.ca)))
-    with pytest.raises(AssociationFailedError):
+    with pytest.raises(AssociationFailedError) as info:
         SrSender(settings)(job(tmp_path))
+    assert "dicom-tls://" in str(info.value)  # it was a TLS association that failed
     assert peer.received() == []
 
 
