@@ -116,7 +116,8 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     observations = [
         e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"
     ]
-    assert len(reports) == 1 and reports[0]["status"] == "final"
+    # Unverified AI output is preliminary (FHIR R4: final means verified by a person).
+    assert len(reports) == 1 and reports[0]["status"] == "preliminary"
     assert reports[0]["subject"]["reference"] == f"Patient/{patient['id']}"
     assert observations and all("device" in o for o in observations)
     provenance = fhir_server.get("Provenance", target=f"DiagnosticReport/{reports[0]['id']}")
@@ -158,7 +159,10 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     assert len(srs) == 2
     bundle = fhir_server.get("DiagnosticReport", patient=patient["id"])
     reports = [e["resource"] for e in bundle["entry"]]
-    assert len(reports) == 1 and reports[0]["status"] == "amended"
+    assert len(reports) == 1 and reports[0]["status"] == "preliminary"
+    # Version 2 has its own Provenance, which names version 1 as the one it revises.
+    provenances = [e["resource"] for e in fhir_server.get("Provenance").get("entry", [])]
+    assert sorted(p["activity"]["coding"][0]["code"] for p in provenances) == ["CREATE", "UPDATE"]
 
 
 def test_outbox_without_pacs_or_ehr(
