@@ -291,7 +291,9 @@ class Settings(BaseSettings):
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"not an IANA time zone name: {value!r}") from exc
+            raise ValueError(
+                f"not an IANA time zone name: {value!r} (also read from CXR_FHIR_TIMEZONE)"
+            ) from exc
         return value
 
     @model_validator(mode="after")
