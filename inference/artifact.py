@@ -26,6 +26,7 @@ from typing import Any
 
 from inference.finding import ModelInfo
 from inference.population import Population
+from inference.population_check import POPULATION_FILE
 from inference.preprocess import PreprocessConfig
 
 META_FILE = "model.json"
@@ -121,9 +122,7 @@ class ArtifactMeta:
                 content_hash=str(d.get("content_hash", "")),
                 format_version=int(d.get("format_version", FORMAT_VERSION)),
                 logit_bias=float(d.get("logit_bias", 0.0)),
-                population=(
-                    Population.from_json(d["population"]) if d.get("population") else None
-                ),
+                population=(Population.from_json(d["population"]) if d.get("population") else None),
                 site=dict(d["site"]) if d.get("site") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -135,6 +134,10 @@ def hashed_files(folder: Path, meta: ArtifactMeta) -> list[Path]:
     for stem in meta.members:
         files += [folder / f"{stem}.keras", folder / f"{stem}.tflite"]
     files += [folder / "ood.npz", folder / "orientation.npz"]
+    # The population check came later: part of the hash whenever the artifact has one, so
+    # deleting it from an artifact is a hash mismatch, never a silently weaker check.
+    if (folder / POPULATION_FILE).exists():
+        files.append(folder / POPULATION_FILE)
     return files
 
 

@@ -403,21 +403,35 @@ def fit_orientation(
 # How the image-based checks' decline reasons begin (the header rules have their own).
 OOD_REASON = "out of distribution"
 UPSIDE_DOWN_REASON = "the image looks upside down"
+POPULATION_REASON = "does not look like a frontal chest film of a young child"
 
 
 def decline_reasons(
-    ood_scores: F, upside_down_scores: F, ood_threshold: float, upside_down_threshold: float
+    ood_scores: F,
+    upside_down_scores: F,
+    ood_threshold: float,
+    upside_down_threshold: float,
+    population_scores: F | None = None,
+    population_threshold: float = float("inf"),
 ) -> list[str | None]:
     """Per image, why the image-based checks decline it (None: accepted). The OOD score goes
-    first: an image that is not a chest film is not said to be upside down."""
+    first (an image that is not a chest film is not said to be upside down), then the
+    orientation, then the population check (inference.population_check), when there is one."""
+    population = (
+        np.full(len(ood_scores), -np.inf) if population_scores is None else population_scores
+    )
     reasons: list[str | None] = []
-    for score, turned in zip(ood_scores, upside_down_scores, strict=True):
+    for score, turned, outside in zip(ood_scores, upside_down_scores, population, strict=True):
         if score > ood_threshold:
             reasons.append(f"{OOD_REASON} (score {score:.2f} > {ood_threshold:.2f})")
         elif turned > upside_down_threshold:
             reasons.append(
                 f"{UPSIDE_DOWN_REASON} (orientation score {turned:.2f} > "
                 f"{upside_down_threshold:.2f}): check its orientation"
+            )
+        elif outside > population_threshold:
+            reasons.append(
+                f"{POPULATION_REASON} (population score {outside:.2f} > {population_threshold:.2f})"
             )
         else:
             reasons.append(None)

@@ -106,6 +106,18 @@ def parse_age_string(value: str) -> int | None:
     return int(days / _DAYS_PER_YEAR)
 
 
+def stated_age(text: str, source: str) -> PatientAge:
+    """An age typed by a person: whole years ("3"), or a number with a unit as in DICOM
+    ("18M", "40W", "200D", "3Y"). Raises ValueError with the rule when it is not one."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*([DWMYdwmy]?)\s*", text)
+    if match is None:
+        raise ValueError(f"an age is whole years (3) or a number with D, W, M or Y, got {text!r}")
+    years = parse_age_string(f"{int(match.group(1)):03d}{(match.group(2) or 'Y').upper()}")
+    if years is None or years > 150:
+        raise ValueError(f"not a plausible age: {text!r}")
+    return PatientAge(years, source)
+
+
 def parse_date(value: str) -> dt.date | None:
     """A DICOM DA value (YYYYMMDD), or None when missing or malformed."""
     text = value.strip()

@@ -32,6 +32,7 @@ from inference.input_check import (
     thumbnail,
 )
 from inference.population import AgeRange, PatientAge, age_decline_reason, patient_age
+from inference.population_check import PopulationModel
 from inference.preprocess import preprocess, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
@@ -77,12 +78,14 @@ class Predictor:
         runner: Any,
         ood: OODModel,
         orientation: OrientationModel,
+        population: PopulationModel | None = None,
     ) -> None:
         self.folder = folder
         self.meta = meta
         self.runner = runner
         self.ood = ood
         self.orientation = orientation
+        self.population = population
         # Ages (completed years) that get a result: the model's population, unless a site
         # widens it (gateway setting CXR_INTENDED_AGE_YEARS; then reports say so).
         self.intended_age: AgeRange | None = meta.population.age if meta.population else None
@@ -104,6 +107,7 @@ class Predictor:
             runner,
             OODModel.load(folder / "ood.npz"),
             OrientationModel.load(folder / "orientation.npz"),
+            PopulationModel.load_optional(folder),
         )
 
     @property
@@ -119,7 +123,10 @@ class Predictor:
         ood = self.ood.scores(embedding, thumbs)
         turned = self.orientation.scores(embedding)
         limits = (self.meta.ood_threshold, self.orientation.threshold)
-        return ood, decline_reasons(ood, turned, *limits)
+        if self.population is None:
+            return ood, decline_reasons(ood, turned, *limits)
+        outside = self.population.scores(embedding, thumbs)
+        return ood, decline_reasons(ood, turned, *limits, outside, self.population.threshold)
 
     def predict_arrays(
         self, images: list[npt.NDArray[Any]], *, heatmap: bool = False

@@ -22,6 +22,9 @@ from pydicom.uid import (
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "dicom"
 CHEST_CR = FIXTURES / "rg1_cr_small.dcm"  # CR chest PA, MONOCHROME1, 16-bit
 CHEST_SC = FIXTURES / "nih_sc_small.dcm"  # NIH chest as Secondary Capture, 8-bit
+# A film of the kind the model is for (a 3-year-old's chest AP): tests that need a finding use
+# it; the adult CHEST_CR gets "no result" for its age (born 1940).
+CHILD_CR = FIXTURES / "kermany_child_cr.dcm"
 
 
 def ct_image() -> Path:

@@ -186,16 +186,27 @@ def predict(
     heatmap_dir: Annotated[
         Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
     ] = None,
+    age: Annotated[
+        str | None,
+        typer.Option(help="The patient's age: years (3), or with a unit (18M, 40W, 200D)"),
+    ] = None,
 ) -> None:
-    """Print one JSON object per input file (probability, decision, input check)."""
+    """Print one JSON object per input file (probability, decision, input check). Outside
+    the model's intended ages (--age, or a DICOM header's age) the answer is "no result"."""
     _quiet_tensorflow()
+    from inference.population import stated_age
     from inference.predictor import Predictor
     from training.evaluate import predict_file
 
+    try:
+        stated = stated_age(age, "--age") if age is not None else None
+    except ValueError as exc:
+        typer.echo(f"predict: {exc}", err=True)
+        raise typer.Exit(2) from exc
     predictor = Predictor.load(model)
     failed = False
     for path in files:
-        result, png = predict_file(predictor, path, heatmap=heatmap_dir is not None)
+        result, png = predict_file(predictor, path, heatmap=heatmap_dir is not None, age=stated)
         if png is not None and heatmap_dir is not None:
             heatmap_dir.mkdir(parents=True, exist_ok=True)
             (heatmap_dir / f"{path.name}.heatmap.png").write_bytes(png)

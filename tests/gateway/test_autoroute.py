@@ -68,7 +68,7 @@ def test_orthanc_autoroutes_once_and_routes_new_images_again(
     for i in range(2):  # two competing workers
         procs.append(start_gateway(env, tmp_path / f"worker{i}.log", ("worker", "--pool", "solo")))
     db = Recorded(database)
-    paths = files.study_files(files.CHEST_CR, tmp_path / "study", 2)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "study", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     for p in paths:
         orthanc.upload(p)  # like a modality storing to the PACS: nobody pushes by hand
@@ -81,7 +81,7 @@ def test_orthanc_autoroutes_once_and_routes_new_images_again(
     reports = fhir_server.get("DiagnosticReport", identifier=f"urn:cxr-gateway:report|{study_uid}")
     assert len(reports.get("entry", [])) == 1
 
-    extra = files.study_files(files.CHEST_CR, tmp_path / "extra", 1, study_uid=study_uid)
+    extra = files.study_files(files.CHILD_CR, tmp_path / "extra", 1, study_uid=study_uid)
     orthanc.upload(extra[0])
     wait_until(lambda: db.count("dicom-sr.delivered", study_uid) == 2, 120, "amendment", procs)
     assert db.count("instance.stored", study_uid) == 3

@@ -52,7 +52,7 @@ def gateway(
 
 
 def send_study(port: int, tmp_path: Path, count: int = 1) -> str:
-    paths = files.study_files(files.CHEST_CR, tmp_path / f"s{time.monotonic_ns()}", count)
+    paths = files.study_files(files.CHILD_CR, tmp_path / f"s{time.monotonic_ns()}", count)
     assert storescu(port, paths).returncode == 0
     return str(dcmread(paths[0]).StudyInstanceUID)
 
@@ -136,9 +136,9 @@ def test_declined_images_are_recorded_and_the_rest_is_processed(
     db, procs, port = gateway()
     study_uid = generate_uid()
     folder = tmp_path / "mixed"
-    chest = files.study_files(files.CHEST_CR, folder / "chest", 1, study_uid=study_uid)
-    knee = files.study_files(files.CHEST_CR, folder / "knee", 1, study_uid=study_uid)[0]
-    lateral = files.study_files(files.CHEST_CR, folder / "lat", 1, study_uid=study_uid)[0]
+    chest = files.study_files(files.CHILD_CR, folder / "chest", 1, study_uid=study_uid)
+    knee = files.study_files(files.CHILD_CR, folder / "knee", 1, study_uid=study_uid)[0]
+    lateral = files.study_files(files.CHILD_CR, folder / "lat", 1, study_uid=study_uid)[0]
     for path, keyword, value in (
         (knee, "BodyPartExamined", "KNEE"),
         (lateral, "ViewPosition", "LL"),

@@ -40,7 +40,7 @@ def test_redis_broker_and_worker_process_make_study_ready_once(
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     worker = start_gateway(env, tmp_path / "worker.log", ("worker", "--concurrency", "1"))
     procs += [listener, worker]
-    paths = files.study_files(files.CHEST_CR, tmp_path / "s", 2)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(listener.dicom_port, paths).returncode == 0
     db = Recorded(env["CXR_DATABASE_URL"])
@@ -62,7 +62,7 @@ def test_restart_before_completion_completes_and_queues_exactly_once(
     env["CXR_BROKER_URL"] = redis_server.url
     env["CXR_QUIET_SECONDS"] = "8"  # longer than a restart, so the PACS resumes inside it
     listener = start_gateway(env, tmp_path / "listen1.log", ("listen",))
-    paths = files.study_files(files.CHEST_CR, tmp_path / "s", 2)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(listener.dicom_port, paths[:1]).returncode == 0
     listener.stop(signal.SIGKILL)  # crash between instances, before the quiet time ends
@@ -97,7 +97,7 @@ def test_broker_outage_is_caught_up_by_the_reconciler(
     db = Recorded(env["CXR_DATABASE_URL"])
     redis_server.stop()
     try:
-        paths = files.study_files(files.CHEST_CR, tmp_path / "s", 1)
+        paths = files.study_files(files.CHILD_CR, tmp_path / "s", 1)
         study_uid = str(dcmread(paths[0]).StudyInstanceUID)
         # Ingest does not depend on the broker: the instance is stored and acknowledged.
         assert storescu(listener.dicom_port, paths).returncode == 0
@@ -157,7 +157,7 @@ def test_orthanc_pushes_a_study_through_its_rest_api(
     }
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     procs.append(gw)
-    paths = files.study_files(files.CHEST_CR, tmp_path / "s", 3)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 3)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     ids = [orthanc.upload(p)["ID"] for p in paths]  # type: ignore[attr-defined]
     body = json.dumps({"Resources": ids, "Synchronous": True}).encode()

@@ -61,7 +61,7 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
 ) -> None:
     gw_port = free_port()
     orthanc = orthanc_factory(modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]})
-    paths = files.study_files(files.CHEST_CR, tmp_path / "study", 2)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "study", 2)
     first = dcmread(paths[0])
     study_uid, mrn = str(first.StudyInstanceUID), str(first.PatientID)
     patient = httpx.post(
@@ -143,7 +143,7 @@ def test_study_from_orthanc_to_sr_in_orthanc_and_report_in_fhir(
     assert len(sr_instances(orthanc, study_uid)) == 1
 
     # A new image for the study: version 2, an amended report and a new SR that replaces the old.
-    extra = files.study_files(files.CHEST_CR, tmp_path / "extra", 1, study_uid=study_uid)
+    extra = files.study_files(files.CHILD_CR, tmp_path / "extra", 1, study_uid=study_uid)
     new_id = orthanc.upload(extra[0])["ID"]
     assert push(orthanc, [new_id])["FailedInstancesCount"] == 0
     wait_until(
@@ -176,7 +176,7 @@ def test_outbox_without_pacs_or_ehr(
     }
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     procs.append(gw)
-    paths = files.study_files(files.CHEST_SC, tmp_path / "s", 1)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 1)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     send = subprocess.run(
         [
@@ -218,7 +218,7 @@ def test_worker_killed_mid_study_is_redone_once(
     env = process_env(tmp_path, model_dir, database, redis_server.url, CXR_JOB_LEASE_SECONDS="5")
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
-    paths = files.study_files(files.CHEST_CR, tmp_path / "s", 40)  # long enough to die inside
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 40)  # long enough to die inside
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     db = Recorded(database)
     # A worker that dies in the middle of the study: claimed, then SIGKILL (no ack, no finish).

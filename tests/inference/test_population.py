@@ -176,3 +176,34 @@ def test_view_code_sequence_decides_by_code(
 def test_view_position_laterals_are_declined(view: str) -> None:
     assert header_decline_reason(_radiograph(ViewPosition=view)) is not None
     assert header_decline_reason(_radiograph(ViewPosition="AP")) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "years"), [("3", 3), ("3Y", 3), ("18M", 1), ("18m", 1), ("40W", 0), ("200D", 0)]
+)
+def test_stated_age_forms(text: str, years: int) -> None:
+    from inference.population import stated_age
+
+    assert stated_age(text, "--age").years == years
+
+
+def test_predict_command_takes_the_patients_age(tmp_path: Path) -> None:
+    """`cxr-gateway predict --age`: an adult's age gets no result with the reason, a child's
+    a probability, a malformed age exit code 2."""
+    import json
+    import subprocess
+    import sys
+
+    film = Path(__file__).resolve().parents[1] / "fixtures/images/kermany/NORMAL/IM-0115-0001.jpeg"
+
+    def run(age: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gateway.cli", "predict", str(film), "--age", age]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    adult = run("40")
+    assert adult.returncode == 0, adult.stderr
+    answer = json.loads(adult.stdout.splitlines()[-1])
+    assert answer["probability"] is None and "40 years" in answer["declined_reason"]
+    child = json.loads(run("18M").stdout.splitlines()[-1])
+    assert child["probability"] is not None and child["declined_reason"] is None
+    assert run("forty").returncode == 2
