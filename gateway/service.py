@@ -121,8 +121,9 @@ def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -
         raise ConfigurationError(f"model artifact unusable: {exc}") from exc
     engine = make_engine(settings.database)
     upgrade(engine)  # a worker may start before the listener on a fresh database
-    announce_intended_ages(settings, meta, make_session_factory(engine), actor="worker")
-    announce_report_status(settings, make_session_factory(engine), actor="worker")
+    sessions = make_session_factory(engine)
+    announce_intended_ages(settings, meta, sessions, actor="worker")
+    announce_report_status(settings, sessions, actor="worker")
     engine.dispose()
     app = make_celery(settings)
     register_tasks(app, lambda: build_runtime(settings))
