@@ -3,8 +3,11 @@ transaction Bundle to the EHR, or both into the outbox folder when none is confi
 
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and
-retries are bounded and visible. Re-sending is harmless: the SR's UIDs are derived from the
-report id and version, and the FHIR bundle uses conditional creates.
+retries are bounded and visible. Re-sending is harmless: the SR's UIDs derive from the report
+id (random, minted once per study version and stored with it, gateway.processing), so a retry
+sends the same object and another installation never one with the same UID; the FHIR bundle
+uses conditional creates. A failed DICOM TLS handshake is retried like any connection failure,
+never replaced by a plain association.
 """
 
 from __future__ import annotations

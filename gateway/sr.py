@@ -136,13 +136,9 @@ def uid_from(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
 
 
-def new_report_id() -> str:
-    """A fresh random report id (UUID version 4), minted once per study version."""
-    return str(uuid.uuid4())
-
-
 def is_minted(report_id: str) -> bool:
-    """True for a report id made by ``new_report_id`` (a canonical UUID string)."""
+    """True for a random report id (a canonical UUID string, as gateway.processing mints them);
+    False for one made before (the Study Instance UID)."""
     try:
         return str(uuid.UUID(report_id)) == report_id
     except ValueError:

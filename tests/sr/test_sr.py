@@ -101,6 +101,14 @@ def variants() -> dict[str, tuple[StudyFinding, list[Dataset], SRReference | Non
         "no_result": (finding_for([rg1], probability=None), [rg1], None),
         "amendment": (amend, [rg1], previous),
         "two_source_images": (finding_for(two, probability=0.77), two, None),
+        "one_used_one_declined": (
+            dataclasses.replace(
+                finding_for(two[:1], probability=0.77),
+                declined=(DeclinedImage(image_of(two[1]), "lateral view"),),
+            ),
+            two,
+            None,
+        ),
         "nih_secondary_capture": (finding_for([nih], probability=0.66), [nih], None),
         "missing_optional_attributes": (finding_for([minimal], probability=0.2), [minimal], None),
     }
