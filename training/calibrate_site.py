@@ -8,19 +8,18 @@ calibration and the threshold on local films, without retraining, moves the oper
 
 The output folder is a complete artifact (``CXR_MODEL_DIR`` can point at it)::
 
-    member*.keras, member*.tflite,   copied byte for byte: ``weights_hash`` equals the base's
-    ood.npz, orientation.npz
+    member*.keras, member*.tflite,   copied byte for byte (inference.artifact.hashed_files):
+    ood.npz, orientation.npz, ...    ``weights_hash`` equals the base's
     model.json         the base's metadata with the site's Platt numbers, threshold and rule, the
                        version "<base version>+site.<first 8 of the content hash>" and ``site``
-    model_card.md      a "Site calibration" section, then the base model's card
+    model_card.md      a "Site calibration" section, then the base artifact's card
     site_acceptance/   report.md, metrics.json, predictions.csv, plots (see acceptance_report)
-    training_summary.json, validation*/, external_validation/   the base's, for its card
+    the rest           the base's other files (training_summary.json, validation/, ...), copied
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -34,12 +33,15 @@ from inference.predictor import Predictor
 from training.acceptance_report import REPORT_DIR, write_acceptance_report
 from training.calibration import SensitivityRule, fit_platt, sigmoid, threshold_with_margin
 from training.data import CLASS_NAMES, DataError, list_samples
+from training.site_card import write_site_card
 from training.site_sample import SiteSample, score_sample
 
 MIN_PER_CLASS = 50  # usable films per class below which a sample is refused
 DEFAULT_TARGET_SENSITIVITY = 0.95
 CONFIDENCE = 0.95  # of the one-sided lower bound the threshold rule keeps at the target
-BASE_EXTRAS = ("training_summary.json", "validation", "validation_shifted", "external_validation")
+# Written anew for the site artifact; everything else of the base artifact is copied (its
+# card's plots and reports: training_summary.json, validation/, ...).
+NOT_COPIED = {"model.json", "model_card.md", REPORT_DIR}
 
 
 class SiteSampleError(DataError):
@@ -100,7 +102,8 @@ def base_of(meta: ArtifactMeta) -> ArtifactMeta:
     )
 
 
-def _check_sizes(sample: SiteSample, minimum: int) -> None:
+def check_sizes(sample: SiteSample, minimum: int) -> None:
+    """Raise SiteSampleError naming each class with fewer than ``minimum`` usable films."""
     counts = sample.counts()
     short = [name for name in CLASS_NAMES if counts["used"][name] < minimum]
     if short:
@@ -149,7 +152,7 @@ def calibrate_site(
     predictor = load_base(model)
     samples = list_samples(data)
     sample = score_sample(predictor, samples)
-    _check_sizes(sample, min_per_class)
+    check_sizes(sample, min_per_class)
     fit = fit_site(sample.y, sample.logits, target)
     meta = site_meta(predictor.meta, fit, sample, model, target=target, command=command)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +164,8 @@ def calibrate_site(
         report = write_acceptance_report(
             work / REPORT_DIR, sample=sample, base=base, site=meta, n_boot=n_boot
         )
-        write_site_card(work, meta, base, report)
+        card = model / "model_card.md"
+        write_site_card(work, meta, base, report, card.read_text() if card.exists() else "")
         if out.exists():
             out.rmdir()
         work.rename(out)
@@ -216,16 +220,18 @@ def site_meta(
 
 
 def write_site_artifact(model: Path, folder: Path, meta: ArtifactMeta) -> ArtifactMeta:
-    """Copy the base's weight and input-check files (and its card's material) into
-    ``folder``, then write model.json with the site version; returns the written meta."""
+    """Copy the base's weight and input-check files, and the material its card refers to,
+    into ``folder``, then write model.json with the site version; returns the written meta."""
     for path in hashed_files(model, meta):
         shutil.copyfile(path, folder / path.name)
-    for name in BASE_EXTRAS:
-        src = model / name
+    hashed = {path.name for path in hashed_files(model, meta)}
+    for src in sorted(model.iterdir()):
+        if src.name in hashed or src.name in NOT_COPIED:
+            continue
         if src.is_dir():
-            shutil.copytree(src, folder / name)
+            shutil.copytree(src, folder / src.name)
         elif src.is_file():
-            shutil.copyfile(src, folder / name)
+            shutil.copyfile(src, folder / src.name)
     base = (meta.site or {})["base"]
     if weights_hash(folder, meta) != base["weights_hash"]:
         raise ArtifactError("the copied weights differ from the base model's")
@@ -233,79 +239,3 @@ def write_site_artifact(model: Path, folder: Path, meta: ArtifactMeta) -> Artifa
     base_version = str(base["version"]).split("+")[0]
     version = f"{base_version}+site.{written.content_hash[:8]}"
     return write_meta(folder, replace(written, version=version))
-
-
-def write_site_card(
-    folder: Path, meta: ArtifactMeta, base: ArtifactMeta, report: dict[str, Any]
-) -> Path:
-    """model_card.md: the site section, then the base model's card from "Intended use" on."""
-    from training.model_card import card_body
-
-    site = meta.site or {}
-    lines = [
-        f"# Model card: {meta.name} {meta.version} (site-calibrated)",
-        "",
-        f"Content hash (sha256): `{meta.content_hash}`  ",
-        f"Base model: {base.name} {base.version}, content hash `{base.content_hash}`; weight "
-        f"files unchanged (sha256 `{site['base']['weights_hash']}`)  ",
-        f"Site calibration: {site['date']}",
-        "",
-        *site_card_section(meta, report),
-    ]
-    summary_path = folder / "training_summary.json"
-    if summary_path.exists():
-        lines += [
-            "The rest of this card is the base model's, unchanged: its figures are at the base",
-            f"calibration (T = {base.temperature:.3f}, b = {base.logit_bias:.3f}) and threshold "
-            f"({base.threshold:.4f}), on the training hospital's validation films.",
-            "",
-            *card_body(base, json.loads(summary_path.read_text())),
-        ]
-    path = folder / "model_card.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def site_card_section(meta: ArtifactMeta, report: dict[str, Any]) -> list[str]:
-    """The "Site calibration" section: what was fitted on what, and the acceptance verdict."""
-    site = meta.site or {}
-    used, declined = site["n_used"], site["n_declined"]
-    shipped, local = report["shipped"], report["site"]
-    rows = [
-        f"| {name} | {_ci(shipped[k])} | {_ci(local[k])} |"
-        for k, name in (
-            ("sensitivity", "sensitivity"),
-            ("specificity", "specificity"),
-            ("ece", "ECE"),
-            ("auc", "AUC"),
-        )
-    ]
-    return [
-        "## Site calibration",
-        "",
-        f"This artifact is {site['base']['name']} {site['base']['version']} with a calibration "
-        "and an operating threshold fitted on a labelled local sample; the weights and the "
-        "input checks are the base model's, byte for byte.",
-        "",
-        f"- Sample: {used['NORMAL']} normal and {used['PNEUMONIA']} pneumonia films used "
-        f"({declined['NORMAL'] + declined['PNEUMONIA']} declined by the input checks, "
-        f"{sum(site['n_unreadable'].values())} unreadable); data sha256 `{site['data_hash']}`.",
-        f"- Output: P(pneumonia) = sigmoid(logit / T + b), Platt scaling refitted on the sample's"
-        f" raw logits: T = {meta.temperature:.3f}, b = {meta.logit_bias:.3f}. The probabilities"
-        " are calibrated to the sample's share of pneumonia "
-        f"({used['PNEUMONIA'] / (used['NORMAL'] + used['PNEUMONIA']):.0%}).",
-        f"- Operating threshold: **{meta.threshold:.4f}**; rule: {meta.threshold_rule}.",
-        f"- Local acceptance report: [{site['report']}]({site['report']}).",
-        "",
-        f"**Verdict.** {report['verdict']}",
-        "",
-        "| on the local sample (95% CI) | shipped operating point | site operating point |",
-        "| --- | --- | --- |",
-        *rows,
-        "",
-    ]
-
-
-def _ci(m: dict[str, Any]) -> str:
-    v, (lo, hi) = m["value"], m["ci95"]
-    return f"{v:.3f} ({lo:.3f}-{hi:.3f})"

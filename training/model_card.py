@@ -89,29 +89,17 @@ def _external(summary: dict[str, Any]) -> list[str]:
 
 
 def write_model_card(folder: Path, meta: ArtifactMeta, summary: dict[str, Any]) -> Path:
-    """Write ``folder/model_card.md`` for an artifact as trained; returns its path."""
-    lines = [
-        f"# Model card: {meta.name} {meta.version}",
-        "",
-        f"Content hash (sha256): `{meta.content_hash}`  ",
-        f"Created: {meta.training.get('created', '')}",
-        "",
-        *card_body(meta, summary),
-    ]
-    path = folder / "model_card.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def card_body(meta: ArtifactMeta, summary: dict[str, Any]) -> list[str]:
-    """The card's sections from "Intended use" on (a site-calibrated artifact's card puts its
-    own section before them: training.calibrate_site)."""
     t = meta.training
     data = t.get("data", {})
     val = summary["validation"]
     pooled = summary["validation_shifted_pooled"]
     ood = summary["ood"]
     lines = [
+        f"# Model card: {meta.name} {meta.version}",
+        "",
+        f"Content hash (sha256): `{meta.content_hash}`  ",
+        f"Created: {t.get('created', '')}",
+        "",
         "## Intended use",
         "Assistive triage of **pediatric anterior-posterior frontal chest radiographs** for",
         "pneumonia: a calibrated probability, a present/absent flag at a fixed operating",
@@ -276,7 +264,9 @@ def card_body(meta: ArtifactMeta, summary: dict[str, Any]) -> list[str]:
         "Then `cxr-gateway evaluate --data DIR --out REPORT --model ARTIFACT` on held-out data.",
         "",
     ]
-    return lines
+    path = folder / "model_card.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def _orientation(o: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@ the binomial definitions (no model)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from training.calibrate_site import fit_site
+from training.calibrate_site import MIN_PER_CLASS, SiteSampleError, check_sizes, fit_site
 from training.calibration import misses_allowed, sensitivity_lower_bound, threshold_with_margin
 from training.data import list_samples
-from training.site_sample import data_hash
+from training.site_sample import ScoredFile, SiteSample, data_hash
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
 
@@ -90,3 +91,48 @@ def test_data_hash_follows_names_and_bytes_not_the_folder(tmp_path: Path) -> Non
     victim = sorted((b / "PNEUMONIA").iterdir())[-1]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
     assert data_hash(list_samples(a)) != data_hash(list_samples(b))
+
+
+def _sample(n_normal: int, n_pneumonia: int, declined: int = 0) -> SiteSample:
+    files = [ScoredFile(f"NORMAL/{i}.png", 0, "normal", -2.0) for i in range(n_normal)]
+    files += [ScoredFile(f"PNEUMONIA/{i}.png", 1, "virus", 2.0) for i in range(n_pneumonia)]
+    files += [ScoredFile(f"NORMAL/x{i}.png", 0, "normal", None, "ood") for i in range(declined)]
+    return SiteSample(tuple(files), "0" * 64)
+
+
+def test_fifty_usable_films_per_class_are_the_minimum() -> None:
+    assert MIN_PER_CLASS == 50
+    check_sizes(_sample(50, 50), MIN_PER_CLASS)
+    with pytest.raises(SiteSampleError, match="49 usable NORMAL films \\(3 declined"):
+        check_sizes(_sample(49, 500, declined=3), MIN_PER_CLASS)
+    with pytest.raises(SiteSampleError, match="49 usable PNEUMONIA films"):
+        check_sizes(_sample(50, 49), MIN_PER_CLASS)
+
+
+def test_card_cites_the_simulation_only_for_the_model_it_measured(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from inference.artifact import read_meta
+    from inference.predictor import DEFAULT_MODEL_DIR
+    from training.site_card import evidence_lines
+
+    base = replace(read_meta(DEFAULT_MODEL_DIR, verify=False), content_hash="ab" * 32)
+    spread = {"median": 0.9, "p05_p95": [0.8, 0.95]}
+    point = {
+        **{k: spread for k in ("sensitivity", "specificity", "ece")},
+        "share_meeting": {"all_three": 0.52},
+    }
+    scenario = {
+        "n_site": {"NORMAL": 152, "PNEUMONIA": 533},
+        "repeats": 200,
+        "first_split": {"n_cal": [37, 127]},
+        "summary": {"before": point, "after": point},
+    }
+    path = tmp_path / "evidence.json"
+    path.write_text(
+        json.dumps({"base": {"content_hash": "ab" * 32}, "scenarios": {"none": scenario}})
+    )
+    lines = "\n".join(evidence_lines(base, path))
+    assert "| as acquired | site-calibrated | 0.900 (0.800-0.950) |" in lines and "52%" in lines
+    other = replace(base, content_hash="cd" * 32)
+    assert "has not been measured" in "\n".join(evidence_lines(other, path))
