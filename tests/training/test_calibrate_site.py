@@ -235,3 +235,39 @@ def test_missing_folders_and_a_non_artifact_model_are_refused(tmp_path: Path) ->
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_gateway_reports_with_the_site_model(
+    calibrated: tuple[Path, Path, Any], tmp_path: Path
+) -> None:
+    """`cxr-gateway serve` with CXR_MODEL_DIR at the site artifact: the study's SR and FHIR
+    bundle in the outbox name the site version, and the finding is the site's probability."""
+    from pydicom import dcmread
+
+    from tests import dicom_files as files
+    from tests.gateway.helpers import wait_until
+    from tests.peers import start_gateway, storescu
+
+    _, out, _ = calibrated
+    site = read_meta(out)
+    data = tmp_path / "data"
+    env = {"CXR_DATA_DIR": str(data), "CXR_QUIET_SECONDS": "1", "CXR_MODEL_DIR": str(out)}
+    gateway = start_gateway(env, tmp_path / "serve.log", ("serve",))
+    try:
+        paths = files.study_files(files.CHILD_CR, tmp_path / "study", 1)
+        study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+        assert storescu(gateway.dicom_port, paths).returncode == 0
+        sr_file = data / "outbox" / f"{study_uid}_v1_sr.dcm"
+        bundle_file = data / "outbox" / f"{study_uid}_v1_fhir.json"
+        wait_until(lambda: sr_file.exists() and bundle_file.exists(), 180, "outbox", [gateway])
+    finally:
+        gateway.stop()
+    assert site.version in str(dcmread(sr_file).SoftwareVersions)
+    assert site.version in bundle_file.read_text()
+    expected = Predictor.load(out).predict_dataset(dcmread(paths[0]), heatmap=False)
+    assert expected.probability is not None
+    resources = [e["resource"] for e in json.loads(bundle_file.read_text())["entry"]]
+    values = [r["valueQuantity"] for r in resources if "valueQuantity" in r]
+    assert len(values) == 1 and values[0]["unit"] == "%"
+    assert values[0]["value"] == pytest.approx(100 * expected.probability, abs=0.1)
