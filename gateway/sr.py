@@ -269,7 +269,7 @@ def build_sr(
     fallback = CHEST_RADIOGRAPH if finding.has_result else NEUTRAL_PROCEDURE
     procedure = _procedure_reported(examined_headers, fallback)
     content = _measurement_report(finding, evidence, dev_uid, procedure)
-    if finding.declined:
+    if finding.declined or finding.caveats:
         _add_declined(content, finding, by_uid)
 
     # DICOM dates and times are local unless the instance says otherwise, and the study's are
@@ -513,7 +513,8 @@ def _add_declined(
     content: hd.sr.MeasurementReport, finding: StudyFinding, by_uid: dict[str, Dataset]
 ) -> None:
     """List the images the model did not use, and why, in TID 1500's Qualitative Evaluations
-    container: what was received and why it was declined, in plain words."""
+    container: what was received and why it was declined, in plain words; then the finding's
+    caveats (e.g. a patient outside the ages the model was validated on)."""
     used = len(finding.images)
     total = used + len(finding.declined)
     summary = (
@@ -522,7 +523,8 @@ def _add_declined(
         else f"{used} of {total} image(s) used"
     )
     summary += " (the model reads frontal chest radiographs only)."
-    texts = [summary]
+    texts = [summary] if finding.declined else []
+    texts += [f"Caveat: {caveat}" for caveat in finding.caveats]
     for declined in finding.declined:
         src = by_uid.get(declined.image.sop_instance_uid)
         kind = str(src.get("Modality", "") or "") if src is not None else ""

@@ -23,6 +23,10 @@ from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, dsrdump, save
 
 MODEL = ModelInfo(name="cxr-pneumonia-cnn", version="1.2.0", content_hash="0f" * 32, threshold=0.42)
 CREATED = dt.datetime(2026, 11, 27, 12, 30, 5, tzinfo=dt.UTC)
+AGE_CAVEAT = (
+    "patient age 12 years is outside the ages the model was validated on (1-5 years); "
+    "this site accepts 0-17 years"
+)
 
 
 def report_of(sr: Dataset) -> hd.sr.MeasurementReport:
@@ -110,6 +114,11 @@ def variants() -> dict[str, tuple[StudyFinding, list[Dataset], SRReference | Non
             None,
         ),
         "nih_secondary_capture": (finding_for([nih], probability=0.66), [nih], None),
+        "outside_validated_ages": (
+            dataclasses.replace(finding_for([rg1], probability=0.4), caveats=(AGE_CAVEAT,)),
+            [rg1],
+            None,
+        ),
         "missing_optional_attributes": (finding_for([minimal], probability=0.2), [minimal], None),
     }
 
@@ -312,3 +321,18 @@ def test_character_set_is_kept_with_the_names(
     back = pydicom.dcmread(path)
     assert str(back.PatientName) == name
     assert dciodvfy(path).errors == []
+
+
+def test_a_result_outside_the_validated_ages_says_so(tmp_path: Path) -> None:
+    """A site that widened the ages gets its result, and the SR carries the caveat in words
+    a reader sees (a Comment in the Qualitative Evaluations container)."""
+    finding, sources, _ = variants()["outside_validated_ages"]
+    sr = build_sr(finding, sources)
+    texts = [
+        str(item.TextValue)
+        for item in sr.ContentSequence[-1].ContentSequence
+        if "TextValue" in item
+    ]
+    assert texts == [f"Caveat: {AGE_CAVEAT}"]
+    plain = build_sr(dataclasses.replace(finding, caveats=()), sources)
+    assert "Caveat" not in str(plain)
