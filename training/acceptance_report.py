@@ -18,7 +18,7 @@ import numpy as np
 
 from inference.artifact import ArtifactMeta
 from training.data import CLASS_NAMES
-from training.metrics import METRIC_NAMES
+from training.metrics import METRIC_NAMES, exact_interval
 from training.report import write_report
 from training.site_sample import ScoredFile, SiteSample
 
@@ -102,27 +102,37 @@ def _checks(target: float, rule: dict[str, Any], local: dict[str, Any]) -> list[
 
 
 def _point(m: dict[str, Any]) -> str:
+    """ "0.964 [0.947, 0.980]": the value and its bootstrap interval."""
     lo, hi = m["ci95"]
     return f"{m['value']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _share(m: dict[str, Any], key: str) -> str:
+    """ "0.985 [0.947, 0.998] (131 of 133 ...)": exact interval from the confusion counts."""
+    c = m["confusion"]
+    k, n = (c["tp"], c["tp"] + c["fn"]) if key == "sensitivity" else (c["tn"], c["tn"] + c["fp"])
+    lo, hi = exact_interval(k, n)
+    what = "pneumonia films called" if key == "sensitivity" else "normal films cleared"
+    return f"{m[key]['value']:.3f} [{lo:.3f}, {hi:.3f}] ({k} of {n} {what})"
+
+
 def verdict(report: dict[str, Any], base: ArtifactMeta, site: ArtifactMeta) -> str:
-    """The plain-language lines at the top of the report and in the model card."""
+    """The plain-language lines at the top of the report and in the model card. Intervals
+    here are exact (Clopper-Pearson) from the counts: the bootstrap's collapse at 100%."""
     s, b, rule = report["site"], report["shipped"], report["threshold_rule"]
-    n_pos, n_neg = s["n_pneumonia"], s["n_normal"]
     bound = (
-        f"with {rule['confidence']:.0%} confidence at least {rule['lower_bound']:.3f}"
+        f"at least {rule['lower_bound']:.3f} with {rule['confidence']:.0%} confidence, "
+        f"target {report['target_sensitivity']}"
         if rule["reachable"]
-        else f"too few to show {report['target_sensitivity']} at {rule['confidence']:.0%} "
-        f"confidence (only at {rule['achieved_confidence']:.0%})"
+        else f"too few films to show {report['target_sensitivity']} with "
+        f"{rule['confidence']:.0%} confidence (only with {rule['achieved_confidence']:.0%})"
     )
     text = (
-        f"At the site threshold ({site.threshold:.3f}), sensitivity {_point(s['sensitivity'])} "
-        f"on {n_pos} pneumonia films ({rule['misses']} missed; {bound}) and specificity "
-        f"{_point(s['specificity'])} on {n_neg} normal films; calibration error (ECE) "
-        f"{s['ece']['value']:.3f}, against {b['ece']['value']:.3f} with the shipped "
-        f"calibration. At the shipped threshold ({base.threshold:.3f}): sensitivity "
-        f"{_point(b['sensitivity'])}, specificity {_point(b['specificity'])}. "
+        f"At the site threshold ({site.threshold:.3f}): sensitivity "
+        f"{_share(s, 'sensitivity')}, {bound}; specificity {_share(s, 'specificity')}; "
+        f"calibration error (ECE) {s['ece']['value']:.3f}, against {b['ece']['value']:.3f} "
+        f"with the shipped calibration. At the shipped threshold ({base.threshold:.3f}): "
+        f"sensitivity {_share(b, 'sensitivity')}, specificity {_share(b, 'specificity')}. "
     )
     failed = [c for c in report["checks"] if not c["met"]]
     if failed:
@@ -159,6 +169,8 @@ def report_lines(report: dict[str, Any], base: ArtifactMeta, site: ArtifactMeta)
         "- Specificity at the site threshold is a fair estimate: the threshold was set from the "
         "pneumonia films alone. The ECE was fitted on these films (two numbers) and is slightly "
         "optimistic. The probabilities are calibrated to this sample's share of pneumonia.",
+        "- The verdict's intervals are exact (Clopper-Pearson, from the counts); the table's "
+        "are bootstrap intervals over films, which collapse to a point at 0% or 100%.",
         "- Confirm on other films: `cxr-gateway evaluate --data OTHER_FOLDER --model "
         "THIS_ARTIFACT`. To go live, set `CXR_MODEL_DIR` to this artifact and restart the "
         f"workers: results then name version {site.version}.",

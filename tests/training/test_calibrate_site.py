@@ -157,9 +157,11 @@ def test_acceptance_report_and_model_card(calibrated: tuple[Path, Path, Any]) ->
     assert metrics["site"]["threshold"]["value"] == site.threshold
     report = (folder / "report.md").read_text()
     verdict = report.split("**Verdict.** ")[1].splitlines()[0]
-    assert verdict.startswith(f"At the site threshold ({site.threshold:.3f}), sensitivity ")
-    n_pos = metrics["site"]["n_pneumonia"]
-    assert f"on {n_pos} pneumonia films" in verdict and "At the shipped threshold" in verdict
+    assert verdict.startswith(f"At the site threshold ({site.threshold:.3f}): sensitivity ")
+    c = metrics["site"]["confusion"]
+    assert f"({c['tp']} of {c['tp'] + c['fn']} pneumonia films called)" in verdict
+    assert f"({c['tn']} of {c['tn'] + c['fp']} normal films cleared)" in verdict
+    assert "At the shipped threshold" in verdict and "with 95% confidence" in verdict
     assert report.count("| true \\ called | normal | pneumonia |") == 2
     assert "shipped/reliability.png" in report and "site/reliability.png" in report
     card = (out / "model_card.md").read_text()
@@ -202,6 +204,27 @@ def test_worker_loads_the_site_artifact(
     runtime = build_runtime(get_settings())
     info = runtime.process.predictor.model_info  # type: ignore[attr-defined]
     assert info.version == read_meta(out).version and info.site_calibration
+
+
+def test_recalibrating_a_site_artifact_keeps_the_shipped_base(
+    calibrated: tuple[Path, Path, Any], tmp_path: Path
+) -> None:
+    data, out, _ = calibrated
+    args = ["calibrate", "--data", str(data), "--model", str(out), "--n-boot", "20"]
+    refused = CliRunner().invoke(app(), [*args, "--out", str(out)])
+    assert refused.exit_code == 2 and "exists and is not empty" in refused.output
+    again = tmp_path / "again"
+    result = CliRunner().invoke(app(), [*args, "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    first, second = read_meta(out), read_meta(again)
+    assert first.site is not None and second.site is not None
+    # The same sample gives the same numbers, hence the same identity; the base stays the
+    # model as trained, never "<version>+site.a+site.b".
+    assert second.version == first.version and second.content_hash == first.content_hash
+    assert second.site["base"] == first.site["base"]
+    assert second.site["calibrated_from"] == f"{first.name} {first.version}"
+    card = (again / "model_card.md").read_text()
+    assert card.count("## Site calibration") == 1 and card.count("## Intended use") == 1
 
 
 def test_too_small_a_sample_is_refused(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from scipy.stats import binom
 from training.calibrate_site import MIN_PER_CLASS, SiteSampleError, check_sizes, fit_site
 from training.calibration import misses_allowed, sensitivity_lower_bound, threshold_with_margin
 from training.data import list_samples
+from training.metrics import exact_interval
 from training.site_sample import ScoredFile, SiteSample, data_hash
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
@@ -136,3 +137,12 @@ def test_card_cites_the_simulation_only_for_the_model_it_measured(tmp_path: Path
     assert "| as acquired | site-calibrated | 0.900 (0.800-0.950) |" in lines and "52%" in lines
     other = replace(base, content_hash="cd" * 32)
     assert "has not been measured" in "\n".join(evidence_lines(other, path))
+
+
+def test_exact_interval_known_values() -> None:
+    assert exact_interval(34, 34) == pytest.approx((0.025 ** (1 / 34), 1.0))  # 0.897-1.000
+    assert exact_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** (1 / 10)))  # 0-0.308
+    lo, hi = exact_interval(131, 133)
+    assert binom.sf(130, 133, lo) == pytest.approx(0.025) and binom.cdf(131, 133, hi) == (
+        pytest.approx(0.025)
+    )
