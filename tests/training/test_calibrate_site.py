@@ -54,11 +54,24 @@ def _add_non_chest_images(folder: Path) -> None:
     (folder / "PNEUMONIA" / "truncated.jpeg").write_bytes(b"\xff\xd8\xff truncated")
 
 
+def _add_dicom_twin(folder: Path) -> tuple[str, str]:
+    """A DICOM copy of the first normal film, named by its UID (no image suffix) as PACS
+    exports name them; returns (jpeg name, dicom name) as the reports name them."""
+    from tests.inference.dicom_synth import make_dataset
+
+    jpeg = sorted((folder / "NORMAL").glob("*.jpeg"))[0]
+    gray = cv2.imread(str(jpeg), cv2.IMREAD_GRAYSCALE)
+    ds = make_dataset(gray, bits_stored=8, modality="DX", PatientAge="003Y")
+    ds.save_as(folder / "NORMAL" / ds.SOPInstanceUID, enforce_file_format=True)
+    return f"NORMAL/{jpeg.name}", f"NORMAL/{ds.SOPInstanceUID}"
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
     root = tmp_path_factory.mktemp("site")
     data = _site_folder(root / "sample", N_NORMAL, N_PNEUMONIA)
     _add_non_chest_images(data)
+    _add_dicom_twin(data)
     out = root / "site-model"
     result = CliRunner().invoke(
         app(), ["calibrate", "--data", str(data), "--out", str(out), "--n-boot", "100"]
@@ -125,7 +138,7 @@ def test_declined_and_unreadable_files_are_left_out_and_counted(
     _, out, _ = calibrated
     site = read_meta(out).site
     assert site is not None
-    assert site["n_files"] == {"NORMAL": N_NORMAL + 1, "PNEUMONIA": N_PNEUMONIA + 2}
+    assert site["n_files"] == {"NORMAL": N_NORMAL + 2, "PNEUMONIA": N_PNEUMONIA + 2}
     assert site["n_unreadable"] == {"NORMAL": 0, "PNEUMONIA": 1}
     metrics = json.loads((out / "site_acceptance" / "metrics.json").read_text())
     declined = {d["file"]: d["reason"] for d in metrics["declined"]}
@@ -136,10 +149,22 @@ def test_declined_and_unreadable_files_are_left_out_and_counted(
     assert [d["file"] for d in metrics["unreadable"]] == ["PNEUMONIA/truncated.jpeg"]
     # The metrics are on the used films only.
     assert metrics["site"]["n"] == metrics["shipped"]["n"] == sum(site["n_used"].values())
-    assert metrics["site"]["n"] == N_NORMAL + N_PNEUMONIA + 3 - len(declined) - 1
+    assert metrics["site"]["n"] == N_NORMAL + N_PNEUMONIA + 4 - len(declined) - 1
     report = (out / "site_acceptance" / "report.md").read_text()
     assert f"## Declined by the input checks ({len(declined)})" in report
     assert "`NORMAL/gradient.png`: out of distribution" in report
+
+
+def test_a_dicom_file_named_by_uid_is_scored_like_its_jpeg(
+    calibrated: tuple[Path, Path, Any],
+) -> None:
+    data, out, _ = calibrated
+    dicom = next(p for p in (data / "NORMAL").iterdir() if p.suffix not in (".jpeg", ".png"))
+    with (out / "site_acceptance" / "predictions.csv").open() as f:
+        logits = {r["file"]: float(r["logit"]) for r in csv.DictReader(f)}
+    twin = sorted((data / "NORMAL").glob("*.jpeg"))[0]
+    # The DICOM path (header rules, decoding) ranks exactly as the JPEG path.
+    assert logits[f"NORMAL/{dicom.name}"] == pytest.approx(logits[f"NORMAL/{twin.name}"], abs=1e-4)
 
 
 def test_acceptance_report_and_model_card(calibrated: tuple[Path, Path, Any]) -> None:
