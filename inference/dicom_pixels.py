@@ -18,6 +18,14 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from inference.bounded_read import (
+    DEFAULT_MAX_PIXELS,
+    InputTooLarge,
+    check_image_file,
+    check_pixel_count,
+    read_dicom_bytes,
+)
+
 FloatImage = npt.NDArray[np.float32]
 
 
@@ -140,41 +148,94 @@ def is_dicom_file(path: Path) -> bool:
 # Gray decode for JPEG/PNG, keeping 16-bit PNGs at 16 bits. Training reads its JPEGs with the
 # same flags, so a served JPEG is bit-identical to a training one (libjpeg decodes luminance).
 _IMREAD_FLAGS = cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+# The dataset size accepted by default (inflated, if deflated): CXR_MAX_INSTANCE_MB's default.
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 
-def decode_image_bytes(data: bytes) -> FloatImage:
-    """Decode an uploaded PNG/JPEG (or DICOM Part 10) file's bytes to a 2-D float32 image.
+class ImageTooLarge(InputTooLarge, PixelDecodeError):
+    """The header declares more pixels (or the dataset holds more bytes) than allowed; raised
+    before anything is decoded. An InputTooLarge (with its ``reason``) and a PixelDecodeError,
+    so that callers that skip undecodable files skip these too."""
 
-    Raises PixelDecodeError when the bytes are not a readable image.
-    """
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        import io
 
-        import pydicom
+def _bounded_dicom(data: bytes, *, max_bytes: int, max_pixels: int) -> Any:
+    """``read_dicom_bytes`` with its errors as ImageTooLarge or PixelDecodeError."""
+    try:
+        return read_dicom_bytes(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    except InputTooLarge as exc:
+        raise ImageTooLarge(str(exc), reason=exc.reason) from exc
+    except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
+        raise PixelDecodeError(f"cannot read the DICOM file: {exc}") from exc
 
-        return dicom_to_image(pydicom.dcmread(io.BytesIO(data))).image
+
+def _decode_png_jpeg(data: bytes, max_pixels: int) -> FloatImage:
+    """Decode PNG/JPEG bytes (nothing else) once their header is within ``max_pixels``."""
+    try:
+        check_image_file(data, max_pixels)
+    except InputTooLarge as exc:
+        raise ImageTooLarge(str(exc), reason=exc.reason) from exc
+    except ValueError as exc:  # neither PNG nor JPEG: OpenCV's other decoders are not exposed
+        raise PixelDecodeError(f"cannot decode the file as PNG/JPEG/DICOM: {exc}") from exc
     img = cv2.imdecode(np.frombuffer(data, np.uint8), _IMREAD_FLAGS)
     if img is None:
         raise PixelDecodeError("cannot decode the file as PNG/JPEG/DICOM")
     return np.asarray(img, dtype=np.float32)
 
 
-def read_image_file(path: Path) -> tuple[FloatImage, Any]:
+def decode_image_bytes(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> FloatImage:
+    """Decode an uploaded PNG/JPEG (or DICOM Part 10) file's bytes to a 2-D float32 image.
+
+    The header must declare at most ``max_pixels`` (a DICOM dataset also at most ``max_bytes``,
+    inflated); this is checked before anything is decoded. Raises ImageTooLarge beyond those
+    limits, PixelDecodeError when the bytes are not a readable PNG, JPEG or DICOM image.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        ds = _bounded_dicom(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        return dicom_to_image(ds).image
+    return _decode_png_jpeg(data, max_pixels)
+
+
+def read_image_file(
+    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[FloatImage, Any]:
     """Read a DICOM, PNG or JPEG file. Returns (2-D float32 image, dataset or None).
 
-    Raises PixelDecodeError when the file cannot be read as an image.
+    Bounded like :func:`decode_image_bytes` (a file larger than ``max_bytes`` + 1 MB is not
+    read). Raises ImageTooLarge beyond the limits, PixelDecodeError when the file cannot be read
+    as an image.
     """
+    size = path.stat().st_size
+    if size > max_bytes + 2**20:
+        raise ImageTooLarge(f"file is {size} bytes, limit {max_bytes}", reason="too_large")
+    data = path.read_bytes()
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        ds = _bounded_dicom(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        return dicom_to_image(ds).image, ds
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
+        return _decode_png_jpeg(data, max_pixels), None
+    ds = _dicom_without_preamble(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return dicom_to_image(ds).image, ds
+
+
+def _dicom_without_preamble(data: bytes, *, max_bytes: int, max_pixels: int) -> Any:
+    """A Part 10 file written without its 128-byte preamble and "DICM" (or a bare dataset),
+    read with the same bounds."""
+    if data[:2] == b"\x02\x00":  # starts with file meta: may declare a deflated dataset
+        fake = bytes(128) + b"DICM" + data
+        return _bounded_dicom(fake, max_bytes=max_bytes, max_pixels=max_pixels)
+    # No file meta, so no deflate: the dataset is at most the file (checked by the caller).
+    import io
+
     import pydicom
 
-    if is_dicom_file(path):
-        ds = pydicom.dcmread(path)
-        return dicom_to_image(ds).image, ds
-    data = cv2.imread(str(path), _IMREAD_FLAGS)
-    if data is None:
-        # Part 10 files without a preamble still parse with force=True.
-        try:
-            ds = pydicom.dcmread(path, force=True)
-            return dicom_to_image(ds).image, ds
-        except Exception as exc:
-            raise PixelDecodeError(f"cannot read {path.name} as an image") from exc
-    return np.asarray(data, dtype=np.float32), None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if "PixelData" in ds:
+            check_pixel_count(ds, max_pixels)
+    except InputTooLarge as exc:
+        raise ImageTooLarge(str(exc), reason=exc.reason) from exc
+    except Exception as exc:  # as above
+        raise PixelDecodeError(f"cannot read the file as an image: {exc}") from exc
+    return ds

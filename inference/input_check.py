@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from inference.bounded_read import DEFAULT_MAX_PIXELS, InputTooLarge, check_image_file
+
 F = npt.NDArray[Any]
 THUMB = 32
 
@@ -180,9 +182,18 @@ def colour_decline_reason(image: npt.NDArray[Any]) -> str | None:
     return None
 
 
-def colour_decline_reason_of_file(data: bytes) -> str | None:
-    """:func:`colour_decline_reason` for the bytes of a PNG/JPEG file (None if OpenCV cannot
-    decode them)."""
+def colour_decline_reason_of_file(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> str | None:
+    """:func:`colour_decline_reason` for the bytes of a PNG/JPEG file (None if they are not PNG
+    or JPEG, or OpenCV cannot decode them). Raises InputTooLarge, before decoding anything, when
+    the header declares more than ``max_pixels``."""
+    try:
+        check_image_file(data, max_pixels)
+    except InputTooLarge:
+        raise
+    except ValueError:  # neither PNG nor JPEG: not for OpenCV's other decoders
+        return None
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     return None if arr is None else colour_decline_reason(arr)
 

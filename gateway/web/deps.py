@@ -3,7 +3,6 @@ user with role checks, CSRF checks, the audit helper and RFC 9457 problem respon
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from gateway.audit import record_event
 from gateway.db.session import transaction
 from gateway.settings import Settings
 from gateway.web.model import LazyPredictor
-from gateway.web.users import CurrentUser, authenticate, csrf_ok, resolve_session
+from gateway.web.users import CurrentUser, csrf_ok, resolve_session
 
 SESSION_COOKIE = "cxr_session"
 HERE = Path(__file__).resolve().parent
@@ -81,37 +80,15 @@ def current_user(request: Request) -> CurrentUser:
     if cached is not None:
         return cached
     token = request.cookies.get(SESSION_COOKIE)
-    ctx = context(request)
-    if not token and request.url.path == "/metrics":
-        return _basic_user(request, ctx)
     if not token:
         raise NotAuthenticated()
+    ctx = context(request)
     with transaction(ctx.sessions) as session:
         user = resolve_session(session, token, idle_minutes=ctx.settings.web_session_minutes)
     if user is None:
         raise NotAuthenticated()
     request.state.user = user
     return user
-
-
-def _basic_user(request: Request, ctx: WebContext) -> CurrentUser:
-    """HTTP Basic credentials, for Prometheus scrapes of /metrics (no session is opened)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic" or not encoded:
-        raise NotAuthenticated()
-    try:
-        username, _, password = base64.b64decode(encoded).decode().partition(":")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NotAuthenticated() from exc
-    with transaction(ctx.sessions) as session:
-        user = authenticate(session, username, password)
-        found = CurrentUser(user.id, user.username, user.role, "", 0) if user else None
-    if found is None:
-        audit_login_failure(request, username, "HTTP Basic on /metrics")
-        raise NotAuthenticated()
-    request.state.user = found
-    return found
 
 
 def require(*roles: str) -> Callable[[Request], CurrentUser]:

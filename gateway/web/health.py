@@ -1,14 +1,15 @@
 """/healthz (the process answers), /readyz (database, broker, model) and /metrics (Prometheus,
-computed from the database at scrape time, so every process and restart agrees)."""
+computed from the database at scrape time, so every process and restart agrees), which also
+takes HTTP Basic credentials, checked, throttled and audited like a login."""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -22,9 +23,17 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.db.models import AuditEvent, Job, Study
+from gateway.db.session import transaction
 from gateway.settings import Settings
-from gateway.web.deps import OVERSIGHT, context, require
-from gateway.web.users import CurrentUser
+from gateway.web.deps import (
+    OVERSIGHT,
+    NotAuthenticated,
+    audit_login_failure,
+    context,
+    require,
+)
+from gateway.web.pages_auth import LoginThrottled, throttled, throttled_problem
+from gateway.web.users import CurrentUser, authenticate
 
 router = APIRouter()
 LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -166,11 +175,63 @@ def make_registry(sessions: sessionmaker[Session]) -> CollectorRegistry:
     return registry
 
 
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    """(user name, password) from an HTTP Basic Authorization header, or None without one.
+    Raises NotAuthenticated for a Basic header that does not decode."""
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        username, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NotAuthenticated() from exc
+    if not sep:
+        raise NotAuthenticated()
+    return username, password
+
+
+def basic_user(
+    request: Request, username: str, password: str, roles: tuple[str, ...]
+) -> CurrentUser:
+    """The user behind HTTP Basic credentials (Prometheus scrapes of /metrics; no session is
+    opened), checked like a login: counted by the same throttle and audited the same way.
+
+    Raises LoginThrottled when this name has too many recent failures from this address (even
+    with the right password), and NotAuthenticated for a wrong name or password, a disabled user
+    or a role outside ``roles``: one answer for all three, so that the endpoint never confirms
+    a password. Each of these counts as a failed login."""
+    if throttled(request, username):
+        audit_login_failure(request, username, "too many failed logins from this address")
+        raise LoginThrottled()
+    ctx = context(request)
+    with transaction(ctx.sessions) as session:
+        user = authenticate(session, username, password)
+        found = CurrentUser(user.id, user.username, user.role, "", 0) if user else None
+    if found is None:
+        audit_login_failure(
+            request, username, "HTTP Basic: unknown user, wrong password or disabled"
+        )
+        raise NotAuthenticated()
+    if found.role not in roles:
+        audit_login_failure(request, username, f"HTTP Basic: role {found.role} not allowed here")
+        raise NotAuthenticated()
+    request.state.user = found
+    return found
+
+
 @router.get("/metrics", tags=["health"])
-def metrics(
-    request: Request, user: Annotated[CurrentUser, Depends(require(*OVERSIGHT))]
-) -> Response:
-    """Prometheus text format: pipeline metrics from the database plus this process's own."""
+def metrics(request: Request) -> Response:
+    """Prometheus text format: pipeline metrics from the database plus this process's own.
+    For an admin or auditor session, or their HTTP Basic credentials (throttled and audited
+    like logins: 429 with Retry-After when blocked; 401 for any other refusal)."""
+    credentials = basic_credentials(request)
+    try:
+        if credentials is None:
+            require(*OVERSIGHT)(request)
+        else:
+            basic_user(request, *credentials, roles=OVERSIGHT)
+    except LoginThrottled:
+        return throttled_problem(request, "logins")
     registry: CollectorRegistry = request.app.state.metrics
     body = generate_latest(registry) + generate_latest(REGISTRY)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

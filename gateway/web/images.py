@@ -13,14 +13,23 @@ THUMB_SIZE = 256
 UID = re.compile(r"[0-9][0-9.]{0,63}")
 
 
-def render_thumbnail(path: Path, size: int = THUMB_SIZE) -> bytes:
-    """PNG bytes of the instance's first frame, fitted into ``size`` x ``size``.
-    Raises PixelDecodeError (or OSError) when the file cannot be decoded."""
-    import pydicom
+def render_thumbnail(
+    path: Path, *, max_bytes: int, max_pixels: int, size: int = THUMB_SIZE
+) -> bytes:
+    """PNG bytes of the instance's first frame, fitted into ``size`` x ``size``. The file is
+    read with bounds (its dataset, inflated if deflated, at most ``max_bytes``; its header at
+    most ``max_pixels``) before any pixel is decoded. Raises InputTooLarge beyond them,
+    PixelDecodeError (or OSError) when the file cannot be decoded."""
+    from inference.bounded_read import InputTooLarge, read_dicom_file
+    from inference.dicom_pixels import PixelDecodeError, dicom_to_image
 
-    from inference.dicom_pixels import dicom_to_image
-
-    image = dicom_to_image(pydicom.dcmread(path)).image
+    try:
+        ds = read_dicom_file(path, max_bytes=max_bytes, max_pixels=max_pixels)
+    except (InputTooLarge, OSError):
+        raise
+    except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
+        raise PixelDecodeError(f"cannot read the file: {type(exc).__name__}") from exc
+    image = dicom_to_image(ds).image
     if image.ndim == 3:
         image = image[0]
     return png_thumbnail(image, size)

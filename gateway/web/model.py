@@ -4,7 +4,6 @@ and one prediction at a time. Also the intended-use text of the model card."""
 from __future__ import annotations
 
 import base64
-import io
 import re
 import threading
 import time
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference.bounded_read import InputTooLarge
 from inference.predictor import Prediction, Predictor, default_model_dir
 
 
@@ -74,12 +74,16 @@ class LazyPredictor:
                     raise ModelUnavailable(str(exc)) from exc
             return self._predictor
 
-    def predict_upload(self, data: bytes) -> UploadResult:
-        """Predict one uploaded file's bytes. Raises UnreadableImage, or ModelUnavailable."""
+    def predict_upload(self, data: bytes, *, max_bytes: int, max_pixels: int) -> UploadResult:
+        """Predict one uploaded file's bytes. Its header is checked first (PNG/JPEG: at most
+        ``max_pixels``; DICOM: a dataset of at most ``max_bytes``, inflated, and ``max_pixels``),
+        before the model is loaded or anything decoded. Raises InputTooLarge (beyond those
+        limits), UnreadableImage, or ModelUnavailable."""
+        dataset = _check_upload(data, max_bytes=max_bytes, max_pixels=max_pixels)
         predictor = self.get()
         start = time.perf_counter()
-        with self._lock:
-            prediction = _predict(predictor, data)
+        with self._lock:  # also keeps one decoded upload in memory at a time
+            prediction = _predict(predictor, data, dataset, max_pixels)
         elapsed = time.perf_counter() - start
         png = prediction.heatmap_png
         return UploadResult(
@@ -99,40 +103,60 @@ class LazyPredictor:
         return intended_use(self.model_dir)
 
 
-def _predict(predictor: Predictor, data: bytes) -> Prediction:
-    import pydicom
-
-    from inference.dicom_pixels import PixelDecodeError, decode_image_bytes
-    from inference.input_check import colour_decline_reason_of_file
+def _check_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Any:
+    """The DICOM dataset (read with bounds, pixels not decoded), or None for a PNG/JPEG whose
+    header is within ``max_pixels``. Raises InputTooLarge or UnreadableImage."""
+    from inference.bounded_read import check_image_file, image_file_dimensions, read_dicom_bytes
 
     if len(data) >= 132 and data[128:132] == b"DICM":
-        from inference.dicom_pixels import dicom_to_image
-        from inference.input_check import header_decline_reason
-
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-            if "PixelData" not in ds:
-                raise UnreadableImage("the DICOM file has no pixel data")
-            reason = header_decline_reason(ds)
+            ds = read_dicom_bytes(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        except InputTooLarge:
+            raise
+        except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
+            raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
+        if "PixelData" not in ds:
+            raise UnreadableImage("the DICOM file has no pixel data")
+        return ds
+    try:
+        check_image_file(data, max_pixels)
+        dims = image_file_dimensions(data)
+    except InputTooLarge:
+        raise
+    except ValueError as exc:  # neither PNG nor JPEG, or a truncated header
+        raise UnreadableImage("the file is not a DICOM, PNG or JPEG image") from exc
+    if dims is None or min(dims) < 16:
+        raise UnreadableImage("the image is too small to be a radiograph")
+    return None
+
+
+def _predict(predictor: Predictor, data: bytes, dataset: Any, max_pixels: int) -> Prediction:
+    from inference.dicom_pixels import PixelDecodeError, decode_image_bytes, dicom_to_image
+    from inference.input_check import colour_decline_reason_of_file, header_decline_reason
+
+    if dataset is not None:
+        try:
+            reason = header_decline_reason(dataset)
             if reason is not None:  # a readable file that is not for this model: "no result"
                 return predictor.declined(reason)
             # Unlike the worker (which records a decline), an upload that cannot be decoded
             # is answered as unreadable.
-            pixels = dicom_to_image(ds)
-        except UnreadableImage:
-            raise
+            pixels = dicom_to_image(dataset)
         except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
             raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
         return predictor.predict_pixels(pixels, heatmap=True)
+    # Two decodes, one after the other (never both in memory): colour as stored, then grey as
+    # training reads it (libjpeg's luminance, which the colour decode cannot reproduce
+    # bit for bit). Both are within the header check above.
+    colour = colour_decline_reason_of_file(data, max_pixels=max_pixels)
+    if colour is not None:
+        return predictor.declined(colour)
     try:
-        image = decode_image_bytes(data)
+        image = decode_image_bytes(data, max_pixels=max_pixels)
     except PixelDecodeError as exc:
         raise UnreadableImage("the file is not a DICOM, PNG or JPEG image") from exc
     if image.ndim != 2 or min(image.shape) < 16:
         raise UnreadableImage("the image is too small to be a radiograph")
-    colour = colour_decline_reason_of_file(data)
-    if colour is not None:
-        return predictor.declined(colour)
     return predictor.predict_array(image, heatmap=True)
 
 

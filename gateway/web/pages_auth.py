@@ -79,6 +79,19 @@ def throttled_message(request: Request, what: str) -> str:
     return f"Too many failed {what}; wait {minutes} {unit} and try again."
 
 
+def retry_after(request: Request) -> str:
+    """Retry-After for a throttled request: the whole window, after which every failure counted
+    now has expired."""
+    return str(context(request).settings.web_login_window_minutes * 60)
+
+
+def throttled_problem(request: Request, what: str) -> JSONResponse:
+    """429 with Retry-After, for APIs refused by the throttle."""
+    response = problem(429, "Too Many Requests", throttled_message(request, what))
+    response.headers["Retry-After"] = retry_after(request)
+    return response
+
+
 def _login(request: Request, username: str, password: str) -> tuple[str, CurrentUser] | None:
     """Check the credentials and open a session (audited either way)."""
     ctx = context(request)
@@ -136,7 +149,9 @@ def login_submit(
         done = _login(request, username, password)
     except LoginThrottled:
         error = throttled_message(request, "logins")
-        return render(request, "login.html", 429, error=error, login_csrf=csrf, next="/")
+        response = render(request, "login.html", 429, error=error, login_csrf=csrf, next="/")
+        response.headers["Retry-After"] = retry_after(request)
+        return response
     if done is None:
         return render(
             request,
@@ -181,7 +196,7 @@ def api_login(request: Request, body: Credentials) -> Response:
     try:
         done = _login(request, body.username, body.password)
     except LoginThrottled:
-        return problem(429, "Too Many Requests", throttled_message(request, "logins"))
+        return throttled_problem(request, "logins")
     if done is None:
         return problem(401, "Unauthorized", "wrong user name or password")
     token, user = done

@@ -147,10 +147,16 @@ def thumbnail(request: Request, user: Reader, study_id: int, sop: str) -> Respon
     path = _instance_path(request, study_id, sop)
     if path is None or not path.is_file():
         return problem(404, "Not Found", "no such image in this study")
+    from inference.bounded_read import InputTooLarge
     from inference.dicom_pixels import PixelDecodeError
 
+    settings = context(request).settings
     try:
-        png = render_thumbnail(path)
+        png = render_thumbnail(
+            path, max_bytes=settings.max_instance_bytes, max_pixels=settings.max_image_pixels
+        )
+    except InputTooLarge as exc:  # refused before decoding: the page shows no thumbnail
+        return problem(422, "Unprocessable", f"cannot render the image: {exc}")
     except (PixelDecodeError, OSError, ValueError) as exc:
         return problem(422, "Unprocessable", f"cannot render the image: {type(exc).__name__}")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})

@@ -12,14 +12,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Histogram
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.types import Message
 
 from gateway.web.deps import PREDICTORS, audit, check_csrf, context, problem, render, require
 from gateway.web.model import ModelUnavailable, UnreadableImage, UploadResult
 from gateway.web.users import CurrentUser
+from inference.bounded_read import InputTooLarge
 
 router = APIRouter()
 Predictor = Annotated[CurrentUser, Depends(require(*PREDICTORS))]
-CHUNK = 1 << 20
+# Room for the multipart boundaries, part headers and the CSRF field around the file.
+FRAMING = 64 * 1024
 
 # Recorded here (the web process runs the model itself); exposed by /metrics.
 UPLOAD_SECONDS = Histogram(
@@ -35,27 +38,46 @@ class Rejected(Exception):
         self.status, self.message, self.reason = status, message, reason
 
 
-async def _read_upload(request: Request, user: CurrentUser, *, form_csrf: bool) -> bytes:
-    limit = context(request).settings.web_max_upload_mb * 2**20
+def _too_large(limit: int) -> Rejected:
+    return Rejected(413, f"The file is larger than {limit // 2**20} MB.", "too large")
+
+
+async def _receive_body(request: Request, limit: int) -> bytes:
+    """The request body, counted as it arrives: refused (413) as soon as it passes ``limit``
+    plus the multipart framing allowance, so that a body without Content-Length (chunked) is
+    never buffered or spooled beyond that."""
     declared = request.headers.get("content-length")
     # Refuse before reading the body when the client says it is too big.
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise Rejected(413, f"The file is larger than {limit // 2**20} MB.", "too large")
-    form = await request.form(max_files=1, max_fields=4)
-    if form_csrf:
-        given = form.get("csrf")
-        check_csrf(request, user, given if isinstance(given, str) else None)
-    upload = form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise Rejected(400, "Choose a DICOM, PNG or JPEG file to upload.", "no file")
-    data = bytearray()
-    while chunk := await upload.read(CHUNK):
-        data += chunk
-        if len(data) > limit:
-            raise Rejected(413, f"The file is larger than {limit // 2**20} MB.", "too large")
+    if declared and declared.isdigit() and int(declared) > limit + FRAMING:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit + FRAMING:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+async def _read_upload(request: Request, user: CurrentUser, *, form_csrf: bool) -> bytes:
+    limit = context(request).settings.web_max_upload_mb * 2**20
+    body = await _receive_body(request, limit)
+
+    async def replay() -> Message:  # the form parser reads the body already received
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async with Request(request.scope, replay).form(max_files=1, max_fields=4) as form:
+        if form_csrf:
+            given = form.get("csrf")
+            check_csrf(request, user, given if isinstance(given, str) else None)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise Rejected(400, "Choose a DICOM, PNG or JPEG file to upload.", "no file")
+        data = await upload.read()
+    if len(data) > limit:
+        raise _too_large(limit)
     if not data:
         raise Rejected(400, "The file is empty.", "empty file")
-    return bytes(data)
+    return data
 
 
 async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> UploadResult:
@@ -66,11 +88,19 @@ async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> U
         data = await _read_upload(request, user, form_csrf=form_csrf)
         size = len(data)
         start = time.perf_counter()
-        result = await run_in_threadpool(ctx.predictor.predict_upload, data)
+        result = await run_in_threadpool(
+            ctx.predictor.predict_upload,
+            data,
+            max_bytes=ctx.settings.max_instance_bytes,
+            max_pixels=ctx.settings.max_image_pixels,
+        )
         UPLOAD_SECONDS.observe(time.perf_counter() - start)
     except Rejected as exc:
         await run_in_threadpool(_audit_rejected, request, user, exc.reason, size)
         raise
+    except InputTooLarge as exc:  # refused from the header, before anything was decoded
+        await run_in_threadpool(_audit_rejected, request, user, exc.reason, size)
+        raise Rejected(413, f"The image is too large to process: {exc}.", exc.reason) from exc
     except ModelUnavailable as exc:
         await run_in_threadpool(_audit_rejected, request, user, "model unavailable", size)
         raise Rejected(
