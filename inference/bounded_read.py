@@ -56,7 +56,9 @@ def inflate_bounded(data: Buffer, limit: int) -> bytearray:
                     f"deflated data inflates to more than {limit} bytes", reason="too_large"
                 )
             pending = memoryview(inflater.unconsumed_tail)
-            if not pending:
+            # After the end of the stream, what is left is padding (an odd-length dataset
+            # gets a byte), which inflating again would never consume.
+            if not pending or inflater.eof:
                 break
         out += inflater.flush()
     except zlib.error as exc:

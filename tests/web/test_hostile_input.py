@@ -133,11 +133,6 @@ def test_decoders_check_the_header_before_decoding(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(
-    reason="inference.bounded_read.inflate_bounded loops forever when bytes follow the end of "
-    "the deflate stream (pydicom pads an odd-length stream to even length): it should stop at "
-    "inflater.eof. Not this change's file; remove this mark with that fix."
-)
 def test_a_deflated_dataset_within_the_limits_is_read(tmp_path: Path) -> None:
     from inference.dicom_pixels import decode_image_bytes
 
