@@ -181,7 +181,7 @@ def predict(
     files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files")],
     model: Annotated[
         Path | None,
-        typer.Option(help="Model artifact folder [default: $CXR_MODEL_DIR, else the shipped one]"),
+        typer.Option(help="Model artifact folder (default: $CXR_MODEL_DIR, else the shipped one)"),
     ] = None,
     heatmap_dir: Annotated[
         Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
@@ -223,7 +223,7 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="New artifact folder (must not exist or be empty)")],
     model: Annotated[
         Path | None,
-        typer.Option(help="Base artifact [default: $CXR_MODEL_DIR, else the shipped model]"),
+        typer.Option(help="Base artifact (default: $CXR_MODEL_DIR, else the shipped model)"),
     ] = None,
     target_sensitivity: Annotated[
         float,

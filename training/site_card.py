@@ -83,7 +83,7 @@ def site_card_section(meta: ArtifactMeta, report: dict[str, Any]) -> list[str]:
         "",
         f"**Verdict.** {report['verdict']}",
         "",
-        "| on the local sample (95% CI) | shipped operating point | site operating point |",
+        "| local sample, bootstrap 95% CI | shipped operating point | site operating point |",
         "| --- | --- | --- |",
         *rows,
         "",
