@@ -12,6 +12,7 @@ import numpy as np
 
 from inference.dicom_pixels import PixelDecodeError, is_dicom_file, read_image_file
 from inference.input_check import (
+    POPULATION_REASON,
     UPSIDE_DOWN_REASON,
     colour_decline_reason_of_file,
     thumbnail,
@@ -89,6 +90,10 @@ def evaluate_folder(
             "count": sum(1 for r in reasons if r and r.startswith(UPSIDE_DOWN_REASON)),
             "note": "not out of distribution, but the gateway would decline these as upside "
             "down; they are scored for these metrics too",
+        },
+        "population_declined": {
+            "count": sum(1 for r in reasons if r and r.startswith(POPULATION_REASON)),
+            "note": "films the population check (age, view) would decline; scored here too",
         },
         "unreadable": {"count": len(unreadable), "files": unreadable},
     }

@@ -7,11 +7,12 @@ import base64
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from inference.bounded_read import InputTooLarge
+from inference.population import AgeRange, PatientAge, patient_age
 from inference.predictor import Prediction, Predictor, default_model_dir
 
 
@@ -27,6 +28,7 @@ class UploadResult:
     model_name: str
     model_version: str
     seconds: float
+    caveat: str | None = None  # e.g. an age outside the validated ones that this site accepts
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class UploadResult:
             ),
             "model": {"name": self.model_name, "version": self.model_version},
             "seconds": round(self.seconds, 4),
+            "caveat": self.caveat,
         }
 
 
@@ -51,11 +54,16 @@ class ModelUnavailable(Exception):
     """The model artifact cannot be loaded (missing, or its content hash does not match)."""
 
 
+class AgeNeeded(Exception):
+    """A PNG/JPEG upload without the patient's age: nothing else says who the patient is."""
+
+
 class LazyPredictor:
     """Loads the Predictor on first use; predictions are serialised (one model, one lock)."""
 
-    def __init__(self, model_dir: Path | None) -> None:
+    def __init__(self, model_dir: Path | None, *, intended_age_years: str = "") -> None:
         self.model_dir = model_dir or default_model_dir()
+        self.intended_age_years = intended_age_years  # CXR_INTENDED_AGE_YEARS; "" = the model's
         self._predictor: Predictor | None = None
         self._lock = threading.Lock()
 
@@ -69,21 +77,36 @@ class LazyPredictor:
                 from inference.artifact import ArtifactError
 
                 try:
-                    self._predictor = Predictor.load(self.model_dir)
+                    predictor = Predictor.load(self.model_dir)
                 except (ArtifactError, OSError) as exc:
                     raise ModelUnavailable(str(exc)) from exc
+                if self.intended_age_years:
+                    predictor.intended_age = AgeRange.parse(self.intended_age_years)
+                self._predictor = predictor
             return self._predictor
 
-    def predict_upload(self, data: bytes, *, max_bytes: int, max_pixels: int) -> UploadResult:
+    def predict_upload(
+        self, data: bytes, *, max_bytes: int, max_pixels: int, age: PatientAge | None = None
+    ) -> UploadResult:
         """Predict one uploaded file's bytes. Its header is checked first (PNG/JPEG: at most
         ``max_pixels``; DICOM: a dataset of at most ``max_bytes``, inflated, and ``max_pixels``),
         before the model is loaded or anything decoded. Raises InputTooLarge (beyond those
-        limits), UnreadableImage, or ModelUnavailable."""
+        limits), UnreadableImage, AgeNeeded (a PNG/JPEG without ``age``), or ModelUnavailable.
+        An ``age`` outside the intended ones gets "no result" with the reason."""
         dataset = _check_upload(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        if dataset is None and age is None:
+            raise AgeNeeded("state the patient's age: a PNG or JPEG file does not say it")
         predictor = self.get()
         start = time.perf_counter()
-        with self._lock:  # also keeps one decoded upload in memory at a time
-            prediction = _predict(predictor, data, dataset, max_pixels)
+        refused = predictor.age_decline_reason(age)
+        if refused is not None:
+            prediction = predictor.declined(refused)
+        else:
+            with self._lock:  # also keeps one decoded upload in memory at a time
+                prediction = _predict(predictor, data, dataset, max_pixels)
+            caveat = predictor.age_caveat(age)
+            if caveat is not None and prediction.probability is not None:
+                prediction = replace(prediction, caveat=caveat)
         elapsed = time.perf_counter() - start
         png = prediction.heatmap_png
         return UploadResult(
@@ -97,10 +120,25 @@ class LazyPredictor:
             model_name=predictor.meta.name,
             model_version=predictor.meta.version,
             seconds=elapsed,
+            caveat=prediction.caveat,
         )
 
     def intended_use(self) -> str:
         return intended_use(self.model_dir)
+
+    def intended_ages(self) -> str:
+        """Whom results are given for here, in words (read without loading the model)."""
+        from inference.artifact import ArtifactError, read_meta
+
+        if self.intended_age_years:
+            return f"results are given for patients of {AgeRange.parse(self.intended_age_years)}"
+        try:
+            meta = read_meta(self.model_dir, verify=False)
+        except (ArtifactError, OSError, ValueError):
+            return "the model's intended ages are unknown"
+        if meta.population is None:
+            return "the model states no intended ages"
+        return f"the model is for patients of {meta.population.age}"
 
 
 def _check_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Any:
@@ -136,7 +174,8 @@ def _predict(predictor: Predictor, data: bytes, dataset: Any, max_pixels: int) -
 
     if dataset is not None:
         try:
-            reason = header_decline_reason(dataset)
+            age = patient_age(dataset)
+            reason = header_decline_reason(dataset) or predictor.age_decline_reason(age)
             if reason is not None:  # a readable file that is not for this model: "no result"
                 return predictor.declined(reason)
             # Unlike the worker (which records a decline), an upload that cannot be decoded
@@ -144,7 +183,9 @@ def _predict(predictor: Predictor, data: bytes, dataset: Any, max_pixels: int) -
             pixels = dicom_to_image(dataset)
         except Exception as exc:  # pydicom raises many kinds of errors on corrupt files
             raise UnreadableImage(f"the DICOM file cannot be read ({type(exc).__name__})") from exc
-        return predictor.predict_pixels(pixels, heatmap=True)
+        prediction = predictor.predict_pixels(pixels, heatmap=True)
+        caveat = predictor.age_caveat(age)
+        return prediction if caveat is None else replace(prediction, caveat=caveat)
     # Two decodes, one after the other (never both in memory): colour as stored, then grey as
     # training reads it (libjpeg's luminance, which the colour decode cannot reproduce
     # bit for bit). Both are within the header check above.

@@ -15,9 +15,10 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from gateway.web.deps import PREDICTORS, audit, check_csrf, context, problem, render, require
-from gateway.web.model import ModelUnavailable, UnreadableImage, UploadResult
+from gateway.web.model import AgeNeeded, ModelUnavailable, UnreadableImage, UploadResult
 from gateway.web.users import CurrentUser
 from inference.bounded_read import InputTooLarge
+from inference.population import PatientAge, stated_age
 
 router = APIRouter()
 Predictor = Annotated[CurrentUser, Depends(require(*PREDICTORS))]
@@ -58,7 +59,11 @@ async def _receive_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _read_upload(request: Request, user: CurrentUser, *, form_csrf: bool) -> bytes:
+async def _read_upload(
+    request: Request, user: CurrentUser, *, form_csrf: bool
+) -> tuple[bytes, PatientAge | None]:
+    """The uploaded file's bytes and the patient's age stated with it (fields ``age`` and
+    ``age_unit``: years, or months under 2), if any."""
     limit = context(request).settings.web_max_upload_mb * 2**20
     body = await _receive_body(request, limit)
 
@@ -72,12 +77,25 @@ async def _read_upload(request: Request, user: CurrentUser, *, form_csrf: bool) 
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise Rejected(400, "Choose a DICOM, PNG or JPEG file to upload.", "no file")
+        age = _stated_age(form.get("age"), form.get("age_unit"))
         data = await upload.read()
     if len(data) > limit:
         raise _too_large(limit)
     if not data:
         raise Rejected(400, "The file is empty.", "empty file")
-    return data
+    return data, age
+
+
+def _stated_age(value: object, unit: object) -> PatientAge | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    months = isinstance(unit, str) and unit.strip().lower() == "months"
+    try:
+        return stated_age(f"{value.strip()}{'M' if months else 'Y'}", "the age stated")
+    except ValueError as exc:
+        raise Rejected(
+            400, "The age is a whole number of years, or of months under 2.", "bad age"
+        ) from exc
 
 
 async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> UploadResult:
@@ -85,7 +103,7 @@ async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> U
     ctx = context(request)
     size = 0
     try:
-        data = await _read_upload(request, user, form_csrf=form_csrf)
+        data, age = await _read_upload(request, user, form_csrf=form_csrf)
         size = len(data)
         start = time.perf_counter()
         result = await run_in_threadpool(
@@ -93,6 +111,7 @@ async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> U
             data,
             max_bytes=ctx.settings.max_instance_bytes,
             max_pixels=ctx.settings.max_image_pixels,
+            age=age,
         )
         UPLOAD_SECONDS.observe(time.perf_counter() - start)
     except Rejected as exc:
@@ -106,6 +125,11 @@ async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> U
         raise Rejected(
             503, f"The model cannot be loaded now ({exc}).", "model unavailable"
         ) from exc
+    except AgeNeeded as exc:
+        await run_in_threadpool(_audit_rejected, request, user, "no age", size)
+        raise Rejected(
+            400, f"State the patient's age: {ctx.predictor.intended_ages()}.", "no age"
+        ) from exc
     except UnreadableImage as exc:
         await run_in_threadpool(_audit_rejected, request, user, str(exc), size)
         raise Rejected(
@@ -118,6 +142,7 @@ async def _predict(request: Request, user: CurrentUser, *, form_csrf: bool) -> U
         "probability": result.probability,
         "declined_reason": result.reason,
         "model": f"{result.model_name} {result.model_version}",
+        "age_stated": age is not None,
     }
     await run_in_threadpool(
         lambda: audit(request, kind="upload.predicted", actor=user.username, detail=detail)
@@ -142,6 +167,7 @@ def upload_page(request: Request, user: Predictor) -> Response:
         request,
         "upload.html",
         intended_use=ctx.predictor.intended_use(),
+        intended_ages=ctx.predictor.intended_ages(),
         max_mb=ctx.settings.web_max_upload_mb,
     )
 
@@ -151,6 +177,7 @@ async def upload_submit(request: Request, user: Predictor) -> Response:
     ctx = context(request)
     values: dict[str, Any] = {
         "intended_use": ctx.predictor.intended_use(),
+        "intended_ages": ctx.predictor.intended_ages(),
         "max_mb": ctx.settings.web_max_upload_mb,
     }
     try:

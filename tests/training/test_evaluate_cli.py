@@ -72,9 +72,13 @@ def test_evaluate_names_the_films_the_gateway_would_decline(tmp_path: Path) -> N
     with (out / "predictions.csv").open() as f:
         declined = {row["file"]: row["declined"] for row in csv.DictReader(f)}
     assert len(declined) == 24
-    # Every film is scored; the turned ones are named with the reason the gateway would give.
-    assert {name for name, why in declined.items() if why} == set(turned)
+    # Every film is scored; the turned ones are named with the reason the gateway would give,
+    # and so is the one tightly collimated film the population check declines (model 1.5.0).
+    tight = "PNEUMONIA/person1004_virus_1686.jpeg"
+    assert {name for name, why in declined.items() if why} == {*turned, tight}
+    assert declined[tight].startswith("does not look like a frontal chest film of a young child")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 24
     by_check = metrics["ood_declined"]["count"] + metrics["upside_down_declined"]["count"]
     assert by_check == 4
+    assert metrics["population_declined"]["count"] == 1

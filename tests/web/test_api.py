@@ -168,7 +168,7 @@ def test_bad_uploads_are_refused_clearly_and_audited(
         "/api/session", json={"username": "clinician", "password": PASSWORDS["clinician"]}
     )
     client.headers["X-CSRF-Token"] = r.json()["csrf_token"]
-    corrupt = files.with_new_uids(files.CHEST_CR, tmp_path / "c.dcm")
+    corrupt = files.with_new_uids(files.CHILD_CR, tmp_path / "c.dcm")
     raw = (tmp_path / "c.dcm").read_bytes()
     del corrupt
     cases = {
@@ -193,7 +193,7 @@ def test_bad_uploads_are_refused_clearly_and_audited(
     assert "upload.bin" not in "".join(e.detail for e in rejected)  # no file names (PHI risk)
     # And the service still works.
     with JPEG.open("rb") as fh:
-        ok = client.post("/api/predict", files={"file": ("x.jpeg", fh)})
+        ok = client.post("/api/predict", data={"age": "3"}, files={"file": ("x.jpeg", fh)})
     assert ok.status_code == 200, ok.text
     body = ok.json()
     assert body["result"] in ("result", "no result")
@@ -574,7 +574,9 @@ def test_upload_of_a_colour_photo_gives_no_result(api: Api) -> None:
     photo = np.random.default_rng(5).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     ok, encoded = cv2.imencode(".jpg", photo)
     assert ok
-    r = api("clinician").post("/api/predict", files={"file": ("cat.jpg", encoded.tobytes())})
+    r = api("clinician").post(
+        "/api/predict", data={"age": "3"}, files={"file": ("cat.jpg", encoded.tobytes())}
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["result"] == "no result" and body["probability"] is None
@@ -612,7 +614,9 @@ def test_upload_of_an_upside_down_chest_gives_no_result_with_the_reason(api: Api
     for name, pixels in (("upright.jpg", image), ("turned.jpg", image[::-1])):
         ok, encoded = cv2.imencode(".jpg", pixels)
         assert ok
-        r = clinician.post("/api/predict", files={"file": (name, encoded.tobytes())})
+        r = clinician.post(
+            "/api/predict", data={"age": "3"}, files={"file": (name, encoded.tobytes())}
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         if name == "upright.jpg":

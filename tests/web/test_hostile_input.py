@@ -87,7 +87,9 @@ def test_upload_bombs_are_refused_from_the_header_and_audited(
     rejected = [json.loads(e.detail)["reason"] for e in events(settings, "upload.rejected")]
     assert rejected == [reason for _, reason in bombs.values()] + ["too_many_pixels"]
     # And the console still predicts.
-    ok = client.post("/api/predict", files={"file": ("x.jpeg", JPEG.read_bytes())})
+    ok = client.post(
+        "/api/predict", data={"age": "3"}, files={"file": ("x.jpeg", JPEG.read_bytes())}
+    )
     assert ok.status_code == 200, ok.text
 
 

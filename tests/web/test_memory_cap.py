@@ -34,7 +34,7 @@ def _memory(pid: int) -> dict[str, int]:
 
 
 def _predict(client: httpx.Client, name: str, data: bytes) -> httpx.Response:
-    return client.post("/api/predict", files={"file": (name, data)})
+    return client.post("/api/predict", data={"age": "3"}, files={"file": (name, data)})
 
 
 def test_a_png_bomb_is_refused_by_a_console_under_a_memory_cap(
