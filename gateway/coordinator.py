@@ -21,6 +21,7 @@ from gateway.audit_checkpoint import CheckpointError, CheckpointLog
 from gateway.db.models import Job, JobState, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.delivery import due_deliveries
+from gateway.drift_monitor import DriftMonitor
 from gateway.queue import (
     embedded_queue_engine,
     job_lost,
@@ -39,7 +40,8 @@ class Coordinator:
     """Runs assembly every ``assembly_interval_seconds`` and reconciliation on start and every
     ``reconcile_interval_seconds``, in one daemon thread. After each reconciliation, and once at
     stop, it appends the audit chain's head to the checkpoint file if the head has moved
-    (gateway.audit_checkpoint): off the ingest path, at most one line per interval."""
+    (gateway.audit_checkpoint): off the ingest path, at most one line per interval. After
+    assembly, every ``drift_interval_seconds``, the drift check (gateway.drift_monitor)."""
 
     def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], app: Celery) -> None:
         self.settings = settings
@@ -49,6 +51,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._queue_engine = embedded_queue_engine(settings)
         self._checkpoints = CheckpointLog.from_settings(settings)
+        self.drift = DriftMonitor(settings)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
@@ -74,6 +77,7 @@ class Coordinator:
                     self.checkpoint()
                     next_reconcile = clock + self.settings.reconcile_interval_seconds
                 self.assemble()
+                self.drift.run_if_due(self.sessions)  # last: should it fail, nothing is skipped
             except SQLAlchemyError as exc:
                 log.error("coordinator: database error %s; retrying", type(exc).__name__)
             except Exception:

@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ class ImageResult:
     heatmap_png: bytes | None
     header: Dataset | None  # without Pixel Data
     caveat: str | None = None
+    input_score: float | None = None  # the input check's OOD score; None when not computed
 
 
 def study_instances(session: Any, study: Study) -> list[Instance]:
@@ -232,6 +233,7 @@ class InferenceStage:
                     prediction.heatmap_png,
                     ds,
                     prediction.caveat,
+                    prediction.ood_score,
                 )
             )
         readable = [r for r in results if r.header is not None]
@@ -248,6 +250,7 @@ class InferenceStage:
             context=context,
             identity=report_identity(runtime.sessions, study.id),
         )
+        finding = replace(finding, input_scores=input_scores(results))
         self._save_heatmaps(study, results)
         with transaction(runtime.sessions) as session:
             row = session.get(Study, study.id)
@@ -305,6 +308,11 @@ class InferenceStage:
             tmp = folder / f".{r.image.sop_instance_uid}.png.part"
             tmp.write_bytes(r.heatmap_png)
             os.replace(tmp, folder / f"{r.image.sop_instance_uid}.png")
+
+
+def input_scores(results: Sequence[ImageResult]) -> tuple[float, ...]:
+    """The input-check scores of the images that had one (for drift monitoring), rounded."""
+    return tuple(round(r.input_score, 4) for r in results if r.input_score is not None)
 
 
 def _json(finding: StudyFinding) -> str:

@@ -177,6 +177,13 @@ class Settings(BaseSettings):
     # Ages (completed years, "MIN-MAX") that get a result; empty: the model's own population.
     # Wider than the model's is allowed, audited at start-up, and said in every such report.
     intended_age_years: str = ""
+    # Drift monitoring (gateway.drift): the first this-many reported studies of a model are its
+    # reference, later ones are judged in windows of as many; a measure outside its band of
+    # drift_band_se standard errors in drift_consecutive_windows windows in a row is warned.
+    drift_window_studies: int = Field(default=200, ge=20, le=100_000)
+    drift_consecutive_windows: int = Field(default=3, ge=1, le=100)
+    drift_band_se: float = Field(default=3.0, ge=1.0, le=10.0)
+    drift_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
 
     # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)

@@ -99,6 +99,9 @@ class StudyFinding:
     # ("" and 0 when there is none).
     previous_report_id: str = ""
     previous_version: int = 0
+    # The input check's (out-of-distribution) score of each image the model saw, used or
+    # declined by an image check, in instance order; for drift monitoring (gateway.drift).
+    input_scores: tuple[float, ...] = ()
 
     @property
     def has_result(self) -> bool:
@@ -130,4 +133,5 @@ class StudyFinding:
             caveats=tuple(data.get("caveats", ())),
             previous_report_id=data.get("previous_report_id", ""),
             previous_version=data.get("previous_version", 0),
+            input_scores=tuple(float(x) for x in data.get("input_scores", ())),
         )

@@ -24,6 +24,7 @@ from gateway.web import (
     pages_account,
     pages_audit,
     pages_auth,
+    pages_drift,
     pages_studies,
     pages_upload,
 )
@@ -71,7 +72,16 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     app.state.metrics = health.make_registry(sessions)
     app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    for module in (pages_auth, pages_account, pages_studies, pages_audit, pages_upload, health):
+    pages_drift.install(app)  # its monitor, and its gauges in app.state.metrics
+    for module in (
+        pages_auth,
+        pages_account,
+        pages_studies,
+        pages_audit,
+        pages_upload,
+        pages_drift,
+        health,
+    ):
         app.include_router(module.router)
     _install_handlers(app)
     if settings.web_trusted_proxies:
