@@ -26,6 +26,7 @@ from gateway.db.models import Instance, Study, StudyState
 from gateway.db.session import transaction
 from gateway.delivery import create_deliveries
 from gateway.settings import Settings
+from gateway.spool import SpoolFileUnreadable
 from inference.bounded_read import ContentChanged, InputTooLarge, read_dicom_file
 from inference.finding import (
     DeclinedImage,
@@ -101,7 +102,10 @@ def predict_instance(
 
     The file is read once, with its sizes bounded, and must be the file received: the bytes
     hash to the SHA-256 recorded at receipt and carry the recorded UIDs. A file changed since
-    (swapped for another patient's, say) is never predicted."""
+    (swapped for another patient's, say) is never predicted. Bad content is a declined image;
+    a file that is missing or cannot be read is a storage fault, not a property of the image
+    (this host may not see the shared spool, or not yet): raises SpoolFileUnreadable (an
+    OSError, so the job is retried, then fails with the reason; never a partial report)."""
     try:
         ds = read_dicom_file(
             Path(inst.path),
@@ -113,7 +117,10 @@ def predict_instance(
         return None, None, f"{CHANGED_SINCE_RECEIPT}: {exc}"
     except InputTooLarge as exc:
         return None, None, f"over a size limit ({exc})"
-    except (OSError, ValueError, KeyError, EOFError, NotImplementedError) as exc:
+    except OSError as exc:
+        sop_uid = inst.sop_instance_uid
+        raise SpoolFileUnreadable.of(inst.path, exc, sop_instance_uid=sop_uid) from exc
+    except (ValueError, KeyError, EOFError, NotImplementedError) as exc:
         return None, None, f"unreadable file ({type(exc).__name__})"
     if str(ds.get("SOPInstanceUID", "")) != inst.sop_instance_uid:
         return None, None, f"{CHANGED_SINCE_RECEIPT}: its SOP Instance UID differs"

@@ -13,10 +13,13 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+
+from gateway.errors import GatewayError
 
 Buffer = bytes | memoryview
 
@@ -29,6 +32,23 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 class SpoolFull(OSError):
     """Free space on the spool's file system is below the configured reserve."""
+
+
+class SpoolFileUnreadable(GatewayError, OSError):
+    """A recorded spool file is missing or cannot be read here: a storage fault (a host that
+    does not see the shared spool, a volume not mounted, an I/O error), not a property of the
+    image, so the work that needs it is retried rather than done without it."""
+
+    @classmethod
+    def of(cls, path: str | Path, cause: OSError, *, sop_instance_uid: str) -> SpoolFileUnreadable:
+        """The error for ``path`` (of instance ``sop_instance_uid``) failing with ``cause``."""
+        why = cause.strerror or type(cause).__name__
+        return cls(
+            f"spooled file of instance {sop_instance_uid} cannot be read on host "
+            f"{socket.gethostname()}: {why} ({path})",
+            study_uid=Path(path).parent.name,
+            sop_instance_uid=sop_instance_uid,
+        )
 
 
 @dataclass(frozen=True)
