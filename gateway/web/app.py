@@ -67,7 +67,8 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     app.state.ctx = WebContext(
         settings=settings,
         sessions=sessions,
-        predictor=predictor or LazyPredictor(settings.model_dir),
+        predictor=predictor
+        or LazyPredictor(settings.model_dir, intended_age_years=settings.intended_age_years),
     )
     app.state.metrics = health.make_registry(sessions)
     app.state.integrity = pages_audit.IntegrityCache()
