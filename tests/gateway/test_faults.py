@@ -44,7 +44,7 @@ def production(
 
 
 def make_studies(tmp_path: Path, count: int, images: int) -> list[list[Path]]:
-    return [files.study_files(files.CHEST_CR, tmp_path / f"in{i}", images) for i in range(count)]
+    return [files.study_files(files.CHILD_CR, tmp_path / f"in{i}", images) for i in range(count)]
 
 
 def uid(study: list[Path]) -> str:
