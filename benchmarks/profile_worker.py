@@ -29,7 +29,7 @@ from gateway.ingest import Ingestor, Limits, Peer  # noqa: E402
 from gateway.settings import get_settings  # noqa: E402
 from gateway.spool import Spool  # noqa: E402
 from gateway.studies import complete_study, quiet_study_ids  # noqa: E402
-from gateway.tasks import build_runtime, deliver_study, run_job  # noqa: E402
+from gateway.tasks import build_delivery_runtime, build_runtime, deliver_study, run_job  # noqa: E402
 from tests import dicom_files  # noqa: E402
 
 SHARED_CR = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
@@ -71,14 +71,15 @@ def main() -> None:
         runtime = build_runtime(settings)
         print(f"model load: {time.perf_counter() - started:.2f} s (once per worker process)")
         first_id, first_study = job_ids[0]
+        delivery = build_delivery_runtime(settings)  # a delivery worker's, here in-process
         run_job(runtime, first_id, attempt_limit=1, worker="warm-up")  # first-call costs
-        deliver_study(runtime, first_study)
+        deliver_study(delivery, first_study)
         profiler = cProfile.Profile()
         started = time.perf_counter()
         profiler.enable()
         for job_id, study_id in job_ids[1:]:
             assert run_job(runtime, job_id, attempt_limit=1, worker="profile") == "done"
-            deliver_study(runtime, study_id)
+            deliver_study(delivery, study_id)
         profiler.disable()
         elapsed = (time.perf_counter() - started) / (len(job_ids) - 1)
         print(f"per study ({args.images} x {source.name}): {elapsed * 1000:.0f} ms")

@@ -64,15 +64,38 @@ def listen() -> None:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
-    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
+    queues: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: 'studies' (inference, loads the model), 'delivery' (sends "
+            "results, never loads TensorFlow), or both (the default)"
+        ),
+    ] = "studies,delivery",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="pool processes or threads (default: 4 for delivery only, else 1)"),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Celery pool: prefork, solo or threads (default: threads for "
+            "delivery only, else prefork)"
+        ),
+    ] = None,
 ) -> None:
-    """Run a Celery worker that processes completed studies."""
+    """Run a Celery worker: inference of completed studies, delivery of results, or both."""
     from gateway.service import configure_logging, run_worker
 
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    delivery_only = names == ["delivery"]
     configure_logging()
     try:
-        run_worker(_settings(), concurrency=concurrency, pool=pool)
+        run_worker(
+            _settings(),
+            concurrency=concurrency or (4 if delivery_only else 1),
+            pool=pool or ("threads" if delivery_only else "prefork"),
+            queues=names,
+        )
     except ConfigurationError as exc:
         typer.echo(f"cxr-gateway worker: {exc}", err=True)
         raise typer.Exit(code=2) from exc

@@ -185,8 +185,10 @@ def finish(
     error: str = "",
     remote: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    actor: str = "worker",
 ) -> str:
-    """Record the outcome of one attempt; schedule the next one when state is "retrying"."""
+    """Record the outcome of one attempt (audited with ``actor``, the process that made it);
+    schedule the next one when state is "retrying"."""
     now = utcnow()
     if state == "retrying" and job.attempts >= settings.delivery_max_attempts:
         state = "failed"
@@ -218,7 +220,7 @@ def finish(
             outcome={"delivered": "success", "skipped": "success", "held": "warning"}.get(
                 state, "failure"
             ),
-            actor="worker",
+            actor=actor,
             study_uid=job.study_uid,
             detail={
                 "delivery_id": job.delivery_id,
@@ -237,29 +239,36 @@ def attempt(
     settings: Settings,
     delivery_id: int,
     senders: dict[str, Sender],
+    *,
+    actor: str = "worker",
 ) -> str:
-    """Claim and try one delivery once. Returns its new state (or "skipped-claim")."""
+    """Claim and try one delivery once; its outcome is audited with ``actor``. Returns its new
+    state (or "skipped-claim")."""
     if not claim_delivery(sessions, delivery_id, lease_seconds=settings.job_lease_seconds):
         return "skipped-claim"
     job = load_job(sessions, delivery_id)
     try:
         remote = senders[job.kind](job)
     except HeldDelivery as exc:
-        return finish(sessions, job, settings=settings, state="held", error=str(exc))
+        return finish(sessions, job, settings=settings, state="held", error=str(exc), actor=actor)
     except PermanentDeliveryError as exc:
         return finish(
-            sessions, job, settings=settings, state="failed", error=str(exc), detail=exc.detail
+            sessions,
+            job,
+            settings=settings,
+            state="failed",
+            error=str(exc),
+            detail=exc.detail,
+            actor=actor,
         )
     except Exception as exc:  # noqa: BLE001 - anything else is worth another attempt later
         log.warning(
             "delivery %s attempt %s failed: %s", delivery_id, job.attempts, type(exc).__name__
         )
-        return finish(
-            sessions, job, settings=settings, state="retrying", error=f"{type(exc).__name__}: {exc}"
-        )
-    if remote.get("skipped"):
-        return finish(sessions, job, settings=settings, state="skipped", remote=remote)
-    return finish(sessions, job, settings=settings, state="delivered", remote=remote)
+        error = f"{type(exc).__name__}: {exc}"
+        return finish(sessions, job, settings=settings, state="retrying", error=error, actor=actor)
+    state = "skipped" if remote.get("skipped") else "delivered"
+    return finish(sessions, job, settings=settings, state=state, remote=remote, actor=actor)
 
 
 def due_deliveries(session: Session, *, now: dt.datetime) -> list[int]:

@@ -1,7 +1,12 @@
-"""The Celery application and publishing of jobs (design.md step 3).
+"""The Celery application and publishing of jobs and deliveries (design.md step 3).
 
-The task message carries a job id and nothing else. The database is the source of truth: a job
-that the broker did not take stays PENDING and the reconciler publishes it again later.
+The task message carries a job id (or a delivery id) and nothing else. The database is the
+source of truth: a job that the broker did not take stays PENDING, and a delivery stays due,
+and the reconciler publishes it again later.
+
+Two queues, as mercure splits its processor and its dispatcher: ``cxr-studies`` for inference
+(workers that hold the model) and ``cxr-deliveries`` for sending results (workers that never
+load TensorFlow), so a slow PACS or EHR never holds an inference slot.
 
 Embedded default: kombu's SQLAlchemy transport on a SQLite file in the data folder. It needs no
 server, survives restarts (messages are rows in a file), and goes through exactly the same
@@ -17,7 +22,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError
-from sqlalchemy import Engine, create_engine, inspect, text, update
+from sqlalchemy import Engine, create_engine, inspect, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +35,12 @@ log = logging.getLogger(__name__)
 
 TASK_PROCESS_STUDY = "cxr_gateway.process_study"
 TASK_DELIVER = "cxr_gateway.deliver"
-QUEUE_NAME = "cxr-studies"
+QUEUE_NAME = "cxr-studies"  # inference
+DELIVERY_QUEUE_NAME = "cxr-deliveries"
+# What ``cxr-gateway worker --queues`` accepts, and the Celery queue each name stands for.
+WORKER_QUEUES = {"studies": QUEUE_NAME, "delivery": DELIVERY_QUEUE_NAME}
+# A published delivery is not published again by the reconciler for this long (a lost message).
+DELIVERY_REPUBLISH_SECONDS = 300
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -50,6 +60,7 @@ def make_celery(settings: Settings) -> Celery:
         }
     app.conf.update(
         task_default_queue=QUEUE_NAME,
+        task_routes={TASK_DELIVER: {"queue": DELIVERY_QUEUE_NAME}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -128,12 +139,22 @@ def publish_job(
 
 
 def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_id: int) -> bool:
-    """Hand a due delivery to the workers. Its due time moves on by the requeue window, so the
-    reconciler does not publish it again while the message waits; the task's claim decides."""
+    """Hand a due delivery to the delivery workers (queue ``cxr-deliveries``). Returns False
+    when the broker is unreachable; the delivery then stays due and the reconciler tries again.
+
+    Its due time moves on by DELIVERY_REPUBLISH_SECONDS, so the reconciler does not publish it
+    again while the message waits; the task's claim decides who sends it. The move is skipped
+    when an attempt ran meanwhile (its outcome set the next due time)."""
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state not in ("pending", "retrying", "sending"):
+            return False
+        attempts = delivery.attempts
     try:
         app.send_task(
             TASK_DELIVER,
             args=[delivery_id],
+            queue=DELIVERY_QUEUE_NAME,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0.2},
         )
@@ -141,10 +162,30 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
         log.warning("broker did not take delivery %s: %s", delivery_id, type(exc).__name__)
         return False
     with transaction(sessions) as session:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is not None and delivery.state in ("pending", "retrying"):
-            delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=300)
+        session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state.in_(["pending", "retrying"]),
+                Delivery.attempts == attempts,
+            )
+            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=DELIVERY_REPUBLISH_SECONDS))
+        )
     return True
+
+
+def publish_deliveries(*, app: Celery, sessions: sessionmaker[Session], study_id: int) -> int:
+    """Publish every pending delivery of a study (one task per destination), right after its
+    inference. Returns how many the broker took; the others are left to the reconciler."""
+    with sessions() as session:
+        ids = list(
+            session.execute(
+                select(Delivery.id).where(
+                    Delivery.study_id == study_id, Delivery.state == "pending"
+                )
+            ).scalars()
+        )
+    return sum(publish_delivery(app=app, sessions=sessions, delivery_id=i) for i in ids)
 
 
 KOMBU_MESSAGE_TABLE = "kombu_message"

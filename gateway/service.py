@@ -1,5 +1,6 @@
-"""Process entrypoints: the listener process, the worker process, and ``serve`` (the listener
-here, the web console and the workers as supervised child processes).
+"""Process entrypoints: the listener process, the worker processes (inference, delivery, or
+both), and ``serve`` (the listener here, the web console and the two kinds of worker as
+supervised child processes).
 
 One entrypoint a process; settings and engines are built here, never at import time.
 """
@@ -14,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gateway.coordinator import Coordinator
 from gateway.db.migrate import upgrade
@@ -22,10 +25,13 @@ from gateway.db.session import make_engine, make_session_factory
 from gateway.errors import ConfigurationError
 from gateway.ingest import Ingestor, Limits
 from gateway.listener import Listener
-from gateway.queue import QUEUE_NAME, make_celery
+from gateway.queue import WORKER_QUEUES, make_celery
 from gateway.settings import Settings
 from gateway.spool import Spool
-from gateway.tasks import build_runtime, register_tasks
+from gateway.tasks import build_delivery_runtime, build_runtime, register_tasks
+
+if TYPE_CHECKING:
+    from inference.artifact import ArtifactMeta
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 RESTART_DELAY = 2.0  # seconds before restarting a dead child; doubled while it keeps dying young
 MAX_RESTART_DELAY = 300.0
 HEALTHY_LIFETIME = 300.0  # a child that lived longer than this restarts after RESTART_DELAY
+# serve's delivery worker: threads, since a delivery mostly waits for the PACS or the EHR.
+SERVE_DELIVERY_THREADS = 4
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -105,39 +113,74 @@ def run_listener(settings: Settings) -> None:
         process.stop()
 
 
-def run_worker(settings: Settings, *, concurrency: int, pool: str = "prefork") -> None:
-    """Run a Celery worker in this process (blocks). Refuses to start when the model artifact
-    is missing or corrupt (checked without TensorFlow, which loads in each pool process), so a
-    supervisor or container health check sees the problem instead of jobs failing one by one."""
-    exit_with_supervisor()
-    from gateway.intended_use import announce_intended_ages
-    from gateway.senders import announce_report_status
-    from inference.artifact import ArtifactError, read_meta
-    from inference.predictor import default_model_dir
+def worker_queues(names: Sequence[str]) -> list[str]:
+    """Check the queue names given to ``cxr-gateway worker --queues`` ("studies", "delivery").
+    Returns them without duplicates, in order; raises ConfigurationError for any other."""
+    unknown = [n for n in names if n not in WORKER_QUEUES]
+    if unknown or not names:
+        raise ConfigurationError(
+            f"--queues: {', '.join(unknown) or 'none given'}; "
+            f"choose from {', '.join(WORKER_QUEUES)} (comma-separated)"
+        )
+    return list(dict.fromkeys(names))
 
-    try:
-        meta = read_meta(settings.model_dir or default_model_dir())
-    except (ArtifactError, OSError, ValueError) as exc:
-        raise ConfigurationError(f"model artifact unusable: {exc}") from exc
+
+def run_worker(
+    settings: Settings,
+    *,
+    concurrency: int,
+    pool: str = "prefork",
+    queues: Sequence[str] = ("studies", "delivery"),
+) -> None:
+    """Run a Celery worker in this process (blocks) on ``queues``: "studies" (inference: loads
+    the model, in each pool process) and/or "delivery" (sends results; never imports
+    TensorFlow). An inference worker refuses to start when the model artifact is missing or
+    corrupt (checked without TensorFlow), so a supervisor or container health check sees the
+    problem instead of jobs failing one by one. Raises ConfigurationError."""
+    exit_with_supervisor()
+    queues = worker_queues(queues)
+    inference = "studies" in queues
+    if inference:
+        meta = _model_meta(settings)
     engine = make_engine(settings.database)
     upgrade(engine)  # a worker may start before the listener on a fresh database
     sessions = make_session_factory(engine)
-    announce_intended_ages(settings, meta, sessions, actor="worker")
-    announce_report_status(settings, sessions, actor="worker")
+    if inference:
+        from gateway.intended_use import announce_intended_ages
+
+        announce_intended_ages(settings, meta, sessions, actor="worker")
+    if "delivery" in queues:
+        from gateway.senders import announce_report_status
+
+        announce_report_status(settings, sessions, actor="worker")
     engine.dispose()
     app = make_celery(settings)
-    register_tasks(app, lambda: build_runtime(settings))
+    register_tasks(
+        app,
+        inference=(lambda: build_runtime(settings)) if inference else None,
+        delivery=(lambda: build_delivery_runtime(settings)) if "delivery" in queues else None,
+    )
     argv = [
         "worker",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
-        f"--queues={QUEUE_NAME}",
+        f"--queues={','.join(WORKER_QUEUES[q] for q in queues)}",
         "--loglevel=INFO",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
     ]
     app.worker_main(argv=argv)
+
+
+def _model_meta(settings: Settings) -> ArtifactMeta:
+    from inference.artifact import ArtifactError, read_meta
+    from inference.predictor import default_model_dir
+
+    try:
+        return read_meta(settings.model_dir or default_model_dir())
+    except (ArtifactError, OSError, ValueError) as exc:
+        raise ConfigurationError(f"model artifact unusable: {exc}") from exc
 
 
 def exit_with_supervisor() -> None:
@@ -250,9 +293,11 @@ class Supervisor:
 
 
 def serve(settings: Settings) -> None:
-    """The whole gateway on one machine: the listener in this process; the web console and the
-    workers in supervised child processes, so that decoding an upload or a thumbnail (a
-    decompression bomb, a crash) can never take the DICOM listener down with it.
+    """The whole gateway on one machine: the listener in this process; the web console, the
+    inference worker (CXR_WORKERS pool processes) and the delivery worker (threads) in
+    supervised child processes (no worker when CXR_WORKERS is 0), so that decoding an upload
+    or a thumbnail (a decompression bomb, a crash) can never take the DICOM listener down with
+    it, and a slow EHR never holds an inference slot.
 
     Raises ConfigurationError when the console's port is taken or the console does not answer
     /healthz within a minute (the listener is stopped again first)."""
@@ -266,8 +311,13 @@ def serve(settings: Settings) -> None:
     web = Child("web console", [*command, "web"], env)
     children = [web]
     if settings.workers > 0:
-        worker = [*command, "worker", "--concurrency", str(settings.workers)]
+        # mercure's processor and dispatcher: inference and delivery in processes of their own,
+        # so a slow EHR never holds one of the CXR_WORKERS inference slots.
+        worker = [*command, "worker", "--queues", "studies", "--concurrency", str(settings.workers)]
         children.append(Child("worker", worker, env))
+        delivery = [*command, "worker", "--queues", "delivery", "--pool", "threads"]
+        delivery += ["--concurrency", str(SERVE_DELIVERY_THREADS)]
+        children.append(Child("delivery worker", delivery, env))
     supervisor = Supervisor(children)
     try:
         wait_for_console(settings.web_bind, web_port, web.start(), timeout=60)

@@ -1,6 +1,11 @@
-"""Celery tasks. A task only carries a job id; the job is claimed atomically in the database
-(with a lease), so a message delivered twice, or re-published by the reconciler, never makes
-the work run twice at once, and work that finished is never redone.
+"""Celery tasks. A task only carries a job id (or a delivery id); the job is claimed
+atomically in the database (with a lease), so a message delivered twice, or re-published by the
+reconciler, never makes the work run twice at once, and work that finished is never redone.
+
+Two kinds of worker, as mercure's processor and dispatcher: ``process_study`` (queue
+cxr-studies) runs the model and then publishes one ``deliver`` task per destination; ``deliver``
+(queue cxr-deliveries) sends one result with a runtime that never loads the model, so a slow
+PACS or EHR holds a delivery slot, not an inference slot.
 """
 
 from __future__ import annotations
@@ -10,8 +15,8 @@ import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from sqlalchemy import or_, select, update
@@ -23,7 +28,7 @@ from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
 from gateway.delivery import Sender, attempt
 from gateway.errors import GatewayError
-from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY, job_lost
+from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY, job_lost, publish_deliveries
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,14 +40,23 @@ class TransientError(GatewayError):
 
 @dataclass
 class WorkerRuntime:
-    """What a worker process builds once: settings, database sessions, the stage that does the
-    work on a claimed study (``process``: returns the study's new state; it holds the model),
-    and the senders of results."""
+    """What an inference worker process builds once: settings, database sessions, and the
+    stage that does the work on a claimed study (``process``: returns the study's new state;
+    it holds the model)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
     process: Callable[[WorkerRuntime, Study], StudyState]
-    senders: dict[str, Sender] = field(default_factory=dict)
+
+
+@dataclass
+class DeliveryRuntime:
+    """What a delivery worker process builds once: settings, database sessions and the senders
+    of results. Building it never imports TensorFlow (tests/gateway/test_delivery_worker.py)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    senders: dict[str, Sender]
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
@@ -51,7 +65,6 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
 
     from gateway.intended_use import intended_ages
     from gateway.processing import InferenceStage
-    from gateway.senders import build_senders
     from inference.predictor import Predictor
 
     engine = make_engine(settings.database)
@@ -61,15 +74,21 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     # here, at start, rather than in the first study's latency.
     predictor.predict_array(np.zeros((64, 64), np.float32), heatmap=True)
     return WorkerRuntime(
-        settings,
-        make_session_factory(engine),
-        InferenceStage(settings, predictor),
-        build_senders(settings),
+        settings, make_session_factory(engine), InferenceStage(settings, predictor)
     )
 
 
-def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
-    """First attempt of every pending delivery of a study, right after inference."""
+def build_delivery_runtime(settings: Settings) -> DeliveryRuntime:
+    """Connect to the database and build the senders (once per delivery worker process)."""
+    from gateway.senders import build_senders
+
+    engine = make_engine(settings.database)
+    return DeliveryRuntime(settings, make_session_factory(engine), build_senders(settings))
+
+
+def deliver_study(runtime: DeliveryRuntime, study_id: int, *, actor: str = "worker") -> list[str]:
+    """One attempt of every pending delivery of a study, all at once, in this process (for
+    benchmarks/profile_worker.py; the workers publish one ``deliver`` task per destination)."""
     with runtime.sessions() as session:
         ids = list(
             session.execute(
@@ -78,11 +97,14 @@ def deliver_study(runtime: WorkerRuntime, study_id: int) -> list[str]:
                 )
             ).scalars()
         )
-    # Destinations are independent: send to all at once, so the waits for the PACS and the EHR
-    # overlap instead of adding up (each attempt has its own session and claim).
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="deliver") as pool:
         return list(
-            pool.map(lambda i: attempt(runtime.sessions, runtime.settings, i, runtime.senders), ids)
+            pool.map(
+                lambda i: attempt(
+                    runtime.sessions, runtime.settings, i, runtime.senders, actor=actor
+                ),
+                ids,
+            )
         )
 
 
@@ -272,30 +294,59 @@ def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: 
     return "done"
 
 
-def register_tasks(app: Celery, runtime_factory: Callable[[], WorkerRuntime]) -> None:
-    """Add the gateway's tasks to ``app``; the runtime is built lazily once per process."""
-    holder: dict[int, WorkerRuntime] = {}
+R = TypeVar("R")
 
-    def runtime() -> WorkerRuntime:
-        pid = os.getpid()  # a forked pool child builds its own engine and model
+
+def per_process(factory: Callable[[], R]) -> Callable[[], R]:
+    """``factory()`` called lazily, once per process: a forked pool child builds its own
+    engine (and model) instead of sharing its parent's."""
+    holder: dict[int, R] = {}
+
+    def get() -> R:
+        pid = os.getpid()
         if pid not in holder:
             holder.clear()
-            holder[pid] = runtime_factory()
+            holder[pid] = factory()
         return holder[pid]
 
+    return get
+
+
+def worker_name() -> str:
+    """This process as an audit actor and a job's holder: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def register_tasks(
+    app: Celery,
+    *,
+    inference: Callable[[], WorkerRuntime] | None = None,
+    delivery: Callable[[], DeliveryRuntime] | None = None,
+) -> None:
+    """Add the gateway's tasks to ``app``: ``process_study`` when an ``inference`` runtime
+    factory is given, ``deliver`` when a ``delivery`` one is. Each runtime is built lazily,
+    once per process, on the first task that needs it: a worker serving both queues builds the
+    model only in a process that runs a study, and a delivery never waits for it."""
+    if inference is not None:
+        _register_process_study(app, per_process(inference))
+    if delivery is not None:
+        _register_deliver(app, per_process(delivery))
+
+
+def _register_process_study(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
     @app.task(name=TASK_PROCESS_STUDY, bind=True, acks_late=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_study(self: Task, job_id: int) -> str:  # type: ignore[type-arg]
         rt = runtime()
-        worker = f"{socket.gethostname()}:{os.getpid()}"
         outcome = run_job(
-            rt, int(job_id), attempt_limit=rt.settings.max_job_attempts, worker=worker
+            rt, int(job_id), attempt_limit=rt.settings.max_job_attempts, worker=worker_name()
         )
         if outcome == "done":
             with rt.sessions() as session:
                 job = session.get(Job, int(job_id))
                 study_id = job.study_id if job else None
             if study_id is not None:
-                deliver_study(rt, study_id)
+                # Sending is the delivery workers' job: this process goes on to the next study.
+                publish_deliveries(app=self.app, sessions=rt.sessions, study_id=study_id)
         if outcome == "retry":
             attempt = self.request.retries + 1
             raise self.retry(
@@ -303,7 +354,9 @@ def register_tasks(app: Celery, runtime_factory: Callable[[], WorkerRuntime]) ->
             )
         return outcome
 
+
+def _register_deliver(app: Celery, runtime: Callable[[], DeliveryRuntime]) -> None:
     @app.task(name=TASK_DELIVER, acks_late=True)  # type: ignore[untyped-decorator]
     def deliver(delivery_id: int) -> str:
         rt = runtime()
-        return attempt(rt.sessions, rt.settings, int(delivery_id), rt.senders)
+        return attempt(rt.sessions, rt.settings, int(delivery_id), rt.senders, actor=worker_name())

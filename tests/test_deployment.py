@@ -19,7 +19,7 @@ from gateway.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-GATEWAY_SERVICES = ("migrate", "listener", "worker", "web")
+GATEWAY_SERVICES = ("migrate", "listener", "worker", "delivery", "web")
 
 
 def services() -> dict[str, dict[str, Any]]:
@@ -32,6 +32,9 @@ def test_compose_has_the_production_and_demo_services() -> None:
     assert services()["orthanc"]["profiles"] == ["demo"]
     assert services()["fhir"]["profiles"] == ["demo"]
     assert services()["worker"]["deploy"]["replicas"]  # several workers by default
+    # Inference and delivery are separate services (issue #21): no delivery holds the model.
+    assert services()["worker"]["command"][:3] == ["worker", "--queues", "studies"]
+    assert services()["delivery"]["command"][:3] == ["worker", "--queues", "delivery"]
 
 
 @pytest.mark.parametrize("name", GATEWAY_SERVICES)

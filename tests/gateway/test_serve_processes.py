@@ -114,8 +114,9 @@ def test_listener_stores_while_the_console_is_down_and_the_console_comes_back(
 
 
 def test_no_child_outlives_a_killed_serve(tmp_path: Path, serve_tree: list[GatewayProcess]) -> None:
-    """Web console, worker main process and its prefork pool process (with TensorFlow and the
-    shipped model loaded by a processed study) all end when serve gets SIGKILL."""
+    """Web console, the inference worker's main process and its prefork pool process (with
+    TensorFlow and the shipped model loaded by a processed study), and the delivery worker all
+    end when serve gets SIGKILL."""
     env = {"CXR_DATA_DIR": str(tmp_path / "data"), "CXR_WORKERS": "1", "CXR_QUIET_SECONDS": "1"}
     gw = start_gateway(env, tmp_path / "serve.log", ("serve",))
     serve_tree.append(gw)
@@ -126,7 +127,9 @@ def test_no_child_outlives_a_killed_serve(tmp_path: Path, serve_tree: list[Gatew
     wait_until(lambda: db.count("job.done", study_uid) == 1, 120, "study processed", [gw])
     tree = descendants(gw.process.pid)
     workers = [p for p in children(gw.process.pid) if "gateway.cli worker" in command_line(p)]
-    assert len(workers) == 1 and children(workers[0]), [command_line(p) for p in tree]
+    inference = [p for p in workers if "--queues studies" in command_line(p)]
+    assert len(inference) == 1 and children(inference[0]), [command_line(p) for p in tree]
+    assert len(workers) == 2, [command_line(p) for p in tree]  # and the delivery worker
 
     gw.process.kill()
     gw.process.wait()
