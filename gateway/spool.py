@@ -3,10 +3,17 @@
 Layout: ``SPOOL/<study-uid>/<sop-instance-uid>.<token>.dcm``. The random token makes every
 write land on its own path, so two associations racing with the same SOP Instance UID never
 overwrite each other's file; the database decides which one is kept.
+
+Several listeners, on one host or several, may share a spool. Each writes its temp files in its
+own folder, ``SPOOL/.incoming/<host>-<pid>-<token>/``, and at start removes only folders whose
+writer is gone (a process of this host that has exited) or that nothing touched for
+``STALE_SECONDS`` (another host's: its processes cannot be seen from here); never a temp file
+another live process is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -14,6 +21,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,6 +36,10 @@ Buffer = bytes | memoryview
 _hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sha256")
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# A temp file lives for one write (seconds). A writer's folder untouched for this long holds no
+# write in progress: removing it is safe even if its process lives (it makes the folder again).
+STALE_SECONDS = 3600.0
 
 
 class SpoolFull(OSError):
@@ -68,13 +80,42 @@ class Spool:
     def __init__(self, root: Path, *, min_free_bytes: int) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self._tmp = root / ".incoming"
+        self.writer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._incoming = root / ".incoming"
+        self._tmp = self._incoming / self.writer
 
     def prepare(self) -> None:
-        """Create the folders and remove temp files left by a crash (never acknowledged)."""
+        """Create this process's temp folder and remove the temp files of writers that are gone
+        (a crash mid-write: never acknowledged). Other live writers' files are left alone."""
         self._tmp.mkdir(parents=True, exist_ok=True)
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+        for entry in self._incoming.iterdir():
+            if entry != self._tmp and self._writer_gone(entry):
+                _remove(entry)
+
+    def other_writers(self) -> list[str]:
+        """Names (``host-pid-token``) of the other processes that may be writing to this spool
+        now: their temp folders exist and their writer is not known to be gone."""
+        return sorted(
+            entry.name
+            for entry in self._incoming.iterdir()
+            if entry != self._tmp and not self._writer_gone(entry)
+        )
+
+    def _writer_gone(self, entry: Path) -> bool:
+        """Whether the writer of temp folder ``entry`` is gone: a process of this host that has
+        exited (or this very process, from an earlier start: a container restarted with the
+        same pid), or anything untouched for STALE_SECONDS."""
+        host, _, pid = entry.name.rpartition("-")[0].rpartition("-")
+        if (
+            host == socket.gethostname()
+            and pid.isdigit()
+            and (int(pid) == os.getpid() or not process_alive(int(pid)))
+        ):
+            return True
+        try:
+            return time.time() - _newest_mtime(entry) > STALE_SECONDS
+        except FileNotFoundError:
+            return False  # removed by someone else meanwhile: nothing left to remove
 
     def check_space(self, needed_bytes: int) -> None:
         free = shutil.disk_usage(self.root).free
@@ -95,7 +136,7 @@ class Spool:
         tmp = self._tmp / f"{sop_instance_uid}.{token}.part"
         checksum = _hasher.submit(_sha256, parts)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self._create_temp(tmp)
             try:
                 _write_all(fd, parts)
                 os.fsync(fd)
@@ -110,6 +151,15 @@ class Spool:
                 wait([checksum])
             raise
         return SpooledFile(final, size, checksum.result())
+
+    def _create_temp(self, tmp: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            # Our folder was idle for STALE_SECONDS and another process's start-up removed it.
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            return os.open(tmp, flags, 0o600)
 
     @staticmethod
     def discard(path: Path) -> None:
@@ -129,6 +179,37 @@ class Spool:
         os.replace(path, target)
         _fsync_dir(folder)
         return target
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _newest_mtime(entry: Path) -> float:
+    newest = entry.lstat().st_mtime
+    if entry.is_dir() and not entry.is_symlink():
+        for child in entry.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, child.lstat().st_mtime)
+    return newest
+
+
+def _remove(entry: Path) -> None:
+    """Remove a gone writer's temp folder (or a temp file of the layout before folders). Races
+    with another process doing the same, or with the owner making its folder again, are fine."""
+    if not entry.is_dir() or entry.is_symlink():
+        entry.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        for child in entry.iterdir():
+            child.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # gone, or not empty: its owner wrote again meanwhile
+        entry.rmdir()
 
 
 def _sha256(parts: Sequence[Buffer]) -> str:

@@ -559,4 +559,4 @@ def test_spool_write_keeps_no_hold_on_the_received_bytes(
     with pytest.raises(OSError):
         spool.write("1.2.3", "1.2.3.5", [b"header", memoryview(received)])
     assert hashed.is_set()  # write() waited for the checksum before raising
-    assert not list((tmp_path / "spool" / ".incoming").iterdir())
+    assert not list((tmp_path / "spool" / ".incoming").rglob("*.part"))  # no temp file left
