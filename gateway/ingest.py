@@ -1,4 +1,4 @@
-"""Accepting one received instance: check it, spool it durably, record it (design.md step 1).
+"""One received instance: check it, spool it durably, record it (docs/architecture.md, "Receive").
 
 ``Ingestor.store`` never raises for bad input: it returns the DICOM status to answer and writes
 an audit event saying why. Success is returned only after the file is fsynced and the database
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 _DB_ATTEMPTS = 3
 RECOVERY_ACTOR = "spool-recovery"
+# A file renamed into the spool is committed by its listener within milliseconds (seconds when
+# the database is slow); younger unrecorded files may be another listener's work in progress.
+RECOVERY_MIN_AGE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -263,15 +267,17 @@ class Ingestor:
         owns_file: bool = True,
     ) -> int:
         """Commit the row and the audit event for a spooled file. On failure the file is
-        removed when this call ``owns_file`` (its own freshly written copy); a file found in the
-        spool at start is never removed here, since another listener may be recording it."""
+        removed when this call ``owns_file`` (its own freshly written copy) and no row points
+        to it (another listener's start-up may have recorded it between our rename and our
+        commit: it is then the acknowledged copy); a file found in the spool at start is never
+        removed here, since another listener may be recording it."""
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         meta = studies.InstanceMeta.from_dataset(ds)
 
         def discard() -> None:
             if owns_file:
-                self.spool.discard(spooled.path)
+                self._discard_unless_recorded(spooled.path, sop_uid)
 
         for attempt in range(1, _DB_ATTEMPTS + 1):
             try:
@@ -341,25 +347,57 @@ class Ingestor:
                 ) from exc
         raise AssertionError("unreachable")
 
-    def recover_unrecorded(self) -> int:
+    def _discard_unless_recorded(self, path: Path, sop_uid: str) -> None:
+        """Delete this listener's own copy of instance ``sop_uid`` unless a row points to it.
+        Rows are matched by file name (it holds a random token), so a path stored in another
+        form (another mount point) still counts. When the database cannot say, the file is
+        kept: an unrecorded file is harmless, and the next start-up's recovery decides."""
+        query = select(Instance.path).where(Instance.sop_instance_uid == sop_uid)
+        try:
+            with self.sessions() as session:
+                session.connection(execution_options={READ_ONLY: True})
+                recorded = [Path(p).name for p in session.execute(query).scalars()]
+        except SQLAlchemyError as exc:
+            log.warning("kept spool file of instance %s: %s", sop_uid, type(exc).__name__)
+            return
+        if path.name in recorded:
+            log.warning("kept spool file of instance %s: a row points to it", sop_uid)
+            return
+        self.spool.discard(path)
+
+    def recover_unrecorded(self, *, min_age_seconds: float = RECOVERY_MIN_AGE_SECONDS) -> int:
         """Record spooled files that the database does not know; return how many.
 
         A file reaches the spool (fsynced, renamed) before its row is committed, so a crash in
         between, or a database restored from a backup older than the spool, leaves files with
         no row. Each is checked and recorded as if it had just arrived (``instance.recovered``);
         a redundant copy of an instance already recorded is deleted; one that fails the checks
-        is moved to the spool's quarantine folder and audited."""
+        is moved to the spool's quarantine folder and audited. While other listeners write to
+        the spool, files younger than ``min_age_seconds`` are left to their owners, who are
+        about to commit them (no file without a row was ever acknowledged)."""
         with self.sessions() as session:
             session.connection(execution_options={READ_ONLY: True})
             known = {os.path.realpath(p) for p in session.execute(select(Instance.path)).scalars()}
-        recovered = 0
+        others = self.spool.other_writers()
+        newer_than = time.time() - min_age_seconds if others else float("inf")
+        recovered = left = 0
         for path in self.spool.files():
             if os.path.realpath(path) in known:
+                continue
+            modified = _mtime(path)
+            if modified is None:
+                continue  # gone meanwhile (its owner discarded it): nothing to recover
+            if modified > newer_than:
+                left += 1
                 continue
             if self._recover_file(path):
                 recovered += 1
         if recovered:
             log.warning("recorded %d spooled instances the database did not know", recovered)
+        if left:
+            log.info(
+                "left %d recent unrecorded spool files to the %d other writers", left, len(others)
+            )
         return recovered
 
     def _recover_file(self, path: Path) -> bool:
@@ -505,6 +543,13 @@ class Ingestor:
                 )
         except SQLAlchemyError as db_exc:
             log.error("could not audit a refused instance: %s", type(db_exc).__name__)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def ignore_reason(ds: Dataset) -> tuple[str, str] | None:
