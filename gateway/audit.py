@@ -1,4 +1,4 @@
-"""The audit log: append-only, hash-chained events (design.md step 6, IHE ATNA in spirit).
+"""The audit log, IHE ATNA in spirit: append-only, hash-chained (docs/architecture.md, "Audit").
 
 Every event is written in the same transaction as the state change it describes, so the log
 never claims something the database does not hold (and vice versa).

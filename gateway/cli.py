@@ -1,4 +1,4 @@
-"""The ``cxr-gateway`` command line (see design.md, "Command-line contract")."""
+"""The ``cxr-gateway`` command line (see docs/architecture.md, "Processes")."""
 
 from __future__ import annotations
 

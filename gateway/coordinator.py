@@ -1,5 +1,5 @@
 """Background loops of the listener process: complete quiet studies (assembly) and reconcile
-the queue with the database (design.md steps 2-3).
+the queue with the database (docs/architecture.md, "Assemble" and "Queue").
 
 Both are safe to run in several processes at once: every state change is a conditional UPDATE,
 so exactly one process wins it.

@@ -1,5 +1,5 @@
-"""Delivering a finding (design.md step 5): a DICOM SR to each PACS destination and a FHIR
-transaction Bundle to the EHR, or both into the outbox folder when none is configured.
+"""Delivering a finding (docs/architecture.md, "Deliver"): a DICOM SR to each PACS destination
+and a FHIR transaction Bundle to the EHR, or both into the outbox folder when none is configured.
 
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and

@@ -1,4 +1,4 @@
-"""The worker's inference stage (design.md step 4): one finding per study version.
+"""The worker's inference stage (docs/architecture.md, "Infer"): one finding per study version.
 
 Every image of the study (all versions so far) is checked and predicted; declined images get a
 recorded reason; the finding is the maximum calibrated probability over the images that were

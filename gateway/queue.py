@@ -1,4 +1,4 @@
-"""The Celery application and publishing of jobs and deliveries (design.md step 3).
+"""The Celery application and publishing of jobs and deliveries (docs/architecture.md, "Queue").
 
 The task message carries a job id (or a delivery id) and nothing else. The database is the
 source of truth: a job that the broker did not take stays PENDING, and a delivery stays due,

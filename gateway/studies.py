@@ -1,5 +1,5 @@
-"""Study assembly (design.md step 2): instances grouped by StudyInstanceUID; a study is complete
-after a quiet time with no new instance, whatever the associations did.
+"""Study assembly: instances grouped by StudyInstanceUID; a study is complete after a quiet
+time with no new instance, whatever the associations did (docs/architecture.md, "Assemble").
 
 Versions: an instance for a study whose processing has not started reopens that study (so a
 slow sender never splits one study in two); an instance for a study already processing or done

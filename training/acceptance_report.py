@@ -23,8 +23,8 @@ from training.report import write_report
 from training.site_sample import ScoredFile, SiteSample
 
 REPORT_DIR = "site_acceptance"
-# The project's goals for a site-calibrated model (design.md, "Targets"); the sensitivity goal
-# is the calibration's own target, held by the threshold rule's lower bound.
+# The project's goals for a site-calibrated model, which the report's verdict states; the
+# sensitivity goal is the calibration's own target, held by the threshold rule's lower bound.
 SPECIFICITY_GOAL = 0.90
 ECE_GOAL = 0.05
 DECLINED_WARNING = 0.05  # a larger share of films without a result is named in the verdict

@@ -1,7 +1,7 @@
 """Kermany-layout folders: listing, labels, subgroups, patients and the patient-level split.
 
 A folder has ``NORMAL/`` and ``PNEUMONIA/`` subfolders of images. File names carry the patient
-(see shared/data/README.md): ``personN_bacteria_M.jpeg`` / ``personN_virus_M.jpeg`` belong to
+(the Kermany release's naming): ``personN_bacteria_M.jpeg`` / ``personN_virus_M.jpeg`` belong to
 patient N; ``IM-NNNN-0001.jpeg`` and ``NORMAL2-IM-NNNN-0001.jpeg`` to patient NNNN.
 """
 
