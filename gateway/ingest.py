@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -318,6 +319,9 @@ class Ingestor:
                             "bytes": spooled.size_bytes,
                             "transfer_syntax": transfer_syntax,
                             "sop_class": meta.sop_class_uid,
+                            # Which listener process stored it: several may share a spool.
+                            "host": socket.gethostname(),
+                            "pid": os.getpid(),
                         },
                     )
                 return SUCCESS

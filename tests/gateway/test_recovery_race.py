@@ -3,6 +3,7 @@ acknowledged instance's file is never deleted, and recent files are left to thei
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -118,3 +119,19 @@ def test_recent_files_are_left_to_other_live_listeners(
     with sessions() as session:
         (row,) = session.execute(select(Instance)).scalars()
     assert Path(row.path) == in_flight
+
+
+def test_audit_says_which_listener_process_stored_an_instance(
+    tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Several listeners, on several hosts, share one spool and database: the audit detail of
+    a stored instance names the host and process that stored it."""
+    sent = tmp_path / "sent.dcm"
+    files.with_new_uids(files.CHILD_CR, sent)
+    assert _store(_listener(tmp_path / "spool", sessions), sent) == SUCCESS
+    with sessions() as session:
+        (event,) = session.execute(
+            select(AuditEvent).where(AuditEvent.kind == "instance.stored")
+        ).scalars()
+    detail = json.loads(event.detail)
+    assert (detail["host"], detail["pid"]) == (socket.gethostname(), os.getpid())
