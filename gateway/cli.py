@@ -164,12 +164,20 @@ def check(
     model: Annotated[bool, typer.Option(help="the model artifact loads")] = False,
     dicom: Annotated[bool, typer.Option(help="the local listener answers C-ECHO")] = False,
     dicom_host: Annotated[str, typer.Option(help="listener host for --dicom")] = "127.0.0.1",
+    storage: Annotated[
+        bool,
+        typer.Option(help="spool, heat maps and outbox are writable here; lists the other hosts"),
+    ] = False,
 ) -> None:
     """Readiness checks for container health checks and operators; exit 1 if any fails."""
     from gateway import health
 
     settings = _settings()
     results = []
+    if storage:
+        from gateway.storage_probe import check_storage
+
+        results.extend(check_storage(settings))
     if database:
         results.append(health.check_database(settings))
     if broker:
