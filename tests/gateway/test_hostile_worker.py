@@ -31,14 +31,14 @@ def test_spooled_file_swapped_after_receipt_is_not_reported(
     env = process_env(tmp_path, model_dir, database, redis_server.url, CXR_QUIET_SECONDS="4")
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
-    paths = files.study_files(files.CHEST_CR, tmp_path / "a", 2)
+    paths = files.study_files(files.CHILD_CR, tmp_path / "a", 2)
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     assert storescu(listener.dicom_port, paths).returncode == 0
     db = Recorded(database)
     with db.sessions() as session:
         spooled = list(session.execute(select(Instance).order_by(Instance.id)).scalars())
     assert len(spooled) == 2
-    intruder = dcmread(files.CHEST_CR)
+    intruder = dcmread(files.CHILD_CR)
     intruder.PatientID, intruder.PatientName = "OTHER-PATIENT-42", "Other^Patient"
     intruder.StudyInstanceUID = study_uid
     intruder.SOPInstanceUID = spooled[1].sop_instance_uid  # the same UIDs: only the hash tells
@@ -94,7 +94,7 @@ def test_job_whose_worker_dies_every_time_fails_with_the_reason(
         env, tmp_path / "worker.log", ("worker", "--pool", "prefork", "--concurrency", "1")
     )
     procs.append(worker)
-    paths = files.study_files(files.CHEST_CR, tmp_path / "s", 60)  # long enough to die inside
+    paths = files.study_files(files.CHILD_CR, tmp_path / "s", 150)  # long enough to die inside
     study_uid = str(dcmread(paths[0]).StudyInstanceUID)
     db = Recorded(database)
     assert storescu(listener.dicom_port, paths).returncode == 0
