@@ -42,6 +42,7 @@ from gateway.spool import (
     SpoolFull,
     is_valid_uid,
     sha256_of_file,
+    spool_file,
 )
 from inference.bounded_read import (
     DEFAULT_MAX_PIXELS,
@@ -381,7 +382,10 @@ class Ingestor:
         about to commit them (no file without a row was ever acknowledged)."""
         with self.sessions() as session:
             session.connection(execution_options={READ_ONLY: True})
-            known = {os.path.realpath(p) for p in session.execute(select(Instance.path)).scalars()}
+            known = {
+                os.path.realpath(spool_file(self.spool.root, p))
+                for p in session.execute(select(Instance.path)).scalars()
+            }
         others = self.spool.other_writers()
         newer_than = time.time() - min_age_seconds if others else float("inf")
         recovered = left = 0
@@ -452,7 +456,7 @@ class Ingestor:
         if recorded is not None:
             # Already recorded. Delete this copy only when the recorded file is another file
             # that exists: a copy left by two associations racing with the same instance.
-            other = Path(recorded)
+            other = spool_file(self.spool.root, recorded)
             if other.exists() and not other.samefile(path):
                 self.spool.discard(path)
             return False

@@ -14,7 +14,6 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -26,7 +25,7 @@ from gateway.db.models import Instance, Study, StudyState
 from gateway.db.session import transaction
 from gateway.delivery import create_deliveries
 from gateway.settings import Settings
-from gateway.spool import SpoolFileUnreadable
+from gateway.spool import SpoolFileUnreadable, spool_file
 from inference.bounded_read import ContentChanged, InputTooLarge, read_dicom_file
 from inference.finding import (
     DeclinedImage,
@@ -106,9 +105,10 @@ def predict_instance(
     a file that is missing or cannot be read is a storage fault, not a property of the image
     (this host may not see the shared spool, or not yet): raises SpoolFileUnreadable (an
     OSError, so the job is retried, then fails with the reason; never a partial report)."""
+    path = spool_file(settings.spool_path, inst.path)
     try:
         ds = read_dicom_file(
-            Path(inst.path),
+            path,
             max_bytes=settings.max_instance_bytes,
             max_pixels=settings.max_image_pixels,
             expected_sha256=inst.sha256 or None,
@@ -119,7 +119,7 @@ def predict_instance(
         return None, None, f"over a size limit ({exc})"
     except OSError as exc:
         sop_uid = inst.sop_instance_uid
-        raise SpoolFileUnreadable.of(inst.path, exc, sop_instance_uid=sop_uid) from exc
+        raise SpoolFileUnreadable.of(path, exc, sop_instance_uid=sop_uid) from exc
     except (ValueError, KeyError, EOFError, NotImplementedError) as exc:
         return None, None, f"unreadable file ({type(exc).__name__})"
     if str(ds.get("SOPInstanceUID", "")) != inst.sop_instance_uid:

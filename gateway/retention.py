@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.models import Delivery, Instance, Study, StudyState, utcnow
 from gateway.db.session import transaction
+from gateway.spool import spool_file
 
 FINISHED = (StudyState.REPORTED, StudyState.FAILED)
 UNFINISHED_DELIVERY = ("pending", "retrying", "sending")
@@ -48,8 +49,17 @@ def purgeable_study_uids(session: Session, *, older_than: dt.datetime) -> list[s
 
 
 def purge_spool(
-    sessions: sessionmaker[Session], *, older_than_days: float, actor: str, dry_run: bool = False
+    sessions: sessionmaker[Session],
+    *,
+    older_than_days: float,
+    actor: str,
+    dry_run: bool = False,
+    spool_root: Path | None = None,
 ) -> PurgeResult:
+    """Delete the spooled files of purgeable studies (see the module docstring); audited per
+    study. ``spool_root`` (this host's mount of the spool) resolves paths recorded relative to
+    it; without it they are taken relative to the working directory."""
+    root = spool_root if spool_root is not None else Path()
     cutoff = utcnow() - dt.timedelta(days=older_than_days)
     with sessions() as session:
         uids = purgeable_study_uids(session, older_than=cutoff)
@@ -57,7 +67,7 @@ def purge_spool(
     for uid in uids:
         with sessions() as session:
             paths = [
-                Path(p)
+                spool_file(root, p)
                 for p in session.execute(
                     select(Instance.path)
                     .join(Study, Study.id == Instance.study_id)

@@ -70,6 +70,14 @@ class SpooledFile:
     sha256: str
 
 
+def spool_file(root: Path, stored: str) -> Path:
+    """The file that a row's stored spool path names, on this host: a path relative to the
+    spool root is under ``root`` (this host's mount of the shared spool), an absolute one (as
+    recorded so far) is taken as it is. Readers accept both, so that they can be deployed before
+    any listener records relative paths."""
+    return root / stored
+
+
 def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
 
