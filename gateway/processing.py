@@ -264,21 +264,16 @@ class InferenceStage:
             assert row is not None
             row.finding_json = _json(finding)
             for r in results:
-                if r.declined_reason and r.declined_reason.startswith(CHANGED_SINCE_RECEIPT):
+                if r.probability is not None:
+                    continue
+                # A file changed since receipt is also a security event of its own.
+                changed = (r.declined_reason or "").startswith(CHANGED_SINCE_RECEIPT)
+                kinds = [("instance.integrity_failed", "failure")] if changed else []
+                for kind, outcome in [*kinds, ("image.declined", "warning")]:
                     record_event(
                         session=session,
-                        kind="instance.integrity_failed",
-                        outcome="failure",
-                        actor="worker",
-                        study_uid=study.study_uid,
-                        sop_instance_uid=r.image.sop_instance_uid,
-                        detail={"study_id": study.id, "reason": r.declined_reason},
-                    )
-                if r.probability is None:
-                    record_event(
-                        session=session,
-                        kind="image.declined",
-                        outcome="warning",
+                        kind=kind,
+                        outcome=outcome,
                         actor="worker",
                         study_uid=study.study_uid,
                         sop_instance_uid=r.image.sop_instance_uid,
