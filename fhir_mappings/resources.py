@@ -42,8 +42,12 @@ def ai_meta() -> Json:
 
 
 def device(finding: StudyFinding, config: FhirMappingConfig) -> Json:
-    """The algorithm as a Device; identified by the model's content hash (new model, new Device)."""
+    """The algorithm as a Device; identified by the model's content hash (new model, new Device).
+    A site-calibrated model says so in a note (its version also ends "+site.<hash>")."""
     m = finding.model
+    notes = [{"text": f"Operating threshold {m.threshold:.4f}; sha256 {m.content_hash}"}]
+    if m.site_calibration:
+        notes.append({"text": f"Calibrated for this site: {m.site_calibration}"})
     return {
         "resourceType": "Device",
         "identifier": [identifier(config.device_identifier_system, m.content_hash)],
@@ -52,7 +56,7 @@ def device(finding: StudyFinding, config: FhirMappingConfig) -> Json:
         "deviceName": [{"name": m.name, "type": codes.DEVICE_NAME_TYPE}],
         "type": {"text": "AI algorithm: pneumonia detection on chest radiographs"},
         "version": [{"value": m.version}],
-        "note": [{"text": f"Operating threshold {m.threshold:.4f}; sha256 {m.content_hash}"}],
+        "note": notes,
     }
 
 

@@ -58,3 +58,33 @@ def announce_intended_ages(
                 "model": f"{meta.name} {meta.version}",
             },
         )
+
+
+def announce_model_in_service(
+    meta: ArtifactMeta, sessions: sessionmaker[Session], *, actor: str
+) -> None:
+    """Audit which artifact a worker serves (``model.in_service``): its version and content
+    hash, and for a site-calibrated one the calibration (sample, date, rule, base model), so
+    that every result can be traced to the operating point that produced it."""
+    site = meta.model_info().site_calibration
+    log.info(
+        "model %s %s (sha256 %s)%s",
+        meta.name,
+        meta.version,
+        meta.content_hash[:12],
+        f"; {site}" if site else "",
+    )
+    with transaction(sessions) as session:
+        record_event(
+            session=session,
+            kind="model.in_service",
+            actor=actor,
+            detail={
+                "model": meta.name,
+                "version": meta.version,
+                "content_hash": meta.content_hash,
+                "site_calibration": site or None,
+                "threshold": meta.threshold,
+                "intended_ages": str(meta.population.age) if meta.population else None,
+            },
+        )

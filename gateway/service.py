@@ -146,8 +146,9 @@ def run_worker(
     upgrade(engine)  # a worker may start before the listener on a fresh database
     sessions = make_session_factory(engine)
     if inference:
-        from gateway.intended_use import announce_intended_ages
+        from gateway.intended_use import announce_intended_ages, announce_model_in_service
 
+        announce_model_in_service(meta, sessions, actor="worker")
         announce_intended_ages(settings, meta, sessions, actor="worker")
     if "delivery" in queues:
         from gateway.senders import announce_report_status

@@ -558,6 +558,7 @@ def _measurement_report(
             f"threshold={model.threshold:g}",
             f"sha256={model.content_hash}",
             f"rule={finding.rule}",
+            *([f"calibration={model.site_calibration}"] if model.site_calibration else []),
         ],
     )
     observer = hd.sr.ObserverContext(

@@ -341,3 +341,22 @@ def test_build_time_is_small(mapping_config):
         build_transaction_bundle(finding, mapping_config, subject={"reference": "Patient/p"})
     per_bundle_ms = (time.perf_counter() - start) * 1000 / n
     assert per_bundle_ms < 50, per_bundle_ms
+
+
+def test_a_site_calibrated_model_is_named_in_the_device(mapping_config):
+    """Every result says which operating point produced it: the version carries +site.<hash>
+    and the Device a note with the site calibration."""
+    finding = make_finding()
+    site = "site calibration 2026-11-30 on 60 normal + 100 pneumonia local films"
+    sited = dataclasses.replace(
+        finding,
+        model=dataclasses.replace(
+            finding.model, version="1.5.0+site.1a2b3c4d", site_calibration=site
+        ),
+    )
+    device = entry_of(build(sited, mapping_config), "Device")["resource"]
+    assert device["version"] == [{"value": "1.5.0+site.1a2b3c4d"}]
+    assert any(site in note["text"] for note in device["note"])
+    plain = entry_of(build(finding, mapping_config), "Device")["resource"]
+    assert not any("Calibrated" in note["text"] for note in plain["note"])
+    validate_r4_bundle(build(sited, mapping_config))

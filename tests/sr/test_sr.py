@@ -23,6 +23,7 @@ from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, dsrdump, save
 
 MODEL = ModelInfo(name="cxr-pneumonia-cnn", version="1.2.0", content_hash="0f" * 32, threshold=0.42)
 CREATED = dt.datetime(2026, 11, 27, 12, 30, 5, tzinfo=dt.UTC)
+TEXT_VRS = ("LO", "SH", "ST", "LT", "UT", "CS")
 AGE_CAVEAT = (
     "patient age 12 years is outside the ages the model was validated on (1-5 years); "
     "this site accepts 0-17 years"
@@ -336,3 +337,21 @@ def test_a_result_outside_the_validated_ages_says_so(tmp_path: Path) -> None:
     assert texts == [f"Caveat: {AGE_CAVEAT}"]
     plain = build_sr(dataclasses.replace(finding, caveats=()), sources)
     assert "Caveat" not in str(plain)
+
+
+def test_a_site_calibrated_model_is_named_in_the_algorithm_parameters() -> None:
+    finding, sources, _ = variants()["present_cr_monochrome1"]
+    site = "site calibration 2026-11-30 on 60 normal + 100 pneumonia local films"
+    sited = dataclasses.replace(
+        finding,
+        model=dataclasses.replace(MODEL, version="1.5.0+site.1a2b3c4d", site_calibration=site),
+    )
+
+    def texts(sr: Dataset) -> list[str]:
+        found: list[str] = []
+        sr.walk(lambda _ds, elem: found.append(str(elem.value)) if elem.VR in TEXT_VRS else None)
+        return found
+
+    with_site = texts(build_sr(sited, sources))
+    assert f"calibration={site}" in with_site and "1.5.0+site.1a2b3c4d" in with_site
+    assert not any(t.startswith("calibration=") for t in texts(build_sr(finding, sources)))
