@@ -50,6 +50,30 @@ def postgres_server() -> Iterator[peers.Postgres]:
     server.stop()
 
 
+# Fixtures that start a real peer (or train a model): a test using one is marked `peer` and
+# left out of the fast lane (scripts/test.sh --fast).
+_PEER_FIXTURES = frozenset(
+    {
+        "redis_server",
+        "postgres_server",
+        "gateway_factory",
+        "orthanc_factory",
+        "fhir_server_session",
+        "fhir_server",
+        "model_dir",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if fixtures & _PEER_FIXTURES or on_postgres:
+            item.add_marker(pytest.mark.peer)
+
+
 _db_counter = itertools.count()
 
 
