@@ -312,42 +312,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key are set together (both or neither)")
-        for path in (self.tls_cert, self.tls_key, self.tls_ca):
-            if path is not None and not path.is_file():
-                raise ValueError(f"TLS file not found: {path}")
+        _check_listener_tls(self)
         names = [d.name for d in self.pacs_destinations]
         if len(names) != len(set(names)):
             raise ValueError("pacs_destinations have duplicate names")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
         _check_fhir_organization(self)
-        if self.fhir_auth == "bearer" and not self.fhir_bearer_token.get_secret_value():
-            raise ValueError("fhir_auth 'bearer' needs CXR_FHIR_BEARER_TOKEN")
-        if self.fhir_auth == "smart-backend":
-            _check_smart_backend(self)
-        if self.fhir_auth == "oauth2" and not (
-            self.fhir_token_url
-            and self.fhir_client_id
-            and self.fhir_client_secret.get_secret_value()
-        ):
-            raise ValueError(
-                "fhir_auth 'oauth2' needs CXR_FHIR_TOKEN_URL, CXR_FHIR_CLIENT_ID and "
-                "CXR_FHIR_CLIENT_SECRET"
-            )
+        _check_fhir_auth(self)
         if self.environment == "production":
-            problems = []
-            if self.database_url is None or self.database_url.startswith("sqlite"):
-                problems.append("CXR_DATABASE_URL (PostgreSQL), not SQLite")
-            if self.broker_url is None:
-                problems.append("CXR_BROKER_URL (Redis)")
-            if not self.web_secure_cookies:
-                problems.append("CXR_WEB_SECURE_COOKIES=true (HTTPS in front of the console)")
-            if self.fhir_base_url.startswith("http://"):
-                problems.append("an https CXR_FHIR_BASE_URL")
-            if problems:
-                raise ValueError("production needs " + "; ".join(problems))
+            _check_production(self)
         return self
 
     # Derived values -------------------------------------------------------------------------
@@ -433,3 +407,43 @@ def get_settings(**overrides: Any) -> Settings:
             env = "CXR_" + str(err["loc"][0]).upper() if err["loc"] else "CXR_*"
             lines.append(f"  {name} ({env}): {err['msg']}")
         raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from exc
+
+
+def _check_listener_tls(settings: Settings) -> None:
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("tls_cert and tls_key are set together (both or neither)")
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_ca):
+        if path is not None and not path.is_file():
+            raise ValueError(f"TLS file not found: {path}")
+
+
+def _check_fhir_auth(settings: Settings) -> None:
+    """The credentials each CXR_FHIR_AUTH mode needs are set."""
+    if settings.fhir_auth == "bearer" and not settings.fhir_bearer_token.get_secret_value():
+        raise ValueError("fhir_auth 'bearer' needs CXR_FHIR_BEARER_TOKEN")
+    if settings.fhir_auth == "smart-backend":
+        _check_smart_backend(settings)
+    if settings.fhir_auth == "oauth2" and not (
+        settings.fhir_token_url
+        and settings.fhir_client_id
+        and settings.fhir_client_secret.get_secret_value()
+    ):
+        raise ValueError(
+            "fhir_auth 'oauth2' needs CXR_FHIR_TOKEN_URL, CXR_FHIR_CLIENT_ID and "
+            "CXR_FHIR_CLIENT_SECRET"
+        )
+
+
+def _check_production(settings: Settings) -> None:
+    """Refuse the development defaults that are unsafe in production."""
+    problems = []
+    if settings.database_url is None or settings.database_url.startswith("sqlite"):
+        problems.append("CXR_DATABASE_URL (PostgreSQL), not SQLite")
+    if settings.broker_url is None:
+        problems.append("CXR_BROKER_URL (Redis)")
+    if not settings.web_secure_cookies:
+        problems.append("CXR_WEB_SECURE_COOKIES=true (HTTPS in front of the console)")
+    if settings.fhir_base_url.startswith("http://"):
+        problems.append("an https CXR_FHIR_BASE_URL")
+    if problems:
+        raise ValueError("production needs " + "; ".join(problems))

@@ -79,12 +79,7 @@ def dicom_to_image(ds: Any) -> DicomPixels:
 
     Raises PixelDecodeError when there is no pixel data or it cannot be decoded.
     """
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise PixelDecodeError("dataset has no pixel data")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported or broken data
-        raise PixelDecodeError(f"cannot decode pixel data: {exc}") from exc
+    arr = _pixel_array(ds)
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -92,14 +87,7 @@ def dicom_to_image(ds: Any) -> DicomPixels:
         arr = arr[0]
     colour = None
     if samples > 1:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels.processing import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
-        from inference.input_check import colour_decline_reason
-
-        colour = colour_decline_reason(arr)
-        x = np.asarray(arr, dtype=np.float32).mean(axis=-1)
+        arr, x, colour = _colour_to_gray(arr, photometric)
     else:
         x = np.asarray(arr, dtype=np.float32)
     if x.ndim != 2:
@@ -107,28 +95,8 @@ def dicom_to_image(ds: Any) -> DicomPixels:
 
     windowed = "min-max"
     if samples == 1:
-        if "ModalityLUTSequence" in ds:
-            from pydicom.pixels.processing import apply_modality_lut
-
-            x = np.asarray(apply_modality_lut(np.asarray(arr), ds), dtype=np.float32)
-        else:
-            slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-            intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-            if slope != 1.0 or intercept != 0.0:
-                x = x * np.float32(slope) + np.float32(intercept)
-        center = getattr(ds, "WindowCenter", None)
-        width = getattr(ds, "WindowWidth", None)
-        if center is not None and width is not None and _first(width) > 0:
-            function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
-            x = _window(x, _first(center), _first(width), function)
-            windowed = "window"
-        elif "VOILUTSequence" in ds:
-            from pydicom.pixels.processing import apply_voi_lut
-
-            x = _min_max(np.asarray(apply_voi_lut(x, ds), dtype=np.float32))
-            windowed = "voi-lut"
-        else:
-            x = _min_max(x)
+        x = _modality_values(ds, arr, x)
+        x, windowed = _voi(ds, x)
     else:
         x = _min_max(x)
     if photometric == "MONOCHROME1":
@@ -136,6 +104,58 @@ def dicom_to_image(ds: Any) -> DicomPixels:
     return DicomPixels(
         np.ascontiguousarray(x, dtype=np.float32), n_frames, photometric, windowed, colour
     )
+
+
+def _pixel_array(ds: Any) -> npt.NDArray[Any]:
+    """The stored pixels of ``ds``; PixelDecodeError when absent or undecodable."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PixelDecodeError("dataset has no pixel data")
+    try:
+        arr: npt.NDArray[Any] = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for unsupported or broken data
+        raise PixelDecodeError(f"cannot decode pixel data: {exc}") from exc
+    return arr
+
+
+def _colour_to_gray(
+    arr: npt.NDArray[Any], photometric: str
+) -> tuple[npt.NDArray[Any], FloatImage, str | None]:
+    """(RGB pixels, their channel mean, colour decline reason or None) of a colour frame."""
+    if photometric.startswith("YBR"):
+        from pydicom.pixels.processing import convert_color_space
+
+        arr = convert_color_space(arr, photometric, "RGB")
+    from inference.input_check import colour_decline_reason
+
+    colour = colour_decline_reason(arr)
+    return arr, np.asarray(arr, dtype=np.float32).mean(axis=-1), colour
+
+
+def _modality_values(ds: Any, arr: npt.NDArray[Any], x: FloatImage) -> FloatImage:
+    """The modality LUT or rescale slope/intercept applied to a grayscale frame."""
+    if "ModalityLUTSequence" in ds:
+        from pydicom.pixels.processing import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(np.asarray(arr), ds), dtype=np.float32)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        x = x * np.float32(slope) + np.float32(intercept)
+    return x
+
+
+def _voi(ds: Any, x: FloatImage) -> tuple[FloatImage, str]:
+    """(image in [0, 1], how: "window", "voi-lut" or "min-max") of a grayscale frame."""
+    center = getattr(ds, "WindowCenter", None)
+    width = getattr(ds, "WindowWidth", None)
+    if center is not None and width is not None and _first(width) > 0:
+        function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        return _window(x, _first(center), _first(width), function), "window"
+    if "VOILUTSequence" in ds:
+        from pydicom.pixels.processing import apply_voi_lut
+
+        return _min_max(np.asarray(apply_voi_lut(x, ds), dtype=np.float32)), "voi-lut"
+    return _min_max(x), "min-max"
 
 
 def is_dicom_file(path: Path) -> bool:

@@ -95,6 +95,16 @@ def header_decline_reason(ds: Any) -> str | None:
     veterinary words, body part (CHEST/THORAX/empty), view (ViewPosition, descriptions,
     ViewCodeSequence, patient orientation: lateral, or upside down), frame count, minimum
     size."""
+    words = _words(ds)
+    for check in (_image_kind_reason, _subject_reason, _view_reason, _geometry_reason):
+        reason = check(ds, words)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _image_kind_reason(ds: Any, words: set[str]) -> str | None:
+    """Not an image, not a radiograph modality, or a For Processing image."""
     if "Rows" not in ds or "Columns" not in ds:
         # Checked on Rows/Columns so that a header read with stop_before_pixels works too.
         return "not an image (no Rows/Columns)"
@@ -107,15 +117,24 @@ def header_decline_reason(ds: Any) -> str | None:
     intent = str(getattr(ds, "PresentationIntentType", "") or "").strip().upper()
     if intent == "FOR PROCESSING" or sop_class in FOR_PROCESSING_SOP_CLASSES:
         return "a For Processing image (raw detector data): the model reads For Presentation images"
+    return None
+
+
+def _subject_reason(ds: Any, words: set[str]) -> str | None:
+    """Not a human patient, or not the chest."""
     species = str(getattr(ds, "PatientSpeciesDescription", "") or "").strip().lower()
     if species and species not in ("homo sapiens", "human"):
         return f"patient species is {species}"
-    words = _words(ds)
     if words & VETERINARY_WORDS:
         return f"veterinary image ({', '.join(sorted(words & VETERINARY_WORDS)).lower()})"
     body = str(getattr(ds, "BodyPartExamined", "") or "").strip().upper()
     if body not in CHEST_BODY_PARTS:
         return f"body part is {body}"
+    return None
+
+
+def _view_reason(ds: Any, words: set[str]) -> str | None:
+    """A lateral (or otherwise non-frontal) view, or a film stored upside down."""
     view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
     if view in NON_FRONTAL_VIEWS:
         return f"view position {view} is not frontal"
@@ -132,6 +151,11 @@ def header_decline_reason(ds: Any) -> str | None:
     if len(orientation) > 1 and orientation[1][:1] == "H":
         # Columns running towards the head: the film is stored upside down.
         return f"patient orientation {'/'.join(orientation)}: the image is upside down"
+    return None
+
+
+def _geometry_reason(ds: Any, words: set[str]) -> str | None:
+    """Several frames, or too small for a chest radiograph."""
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         return f"multi-frame image ({frames} frames), not a single radiograph"

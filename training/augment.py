@@ -168,36 +168,39 @@ def augment(
     return img
 
 
+def _geometry(*, scale_x: float, scale_y: float, angle: float) -> Callable[[Image], Image]:
+    def shift(img: Image) -> Image:
+        return _affine(img, scale_x=scale_x, scale_y=scale_y, angle=angle, tx=0, ty=0, fill=0)
+
+    return shift
+
+
+# Each named acquisition shift, on the float image; "noise" draws from a fresh seeded generator
+# on every call so that the shift stays deterministic.
+_STRESSES: dict[str, Callable[[Image], Image]] = {
+    "dark": lambda img: _tone(img, gain=0.7, bias=-0.05, gamma=1.5),
+    "bright": lambda img: _tone(img, gain=1.3, bias=0.08, gamma=0.7),
+    "low_contrast": lambda img: _tone(img, gain=0.6, bias=0.2, gamma=1.0),
+    "blur": lambda img: _blur(img, 1.5),
+    "sharpen": lambda img: _sharpen(img, 1.5),
+    "noise": lambda img: _noise(img, np.random.default_rng(0), 0.04),
+    "low_res": lambda img: _resample(img, 0.35),
+    "zoom_in": _geometry(scale_x=1.2, scale_y=1.2, angle=0),
+    "zoom_out": _geometry(scale_x=0.8, scale_y=0.8, angle=0),
+    "wide": _geometry(scale_x=1.0, scale_y=0.8, angle=0),
+    "tall": _geometry(scale_x=0.8, scale_y=1.0, angle=0),
+    "rotate": _geometry(scale_x=1, scale_y=1, angle=8),
+    "jpeg": lambda img: _jpeg(img, 20),
+}
+
+
 def _stress(name: str) -> Callable[[npt.NDArray[np.uint8]], Image]:
     def f(image: npt.NDArray[np.uint8]) -> Image:
         img = image.astype(np.float32)
-        if name == "dark":
-            return _tone(img, gain=0.7, bias=-0.05, gamma=1.5)
-        if name == "bright":
-            return _tone(img, gain=1.3, bias=0.08, gamma=0.7)
-        if name == "low_contrast":
-            return _tone(img, gain=0.6, bias=0.2, gamma=1.0)
-        if name == "blur":
-            return _blur(img, 1.5)
-        if name == "sharpen":
-            return _sharpen(img, 1.5)
-        if name == "noise":
-            return _noise(img, np.random.default_rng(0), 0.04)
-        if name == "low_res":
-            return _resample(img, 0.35)
-        if name == "zoom_in":
-            return _affine(img, scale_x=1.2, scale_y=1.2, angle=0, tx=0, ty=0, fill=0)
-        if name == "zoom_out":
-            return _affine(img, scale_x=0.8, scale_y=0.8, angle=0, tx=0, ty=0, fill=0)
-        if name == "wide":
-            return _affine(img, scale_x=1.0, scale_y=0.8, angle=0, tx=0, ty=0, fill=0)
-        if name == "tall":
-            return _affine(img, scale_x=0.8, scale_y=1.0, angle=0, tx=0, ty=0, fill=0)
-        if name == "rotate":
-            return _affine(img, scale_x=1, scale_y=1, angle=8, tx=0, ty=0, fill=0)
-        if name == "jpeg":
-            return _jpeg(img, 20)
-        raise ValueError(f"unknown stress {name}")
+        shift = _STRESSES.get(name)
+        if shift is None:
+            raise ValueError(f"unknown stress {name}")
+        return shift(img)
 
     return f
 

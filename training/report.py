@@ -44,8 +44,12 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     """Write the four plots into ``out``; returns their file names."""
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
-    files = []
+    plots = (_plot_confusion, _plot_roc, _plot_precision_recall, _plot_reliability)
+    return [plot(plt, y, p, threshold, out, title) for plot in plots]
 
+
+def _plot_confusion(plt: Any, y: Array, p: Array, threshold: float, out: Path, title: str) -> str:
+    """The confusion matrix at ``threshold``. Writes it into ``out``; returns its file name."""
     tn, fp, fn, tp = confusion(y, p, threshold)
     fig, ax = plt.subplots(figsize=(4, 3.6))
     cm = np.array([[tn, fp], [fn, tp]])
@@ -69,13 +73,16 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     fig.tight_layout()
     fig.savefig(out / "confusion_matrix.png", dpi=100)
     plt.close(fig)
-    files.append("confusion_matrix.png")
+    return "confusion_matrix.png"
 
+
+def _plot_roc(plt: Any, y: Array, p: Array, threshold: float, out: Path, title: str) -> str:
+    """The ROC curve with the operating point. Writes it into ``out``; returns its file name."""
     fpr, tpr = roc_points(y, p)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc(y, p):.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    _, fp_, fn_, tp_ = tn, fp, fn, tp
+    tn, fp_, fn_, tp_ = confusion(y, p, threshold)
     ax.plot(fp_ / max(fp_ + tn, 1), tp_ / max(tp_ + fn_, 1), "ro", label="operating point")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -84,8 +91,13 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=100)
     plt.close(fig)
-    files.append("roc.png")
+    return "roc.png"
 
+
+def _plot_precision_recall(
+    plt: Any, y: Array, p: Array, threshold: float, out: Path, title: str
+) -> str:
+    """The precision-recall curve against prevalence, in ``out``; returns its file name."""
     recall, precision = pr_points(y, p)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot(recall, precision, lw=2)
@@ -98,8 +110,11 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     fig.tight_layout()
     fig.savefig(out / "precision_recall.png", dpi=100)
     plt.close(fig)
-    files.append("precision_recall.png")
+    return "precision_recall.png"
 
+
+def _plot_reliability(plt: Any, y: Array, p: Array, threshold: float, out: Path, title: str) -> str:
+    """The reliability diagram (10 bins, with counts) in ``out``; returns its file name."""
     bins = np.linspace(0, 1, 11)
     idx = np.minimum((np.asarray(p) * 10).astype(int), 9)
     conf, acc, cnt = [], [], []
@@ -121,8 +136,7 @@ def plot_all(y: Array, p: Array, threshold: float, out: Path, title: str) -> lis
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=100)
     plt.close(fig)
-    files.append("reliability.png")
-    return files
+    return "reliability.png"
 
 
 def subgroup_report(

@@ -108,48 +108,54 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     return app
 
 
+async def _not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
+    if is_api(request):
+        response = problem(401, "Unauthorized", "log in first (POST /api/session)")
+        if request.url.path == "/metrics":
+            response.headers["WWW-Authenticate"] = 'Basic realm="cxr-gateway metrics"'
+        return response
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+
+async def _forbidden(request: Request, exc: Forbidden) -> Response:
+    if is_api(request):
+        return problem(403, "Forbidden", "your role does not allow this")
+    return render(request, "error.html", 403, message="Your role does not allow this page.")
+
+
+async def _bad_csrf(request: Request, exc: BadCsrf) -> Response:
+    if is_api(request):
+        return problem(403, "Forbidden", "missing or wrong X-CSRF-Token")
+    return render(
+        request,
+        "error.html",
+        403,
+        message="The form expired or did not come from this site. Reload the page.",
+    )
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if is_api(request) or request.url.path.startswith("/static/"):
+        return problem(exc.status_code, str(exc.detail))
+    return render(request, "error.html", exc.status_code, message=str(exc.detail))
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    if is_api(request):
+        return problem(422, "Unprocessable Content", "invalid request", errors=errors)
+    return render(
+        request,
+        "error.html",
+        422,
+        message="; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+    )
+
+
 def _install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(NotAuthenticated)
-    async def not_authenticated(request: Request, exc: NotAuthenticated) -> Response:
-        if is_api(request):
-            response = problem(401, "Unauthorized", "log in first (POST /api/session)")
-            if request.url.path == "/metrics":
-                response.headers["WWW-Authenticate"] = 'Basic realm="cxr-gateway metrics"'
-            return response
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-
-    @app.exception_handler(Forbidden)
-    async def forbidden(request: Request, exc: Forbidden) -> Response:
-        if is_api(request):
-            return problem(403, "Forbidden", "your role does not allow this")
-        return render(request, "error.html", 403, message="Your role does not allow this page.")
-
-    @app.exception_handler(BadCsrf)
-    async def bad_csrf(request: Request, exc: BadCsrf) -> Response:
-        if is_api(request):
-            return problem(403, "Forbidden", "missing or wrong X-CSRF-Token")
-        return render(
-            request,
-            "error.html",
-            403,
-            message="The form expired or did not come from this site. Reload the page.",
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if is_api(request) or request.url.path.startswith("/static/"):
-            return problem(exc.status_code, str(exc.detail))
-        return render(request, "error.html", exc.status_code, message=str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        if is_api(request):
-            return problem(422, "Unprocessable Content", "invalid request", errors=errors)
-        return render(
-            request,
-            "error.html",
-            422,
-            message="; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
-        )
+    app.exception_handler(NotAuthenticated)(_not_authenticated)
+    app.exception_handler(Forbidden)(_forbidden)
+    app.exception_handler(BadCsrf)(_bad_csrf)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_invalid)

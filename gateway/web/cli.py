@@ -74,87 +74,91 @@ PasswordStdin = Annotated[
 ]
 
 
+def web() -> None:
+    """Run only the web console and JSON API on CXR_WEB_BIND:CXR_WEB_PORT."""
+    from gateway.service import configure_logging
+    from gateway.web.server import run_web
+
+    configure_logging()
+    run_web(_settings())
+
+
+def create_admin(
+    username: Annotated[str, typer.Argument(help="user name")],
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Create the first administrator (refused when an enabled admin exists)."""
+    _create(username, "admin", password_stdin, first_admin=True)
+
+
+def create(
+    username: Annotated[str, typer.Argument(help="user name")],
+    role: Annotated[str, typer.Option(help="admin, clinician or auditor")] = "clinician",
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Create a user with a role."""
+    _create(username, role, password_stdin, first_admin=False)
+
+
+def list_users() -> None:
+    """List users: name, role, enabled, last login."""
+    from sqlalchemy import select
+
+    from gateway.db.models import User
+
+    with _sessions()() as session:
+        for user in session.execute(select(User).order_by(User.username)).scalars():
+            last = user.last_login_at.isoformat(timespec="seconds") if user.last_login_at else "-"
+            state = "disabled" if user.disabled else "enabled"
+            typer.echo(f"{user.username:<24} {user.role:<10} {state:<9} {last}")
+
+
+def set_password(
+    username: Annotated[str, typer.Argument(help="user name")],
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Set a user's password (a reset by an administrator); the user's sessions end."""
+    from gateway.db.session import transaction
+    from gateway.web.users import UserError, reset_password
+
+    sessions = _sessions()
+    password = _read_password(password_stdin)
+    try:
+        with transaction(sessions) as session:
+            found = reset_password(
+                session=session, username=username, password=password, actor=_actor()
+            )
+    except UserError as exc:
+        typer.echo(f"cxr-gateway users: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    if not found:
+        typer.echo(f"no user {username!r}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"password set for {username}; their sessions have ended")
+
+
+def disable(username: Annotated[str, typer.Argument(help="user name")]) -> None:
+    """Disable a user and end its sessions (audited)."""
+    from gateway.db.session import transaction
+    from gateway.web.users import disable_user
+
+    with transaction(_sessions()) as session:
+        found = disable_user(session=session, username=username, actor=_actor())
+    if not found:
+        typer.echo(f"no user {username!r}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"disabled {username}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the web and users commands to the main CLI."""
     users = typer.Typer(
         help="Web console accounts (admin, clinician, auditor).", no_args_is_help=True
     )
     app.add_typer(users, name="users")
-
-    @app.command()
-    def web() -> None:
-        """Run only the web console and JSON API on CXR_WEB_BIND:CXR_WEB_PORT."""
-        from gateway.service import configure_logging
-        from gateway.web.server import run_web
-
-        configure_logging()
-        run_web(_settings())
-
-    @users.command("create-admin")
-    def create_admin(
-        username: Annotated[str, typer.Argument(help="user name")],
-        password_stdin: PasswordStdin = False,
-    ) -> None:
-        """Create the first administrator (refused when an enabled admin exists)."""
-        _create(username, "admin", password_stdin, first_admin=True)
-
-    @users.command("create")
-    def create(
-        username: Annotated[str, typer.Argument(help="user name")],
-        role: Annotated[str, typer.Option(help="admin, clinician or auditor")] = "clinician",
-        password_stdin: PasswordStdin = False,
-    ) -> None:
-        """Create a user with a role."""
-        _create(username, role, password_stdin, first_admin=False)
-
-    @users.command("list")
-    def list_users() -> None:
-        """List users: name, role, enabled, last login."""
-        from sqlalchemy import select
-
-        from gateway.db.models import User
-
-        with _sessions()() as session:
-            for user in session.execute(select(User).order_by(User.username)).scalars():
-                last = (
-                    user.last_login_at.isoformat(timespec="seconds") if user.last_login_at else "-"
-                )
-                state = "disabled" if user.disabled else "enabled"
-                typer.echo(f"{user.username:<24} {user.role:<10} {state:<9} {last}")
-
-    @users.command("set-password")
-    def set_password(
-        username: Annotated[str, typer.Argument(help="user name")],
-        password_stdin: PasswordStdin = False,
-    ) -> None:
-        """Set a user's password (a reset by an administrator); the user's sessions end."""
-        from gateway.db.session import transaction
-        from gateway.web.users import UserError, reset_password
-
-        sessions = _sessions()
-        password = _read_password(password_stdin)
-        try:
-            with transaction(sessions) as session:
-                found = reset_password(
-                    session=session, username=username, password=password, actor=_actor()
-                )
-        except UserError as exc:
-            typer.echo(f"cxr-gateway users: {exc}", err=True)
-            raise typer.Exit(code=1) from exc
-        if not found:
-            typer.echo(f"no user {username!r}", err=True)
-            raise typer.Exit(code=1)
-        typer.echo(f"password set for {username}; their sessions have ended")
-
-    @users.command("disable")
-    def disable(username: Annotated[str, typer.Argument(help="user name")]) -> None:
-        """Disable a user and end its sessions (audited)."""
-        from gateway.db.session import transaction
-        from gateway.web.users import disable_user
-
-        with transaction(_sessions()) as session:
-            found = disable_user(session=session, username=username, actor=_actor())
-        if not found:
-            typer.echo(f"no user {username!r}", err=True)
-            raise typer.Exit(code=1)
-        typer.echo(f"disabled {username}")
+    app.command()(web)
+    users.command("create-admin")(create_admin)
+    users.command("create")(create)
+    users.command("list")(list_users)
+    users.command("set-password")(set_password)
+    users.command("disable")(disable)
