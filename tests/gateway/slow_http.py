@@ -31,11 +31,19 @@ class SlowProxy:
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
+        """Close the port and every connection (answers still held back are dropped)."""
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        connections = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -76,6 +84,8 @@ class SlowProxy:
             await asyncio.gather(requests(), answers())
         except OSError:  # a peer hung up mid-answer: the client sees it as from a real EHR
             client_w.close()
+        except asyncio.CancelledError:  # stop(): the connection is dropped, and that is all
+            return
         finally:
             up_w.close()
             client_w.close()
