@@ -8,7 +8,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,11 @@ from training.data import CLASS_NAMES
 from training.metrics import binary_metrics
 from training.report import write_report
 
+if TYPE_CHECKING:
+    # Annotations only: inference.model loads TensorFlow, and training.train calls finalize.
+    from inference.model import ModelRunner
+    from training.train import Prepared, TrainConfig
+
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"
 MODEL_VERSION = "1.4.1"
@@ -55,7 +60,12 @@ _SPLIT_TEXT = {
 }
 
 
-def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tuple[Any, Any]:
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+Labels = npt.NDArray[np.int64]
+
+
+def run_batches(runner: ModelRunner, x: F32, batch: int = 64) -> tuple[F32, F32]:
     """(logits, embeddings) for a preprocessed (N, S, S, 1) array."""
     logits, embs = [], []
     for i in range(0, len(x), batch):
@@ -65,23 +75,156 @@ def run_batches(runner: Any, x: npt.NDArray[np.float32], batch: int = 64) -> tup
     return np.concatenate(logits), np.concatenate(embs)
 
 
-def _thumbs(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _thumbs(x: F32) -> F32:
     return np.stack([thumbnail(xi[..., 0]) for xi in x])
 
 
-def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path]) -> Path:
-    """Export the artifact into ``config.out / "artifact"`` and return its path."""
-    import keras
+@dataclass(frozen=True)
+class ExportedMembers:
+    """The serving models written into the artifact folder."""
 
-    from inference.model import ModelRunner, serving_model, to_tflite
-    from training.model_card import write_model_card
-    from training.synthetic_ood import negatives
+    stems: tuple[str, ...]
+    layer_dims: tuple[int, ...]  # the OOD layers' widths of member 0
+
+
+@dataclass(frozen=True)
+class ValidationPasses:
+    """The exported model's outputs on validation: clean, one shift per image, every shift."""
+
+    y: Labels
+    logit: F32
+    emb: F32
+    shifted_logit: F32  # one shift per image (prep.val_stress_x)
+    shifted_emb: F32
+    stress_logits: dict[str, F32]  # every image under each named shift
+    stress_emb: dict[str, F32]
+    stress_thumbs: dict[str, F32]
+    tflite_diff: float  # max |logit difference| TFLite vs Keras
+
+    @property
+    def all_stress(self) -> F32:
+        return np.concatenate([self.stress_logits[n] for n in STRESS_NAMES])
+
+    @property
+    def y_all_stress(self) -> Labels:
+        return np.tile(self.y, len(STRESS_NAMES))
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Validation weights reweighting each subgroup to its share of the whole data folder."""
+
+    subgroups: list[str]  # of the validation films
+    population: list[str]  # of all films, training and validation
+    reweight: bool
+    val: F64
+    stress: F64  # ``val`` tiled over STRESS_NAMES
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling P = sigmoid(logit / T + b), and the temperature-only fit for comparison."""
+
+    temperature: float
+    logit_bias: float
+    temperature_only: float
+
+    def prob(self, z: npt.NDArray[Any]) -> F64:
+        return sigmoid(np.asarray(z) / self.temperature + self.logit_bias)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The operating threshold, its rule, and the candidates it was chosen from."""
+
+    value: float
+    rule: str
+    clean: float
+    shifted: float
+
+
+@dataclass(frozen=True)
+class InputChecks:
+    """The fitted image-based input checks and what their thresholds were set on."""
+
+    checks: _ImageChecks
+    val_ood: F32  # OOD scores of the validation films, clean then one shift each
+    ood_quantile: float
+    ood_margin: float
+    orientation_quantile: float
+    val_upright_emb: F32  # clean + every shift
+    val_upright_thumbs: F32
+
+    @property
+    def ood_threshold(self) -> float:
+        return self.checks.ood_threshold
+
+    @property
+    def orientation(self) -> OrientationModel:
+        return self.checks.orientation
+
+
+def finalize(
+    config: TrainConfig, prep: Prepared, pre: PreprocessConfig, members: list[Path]
+) -> Path:
+    """Export the artifact into ``config.out / "artifact"`` and return its path."""
+    from inference.model import ModelRunner
 
     art: Path = config.out / "artifact"
     if art.exists():
         shutil.rmtree(art)
     art.mkdir(parents=True)
-    from inference.model import ood_layer_dims
+    exported = export_members(art, members)
+    draft = ArtifactMeta(
+        name=MODEL_NAME,
+        version=MODEL_VERSION,
+        class_names=CLASS_NAMES,
+        preprocess=pre,
+        members=exported.stems,
+        temperature=1.0,
+        threshold=0.5,
+        threshold_rule="",
+        ood_threshold=1.0,
+        arch=config.arch,
+    )
+    runner = ModelRunner(art, draft, backend="tflite")
+    keras_runner = ModelRunner(art, draft, backend="keras")
+    passes = run_validation(runner, keras_runner, prep, pre)
+    weights = validation_weights(config, prep)
+    cal = calibrate(passes, weights)
+    threshold = choose_threshold(config, passes, weights, cal)
+    checks = fit_input_checks(config, art, runner, prep, pre, passes, exported.layer_dims)
+    ood_eval = evaluate_input_checks(config, runner, prep, pre, passes, cal, checks)
+    reports = validation_reports(art, passes, weights, cal, threshold)
+    history = _member_histories(config, len(members))
+    meta = write_meta(
+        art,
+        ArtifactMeta(
+            name=MODEL_NAME,
+            version=MODEL_VERSION,
+            class_names=CLASS_NAMES,
+            preprocess=pre,
+            members=exported.stems,
+            temperature=cal.temperature,
+            logit_bias=cal.logit_bias,
+            threshold=threshold.value,
+            threshold_rule=threshold.rule,
+            ood_threshold=checks.ood_threshold,
+            arch=config.arch,
+            training=_training_info(config, prep, passes, history),
+        ),
+    )
+    summary = _summary(config, reports, weights, cal, threshold, checks, ood_eval, history)
+    write_summary_and_card(config, art, meta, summary, passes, weights)
+    log.info("artifact written to %s (hash %s)", art, meta.content_hash[:12])
+    return art
+
+
+def export_members(art: Path, members: list[Path]) -> ExportedMembers:
+    """Each trained member as a serving Keras model and a TFLite model in ``art``."""
+    import keras
+
+    from inference.model import ood_layer_dims, serving_model, to_tflite
 
     stems = []
     layer_dims: tuple[int, ...] = ()
@@ -93,23 +236,14 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         serve.save(art / f"member{i}.keras")
         (art / f"member{i}.tflite").write_bytes(to_tflite(serve))
         stems.append(f"member{i}")
+    return ExportedMembers(tuple(stems), layer_dims)
 
-    draft = ArtifactMeta(
-        name=MODEL_NAME,
-        version=MODEL_VERSION,
-        class_names=CLASS_NAMES,
-        preprocess=pre,
-        members=tuple(stems),
-        temperature=1.0,
-        threshold=0.5,
-        threshold_rule="",
-        ood_threshold=1.0,
-        arch=config.arch,
-    )
-    runner = ModelRunner(art, draft, backend="tflite")
-    keras_runner = ModelRunner(art, draft, backend="keras")
 
-    y_val = prep.val_y
+def run_validation(
+    runner: ModelRunner, keras_runner: ModelRunner, prep: Prepared, pre: PreprocessConfig
+) -> ValidationPasses:
+    """The TFLite model on validation (clean, one shift each, every shift); the Keras model on
+    the clean images only, to measure how far TFLite departs from it."""
     val_logit, val_emb = run_batches(runner, prep.val_x)
     k_logit, _ = run_batches(keras_runner, prep.val_x)
     tflite_diff = float(np.max(np.abs(k_logit - val_logit)))
@@ -117,39 +251,61 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     s1_logit, s1_emb = run_batches(runner, prep.val_stress_x)
 
     # Every validation image under every named shift.
-    stress_logits: dict[str, npt.NDArray[Any]] = {}
-    stress_emb: dict[str, npt.NDArray[Any]] = {}
-    stress_thumbs: dict[str, npt.NDArray[Any]] = {}
+    stress_logits: dict[str, F32] = {}
+    stress_emb: dict[str, F32] = {}
+    stress_thumbs: dict[str, F32] = {}
     for name in STRESS_NAMES:
         xs = preprocess_batch([stress(img, name) for img in prep.val_images], pre)
         stress_logits[name], stress_emb[name] = run_batches(runner, xs)
         stress_thumbs[name] = _thumbs(xs)
-    all_stress = np.concatenate([stress_logits[n] for n in STRESS_NAMES])
-    y_all_stress = np.tile(y_val, len(STRESS_NAMES))
+    return ValidationPasses(
+        y=prep.val_y,
+        logit=val_logit,
+        emb=val_emb,
+        shifted_logit=s1_logit,
+        shifted_emb=s1_emb,
+        stress_logits=stress_logits,
+        stress_emb=stress_emb,
+        stress_thumbs=stress_thumbs,
+        tflite_diff=tflite_diff,
+    )
 
-    # Validation reweighted to the whole data folder's mix of normal, bacterial and viral
-    # films: a batch split can hold out far fewer viral films than the data has, and viral
-    # pneumonia is the harder group, so unweighted sensitivity would overstate the model.
+
+def validation_weights(config: TrainConfig, prep: Prepared) -> Weights:
+    """Validation reweighted to the whole data folder's mix of normal, bacterial and viral
+    films (all ones when ``reweight_validation`` is off)."""
+    # A batch split can hold out far fewer viral films than the data has, and viral pneumonia
+    # is the harder group, so unweighted sensitivity would overstate the model.
     subgroups = [s.subgroup for s in prep.val]
     population = [s.subgroup for s in [*prep.train, *prep.val]]
     reweight = bool(config.extra.get("reweight_validation", True))
-    w_val = composition_weights(subgroups, population) if reweight else np.ones(len(y_val))
+    w_val = composition_weights(subgroups, population) if reweight else np.ones(len(prep.val))
     w_stress = np.tile(w_val, len(STRESS_NAMES))
+    return Weights(subgroups, population, reweight, w_val, w_stress)
 
-    # Calibration on clean + one-shift-per-image validation, so shifted inputs count too.
-    cal_logits = np.concatenate([val_logit, s1_logit])
-    cal_y = np.concatenate([y_val, y_val])
+
+def calibrate(passes: ValidationPasses, weights: Weights) -> Calibration:
+    """Platt scaling on clean + one-shift-per-image validation, so shifted inputs count too."""
+    cal_logits = np.concatenate([passes.logit, passes.shifted_logit])
+    cal_y = np.concatenate([passes.y, passes.y])
     temperature_only = fit_temperature(cal_y, cal_logits)
-    temperature, logit_bias = fit_platt(cal_y, cal_logits, np.concatenate([w_val, w_val]))
+    temperature, logit_bias = fit_platt(cal_y, cal_logits, np.concatenate([weights.val] * 2))
+    return Calibration(temperature, logit_bias, temperature_only)
 
-    def prob(z: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-        return sigmoid(np.asarray(z) / temperature + logit_bias)
 
-    # Threshold: highest threshold keeping the target sensitivity on the chosen validation set.
+def choose_threshold(
+    config: TrainConfig, passes: ValidationPasses, weights: Weights, cal: Calibration
+) -> Threshold:
+    """Highest threshold keeping the target sensitivity on the chosen validation set.
+
+    Raises ValueError when ``threshold_on`` is not clean, stress or both.
+    """
     target = float(config.extra.get("threshold_sensitivity", 0.95))
     on = str(config.extra.get("threshold_on", "both"))
-    t_clean = threshold_for_sensitivity(y_val, prob(val_logit), target, w_val)
-    t_shift = threshold_for_sensitivity(y_all_stress, prob(all_stress), target, w_stress)
+    t_clean = threshold_for_sensitivity(passes.y, cal.prob(passes.logit), target, weights.val)
+    t_shift = threshold_for_sensitivity(
+        passes.y_all_stress, cal.prob(passes.all_stress), target, weights.stress
+    )
     if on == "clean":
         threshold, rule_set = t_clean, "the clean validation split"
     elif on == "stress":
@@ -164,13 +320,25 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
     else:
         raise ValueError(f"threshold_on must be clean, stress or both, not {on!r}")
     rule = f"highest threshold with sensitivity >= {target:.2f} on {rule_set}"
-    if reweight:
+    if weights.reweight:
         rule += ", each reweighted to the data's mix of normal, bacterial and viral films"
+    return Threshold(threshold, rule, t_clean, t_shift)
 
+
+def fit_input_checks(
+    config: TrainConfig,
+    art: Path,
+    runner: ModelRunner,
+    prep: Prepared,
+    pre: PreprocessConfig,
+    passes: ValidationPasses,
+    layer_dims: tuple[int, ...],
+) -> InputChecks:
+    """Fit the OOD score and the upside-down check; write ood.npz and orientation.npz."""
     # Input check: fitted on training images, scaled and thresholded on validation.
     train_x = preprocess_batch(list(prep.train_images), pre)
     _, train_emb = run_batches(runner, train_x)
-    val_both_emb = np.concatenate([val_emb, s1_emb])
+    val_both_emb = np.concatenate([passes.emb, passes.shifted_emb])
     val_both_thumbs = np.concatenate([_thumbs(prep.val_x), _thumbs(prep.val_stress_x)])
     ood = fit_ood(
         train_emb,
@@ -197,7 +365,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         _embed(runner, pre, train_list, "upside_down"),
         _embed(runner, pre, train_list, "rot180"),
     ]
-    val_upright_emb = np.concatenate([val_emb, *(stress_emb[n] for n in STRESS_NAMES)])
+    val_upright_emb = np.concatenate([passes.emb, *(passes.stress_emb[n] for n in STRESS_NAMES)])
     orientation_quantile = float(config.extra.get("orientation_quantile", 99.9))
     orientation = fit_orientation(
         np.concatenate(upright),
@@ -206,39 +374,84 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         quantile=orientation_quantile,
     )
     orientation.save(art / "orientation.npz")
-
-    checks = _ImageChecks(runner, pre, ood, ood_threshold, orientation)
     val_upright_thumbs = np.concatenate(
-        [_thumbs(prep.val_x), *(stress_thumbs[n] for n in STRESS_NAMES)]
+        [_thumbs(prep.val_x), *(passes.stress_thumbs[n] for n in STRESS_NAMES)]
     )
-    upright_scores, upright_reasons = checks.decide(val_upright_emb, val_upright_thumbs)
+    return InputChecks(
+        checks=_ImageChecks(runner, pre, ood, ood_threshold, orientation),
+        val_ood=val_ood,
+        ood_quantile=ood_quantile,
+        ood_margin=ood_margin,
+        orientation_quantile=orientation_quantile,
+        val_upright_emb=val_upright_emb,
+        val_upright_thumbs=val_upright_thumbs,
+    )
+
+
+def evaluate_input_checks(
+    config: TrainConfig,
+    runner: ModelRunner,
+    prep: Prepared,
+    pre: PreprocessConfig,
+    passes: ValidationPasses,
+    cal: Calibration,
+    checks: InputChecks,
+) -> dict[str, Any]:
+    """What the input checks decline: validation, turned films, synthetic non-chests and the
+    optional folders of DICOM and image files (training_summary.json's "ood")."""
+    ood_eval: dict[str, Any] = {
+        "validation_declined": float(np.mean(checks.val_ood > checks.ood_threshold)),
+        "validation_clean_declined": float(
+            np.mean(checks.val_ood[: len(passes.y)] > checks.ood_threshold)
+        ),
+        "orientation": _evaluate_orientation(runner, prep, pre, passes, cal, checks),
+        "synthetic": _evaluate_synthetic(runner, prep, pre, checks),
+    }
+    ood_eval["dicom_files"] = _score_dicom_folder(config.extra.get("ood_dicom_dir"), checks.checks)
+    ood_eval["image_files"] = _score_image_folder(config.extra.get("ood_image_dir"), checks.checks)
+    return ood_eval
+
+
+def _evaluate_orientation(
+    runner: ModelRunner,
+    prep: Prepared,
+    pre: PreprocessConfig,
+    passes: ValidationPasses,
+    cal: Calibration,
+    checks: InputChecks,
+) -> dict[str, Any]:
+    """Upright validation films declined (by each check and by either) and turned ones caught."""
+    orientation, y_val = checks.orientation, passes.y
+    upright_scores, upright_reasons = checks.checks.decide(
+        checks.val_upright_emb, checks.val_upright_thumbs
+    )
     upright_declined = _declined(upright_reasons)
-    upright_by_score = upright_scores > ood_threshold
+    upright_by_score = upright_scores > checks.ood_threshold
     val_list = list(prep.val_images)
     turned_caught, turned_normal_p = {}, {}
     for kind in ("upside_down", "rot180"):
         xs = preprocess_batch([_turn(im, kind) for im in val_list], pre)
         logit, emb = run_batches(runner, xs)
-        turned_caught[kind] = float(np.mean(_declined(checks.decide(emb, _thumbs(xs))[1])))
+        turned_caught[kind] = float(np.mean(_declined(checks.checks.decide(emb, _thumbs(xs))[1])))
         # What the model would say without the check.
-        turned_normal_p[kind] = float(np.mean(prob(logit)[y_val == 0]))
+        turned_normal_p[kind] = float(np.mean(cal.prob(logit)[y_val == 0]))
     shifted_turned = preprocess_batch(
         [_turn(stress(im, name), "upside_down") for name in STRESS_NAMES for im in val_list], pre
     )
     _, emb = run_batches(runner, shifted_turned)
-    _, reasons = checks.decide(emb, _thumbs(shifted_turned))
+    _, reasons = checks.checks.decide(emb, _thumbs(shifted_turned))
     turned_caught["upside_down_shifted"] = float(np.mean(_declined(reasons)))
     n_val = len(y_val)
-    orientation_eval = {
+    return {
         "threshold": orientation.threshold,
         "rule": (
-            f"{orientation_quantile}th percentile of the upright validation films' scores "
+            f"{checks.orientation_quantile}th percentile of the upright validation films' scores "
             f"(clean + {len(STRESS_NAMES)} shifted copies)"
         ),
         "upright_declined_by_orientation": {
-            "clean": float(np.mean(orientation.scores(val_emb) > orientation.threshold)),
+            "clean": float(np.mean(orientation.scores(passes.emb) > orientation.threshold)),
             "clean_and_shifted": float(
-                np.mean(orientation.scores(val_upright_emb) > orientation.threshold)
+                np.mean(orientation.scores(checks.val_upright_emb) > orientation.threshold)
             ),
         },
         "upright_declined_by_score": {
@@ -251,80 +464,119 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         },
         "turned_declined_by_either": turned_caught,
         "turned_normals_mean_probability": turned_normal_p,
-        "upright_normals_mean_probability": float(np.mean(prob(val_logit)[y_val == 0])),
+        "upright_normals_mean_probability": float(np.mean(cal.prob(passes.logit)[y_val == 0])),
     }
+
+
+def _evaluate_synthetic(
+    runner: ModelRunner, prep: Prepared, pre: PreprocessConfig, checks: InputChecks
+) -> dict[str, Any]:
+    """Per kind of synthetic non-chest image (training.synthetic_ood): how many are declined."""
+    from training.synthetic_ood import negatives
 
     neg_kinds, neg_imgs = zip(*negatives(list(prep.val_images)), strict=True)
     neg_x = preprocess_batch(list(neg_imgs), pre)
     _, neg_emb = run_batches(runner, neg_x)
-    neg_score, neg_reasons = checks.decide(neg_emb, _thumbs(neg_x))
+    neg_score, neg_reasons = checks.checks.decide(neg_emb, _thumbs(neg_x))
     neg_declined = _declined(neg_reasons)
-    ood_eval: dict[str, Any] = {
-        "validation_declined": float(np.mean(val_ood > ood_threshold)),
-        "validation_clean_declined": float(np.mean(val_ood[: len(y_val)] > ood_threshold)),
-        "orientation": orientation_eval,
-        "synthetic": {},
-    }
+    synthetic: dict[str, Any] = {}
     for kind in sorted(set(neg_kinds)):
         m = np.array([k == kind for k in neg_kinds])
-        ood_eval["synthetic"][kind] = {
+        synthetic[kind] = {
             "n": int(m.sum()),
-            "declined_by_score": float(np.mean(neg_score[m] > ood_threshold)),
+            "declined_by_score": float(np.mean(neg_score[m] > checks.ood_threshold)),
             "declined": float(np.mean(neg_declined[m])),
             "median_score": float(np.median(neg_score[m])),
         }
-    ood_eval["dicom_files"] = _score_dicom_folder(config.extra.get("ood_dicom_dir"), checks)
-    ood_eval["image_files"] = _score_image_folder(config.extra.get("ood_image_dir"), checks)
+    return synthetic
 
-    # Validation reports.
-    p_val = prob(val_logit)
+
+def validation_reports(
+    art: Path,
+    passes: ValidationPasses,
+    weights: Weights,
+    cal: Calibration,
+    threshold: Threshold,
+) -> dict[str, Any]:
+    """Write the clean and pooled-shift validation reports (metrics.json and plots) into ``art``;
+    return the summary's metrics entries."""
+    y_val, t = passes.y, threshold.value
+    y_all_stress, all_stress = passes.y_all_stress, passes.all_stress
+    p_val = cal.prob(passes.logit)
+    subgroups, population = weights.subgroups, weights.population
     val_groups, data_groups = np.array(subgroups), np.array(population)
     composition = {
         g: {
             "validation": float(np.mean(val_groups == g)),
             "data": float(np.mean(data_groups == g)),
-            "weight": float(w_val[val_groups == g][0]) if g in subgroups else 0.0,
+            "weight": float(weights.val[val_groups == g][0]) if g in subgroups else 0.0,
         }
         for g in sorted(set(population))
     }
     reweighted_sensitivity = {
-        "clean": weighted_sensitivity(y_val, p_val, threshold, w_val),
-        "shifted": weighted_sensitivity(y_all_stress, prob(all_stress), threshold, w_stress),
+        "clean": weighted_sensitivity(y_val, p_val, t, weights.val),
+        "shifted": weighted_sensitivity(y_all_stress, cal.prob(all_stress), t, weights.stress),
     }
     val_report = write_report(
         y_val,
         p_val,
-        threshold,
+        t,
         art / "validation",
         subgroups=subgroups,
         title="validation (clean)",
     )
     stress_table = {}
     for name in STRESS_NAMES:
-        sm = binary_metrics(y_val, prob(stress_logits[name]), threshold)
+        sm = binary_metrics(y_val, cal.prob(passes.stress_logits[name]), t)
         stress_table[name] = {
             k: sm[k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece")
         }
-    p_all = prob(all_stress)
+    p_all = cal.prob(all_stress)
     pooled = write_report(
         y_all_stress,
         p_all,
-        threshold,
+        t,
         art / "validation_shifted",
         title="validation, shifted copies",
         n_boot=200,
     )
-    uncal = binary_metrics(y_val, sigmoid(val_logit), 0.5)
-    uncal_stress = binary_metrics(y_all_stress, sigmoid(all_stress), 0.5)
-    t_only = binary_metrics(y_val, sigmoid(val_logit / temperature_only), 0.5)
-    t_only_stress = binary_metrics(y_all_stress, sigmoid(all_stress / temperature_only), 0.5)
+    t_only = cal.temperature_only
+    return {
+        "validation": val_report,
+        "validation_shifted_pooled": pooled,
+        "stress": stress_table,
+        "uncalibrated_threshold_0.5": {
+            "clean": binary_metrics(y_val, sigmoid(passes.logit), 0.5),
+            "shifted": binary_metrics(y_all_stress, sigmoid(all_stress), 0.5),
+        },
+        "temperature_only": {
+            "temperature": t_only,
+            "clean": binary_metrics(y_val, sigmoid(passes.logit / t_only), 0.5),
+            "shifted": binary_metrics(y_all_stress, sigmoid(all_stress / t_only), 0.5),
+        },
+        "composition": composition,
+        "reweighted_sensitivity": reweighted_sensitivity,
+    }
 
+
+def _member_histories(config: TrainConfig, n_members: int) -> list[dict[str, Any]]:
+    """Each member's training state (members/<i>/state.json), for those that wrote one."""
     history = []
-    for i in range(len(members)):
+    for i in range(n_members):
         state_path = config.out / "members" / str(i) / "state.json"
         if state_path.exists():
             history.append(json.loads(state_path.read_text()))
-    training_info = {
+    return history
+
+
+def _training_info(
+    config: TrainConfig,
+    prep: Prepared,
+    passes: ValidationPasses,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """model.json's "training": command, seed, configuration, data, members, creation time."""
+    return {
         "command": config.command,
         "seed": config.seed,
         "config": config.to_json(),
@@ -333,7 +585,7 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             "n_train": len(prep.train),
             "n_val": len(prep.val),
             "train_counts": {c: int(np.sum(prep.train_y == i)) for i, c in enumerate(CLASS_NAMES)},
-            "val_counts": {c: int(np.sum(y_val == i)) for i, c in enumerate(CLASS_NAMES)},
+            "val_counts": {c: int(np.sum(passes.y == i)) for i, c in enumerate(CLASS_NAMES)},
             "split": _SPLIT_TEXT[config.split].format(fraction=config.val_fraction),
         },
         "members": [
@@ -345,57 +597,66 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
             for h in history
         ],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "tflite_max_abs_logit_diff": tflite_diff,
+        "tflite_max_abs_logit_diff": passes.tflite_diff,
     }
-    meta = ArtifactMeta(
-        name=MODEL_NAME,
-        version=MODEL_VERSION,
-        class_names=CLASS_NAMES,
-        preprocess=pre,
-        members=tuple(stems),
-        temperature=temperature,
-        logit_bias=logit_bias,
-        threshold=threshold,
-        threshold_rule=rule,
-        ood_threshold=ood_threshold,
-        arch=config.arch,
-        training=training_info,
-    )
-    meta = write_meta(art, meta)
-    summary = {
-        "validation": val_report,
-        "validation_shifted_pooled": pooled,
-        "stress": stress_table,
-        "uncalibrated_threshold_0.5": {"clean": uncal, "shifted": uncal_stress},
-        "temperature_only": {
-            "temperature": temperature_only,
-            "clean": t_only,
-            "shifted": t_only_stress,
-        },
-        "temperature": temperature,
-        "logit_bias": logit_bias,
-        "threshold_candidates": {"clean": t_clean, "shifted": t_shift},
-        "reweighted": reweight,
-        "composition": composition,
-        "reweighted_sensitivity": reweighted_sensitivity,
-        "threshold": threshold,
-        "threshold_rule": rule,
+
+
+def _summary(
+    config: TrainConfig,
+    reports: dict[str, Any],
+    weights: Weights,
+    cal: Calibration,
+    threshold: Threshold,
+    checks: InputChecks,
+    ood_eval: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """training_summary.json's content (without the external validation)."""
+    return {
+        "validation": reports["validation"],
+        "validation_shifted_pooled": reports["validation_shifted_pooled"],
+        "stress": reports["stress"],
+        "uncalibrated_threshold_0.5": reports["uncalibrated_threshold_0.5"],
+        "temperature_only": reports["temperature_only"],
+        "temperature": cal.temperature,
+        "logit_bias": cal.logit_bias,
+        "threshold_candidates": {"clean": threshold.clean, "shifted": threshold.shifted},
+        "reweighted": weights.reweight,
+        "composition": reports["composition"],
+        "reweighted_sensitivity": reports["reweighted_sensitivity"],
+        "threshold": threshold.value,
+        "threshold_rule": threshold.rule,
         "ood": ood_eval,
         "ood_image_source": str(config.extra.get("ood_image_dir") or ""),
-        "ood_threshold": ood_threshold,
+        "ood_threshold": checks.ood_threshold,
         "ood_rule": (
-            f"{ood_quantile}th percentile of validation scores (clean + shifted) x {ood_margin}"
+            f"{checks.ood_quantile}th percentile of validation scores (clean + shifted) "
+            f"x {checks.ood_margin}"
         ),
         "history": history,
     }
+
+
+def write_summary_and_card(
+    config: TrainConfig,
+    art: Path,
+    meta: ArtifactMeta,
+    summary: dict[str, Any],
+    passes: ValidationPasses,
+    weights: Weights,
+) -> None:
+    """Write training_summary.json, the validation predictions, the optional external
+    validation (added to the summary) and the model card."""
+    from training.model_card import write_model_card
+
     (art / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     np.savez_compressed(
         config.out / "validation_predictions.npz",
-        y=y_val,
-        logit=val_logit,
-        stress_logit=all_stress,
+        y=passes.y,
+        logit=passes.logit,
+        stress_logit=passes.all_stress,
         stress_names=np.array(STRESS_NAMES),
-        subgroups=np.array(subgroups),
+        subgroups=np.array(weights.subgroups),
     )
     external = str(config.extra.get("external_val", "") or "")
     if external:
@@ -405,8 +666,6 @@ def finalize(config: Any, prep: Any, pre: PreprocessConfig, members: list[Path])
         summary["external_validation"] = {"data": external, **rep}
         (art / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_model_card(art, meta, summary)
-    log.info("artifact written to %s (hash %s)", art, meta.content_hash[:12])
-    return art
 
 
 def _turn(image: Any, kind: str) -> Any:
@@ -426,7 +685,7 @@ class _ImageChecks:
     """The fitted image-based input checks, deciding as the gateway does
     (:func:`inference.input_check.decline_reasons`)."""
 
-    runner: Any
+    runner: ModelRunner
     pre: PreprocessConfig
     ood: OODModel
     ood_threshold: float
