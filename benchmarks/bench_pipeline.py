@@ -44,7 +44,7 @@ from gateway.db.session import make_engine, make_session_factory  # noqa: E402
 from tests import dicom_files  # noqa: E402
 from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server  # noqa: E402
 from tests.gateway.slow_http import SlowProxy  # noqa: E402
-from tests.orthanc import start_orthanc  # noqa: E402
+from tests.orthanc import Orthanc, start_orthanc  # noqa: E402
 from tests.peers import Postgres, free_port, start_gateway, start_postgres, start_redis  # noqa: E402
 
 POSTGRES: Postgres
@@ -165,6 +165,94 @@ def print_breakdown(sessions) -> None:  # type: ignore[no-untyped-def]
               f"{1000 * statistics.median(gaps):7.0f} ms")  # fmt: skip
 
 
+def slow_ehr(base_url: str, delay: float) -> tuple[SlowProxy | None, str]:
+    """The FHIR base URL the gateway uses: the server's own, or a proxy's ``delay`` s late."""
+    if delay <= 0:
+        return None, base_url
+    host_port, path = base_url.split("//", 1)[1].split("/", 1)
+    proxy = SlowProxy(upstream_port=int(host_port.rsplit(":", 1)[1]), delay=delay).start()
+    return proxy, f"http://127.0.0.1:{proxy.port}/{path}"
+
+
+def gateway_env(
+    tag: str, work: Path, database: str, broker: str, fhir_url: str, gw_port: int,
+    orthanc: Orthanc, args: argparse.Namespace,
+) -> dict[str, str]:  # fmt: skip
+    destination = {
+        "name": "pacs",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
+    env = {
+        "CXR_DATA_DIR": str(work / f"data-{tag}"),
+        "CXR_DATABASE_URL": database,
+        "CXR_BROKER_URL": broker,
+        "CXR_DICOM_PORT": str(gw_port),
+        "CXR_QUIET_SECONDS": str(args.quiet),
+        "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.1",
+        "CXR_PACS_DESTINATIONS": json.dumps([destination]),
+        "CXR_FHIR_BASE_URL": fhir_url,
+        "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
+        "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": "urn:oid:1.2.3.4",
+    }  # fmt: skip
+    if args.model:
+        env["CXR_MODEL_DIR"] = str(args.model)
+    return env
+
+
+def measure_burst(
+    sessions, gw_port: int, burst: list[list[Path]], slow: bool, roles: dict[str, list[int]]
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Send the burst; the steady-state rates of inference and of results (with a slow EHR,
+    inference only: what counts is that it keeps its pace)."""
+    cpu_before = cpu_by_role(roles)
+    for study in burst:
+        send(gw_port, study)
+    result: dict[str, float] = {"studies": len(burst)}
+    if slow:
+        inferred = wait_inferred(sessions, len(burst))
+        result["inferred_per_min"] = steady_rate(list(inferred.values()))
+        return result
+    sr, dr = wait_delivered(sessions, len(burst))
+    stored = times(sessions, "instance.stored")
+    done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
+    first = min(stored[uid] for uid in done)
+    # Steady state: the rate at which results come out once the pipeline is full (the fill
+    # time, one quiet time plus one study, is what the latency figures measure).
+    ends = sorted(done.values())
+    result["per_min"] = steady_rate(ends)
+    result["inferred_per_min"] = steady_rate(list(times(sessions, "job.done").values()))
+    result["fill_per_min"] = 60 * len(done) / (ends[-1] - first)
+    print_breakdown(sessions)
+    cpu = cpu_by_role(roles)
+    print("    CPU per study, burst: " + ", ".join(
+        f"{role} {1000 * (cpu[role] - cpu_before[role]) / len(burst):.0f} ms"
+        for role in roles if roles[role]
+    ))  # fmt: skip
+    return result
+
+
+def measure_latency(
+    sessions, gw_port: int, paced: list[list[Path]], before: int
+) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Send studies one at a time: p50 and p95 of last instance stored -> both results."""
+    latencies = []
+    for i, study in enumerate(paced, start=1):
+        send(gw_port, study)
+        sr, dr = wait_delivered(sessions, before + i)
+        stored = times(sessions, "instance.stored")
+        uid = max(stored, key=lambda u: stored[u])
+        latencies.append(max(sr[uid], dr[uid]) - stored[uid])
+    latencies.sort()
+    if not latencies:
+        return {}
+    return {
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+    }
+
+
 def run(
     workers: int,
     layout: str,
@@ -178,14 +266,7 @@ def run(
     tag = f"{layout}-{workers}-{ehr_delay:g}"
     redis = start_redis()
     fhir = start_fhir_test_server({})
-    proxy = None
-    fhir_url = fhir.base_url
-    if ehr_delay > 0:
-        base = fhir.base_url.split("//", 1)[1]
-        host_port, path = base.split("/", 1)
-        proxy = SlowProxy(upstream_port=int(host_port.rsplit(":", 1)[1]), delay=ehr_delay)
-        proxy.start()
-        fhir_url = f"http://127.0.0.1:{proxy.port}/{path}"
+    proxy, fhir_url = slow_ehr(fhir.base_url, ehr_delay)
     gw_port = free_port()
     orthanc = start_orthanc(
         work / f"orthanc-{tag}", modalities={"CXRGW": ["CXRGW", "127.0.0.1", gw_port]}
@@ -194,26 +275,7 @@ def run(
         database = POSTGRES.create_database(f"bench_{workers}_{time.monotonic_ns()}")
     else:
         database = f"sqlite:///{work / f'gw-{tag}.sqlite3'}"
-    destination = {
-        "name": "pacs",
-        "ae_title": orthanc.aet,
-        "host": "127.0.0.1",
-        "port": orthanc.dicom_port,
-    }
-    env = {
-        "CXR_DATA_DIR": str(work / f"data-{tag}"),
-        "CXR_DATABASE_URL": database,
-        "CXR_BROKER_URL": redis.url,
-        "CXR_DICOM_PORT": str(gw_port),
-        "CXR_QUIET_SECONDS": str(args.quiet),
-        "CXR_ASSEMBLY_INTERVAL_SECONDS": "0.1",
-        "CXR_PACS_DESTINATIONS": json.dumps([destination]),
-        "CXR_FHIR_BASE_URL": fhir_url,
-        "CXR_FHIR_UNKNOWN_PATIENT_POLICY": "reference",
-        "CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM": "urn:oid:1.2.3.4",
-    }  # fmt: skip
-    if args.model:
-        env["CXR_MODEL_DIR"] = str(args.model)
+    env = gateway_env(tag, work, database, redis.url, fhir_url, gw_port, orthanc, args)
     procs = [start_gateway(env, work / f"listen-{tag}.log", ("listen",))]
     procs += [
         start_gateway(env, work / f"worker-{command[2]}-{tag}-{i}.log", command)
@@ -228,43 +290,8 @@ def run(
     try:
         sessions = make_session_factory(make_engine(database))
         time.sleep(15)  # workers load and warm up the model
-        cpu_before = cpu_by_role(roles)
-        for study in burst:
-            send(gw_port, study)
-        result: dict[str, float] = {"studies": len(burst)}
-        if ehr_delay > 0:
-            # The EHR is slow: what counts is that inference keeps its pace.
-            inferred = wait_inferred(sessions, len(burst))
-            result["inferred_per_min"] = steady_rate(list(inferred.values()))
-            return result
-        sr, dr = wait_delivered(sessions, len(burst))
-        stored = times(sessions, "instance.stored")
-        done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
-        first = min(stored[uid] for uid in done)
-        # Steady state: the rate at which results come out once the pipeline is full (the
-        # fill time, one quiet time plus one study, is what the latency figures measure).
-        ends = sorted(done.values())
-        result["per_min"] = steady_rate(ends)
-        result["inferred_per_min"] = steady_rate(list(times(sessions, "job.done").values()))
-        result["fill_per_min"] = 60 * len(done) / (ends[-1] - first)
-        print_breakdown(sessions)
-        cpu = cpu_by_role(roles)
-        print("    CPU per study, burst: " + ", ".join(
-            f"{role} {1000 * (cpu[role] - cpu_before[role]) / len(burst):.0f} ms"
-            for role in roles if roles[role]
-        ))  # fmt: skip
-        latencies = []
-        for i, study in enumerate(paced, start=1):
-            send(gw_port, study)
-            sr, dr = wait_delivered(sessions, len(burst) + i)
-            stored = times(sessions, "instance.stored")
-            uid = max(stored, key=lambda u: stored[u])
-            latencies.append(max(sr[uid], dr[uid]) - stored[uid])
-        latencies.sort()
-        if latencies:
-            result["p50"] = statistics.median(latencies)
-            result["p95"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-        return result
+        result = measure_burst(sessions, gw_port, burst, ehr_delay > 0, roles)
+        return {**result, **measure_latency(sessions, gw_port, paced, len(burst))}
     finally:
         for p in procs:
             p.stop()
