@@ -31,7 +31,7 @@ from inference.input_check import thumbnail
 from inference.predictor import Predictor
 from inference.preprocess import preprocess_batch
 from training.data import list_samples, load_images
-from training.export import run_batches
+from training.export_types import run_batches
 from training.metrics import roc_auc
 
 Image = npt.NDArray[Any]
