@@ -30,6 +30,7 @@ from training.export_types import (
     ExportedMembers,
     Threshold,
     ValidationPasses,
+    ValidationReports,
     Weights,
     run_batches,
     thumbs,
@@ -228,9 +229,9 @@ def validation_reports(
     weights: Weights,
     cal: Calibration,
     threshold: Threshold,
-) -> dict[str, Any]:
+) -> ValidationReports:
     """Write the clean and pooled-shift validation reports (metrics.json and plots) into ``art``;
-    return the summary's metrics entries."""
+    return them with the other validation metrics of training_summary.json."""
     y_val, t = passes.y, threshold.value
     y_all_stress, all_stress = passes.y_all_stress, passes.all_stress
     p_val = cal.prob(passes.logit)
@@ -272,22 +273,22 @@ def validation_reports(
         n_boot=200,
     )
     t_only = cal.temperature_only
-    return {
-        "validation": val_report,
-        "validation_shifted_pooled": pooled,
-        "stress": stress_table,
-        "uncalibrated_threshold_0.5": {
+    return ValidationReports(
+        validation=val_report,
+        shifted_pooled=pooled,
+        stress=stress_table,
+        uncalibrated={
             "clean": binary_metrics(y_val, sigmoid(passes.logit), 0.5),
             "shifted": binary_metrics(y_all_stress, sigmoid(all_stress), 0.5),
         },
-        "temperature_only": {
+        temperature_only={
             "temperature": t_only,
             "clean": binary_metrics(y_val, sigmoid(passes.logit / t_only), 0.5),
             "shifted": binary_metrics(y_all_stress, sigmoid(all_stress / t_only), 0.5),
         },
-        "composition": composition,
-        "reweighted_sensitivity": reweighted_sensitivity,
-    }
+        composition=composition,
+        reweighted_sensitivity=reweighted_sensitivity,
+    )
 
 
 def _member_histories(config: TrainConfig, n_members: int) -> list[dict[str, Any]]:
@@ -334,7 +335,7 @@ def _training_info(
 
 def _summary(
     config: TrainConfig,
-    reports: dict[str, Any],
+    reports: ValidationReports,
     weights: Weights,
     cal: Calibration,
     threshold: Threshold,
@@ -344,17 +345,17 @@ def _summary(
 ) -> dict[str, Any]:
     """training_summary.json's content (without the external validation)."""
     return {
-        "validation": reports["validation"],
-        "validation_shifted_pooled": reports["validation_shifted_pooled"],
-        "stress": reports["stress"],
-        "uncalibrated_threshold_0.5": reports["uncalibrated_threshold_0.5"],
-        "temperature_only": reports["temperature_only"],
+        "validation": reports.validation,
+        "validation_shifted_pooled": reports.shifted_pooled,
+        "stress": reports.stress,
+        "uncalibrated_threshold_0.5": reports.uncalibrated,
+        "temperature_only": reports.temperature_only,
         "temperature": cal.temperature,
         "logit_bias": cal.logit_bias,
         "threshold_candidates": {"clean": threshold.clean, "shifted": threshold.shifted},
         "reweighted": weights.reweight,
-        "composition": reports["composition"],
-        "reweighted_sensitivity": reports["reweighted_sensitivity"],
+        "composition": reports.composition,
+        "reweighted_sensitivity": reports.reweighted_sensitivity,
         "threshold": threshold.value,
         "threshold_rule": threshold.rule,
         "ood": ood_eval,

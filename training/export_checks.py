@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     # Annotations only: inference.model loads TensorFlow, and training.train calls finalize.
     from inference.model import ModelRunner
     from training.train import Prepared, TrainConfig
+
+_Pixel = TypeVar("_Pixel", bound=np.generic)
 
 
 @dataclass(frozen=True)
@@ -214,13 +216,15 @@ def _evaluate_synthetic(
     return synthetic
 
 
-def _turn(image: Any, kind: str) -> Any:
+def _turn(image: npt.NDArray[_Pixel], kind: str) -> npt.NDArray[_Pixel]:
     """A 2-D image mirrored ("mirror"), upside down, or turned by 180 degrees ("rot180")."""
     flipped = {"mirror": image[:, ::-1], "upside_down": image[::-1], "rot180": image[::-1, ::-1]}
     return np.ascontiguousarray(flipped[kind])
 
 
-def _embed(runner: Any, pre: PreprocessConfig, images: list[Any], kind: str) -> Any:
+def _embed(
+    runner: ModelRunner, pre: PreprocessConfig, images: list[npt.NDArray[np.uint8]], kind: str
+) -> F32:
     """The OOD embeddings of ``images`` turned by :func:`_turn`."""
     _, emb = run_batches(runner, preprocess_batch([_turn(im, kind) for im in images], pre))
     return emb
@@ -237,14 +241,14 @@ class _ImageChecks:
     ood_threshold: float
     orientation: OrientationModel
 
-    def decide(self, emb: Any, thumbs: Any) -> tuple[Any, list[str | None]]:
+    def decide(self, emb: F32, thumbs: F32) -> tuple[F32, list[str | None]]:
         """(OOD scores, decline reason or None) for a batch of embeddings and thumbnails."""
         scores = self.ood.scores(emb, thumbs)
         turned = self.orientation.scores(emb)
         limits = (self.ood_threshold, self.orientation.threshold)
         return scores, decline_reasons(scores, turned, *limits)
 
-    def score_image(self, image: Any) -> tuple[float, float, str | None]:
+    def score_image(self, image: npt.NDArray[np.float32]) -> tuple[float, float, str | None]:
         """(OOD score, upside-down score, decline reason or None) of one 2-D image."""
         from inference.preprocess import preprocess
 
@@ -258,7 +262,7 @@ def _declined(reasons: list[str | None]) -> npt.NDArray[np.bool_]:
     return np.array([r is not None for r in reasons], dtype=bool)
 
 
-def _score_image_folder(folder: Any, checks: _ImageChecks) -> dict[str, Any]:
+def _score_image_folder(folder: str | Path | None, checks: _ImageChecks) -> dict[str, Any]:
     """Colour check and OOD score of each PNG/JPEG under ``folder``, all of them images that
     are not chest radiographs (informational: nothing is chosen on them)."""
     if not folder:
@@ -286,7 +290,7 @@ def _score_image_folder(folder: Any, checks: _ImageChecks) -> dict[str, Any]:
     return out
 
 
-def _score_dicom_folder(folder: Any, checks: _ImageChecks) -> dict[str, Any]:
+def _score_dicom_folder(folder: str | Path | None, checks: _ImageChecks) -> dict[str, Any]:
     """Image-based scores and header decision of each DICOM file under ``folder``
     (informational)."""
     if not folder:

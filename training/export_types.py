@@ -97,3 +97,16 @@ class Threshold:
     rule: str
     clean: float
     shifted: float
+
+
+@dataclass(frozen=True)
+class ValidationReports:
+    """The validation metrics of training_summary.json (each entry a JSON-ready mapping)."""
+
+    validation: dict[str, Any]  # clean: metrics with 95% intervals, subgroups, plots
+    shifted_pooled: dict[str, Any]  # every shifted copy pooled
+    stress: dict[str, dict[str, float]]  # per shift: auc, accuracy, sensitivity, specificity, ece
+    uncalibrated: dict[str, dict[str, float]]  # raw logits at 0.5: clean, shifted
+    temperature_only: dict[str, Any]  # temperature, and clean/shifted metrics at 0.5
+    composition: dict[str, dict[str, float]]  # per subgroup: validation, data shares, weight
+    reweighted_sensitivity: dict[str, float]  # clean, shifted
