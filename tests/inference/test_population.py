@@ -187,6 +187,7 @@ def test_stated_age_forms(text: str, years: int) -> None:
     assert stated_age(text, "--age").years == years
 
 
+@pytest.mark.slow  # three `cxr-gateway predict` processes, each loading TensorFlow
 def test_predict_command_takes_the_patients_age(tmp_path: Path) -> None:
     """`cxr-gateway predict --age`: an adult's age gets no result with the reason, a child's
     a probability, a malformed age exit code 2."""
