@@ -94,6 +94,9 @@ def test_listener_stores_while_the_console_is_down_and_the_console_comes_back(
     serve_tree.append(gw)
     web_port = int(gw.env["CXR_WEB_PORT"])
     wait_until(lambda: console_answers(web_port), 60, "console answers /healthz", [gw])
+    # serve's own start-up check of the console must be over too: a console that dies before
+    # serve has seen it answer is a failed start, and serve exits (by design).
+    wait_until(lambda: "cxr-gateway serving:" in gw.log(), 60, "serve is up", [gw])
     consoles = console_pids(gw)
     assert len(consoles) == 1, f"no web console child process of serve: {gw.log()[-2000:]}"
 
