@@ -74,8 +74,16 @@ def spool_file(root: Path, stored: str) -> Path:
     """The file that a row's stored spool path names, on this host: a path relative to the
     spool root is under ``root`` (this host's mount of the shared spool), an absolute one (as
     recorded so far) is taken as it is. Readers accept both, so that they can be deployed before
-    any listener records relative paths."""
-    return root / stored
+    any listener records relative paths. A relative path that is not under ``root`` but exists
+    as it is (a data folder given relative to the working directory, as the embedded default
+    `cxr-data` is) is taken as it is."""
+    path = Path(stored)
+    if path.is_absolute():
+        return path
+    under_root = root / path
+    if not under_root.exists() and path.exists():
+        return path
+    return under_root
 
 
 def is_valid_uid(value: str) -> bool:
@@ -86,7 +94,9 @@ class Spool:
     """Writes files with temp file + fsync + atomic rename + directory fsync."""
 
     def __init__(self, root: Path, *, min_free_bytes: int) -> None:
-        self.root = root
+        # Absolute, so that the paths recorded for the files do not depend on the working
+        # directory of the process that reads them.
+        self.root = root.absolute()
         self.min_free_bytes = min_free_bytes
         self.writer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._incoming = root / ".incoming"
