@@ -141,13 +141,19 @@ def hashed_files(folder: Path, meta: ArtifactMeta) -> list[Path]:
     return files
 
 
-def compute_hash(folder: Path, meta: ArtifactMeta) -> str:
+def _hash_files(folder: Path, meta: ArtifactMeta) -> hashlib._Hash:
+    """A sha256 object fed with the name and the digest of each hashed file, in order."""
     h = hashlib.sha256()
     for path in hashed_files(folder, meta):
         if not path.exists():
             raise ArtifactError(f"artifact file missing: {path.name}")
         h.update(path.name.encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h
+
+
+def compute_hash(folder: Path, meta: ArtifactMeta) -> str:
+    h = _hash_files(folder, meta)
     numbers = {
         "temperature": meta.temperature,
         "logit_bias": meta.logit_bias,
@@ -162,13 +168,7 @@ def compute_hash(folder: Path, meta: ArtifactMeta) -> str:
 def weights_hash(folder: Path, meta: ArtifactMeta) -> str:
     """sha256 over the weight and input-check files alone (names and bytes), without the
     calibration numbers: equal for an artifact and its site-calibrated copies."""
-    h = hashlib.sha256()
-    for path in hashed_files(folder, meta):
-        if not path.exists():
-            raise ArtifactError(f"artifact file missing: {path.name}")
-        h.update(path.name.encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
+    return _hash_files(folder, meta).hexdigest()
 
 
 def write_meta(folder: Path, meta: ArtifactMeta) -> ArtifactMeta:
