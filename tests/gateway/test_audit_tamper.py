@@ -125,7 +125,12 @@ def test_the_reconciliation_loop_writes_checkpoints(
         head = session.execute(select(AuditEvent.id).order_by(AuditEvent.id.desc())).scalar()
     deadline = time.monotonic() + 60  # a loaded CI machine may delay the 0.2 s passes
     while time.monotonic() < deadline:
-        if path.exists() and last_checkpoint(path)["last_id"] == head:
+        # The writer creates the file, then appends its line: wait for a whole line.
+        if (
+            path.exists()
+            and path.read_text().endswith("\n")
+            and last_checkpoint(path)["last_id"] == head
+        ):
             break
         time.sleep(0.1)
     assert last_checkpoint(path)["last_id"] == head
