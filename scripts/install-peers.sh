@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the real peers the tests start (Debian packages): Orthanc (PACS), DCMTK (sender and
-# reference receiver), dicom3tools (dciodvfy), Redis, PostgreSQL 15, Chromium. Skips what is
+# reference receiver), dicom3tools (dciodvfy), Redis, PostgreSQL 15, Chromium, openssl and
+# util-linux (TLS certificates, namespaces and memory caps in tests). Skips what is
 # already installed. Needs root (or sudo).
 set -euo pipefail
-packages=(orthanc dcmtk dicom3tools redis-server postgresql-15 chromium chromium-driver nodejs npm)
+packages=(orthanc dcmtk dicom3tools redis-server postgresql-15 chromium chromium-driver nodejs npm
+  openssl util-linux)  # openssl: the TLS tests make a CA; util-linux: unshare, prlimit
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,7 +2,7 @@
 
 A citation is a path ending in ``.md`` in a docstring or a comment. It must name a file relative
 to the repository root or to ``docs/``. A file name that the project's code writes
-(``model_card.md``, ``report.md``: the name appears in a string literal of the code outside the
+(e.g. ``model_card.md``: the name appears in a string literal of the code outside the
 tests) is an output the text describes, not a citation. A citation followed by quoted names
 (``docs/architecture.md, "Assemble" and "Queue"``) cites those sections: each must be a heading
 of the document.

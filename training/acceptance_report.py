@@ -1,10 +1,10 @@
 """The local acceptance report of a site calibration: one page a PACS administrator or a
 radiologist can read in two minutes to decide whether the site artifact goes live.
 
-Written into ``<artifact>/site_acceptance/``: ``report.md``, ``metrics.json``,
-``predictions.csv`` and, per operating point (``shipped/`` and ``site/``), the evaluation
-report of training.report (metrics.json with 95% bootstrap intervals, confusion matrix,
-ROC, precision-recall and reliability plots).
+Written into ``<artifact>/site_acceptance/`` (REPORT_DIR): the report page (REPORT_FILE),
+``metrics.json``, ``predictions.csv`` and, per operating point (``shipped/`` and ``site/``),
+the evaluation report of training.report (metrics.json with 95% bootstrap intervals,
+confusion matrix, ROC, precision-recall and reliability plots).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from training.report import write_report
 from training.site_sample import ScoredFile, SiteSample
 
 REPORT_DIR = "site_acceptance"
+REPORT_FILE = "report.md"  # an output of this module, in markdown
 # The project's goals for a site-calibrated model, which the report's verdict states; the
 # sensitivity goal is the calibration's own target, held by the threshold rule's lower bound.
 SPECIFICITY_GOAL = 0.90
 ECE_GOAL = 0.05
 DECLINED_WARNING = 0.05  # a larger share of films without a result is named in the verdict
-LISTED = 200  # files listed in report.md per list (all are in metrics.json)
+LISTED = 200  # files listed in the report page per list (all are in metrics.json)
 LABELS = {
     "auc": "AUC",
     "accuracy": "accuracy",
@@ -84,7 +85,7 @@ def write_acceptance_report(
     report["verdict"] = verdict(report, base, site)
     _write_predictions(folder / "predictions.csv", used, p_base, p_site, base, site)
     (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "report.md").write_text("\n".join(report_lines(report, base, site)) + "\n")
+    (folder / REPORT_FILE).write_text("\n".join(report_lines(report, base, site)) + "\n")
     return report
 
 
@@ -155,7 +156,7 @@ def verdict(report: dict[str, Any], base: ArtifactMeta, site: ArtifactMeta) -> s
 
 
 def report_lines(report: dict[str, Any], base: ArtifactMeta, site: ArtifactMeta) -> list[str]:
-    """report.md, most important first."""
+    """The lines of the report page (REPORT_FILE), most important first."""
     c = report["sample"]
     missed, declined, unreadable = report["missed"], report["declined"], report["unreadable"]
     lines = [

@@ -13,7 +13,7 @@ The output folder is a complete artifact (``CXR_MODEL_DIR`` can point at it)::
     model.json         the base's metadata with the site's Platt numbers, threshold and rule, the
                        version "<base version>+site.<first 8 of the content hash>" and ``site``
     model_card.md      a "Site calibration" section, then the base artifact's card
-    site_acceptance/   report.md, metrics.json, predictions.csv, plots (see acceptance_report)
+    site_acceptance/   the report page, metrics.json, predictions.csv, plots (acceptance_report)
     the rest           the base's other files (training_summary.json, validation/, ...), copied
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from inference.artifact import ArtifactError, ArtifactMeta, hashed_files, weights_hash, write_meta
 from inference.predictor import Predictor
-from training.acceptance_report import REPORT_DIR, write_acceptance_report
+from training.acceptance_report import REPORT_DIR, REPORT_FILE, write_acceptance_report
 from training.calibration import SensitivityRule, fit_platt, sigmoid, threshold_with_margin
 from training.data import CLASS_NAMES, DataError, list_samples
 from training.site_card import write_site_card
@@ -207,7 +207,7 @@ def site_meta(
         },
         "calibrated_from": f"{base_meta.name} {base_meta.version}",
         "command": command,
-        "report": f"{REPORT_DIR}/report.md",
+        "report": f"{REPORT_DIR}/{REPORT_FILE}",
     }
     return replace(
         base_meta,
