@@ -73,11 +73,14 @@ def study_for_new_instance(
     study = _latest_version(session, meta.study_uid)
     # The limit counts every version: instances past it are refused, never made into a new
     # version (an "amendment" that is only the overflow of one large study).
-    received = session.execute(
-        select(func.coalesce(func.sum(Study.instance_count), 0)).where(
-            Study.study_uid == meta.study_uid
-        )
-    ).scalar_one()
+    if study is None or study.version == 1:
+        received = study.instance_count if study else 0  # no query on the common path
+    else:
+        received = session.execute(
+            select(func.coalesce(func.sum(Study.instance_count), 0)).where(
+                Study.study_uid == meta.study_uid
+            )
+        ).scalar_one()
     if received >= max_instances:
         raise IngestError(
             f"study has {received} instances, limit {max_instances}",
