@@ -13,7 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
-from gateway.listener import TRANSFER_SYNTAXES
+from gateway.receive.listener import TRANSFER_SYNTAXES
 from gateway.settings import Settings
 
 

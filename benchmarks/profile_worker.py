@@ -25,11 +25,11 @@ from sqlalchemy import select  # noqa: E402
 from gateway.db.migrate import upgrade  # noqa: E402
 from gateway.db.models import Job  # noqa: E402
 from gateway.db.session import make_engine, make_session_factory, transaction  # noqa: E402
-from gateway.ingest import Ingestor, Limits, Peer  # noqa: E402
+from gateway.pipeline.studies import complete_study, quiet_study_ids  # noqa: E402
+from gateway.pipeline.tasks import build_delivery_runtime, build_runtime, deliver_study, run_job  # noqa: E402
+from gateway.receive.ingest import Ingestor, Limits, Peer  # noqa: E402
+from gateway.receive.spool import Spool  # noqa: E402
 from gateway.settings import get_settings  # noqa: E402
-from gateway.spool import Spool  # noqa: E402
-from gateway.studies import complete_study, quiet_study_ids  # noqa: E402
-from gateway.tasks import build_delivery_runtime, build_runtime, deliver_study, run_job  # noqa: E402
 from tests import dicom_files  # noqa: E402
 
 SHARED_CR = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"

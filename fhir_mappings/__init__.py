@@ -1,6 +1,6 @@
 """Pure functions from a study finding to FHIR R4 resources and transaction bundles (no I/O).
 
-The worker's calls, in order (``gateway.senders.FhirSender``)::
+The worker's calls, in order (``gateway.deliver.channels.FhirSender``)::
 
     ident = patient_identifier(finding, config)          # None: nothing to resolve
     patient = client.find_patient(ident.system, ident.value) if ident else None

@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
-from fhir_mappings import resources
+import fhir_mappings.resources as resources
 from fhir_mappings.config import FhirMappingConfig, ReportStatus, UnknownPatientPolicy
 from fhir_mappings.ehr import EhrRecords, earlier_version, link_order, report_version_id
 from fhir_mappings.matching import demographic_conflicts

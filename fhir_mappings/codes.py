@@ -38,7 +38,7 @@ ABSENT = coding(SNOMED, "2667000", "Absent")
 POSITIVE = coding(OBS_INTERPRETATION, "POS", "Positive")
 NEGATIVE = coding(OBS_INTERPRETATION, "NEG", "Negative")
 IMAGING_CATEGORY = coding(OBS_CATEGORY, "imaging", "Imaging")
-# The same concept as the SR's measurement (gateway.sr: DCM 122157 "Probability").
+# The same concept as the SR's measurement (gateway.deliver.sr: DCM 122157 "Probability").
 PROBABILITY_CODE = coding(DCM, "122157", "Probability")
 ACCESSION_TYPE = coding(V2_0203, "ACSN", "Accession ID")
 # AI Transparency on FHIR: a security label saying the content was asserted by an AI.

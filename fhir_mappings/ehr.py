@@ -1,9 +1,9 @@
 """What the EHR already holds, as the worker found it before building a bundle, and the pure
 decisions taken on it: the order a report is based on and the report version it replaces.
 
-The worker looks up (``gateway.fhir_client``) the Patient by identifier, the ServiceRequest by
-accession number (``order_identifier``) and, for a later version, the history of our
-DiagnosticReport (``report_search_identifier``); ``plan_delivery`` decides on what it found.
+The worker looks up (``gateway.deliver.fhir_client``) the Patient by identifier, the
+ServiceRequest by accession number (``order_identifier``) and, for a later version, the history
+of our DiagnosticReport (``report_search_identifier``); ``plan_delivery`` decides on what it found.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_mappings import codes
+import fhir_mappings.codes as codes
 from fhir_mappings.config import FhirMappingConfig, UnknownOrderPolicy
 from inference.finding import StudyFinding
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_mappings import codes
+import fhir_mappings.codes as codes
 from fhir_mappings.config import FhirMappingConfig
 from fhir_mappings.dates import instant
 from fhir_mappings.resources import imaging_study_reference

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fhir_mappings import codes
+import fhir_mappings.codes as codes
 from fhir_mappings.config import FhirMappingConfig
 from fhir_mappings.dates import effective_datetime, instant
 from fhir_mappings.summary import conclusion_text, summary_text

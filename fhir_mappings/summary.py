@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pydicom.uid import UID
-
 from inference.finding import StudyFinding
 
 BANNER = "AI-GENERATED RESULT - NOT VERIFIED BY A PHYSICIAN."
@@ -17,9 +15,7 @@ def percent(p: float) -> str:
 
 def received_text(finding: StudyFinding) -> str:
     """What the study held, by DICOM object type (a "no result" report names it)."""
-    kinds = Counter(
-        UID(d.image.sop_class_uid).name for d in finding.declined if d.image.sop_class_uid
-    )
+    kinds = Counter(d.image.sop_class_name for d in finding.declined if d.image.sop_class_uid)
     count = len(finding.images) + len(finding.declined)
     listed = ", ".join(f"{n} x {name}" for name, n in sorted(kinds.items()))
     text = f"{count} image{'s' if count != 1 else ''} received" + (f" ({listed})" if listed else "")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gateway.errors import ConfigurationError
-from gateway.settings import Settings, get_settings
+from gateway.settings import Settings, settings_or_exit
 
 app = typer.Typer(
     name="cxr-gateway",
@@ -30,11 +31,7 @@ app.add_typer(audit_app, name="audit")
 
 
 def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"cxr-gateway: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    return settings_or_exit()
 
 
 @app.command()
@@ -123,8 +120,13 @@ def send(
     batch: Annotated[int, typer.Option(min=1, max=500, help="instances per association")] = 50,
 ) -> None:
     """Send DICOM files (C-STORE) to a receiver, by default this gateway. Exit 1 if any failed."""
-    from gateway.dicom_sender import Destination, DicomSendError, StoreFailedError, StoreResult
-    from gateway.dicom_sender import send as store
+    from gateway.deliver.dicom_store import (
+        Destination,
+        DicomSendError,
+        StoreFailedError,
+        StoreResult,
+    )
+    from gateway.deliver.dicom_store import send as store
 
     settings = _settings() if port is None or aet is None else None
     destination = Destination(
@@ -170,12 +172,12 @@ def check(
     ] = False,
 ) -> None:
     """Readiness checks for container health checks and operators; exit 1 if any fails."""
-    from gateway import health
+    from gateway.monitor import health
 
     settings = _settings()
     results = []
     if storage:
-        from gateway.storage_probe import check_storage
+        from gateway.receive.storage_probe import check_storage
 
         results.extend(check_storage(settings))
     if database:
@@ -203,7 +205,7 @@ def purge_spool_command(
     import getpass
 
     from gateway.db.session import make_engine, make_session_factory
-    from gateway.retention import purge_spool
+    from gateway.receive.retention import purge_spool
 
     sessions = make_session_factory(make_engine(_settings().database))
     result = purge_spool(
@@ -359,7 +361,7 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery i
     import getpass
 
     from gateway.db.session import make_engine, make_session_factory, transaction
-    from gateway.delivery import retry_delivery
+    from gateway.deliver.deliveries import retry_delivery
 
     sessions = make_session_factory(make_engine(_settings().database))
     with transaction(sessions) as session:
@@ -372,25 +374,66 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery i
     typer.echo(f"delivery {delivery_id} will be retried at the next reconciliation")
 
 
-def _register_model_commands() -> None:
-    # train / evaluate / predict / calibrate live with the model code; they import TensorFlow
-    # lazily.
-    from training.cli import register
+@app.command()
+def predict(
+    files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Model artifact folder (default: $CXR_MODEL_DIR, else the shipped one)"),
+    ] = None,
+    heatmap_dir: Annotated[
+        Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
+    ] = None,
+    age: Annotated[
+        str | None,
+        typer.Option(help="The patient's age: years (3), or with a unit (18M, 40W, 200D)"),
+    ] = None,
+) -> None:
+    """Print one JSON object per input file (probability, decision, input check). Outside
+    the model's intended ages (--age, or a DICOM header's age) the answer is "no result"."""
+    _quiet_tensorflow()
+    from inference.file_prediction import predict_file
+    from inference.population import stated_age
+    from inference.predictor import Predictor
 
-    register(app)
+    try:
+        stated = stated_age(age, "--age") if age is not None else None
+    except ValueError as exc:
+        typer.echo(f"predict: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    predictor = Predictor.load(model)
+    failed = False
+    for path in files:
+        result, png = predict_file(predictor, path, heatmap=heatmap_dir is not None, age=stated)
+        if png is not None and heatmap_dir is not None:
+            heatmap_dir.mkdir(parents=True, exist_ok=True)
+            (heatmap_dir / f"{path.name}.heatmap.png").write_bytes(png)
+        failed = failed or "error" in result
+        typer.echo(json.dumps(result))
+    if failed:
+        raise typer.Exit(1)
 
 
-def _register_web_commands() -> None:
-    # web / users live with the console code; FastAPI and uvicorn are imported lazily.
-    from gateway.web.cli import register
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    register(app)
+
+def build_app() -> typer.Typer:
+    """The whole command line: the commands here, the model commands (train, evaluate,
+    calibrate: training/, which import TensorFlow and the training extra lazily) and the
+    console's (web, users: FastAPI and uvicorn imported lazily). Registered once."""
+    from gateway.web.cli import register as register_web
+    from training.cli import register as register_model
+
+    names = {command.name for command in app.registered_commands}
+    if "train" not in names:
+        register_model(app)
+        register_web(app)
+    return app
 
 
 def main() -> None:
-    _register_model_commands()
-    _register_web_commands()
-    app()
+    build_app()()
 
 
 if __name__ == "__main__":

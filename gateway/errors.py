@@ -9,7 +9,9 @@ from __future__ import annotations
 class GatewayError(Exception):
     """Base class of every error the gateway raises on purpose."""
 
-    def __init__(self, message: str, *, study_uid: str = "", sop_instance_uid: str = "") -> None:
+    def __init__(
+        self, message: str = "", *, study_uid: str = "", sop_instance_uid: str = ""
+    ) -> None:
         super().__init__(message)
         self.study_uid = study_uid
         self.sop_instance_uid = sop_instance_uid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -177,8 +178,8 @@ class Settings(BaseSettings):
     # Ages (completed years, "MIN-MAX") that get a result; empty: the model's own population.
     # Wider than the model's is allowed, audited at start-up, and said in every such report.
     intended_age_years: str = ""
-    # Drift monitoring (gateway.drift): the first this-many reported studies of a model are its
-    # reference, later ones are judged in windows of as many; a measure outside its band of
+    # Drift monitoring (gateway.monitor.drift): the first this-many reported studies of a model
+    # are its reference, later ones are judged in windows of as many; a measure outside its band of
     # drift_band_se standard errors in drift_consecutive_windows windows in a row is warned.
     drift_window_studies: int = Field(default=200, ge=20, le=100_000)
     drift_consecutive_windows: int = Field(default=3, ge=1, le=100)
@@ -447,3 +448,13 @@ def _check_production(settings: Settings) -> None:
         problems.append("an https CXR_FHIR_BASE_URL")
     if problems:
         raise ValueError("production needs " + "; ".join(problems))
+
+
+def settings_or_exit() -> Settings:
+    """The settings, for a command-line entrypoint: on a configuration error, the message on
+    stderr and exit code 2 (the command-line contract)."""
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        print(f"cxr-gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

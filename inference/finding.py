@@ -34,6 +34,13 @@ class SourceImage:
     sop_instance_uid: str
     series_instance_uid: str
 
+    @property
+    def sop_class_name(self) -> str:
+        """The SOP class's name in the DICOM dictionary (the UID itself when unknown)."""
+        from pydicom.uid import UID
+
+        return str(UID(self.sop_class_uid).name)
+
 
 @dataclass(frozen=True)
 class DeclinedImage:
@@ -100,7 +107,7 @@ class StudyFinding:
     previous_report_id: str = ""
     previous_version: int = 0
     # The input check's (out-of-distribution) score of each image the model saw, used or
-    # declined by an image check, in instance order; for drift monitoring (gateway.drift).
+    # declined by an image check, in instance order; for drift monitoring (gateway.monitor.drift).
     input_scores: tuple[float, ...] = ()
 
     @property

@@ -1,6 +1,6 @@
-"""``python -m training train|evaluate|predict ...``: the model commands without the gateway.
+"""``python -m training train|evaluate|calibrate ...``: the model commands without the gateway.
 
-Same commands and options as ``cxr-gateway train|evaluate|predict``.
+Same commands and options as ``cxr-gateway train|evaluate|calibrate``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Model commands of the ``cxr-gateway`` CLI: train, evaluate, predict.
+"""Model commands of the ``cxr-gateway`` CLI: train, evaluate, calibrate (the training extra).
 
 TensorFlow is imported inside the commands only, so that the CLI starts fast for the others.
 """
@@ -19,9 +19,23 @@ from training.metrics import METRIC_NAMES
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
 
 
-def _quiet_tensorflow() -> None:
+TRAINING_EXTRA = ("matplotlib", "scipy", "sklearn")
+
+
+def _prepare(command: str) -> None:
+    """Quiet TensorFlow's start-up; exit 2 with a clear message when the training extra
+    (scikit-learn, SciPy, Matplotlib) is not installed: the serving install leaves it out."""
+    import importlib.util
     import os
 
+    missing = [name for name in TRAINING_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        typer.echo(
+            f"{command}: needs the training extra ({', '.join(missing)} missing): "
+            "pip install -c constraints.txt -e '.[training]'",
+            err=True,
+        )
+        raise typer.Exit(2)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -98,9 +112,9 @@ def train(
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
     if split not in ("random", "batch", "low"):
         raise typer.BadParameter("must be 'random', 'batch' or 'low'", param_hint="--split")
-    _quiet_tensorflow()
+    _prepare("train")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from training.train import TrainConfig
+    from training.config import TrainConfig
     from training.train import train as run
 
     command = "cxr-gateway " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -154,7 +168,7 @@ def evaluate(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals")] = 1000,
 ) -> None:
     """Evaluate a model artifact on a labelled folder at its fixed threshold."""
-    _quiet_tensorflow()
+    _prepare("evaluate")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from inference.artifact import ArtifactError
     from training.data import DataError
@@ -175,45 +189,6 @@ def evaluate(
     if skipped:
         typer.echo(f"left out {skipped} unreadable file(s), listed in metrics.json", err=True)
     typer.echo(f"report: {out / 'metrics.json'}")
-
-
-def predict(
-    files: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files")],
-    model: Annotated[
-        Path | None,
-        typer.Option(help="Model artifact folder (default: $CXR_MODEL_DIR, else the shipped one)"),
-    ] = None,
-    heatmap_dir: Annotated[
-        Path | None, typer.Option(help="Write <file>.heatmap.png overlays here")
-    ] = None,
-    age: Annotated[
-        str | None,
-        typer.Option(help="The patient's age: years (3), or with a unit (18M, 40W, 200D)"),
-    ] = None,
-) -> None:
-    """Print one JSON object per input file (probability, decision, input check). Outside
-    the model's intended ages (--age, or a DICOM header's age) the answer is "no result"."""
-    _quiet_tensorflow()
-    from inference.population import stated_age
-    from inference.predictor import Predictor
-    from training.evaluate import predict_file
-
-    try:
-        stated = stated_age(age, "--age") if age is not None else None
-    except ValueError as exc:
-        typer.echo(f"predict: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    predictor = Predictor.load(model)
-    failed = False
-    for path in files:
-        result, png = predict_file(predictor, path, heatmap=heatmap_dir is not None, age=stated)
-        if png is not None and heatmap_dir is not None:
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
-            (heatmap_dir / f"{path.name}.heatmap.png").write_bytes(png)
-        failed = failed or "error" in result
-        typer.echo(json.dumps(result))
-    if failed:
-        raise typer.Exit(1)
 
 
 def calibrate(
@@ -237,7 +212,7 @@ def calibrate(
 ) -> None:
     """Site calibration: the model's weights with a calibration and threshold fitted on a
     labelled local sample, as a new artifact with a local acceptance report."""
-    _quiet_tensorflow()
+    _prepare("calibrate")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from inference.artifact import ArtifactError
     from inference.predictor import default_model_dir
@@ -265,8 +240,7 @@ def calibrate(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the model commands (train, evaluate, predict, calibrate) to the gateway's CLI app."""
+    """Add the model commands (train, evaluate, calibrate) to the gateway's CLI app."""
     app.command("train")(train)
     app.command("evaluate")(evaluate)
-    app.command("predict")(predict)
     app.command("calibrate")(calibrate)

@@ -41,7 +41,7 @@ from training.report import write_report
 if TYPE_CHECKING:
     # Annotations only: inference.model loads TensorFlow, and training.train calls finalize.
     from inference.model import ModelRunner
-    from training.train import Prepared, TrainConfig
+    from training.config import Prepared, TrainConfig
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "cxr-pneumonia"

@@ -24,7 +24,7 @@ from training.export_types import F32, Calibration, ValidationPasses, run_batche
 if TYPE_CHECKING:
     # Annotations only: inference.model loads TensorFlow, and training.train calls finalize.
     from inference.model import ModelRunner
-    from training.train import Prepared, TrainConfig
+    from training.config import Prepared, TrainConfig
 
 _Pixel = TypeVar("_Pixel", bound=np.generic)
 

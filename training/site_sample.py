@@ -1,6 +1,6 @@
 """A labelled local sample scored the way the gateway scores it, for site calibration.
 
-Every file goes through the predictor's own path (``training.evaluate.predict_file``: DICOM
+Every file goes through the predictor's own path (``inference.file_prediction.predict_file``: DICOM
 header rules and decoding, the colour check, the out-of-distribution and upside-down checks),
 so an image the gateway would answer with "no result" is left out of the calibration and
 counted with its reason. The raw ensemble logit of each accepted image is kept: calibration is
@@ -97,7 +97,7 @@ def score_sample(predictor: Predictor, samples: list[Sample]) -> SiteSample:
     Raises RuntimeError if a recorded logit does not give the predictor's own probability
     (the recording would then be of another image).
     """
-    from training.evaluate import predict_file
+    from inference.file_prediction import predict_file
 
     recorder = _LogitRecorder(predictor.runner)
     predictor.runner = recorder

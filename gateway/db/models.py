@@ -72,6 +72,21 @@ class JobState(enum.StrEnum):
     SUPERSEDED = "superseded"  # its study reopened before processing started
 
 
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # created with the finding, not yet tried
+    SENDING = "sending"  # a worker is trying it (next_attempt_at is its lease)
+    RETRYING = "retrying"  # the last attempt failed; next_attempt_at says when to try again
+    DELIVERED = "delivered"
+    SKIPPED = "skipped"  # nothing to send there (e.g. a no-result SR when those are off)
+    HELD = "held"  # waits for an administrator (e.g. the EHR does not know the patient)
+    FAILED = "failed"  # permanently, or after the maximum attempts
+
+
+# Deliveries a worker may still attempt; those an administrator may ask to retry.
+UNFINISHED_DELIVERY = (DeliveryState.PENDING, DeliveryState.RETRYING, DeliveryState.SENDING)
+RETRYABLE_DELIVERY = (DeliveryState.FAILED, DeliveryState.HELD, DeliveryState.RETRYING)
+
+
 class Study(Base):
     """One version of a study. New instances after processing started make version + 1."""
 
@@ -97,8 +112,9 @@ class Study(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     finding_json: Mapped[str | None] = mapped_column(Text, default=None)
-    # This version's report id: a random UUID minted once (gateway.processing.report_identity);
-    # the SR's UIDs derive from it. NULL until the first inference.
+    # This version's report id: a random UUID minted once
+    # (gateway.pipeline.inference_stage.report_identity); the SR's UIDs derive from it.
+    # NULL until the first inference.
     report_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -164,7 +180,7 @@ class Delivery(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # "dicom-sr" | "fhir" | "outbox"
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     last_error: Mapped[str] = mapped_column(Text, default="")

@@ -13,13 +13,11 @@ from typing import Annotated
 import typer
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.settings import Settings
+from gateway.settings import Settings, settings_or_exit
 
 
 def _settings() -> Settings:
-    from gateway.cli import _settings as settings
-
-    return settings()
+    return settings_or_exit()
 
 
 def _sessions() -> sessionmaker[Session]:

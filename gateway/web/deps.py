@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
 from gateway.db.session import transaction
+from gateway.errors import GatewayError
 from gateway.settings import Settings
 from gateway.web.model import LazyPredictor
 from gateway.web.users import CurrentUser, csrf_ok, resolve_session
@@ -49,15 +50,15 @@ class WebContext:
     templates: Jinja2Templates = field(default_factory=make_templates)
 
 
-class NotAuthenticated(Exception):
+class NotAuthenticated(GatewayError):
     """No valid session: 401 for the API, a redirect to /login for pages."""
 
 
-class Forbidden(Exception):
+class Forbidden(GatewayError):
     """Logged in, but the role does not allow this."""
 
 
-class BadCsrf(Exception):
+class BadCsrf(GatewayError):
     """A state-changing request without the session's CSRF token."""
 
 

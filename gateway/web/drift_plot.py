@@ -8,7 +8,7 @@ import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.drift import Band, Judged
+from gateway.monitor.drift import Band, Judged
 
 WIDTH, PANEL_HEIGHT = 900, 140
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 22, 18

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import GatewayError
 from inference.bounded_read import InputTooLarge
 from inference.population import AgeRange, PatientAge, patient_age
 from inference.predictor import Prediction, Predictor, default_model_dir
@@ -46,15 +47,15 @@ class UploadResult:
         }
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(GatewayError):
     """The upload is not a DICOM, PNG or JPEG image we can decode."""
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(GatewayError):
     """The model artifact cannot be loaded (missing, or its content hash does not match)."""
 
 
-class AgeNeeded(Exception):
+class AgeNeeded(GatewayError):
     """A PNG/JPEG upload without the patient's age: nothing else says who the patient is."""
 
 

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from gateway.db.session import transaction
+from gateway.errors import GatewayError
 from gateway.web.deps import audit, check_csrf, context, current_user, problem, render
 from gateway.web.pages_auth import throttled, throttled_message
 from gateway.web.users import (
@@ -31,7 +32,7 @@ class PasswordChange(BaseModel):
     new_password: str
 
 
-class Throttled(Exception):
+class Throttled(GatewayError):
     """Too many wrong current passwords from this address: wait, then try again."""
 
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.audit import AuditFilter, event_as_dict, list_events
 from gateway.audit_checkpoint import CheckpointLog, verify_audit
+from gateway.errors import GatewayError
 from gateway.web.deps import OVERSIGHT, audit, context, problem, render, require
 from gateway.web.users import CurrentUser
 
@@ -42,7 +43,7 @@ COLUMNS = (
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-class BadFilter(ValueError):
+class BadFilter(GatewayError, ValueError):
     pass
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from gateway.db.models import AuditEvent, utcnow
 from gateway.db.session import transaction
+from gateway.errors import GatewayError
 from gateway.web.deps import (
     SESSION_COOKIE,
     audit,
@@ -49,7 +50,7 @@ def _set_cookie(request: Request, response: Response, name: str, value: str) -> 
     )
 
 
-class LoginThrottled(Exception):
+class LoginThrottled(GatewayError):
     """Too many failed logins for this user name from this address: wait, then try again."""
 
 

@@ -1,8 +1,8 @@
 """The drift panel (/drift and /api/drift) and its Prometheus gauges, for admins and auditors.
 
 Everything is computed from the database when the page, the API or /metrics is read
-(gateway.drift_monitor), so the console shows what the listener's drift check judges, whatever
-process it runs in. The rules of the bands are in gateway.drift.
+(gateway.monitor.drift_monitor), so the console shows what the listener's drift check judges,
+whatever process it runs in. The rules of the bands are in gateway.monitor.drift.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway import drift
 from gateway.db.session import READ_ONLY
-from gateway.drift_monitor import DriftMonitor, Snapshot
+from gateway.monitor import drift
+from gateway.monitor.drift_monitor import DriftMonitor, Snapshot
 from gateway.web.deps import OVERSIGHT, context, render, require
 from gateway.web.drift_plot import band_text, fmt, plot
 from gateway.web.users import CurrentUser

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
+from gateway.db.models import DeliveryState
 from gateway.db.session import transaction
-from gateway.delivery import retry_delivery
+from gateway.deliver.deliveries import retry_delivery
 from gateway.web import queries
 from gateway.web.deps import (
     OVERSIGHT,
@@ -213,4 +214,6 @@ def retry_api(request: Request, user: Admin, delivery_id: int) -> Response:
     check_csrf(request, user, None)
     if not _retry(request, user, delivery_id):
         return problem(409, "Conflict", "no such delivery, or it is not failed or held")
-    return JSONResponse({"delivery_id": delivery_id, "state": "retrying"}, status_code=202)
+    return JSONResponse(
+        {"delivery_id": delivery_id, "state": DeliveryState.RETRYING}, status_code=202
+    )

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
+from gateway.errors import GatewayError
 from gateway.web.deps import PREDICTORS, audit, check_csrf, context, problem, render, require
 from gateway.web.model import AgeNeeded, ModelUnavailable, UnreadableImage, UploadResult
 from gateway.web.users import CurrentUser
@@ -33,7 +34,7 @@ UPLOAD_SECONDS = Histogram(
 )
 
 
-class Rejected(Exception):
+class Rejected(GatewayError):
     def __init__(self, status: int, message: str, reason: str) -> None:
         super().__init__(message)
         self.status, self.message, self.reason = status, message, reason

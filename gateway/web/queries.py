@@ -11,11 +11,10 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from gateway.audit import AuditFilter, event_as_dict, list_events
-from gateway.db.models import AuditEvent, Delivery, Instance, Job, Study, utcnow
+from gateway.db.models import RETRYABLE_DELIVERY, AuditEvent, Delivery, Instance, Job, Study, utcnow
 
 PAGE_SIZE = 25
 WORKER_SILENT_MINUTES = 10
-FAILED_DELIVERY_STATES = ("failed", "held", "retrying")
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -45,7 +44,7 @@ def dashboard(session: Session, *, now: dt.datetime | None = None) -> dict[str, 
     waiting = sum(queue.values())
     failures = session.execute(
         select(Delivery.destination, Delivery.kind, Delivery.state, func.count())
-        .where(Delivery.state.in_(FAILED_DELIVERY_STATES))
+        .where(Delivery.state.in_(RETRYABLE_DELIVERY))
         .group_by(Delivery.destination, Delivery.kind, Delivery.state)
         .order_by(Delivery.destination)
     ).all()
@@ -192,7 +191,7 @@ def study_detail(session: Session, study_id: int) -> dict[str, Any] | None:
                 "last_error": d.last_error,
                 "next_attempt_at": _iso(d.next_attempt_at),
                 "remote_ids": json.loads(d.remote_ids) if d.remote_ids else {},
-                "retryable": d.state in FAILED_DELIVERY_STATES,
+                "retryable": d.state in RETRYABLE_DELIVERY,
             }
             for d in deliveries
         ],

@@ -66,7 +66,7 @@ def run_web(settings: Settings) -> None:
     """The console alone, in the foreground (``cxr-gateway web``); migrates first."""
     from gateway.db.migrate import upgrade
     from gateway.db.session import make_engine
-    from gateway.service import exit_with_supervisor
+    from gateway.supervise import exit_with_supervisor
 
     exit_with_supervisor()
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ from fhir_mappings import (
     patient_identifier,
     plan_delivery,
 )
-from gateway.fhir_client import (
+from gateway.deliver.channels import look_up
+from gateway.deliver.fhir_client import (
     FhirAuthError,
     FhirClient,
     FhirClientConfig,
@@ -24,7 +25,6 @@ from gateway.fhir_client import (
     FhirRejected,
     FhirUnavailable,
 )
-from gateway.senders import look_up
 from tests.fhir.conftest import (
     BEARER_TOKEN,
     MRN,
@@ -74,7 +74,7 @@ def create_patient(
 
 
 def deliver(client: FhirClient, finding: Any, config: FhirMappingConfig) -> Any:
-    """What the worker does (gateway.senders.FhirSender): look up, plan, post."""
+    """What the worker does (gateway.deliver.channels.FhirSender): look up, plan, post."""
     plan = plan_delivery(finding, config, ehr=look_up(client, finding, config))
     assert plan.status is DeliveryStatus.READY, plan.reason
     assert plan.bundle is not None

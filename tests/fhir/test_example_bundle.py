@@ -6,7 +6,7 @@ import base64
 import json
 from pathlib import Path
 
-from fhir_mappings.example import example_bundle, render
+from gateway.deliver.fhir_example import example_bundle, render
 from inference.artifact import read_meta
 from inference.predictor import DEFAULT_MODEL_DIR
 
@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "fhir-example-bundle.json"
 def test_committed_example_equals_a_fresh_build() -> None:
     assert DOC.read_text(encoding="utf-8") == render(example_bundle()), (
         "docs/fhir-example-bundle.json is stale: "
-        "run .venv/bin/python -m fhir_mappings.example > docs/fhir-example-bundle.json"
+        "run .venv/bin/python -m gateway.deliver.fhir_example > docs/fhir-example-bundle.json"
     )
 
 

@@ -18,8 +18,8 @@ from fhir_mappings.matching import demographic_conflicts, fold_name
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Delivery, Study
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.delivery import FHIR, DeliveryJob, attempt, create_deliveries
-from gateway.senders import FhirSender
+from gateway.deliver.channels import FhirSender
+from gateway.deliver.deliveries import FHIR, DeliveryJob, attempt, create_deliveries
 from gateway.settings import Settings
 from inference.finding import StudyContext
 from tests.fhir.conftest import (
@@ -83,7 +83,7 @@ def encounter(server: FhirTestServer, patient_id: str) -> str:
 
 
 def plan_on(server: FhirTestServer, config: FhirMappingConfig, finding: Any = None) -> Any:
-    from gateway.senders import look_up
+    from gateway.deliver.channels import look_up
 
     finding = finding or make_finding()
     with client_for(server) as client:

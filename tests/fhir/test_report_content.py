@@ -12,7 +12,7 @@ import pytest
 from fhir_mappings import FhirMappingConfig, plan_delivery
 from fhir_mappings.dates import effective_datetime, utc_offset
 from fhir_mappings.provenance import UNNAMED_ORGANIZATION
-from gateway.sr import PROBABILITY
+from gateway.deliver.sr import PROBABILITY
 from inference.finding import DeclinedImage, SourceImage, StudyContext, StudyFinding
 from tests.fhir.conftest import STUDY_UID, FhirTestServer, found, make_finding
 from tests.fhir.test_client_server import client_for, create_patient, deliver, search

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from gateway.delivery import FHIR, DeliveryJob, PermanentDeliveryError
+from gateway.deliver.channels import FhirSender
+from gateway.deliver.deliveries import FHIR, DeliveryJob, PermanentDeliveryError
+from gateway.deliver.fhir_client import JWT_BEARER, FhirClient, FhirClientConfig
 from gateway.errors import ConfigurationError
-from gateway.fhir_client import JWT_BEARER, FhirClient, FhirClientConfig
-from gateway.senders import FhirSender
 from gateway.settings import Settings, get_settings
 from tests.fhir.conftest import (
     BEARER_TOKEN,

@@ -16,7 +16,7 @@ from fhir_mappings import FhirMappingConfig
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent
 from gateway.db.session import make_engine, make_session_factory
-from gateway.senders import announce_report_status
+from gateway.deliver.channels import announce_report_status
 from gateway.settings import Settings
 from inference.finding import StudyFinding
 from tests.fhir.conftest import STUDY_UID, FhirTestServer, make_finding, report_id_for

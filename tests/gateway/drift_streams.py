@@ -1,5 +1,5 @@
 """Synthetic streams of findings for the drift tests: a steady site and a shifted one, stored
-as the worker stores them (gateway.processing serialises the StudyFinding)."""
+as the worker stores them (gateway.pipeline.inference_stage serialises the StudyFinding)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.db.models import Study, StudyState
 from gateway.db.session import transaction
-from gateway.drift import Observation, observation
-from gateway.processing import _json
+from gateway.monitor.drift import Observation, observation
+from gateway.pipeline.inference_stage import _json
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 
 MODEL_HASH = "5a" * 32

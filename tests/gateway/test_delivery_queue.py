@@ -12,8 +12,8 @@ import pytest
 from gateway.db.migrate import upgrade
 from gateway.db.models import Delivery, Study, utcnow
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.delivery import FHIR, OUTBOX, SR, due_deliveries
-from gateway.queue import (
+from gateway.deliver.deliveries import FHIR, OUTBOX, SR, due_deliveries
+from gateway.pipeline.celery_app import (
     DELIVERY_QUEUE_NAME,
     DELIVERY_REPUBLISH_SECONDS,
     QUEUE_NAME,

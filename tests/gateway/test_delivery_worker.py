@@ -31,14 +31,13 @@ DELIVERY_WORKER = textwrap.dedent(
     """
     import sys
     from gateway import cli
-    cli._register_model_commands()
-    cli._register_web_commands()
+    cli.build_app()
     from gateway.db.migrate import upgrade
     from gateway.db.session import make_engine
-    from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY, make_celery
+    from gateway.pipeline.celery_app import TASK_DELIVER, TASK_PROCESS_STUDY, make_celery
     from gateway.service import run_worker
     from gateway.settings import Settings
-    from gateway.tasks import build_delivery_runtime, register_tasks
+    from gateway.pipeline.tasks import build_delivery_runtime, register_tasks
 
     settings = Settings(data_dir=sys.argv[1])
     upgrade(make_engine(settings.database))

@@ -17,15 +17,20 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from gateway import drift
-from gateway.coordinator import Coordinator
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Instance, Study
 from gateway.db.session import make_engine, make_session_factory
-from gateway.processing import CHANGED_SINCE_RECEIPT, ImageResult, InferenceStage, input_scores
-from gateway.queue import make_celery
+from gateway.monitor import drift
+from gateway.pipeline.celery_app import make_celery
+from gateway.pipeline.coordinator import Coordinator
+from gateway.pipeline.inference_stage import (
+    CHANGED_SINCE_RECEIPT,
+    ImageResult,
+    InferenceStage,
+    input_scores,
+)
+from gateway.pipeline.runtime import WorkerRuntime
 from gateway.settings import Settings
-from gateway.tasks import WorkerRuntime
 from inference.finding import SourceImage, StudyFinding
 from inference.input_check import colour_decline_reason, decline_reasons, header_decline_reason
 from inference.population import AgeRange, PatientAge, age_decline_reason

@@ -6,7 +6,12 @@ import datetime as dt
 import sqlite3
 from collections.abc import Callable
 
-from gateway.queue import QUEUE_NAME, embedded_queue_engine, make_celery, prune_embedded_queue
+from gateway.pipeline.celery_app import (
+    QUEUE_NAME,
+    embedded_queue_engine,
+    make_celery,
+    prune_embedded_queue,
+)
 from gateway.settings import Settings
 
 

@@ -355,7 +355,7 @@ def test_instances_after_processing_start_a_new_version(
     assert storescu(gw.port, first).returncode == 0
     wait_until(lambda: len(audit(gw, "study.queued")) == 1, 20, "audit event")
     # A worker takes the job (simulated by the state a claim leaves behind).
-    from gateway.tasks import claim_job
+    from gateway.pipeline.tasks import claim_job
 
     with gw.sessions() as session:
         job_id = session.execute(select(Job.id)).scalar_one()
@@ -387,7 +387,7 @@ def test_instance_before_processing_reopens_the_study(
     )
     time.sleep(1.2)
     from gateway.db.session import transaction
-    from gateway.studies import complete_study, quiet_study_ids
+    from gateway.pipeline.studies import complete_study, quiet_study_ids
 
     with transaction(gw.sessions) as session:
         (study_id,) = quiet_study_ids(session, 1.0)
@@ -422,7 +422,7 @@ def test_dicom_tls_with_client_certificates(
 ) -> None:
     import ssl
 
-    from gateway.dicom_sender import AssociationFailedError, Destination, send
+    from gateway.deliver.dicom_store import AssociationFailedError, Destination, send
 
     server_key, server_crt = _self_signed(tmp_path, "gateway")
     client_key, client_crt = _self_signed(tmp_path, "pacs")
@@ -502,8 +502,8 @@ def test_spooled_files_without_a_row_are_recorded_at_start(
     assert [json.loads(e.detail)["reason"] for e in failed] == ["unreadable_spool_file"]
     # A second listener recording the same file at the same moment loses the race on the
     # unique SOP Instance UID: it must leave the file alone (it is the one now recorded).
-    from gateway.ingest import Peer
-    from gateway.spool import SpooledFile
+    from gateway.receive.ingest import Peer
+    from gateway.receive.spool import SpooledFile
 
     assert gw2.process.listener is not None
     racer = gw2.process.listener.ingestor
@@ -529,8 +529,8 @@ def test_spool_write_keeps_no_hold_on_the_received_bytes(
     (whose checksum runs on another thread) must be done with it by then."""
     import threading
 
-    from gateway import spool as spool_module
-    from gateway.spool import Spool
+    from gateway.receive import spool as spool_module
+    from gateway.receive.spool import Spool
 
     spool = Spool(tmp_path / "spool", min_free_bytes=0)
     spool.prepare()

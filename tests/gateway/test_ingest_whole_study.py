@@ -23,8 +23,8 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from gateway.db.models import AuditEvent, Instance, Study
-from gateway.heatmap_sc import build_heatmap_sc
-from gateway.sr import build_sr
+from gateway.deliver.heatmap_sc import build_heatmap_sc
+from gateway.deliver.sr import build_sr
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests import dicom_files as files
 from tests.conftest import RunningGateway

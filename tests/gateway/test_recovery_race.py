@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Instance
 from gateway.db.session import make_engine, make_session_factory
-from gateway.ingest import SUCCESS, Ingestor, Limits, Peer
-from gateway.spool import Buffer, Spool, SpooledFile
+from gateway.receive.ingest import SUCCESS, Ingestor, Limits, Peer
+from gateway.receive.spool import Buffer, Spool, SpooledFile
 from tests import dicom_files as files
 
 LIMITS = Limits(max_instance_bytes=64 << 20, max_instances_per_study=100)

@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.db.migrate import upgrade
 from gateway.db.models import Instance, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.ingest import Ingestor, Limits
-from gateway.processing import predict_instance
-from gateway.retention import purge_spool
+from gateway.pipeline.inference_stage import predict_instance
+from gateway.receive.ingest import Ingestor, Limits
+from gateway.receive.retention import purge_spool
+from gateway.receive.spool import Spool
 from gateway.settings import Settings
-from gateway.spool import Spool
 from tests import dicom_files as files
 
 

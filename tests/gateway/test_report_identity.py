@@ -16,10 +16,10 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from gateway.db.models import Delivery, Study
-from gateway.delivery import SR, load_job
-from gateway.processing import InferenceStage
-from gateway.senders import SrSender
-from gateway.tasks import WorkerRuntime
+from gateway.deliver.channels import SrSender
+from gateway.deliver.deliveries import SR, load_job
+from gateway.pipeline.inference_stage import InferenceStage
+from gateway.pipeline.runtime import WorkerRuntime
 from tests import dicom_files as files
 from tests.conftest import RunningGateway
 from tests.peers import storescu

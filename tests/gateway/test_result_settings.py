@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from gateway.delivery import FHIR, OUTBOX, SR, DeliveryJob
+from gateway.deliver.channels import FhirSender, SrSender
+from gateway.deliver.deliveries import FHIR, OUTBOX, SR, DeliveryJob
 from gateway.errors import ConfigurationError
-from gateway.senders import FhirSender, SrSender
 from gateway.settings import Settings
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests import dicom_files as files

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from gateway.dicom_sender import Destination, send
+from gateway.deliver.dicom_store import Destination, send
 from tests import dicom_files as files
 from tests.gateway.helpers import Recorded, wait_until
 from tests.peers import ROOT, GatewayProcess, free_port, run_cli, start_gateway
@@ -164,7 +164,7 @@ def test_serve_refuses_to_start_when_the_console_port_is_taken(tmp_path: Path) -
 
 PROBE = """
 import ctypes, os
-from gateway.service import exit_with_supervisor
+from gateway.supervise import exit_with_supervisor
 exit_with_supervisor()
 signal = ctypes.c_int()
 ctypes.CDLL(None).prctl(2, ctypes.byref(signal), 0, 0, 0)  # PR_GET_PDEATHSIG

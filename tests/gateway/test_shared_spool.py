@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import spool as spool_module
-from gateway.spool import Spool
+from gateway.receive import spool as spool_module
+from gateway.receive.spool import Spool
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_start_up_of_another_listener_keeps_a_write_in_progress(
 def _start_other_listener(root: Path) -> None:
     """Run Spool.prepare() in another process, as a listener's start does."""
     code = (
-        "import sys; from pathlib import Path; from gateway.spool import Spool\n"
+        "import sys; from pathlib import Path; from gateway.receive.spool import Spool\n"
         "Spool(Path(sys.argv[1]), min_free_bytes=0).prepare()"
     )
     repo = Path(spool_module.__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_start_up_removes_only_what_gone_writers_left(tmp_path: Path, live_pid: 
     """Temp folders of exited processes of this host, and anything of another host untouched
     for STALE_SECONDS, are removed; a live process's files and another host's recent ones stay.
     A writer whose idle folder was removed makes it again at its next write."""
-    from gateway.spool import STALE_SECONDS
+    from gateway.receive.spool import STALE_SECONDS
 
     root = tmp_path / "spool"
     incoming = root / ".incoming"

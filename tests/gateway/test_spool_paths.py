@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import Spool, spool_file
+from gateway.receive.spool import Spool, spool_file
 
 
 def test_a_relative_spool_root_records_absolute_paths(

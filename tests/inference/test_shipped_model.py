@@ -98,7 +98,7 @@ def test_real_dicoms(predictor: Predictor) -> None:
 
 
 def test_colour_photo_gets_no_result_from_predict(tmp_path: Path, predictor: Predictor) -> None:
-    from training.evaluate import predict_file
+    from inference.file_prediction import predict_file
 
     rng = np.random.default_rng(3)
     photo_path = tmp_path / "holiday.jpg"

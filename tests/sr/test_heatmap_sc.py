@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from gateway.heatmap_sc import NOT_FOR_DIAGNOSIS, build_heatmap_sc
-from gateway.sr import SRBuildError, device_uid
+from gateway.deliver.heatmap_sc import NOT_FOR_DIAGNOSIS, build_heatmap_sc
+from gateway.deliver.sr import SRBuildError, device_uid
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.sr.conftest import FIXTURES
 from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, save

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from gateway.dicom_sender import (
+from gateway.deliver.dicom_store import (
     AssociationFailedError,
     Destination,
     StoreFailedError,
@@ -22,8 +22,8 @@ from gateway.dicom_sender import (
     send,
     send_with_retries,
 )
-from gateway.heatmap_sc import build_heatmap_sc
-from gateway.sr import build_sr, sr_reference
+from gateway.deliver.heatmap_sc import build_heatmap_sc
+from gateway.deliver.sr import build_sr, sr_reference
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.orthanc import Orthanc, start_orthanc
 from tests.peers import free_port

@@ -15,8 +15,8 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage
 
-from gateway import sr as srmod
-from gateway.sr import SRBuildError, SRReference, build_sr, device_uid, sr_reference
+from gateway.deliver import sr as srmod
+from gateway.deliver.sr import SRBuildError, SRReference, build_sr, device_uid, sr_reference
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.sr.conftest import FIXTURES
 from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, dsrdump, save
@@ -55,7 +55,7 @@ def image_of(ds: Dataset) -> SourceImage:
 
 def report_id_for(study_uid: str, version: int) -> str:
     """A fixed UUID per (study, version), so that tests are reproducible; the worker mints
-    random ones (gateway.processing.report_identity)."""
+    random ones (gateway.pipeline.inference_stage.report_identity)."""
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{study_uid}/v{version}"))
 
 

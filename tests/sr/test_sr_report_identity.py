@@ -16,9 +16,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage
 
-from gateway import sr as srmod
-from gateway.heatmap_sc import build_heatmap_sc
-from gateway.sr import build_sr, sr_reference
+from gateway.deliver import sr as srmod
+from gateway.deliver.heatmap_sc import build_heatmap_sc
+from gateway.deliver.sr import build_sr, sr_reference
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.sr.conftest import FIXTURES
 from tests.sr.dicom_tools import ACCEPTED_WARNINGS, dciodvfy, dsrdump, save

@@ -22,10 +22,10 @@ from sqlalchemy import select
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Delivery, Instance, Study
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.delivery import SR, DeliveryJob, attempt
-from gateway.dicom_sender import AssociationFailedError
+from gateway.deliver.channels import SrSender
+from gateway.deliver.deliveries import SR, DeliveryJob, attempt
+from gateway.deliver.dicom_store import AssociationFailedError
 from gateway.errors import ConfigurationError
-from gateway.senders import SrSender
 from gateway.settings import Settings
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.peers import free_port, missing_peer, stop_process, wait_for_port

@@ -220,8 +220,8 @@ def test_site_artifact_predicts_through_cxr_model_dir(
 def test_worker_loads_the_site_artifact(
     calibrated: tuple[Path, Path, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from gateway.pipeline.tasks import build_runtime
     from gateway.settings import get_settings
-    from gateway.tasks import build_runtime
 
     _, out, _ = calibrated
     monkeypatch.setenv("CXR_MODEL_DIR", str(out))

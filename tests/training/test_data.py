@@ -150,7 +150,8 @@ def test_reframing_changes_normal_images_only() -> None:
 
 def test_training_run_records_the_low_split(tmp_path: Path) -> None:
     from inference.preprocess import PreprocessConfig
-    from training.train import TrainConfig, prepare
+    from training.config import TrainConfig
+    from training.train import prepare
 
     config = TrainConfig(data=FIXTURES, out=tmp_path, split="low", val_fraction=0.2)
     prep = prepare(config, PreprocessConfig(size=32))

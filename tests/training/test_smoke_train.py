@@ -9,17 +9,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from gateway.cli import build_app
 from tests.inference.dicom_synth import make_dataset
 from tests.smoke_model import smoke_train_args
-from training.cli import register
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "images" / "kermany"
 
 
 def app() -> typer.Typer:
-    a = typer.Typer()
-    register(a)
-    return a
+    """The whole command line, as the ``cxr-gateway`` entry point builds it."""
+    return build_app()
 
 
 @pytest.mark.slow

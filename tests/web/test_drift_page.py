@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway import drift
 from gateway.db.session import make_engine, make_session_factory
-from gateway.drift_monitor import DriftMonitor
+from gateway.monitor import drift
+from gateway.monitor.drift_monitor import DriftMonitor
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from gateway.web.model import LazyPredictor

@@ -30,12 +30,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway import studies
 from gateway.audit import record_event
 from gateway.db.models import Instance, utcnow
 from gateway.db.session import READ_ONLY, transaction
 from gateway.errors import IngestError
-from gateway.spool import (
+from gateway.pipeline import studies
+from gateway.receive.spool import (
     Buffer,
     Spool,
     SpooledFile,
@@ -69,7 +69,7 @@ SUPPORTED_SOP_CLASSES = {
 }
 
 # Marked so in Image Comments, Derivation Description or Series Description: a derived image
-# such as an AI heat map (gateway.heatmap_sc writes it in all three). Never fed to a model.
+# such as an AI heat map (gateway.deliver.heatmap_sc writes it in all three). Never fed to a model.
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 

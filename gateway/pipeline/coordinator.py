@@ -16,13 +16,13 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway import studies
 from gateway.audit_checkpoint import CheckpointError, CheckpointLog
 from gateway.db.models import Job, JobState, utcnow
 from gateway.db.session import READ_ONLY, transaction
-from gateway.delivery import due_deliveries
-from gateway.drift_monitor import DriftMonitor
-from gateway.queue import (
+from gateway.deliver.deliveries import due_deliveries
+from gateway.monitor.drift_monitor import DriftMonitor
+from gateway.pipeline import studies
+from gateway.pipeline.celery_app import (
     embedded_queue_engine,
     job_lost,
     prune_embedded_queue,
@@ -41,7 +41,7 @@ class Coordinator:
     ``reconcile_interval_seconds``, in one daemon thread. After each reconciliation, and once at
     stop, it appends the audit chain's head to the checkpoint file if the head has moved
     (gateway.audit_checkpoint): off the ingest path, at most one line per interval. After
-    assembly, every ``drift_interval_seconds``, the drift check (gateway.drift_monitor)."""
+    assembly, every ``drift_interval_seconds``, the drift check (gateway.monitor.drift_monitor)."""
 
     def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], app: Celery) -> None:
         self.settings = settings

@@ -30,8 +30,8 @@ measure outside its band in ``consecutive`` windows in a row raises one ``model.
 the first window back inside raises ``model.drift_cleared``. The state is the audit log itself,
 so neither a restart nor a second listener warns twice.
 
-This module is pure (findings in, figures out); gateway.drift_monitor reads the rows and writes
-the events.
+This module is pure (findings in, figures out); gateway.monitor.drift_monitor reads the rows
+and writes the events.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 # normal approximation of its band needs them (the 99th percentile: 500 images).
 MIN_BEYOND = 5
 # How decline reasons begin (inference.input_check, inference.population, inference.dicom_pixels,
-# gateway.processing); the first match wins. "other" is anything else.
+# gateway.pipeline.inference_stage); the first match wins. "other" is anything else.
 _PREFIXES = (
     ("age", ("patient age ",)),
     ("out_of_distribution", (OOD_REASON,)),

@@ -27,7 +27,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
+from gateway.db.models import (
+    UNFINISHED_DELIVERY,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
 from gateway.db.session import transaction
 from gateway.settings import Settings
 
@@ -44,7 +53,7 @@ DELIVERY_REPUBLISH_SECONDS = 300
 
 
 def make_celery(settings: Settings) -> Celery:
-    """Create the Celery app for the gateway's broker. Tasks are added by gateway.tasks."""
+    """Create the Celery app for the gateway's broker. Tasks are added by gateway.pipeline.tasks."""
     app = Celery("cxr_gateway", broker=settings.broker, set_as_current=False)
     transport_options: dict[str, Any]
     if settings.broker_is_embedded:
@@ -147,7 +156,7 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
     when an attempt ran meanwhile (its outcome set the next due time)."""
     with sessions() as session:
         delivery = session.get(Delivery, delivery_id)
-        if delivery is None or delivery.state not in ("pending", "retrying", "sending"):
+        if delivery is None or delivery.state not in UNFINISHED_DELIVERY:
             return False
         attempts = delivery.attempts
     try:
@@ -166,7 +175,7 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
             update(Delivery)
             .where(
                 Delivery.id == delivery_id,
-                Delivery.state.in_(["pending", "retrying"]),
+                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
                 Delivery.attempts == attempts,
             )
             .values(next_attempt_at=utcnow() + dt.timedelta(seconds=DELIVERY_REPUBLISH_SECONDS))
@@ -181,7 +190,7 @@ def publish_deliveries(*, app: Celery, sessions: sessionmaker[Session], study_id
         ids = list(
             session.execute(
                 select(Delivery.id).where(
-                    Delivery.study_id == study_id, Delivery.state == "pending"
+                    Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING
                 )
             ).scalars()
         )

@@ -18,7 +18,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.health import Check
+from gateway.monitor.health import Check
 from gateway.settings import Settings
 
 PROBE_FOLDER = ".probes"

@@ -15,7 +15,6 @@ import os
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery, Task
@@ -24,11 +23,17 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Delivery, Job, JobState, Study, StudyState, utcnow
+from gateway.db.models import Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, rows_changed, transaction
-from gateway.delivery import Sender, attempt
+from gateway.deliver.deliveries import attempt
 from gateway.errors import GatewayError
-from gateway.queue import TASK_DELIVER, TASK_PROCESS_STUDY, job_lost, publish_deliveries
+from gateway.pipeline.celery_app import (
+    TASK_DELIVER,
+    TASK_PROCESS_STUDY,
+    job_lost,
+    publish_deliveries,
+)
+from gateway.pipeline.runtime import DeliveryRuntime, WorkerRuntime
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,33 +43,12 @@ class TransientError(GatewayError):
     """Worth retrying later (a peer is down, the database is busy)."""
 
 
-@dataclass
-class WorkerRuntime:
-    """What an inference worker process builds once: settings, database sessions, and the
-    stage that does the work on a claimed study (``process``: returns the study's new state;
-    it holds the model)."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    process: Callable[[WorkerRuntime, Study], StudyState]
-
-
-@dataclass
-class DeliveryRuntime:
-    """What a delivery worker process builds once: settings, database sessions and the senders
-    of results. Building it never imports TensorFlow (tests/gateway/test_delivery_worker.py)."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    senders: dict[str, Sender]
-
-
 def build_runtime(settings: Settings) -> WorkerRuntime:
     """Load the model (once per worker process) and connect to the database."""
     import numpy as np
 
-    from gateway.intended_use import intended_ages
-    from gateway.processing import InferenceStage
+    from gateway.pipeline.inference_stage import InferenceStage
+    from gateway.pipeline.intended_use import intended_ages
     from inference.predictor import Predictor
 
     engine = make_engine(settings.database)
@@ -80,7 +64,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
 
 def build_delivery_runtime(settings: Settings) -> DeliveryRuntime:
     """Connect to the database and build the senders (once per delivery worker process)."""
-    from gateway.senders import build_senders
+    from gateway.deliver.channels import build_senders
 
     engine = make_engine(settings.database)
     return DeliveryRuntime(settings, make_session_factory(engine), build_senders(settings))
@@ -93,7 +77,7 @@ def deliver_study(runtime: DeliveryRuntime, study_id: int, *, actor: str = "work
         ids = list(
             session.execute(
                 select(Delivery.id).where(
-                    Delivery.study_id == study_id, Delivery.state == "pending"
+                    Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING
                 )
             ).scalars()
         )

@@ -3,7 +3,7 @@
 Every image of the study (all versions so far) is checked and predicted; declined images get a
 recorded reason; the finding is the maximum calibrated probability over the images that were
 used. The finding is stored as JSON on the study, heat maps as PNG files, and one delivery row
-is created per destination; sending happens in gateway.delivery.
+is created per destination; sending happens in gateway.deliver.deliveries.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.models import Instance, Study, StudyState
 from gateway.db.session import transaction
-from gateway.delivery import create_deliveries
+from gateway.deliver.deliveries import create_deliveries
+from gateway.receive.spool import SpoolFileUnreadable, spool_file
 from gateway.settings import Settings
-from gateway.spool import SpoolFileUnreadable, spool_file
 from inference.bounded_read import ContentChanged, InputTooLarge, read_dicom_file
 from inference.finding import (
     DeclinedImage,
@@ -36,7 +36,7 @@ from inference.finding import (
 )
 
 if TYPE_CHECKING:
-    from gateway.tasks import WorkerRuntime
+    from gateway.pipeline.runtime import WorkerRuntime
     from inference.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)

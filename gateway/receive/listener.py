@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.session import transaction
 from gateway.errors import IngestError
-from gateway.ingest import SUCCESS, Ingestor, Peer, RequestedInstance, decode_received
+from gateway.receive.ingest import SUCCESS, Ingestor, Peer, RequestedInstance, decode_received
 from gateway.settings import AllowedPeer, Settings
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from fhir_mappings import (
     plan_delivery,
     report_search_identifier,
 )
-from gateway.delivery import (
+from gateway.deliver.deliveries import (
     FHIR,
     OUTBOX,
     SR,
@@ -38,13 +38,13 @@ from gateway.delivery import (
     source_headers,
     write_outbox,
 )
-from gateway.dicom_sender import (
+from gateway.deliver.dicom_store import (
     Destination,
     StoreFailedError,
     client_tls_context,
     send_with_retries,
 )
-from gateway.fhir_client import (
+from gateway.deliver.fhir_client import (
     FhirAuthError,
     FhirClient,
     FhirClientConfig,
@@ -52,8 +52,8 @@ from gateway.fhir_client import (
     FhirPatientAmbiguous,
     FhirRejected,
 )
+from gateway.deliver.sr import SRBuildError, build_sr
 from gateway.settings import DicomDestination, Settings
-from gateway.sr import SRBuildError, build_sr
 from inference.finding import StudyFinding
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class SrSender:
         return datasets
 
     def _heatmap_sc(self, job: DeliveryJob, headers: list[Dataset]) -> list[Dataset]:
-        from gateway.heatmap_sc import build_heatmap_sc
+        from gateway.deliver.heatmap_sc import build_heatmap_sc
 
         first = job.finding.images[0].sop_instance_uid
         png = self.settings.heatmap_path / str(job.study_id) / f"{first}.png"

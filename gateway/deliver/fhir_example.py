@@ -4,7 +4,7 @@ The documentation's example must say what the gateway really sends: the shipped 
 version, hash and threshold, and the current mapping. It is therefore generated, never edited by
 hand, and a test checks that the committed file equals a fresh build::
 
-    .venv/bin/python -m fhir_mappings.example > docs/fhir-example-bundle.json
+    .venv/bin/python -m gateway.deliver.fhir_example > docs/fhir-example-bundle.json
 
 The patient, study, accession, order, encounter and organization are made up; the example shows
 a report linked to its order (``basedOn``) as the worker makes it when the EHR holds one.
@@ -51,7 +51,8 @@ def example_bundle(model_dir: Path = DEFAULT_MODEL_DIR) -> dict[str, Any]:
         present=probability >= model.threshold,
         images=(SourceImage(DigitalXRayImageStorageForPresentation, f"{uid}.1.1", f"{uid}.1"),),
         declined=(),
-        report_id="0b6f4a52c1e94d7e9a3c5e8f1d2b7a60",  # random per version (gateway.processing)
+        # random per version (gateway.pipeline.inference_stage)
+        report_id="0b6f4a52c1e94d7e9a3c5e8f1d2b7a60",
         version=1,
         created_at=dt.datetime(2026, 11, 27, 9, 16, 2, tzinfo=dt.UTC),
     )

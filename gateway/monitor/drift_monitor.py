@@ -1,5 +1,5 @@
 """Drift monitoring against the database: findings read from the Study rows, the reference
-found per model content hash, windows judged (gateway.drift holds the rules) and warnings
+found per model content hash, windows judged (gateway.monitor.drift holds the rules) and warnings
 written to, and read back from, the audit log.
 
 The listener's coordinator calls :meth:`DriftMonitor.run_if_due`; the console reads
@@ -21,10 +21,10 @@ from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway import drift
 from gateway.audit import record_event
 from gateway.db.models import AuditEvent, Study
 from gateway.db.session import READ_ONLY, transaction
+from gateway.monitor import drift
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

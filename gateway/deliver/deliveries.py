@@ -4,7 +4,8 @@ and a FHIR transaction Bundle to the EHR, or both into the outbox folder when no
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and
 retries are bounded and visible. Re-sending is harmless: the SR's UIDs derive from the report
-id (random, minted once per study version and stored with it, gateway.processing), so a retry
+id (random, minted once per study version and stored with it,
+gateway.pipeline.inference_stage), so a retry
 sends the same object and another installation never one with the same UID; the FHIR bundle
 uses conditional creates. A failed DICOM TLS handshake is retried like any connection failure,
 never replaced by a plain association.
@@ -27,8 +28,17 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Delivery, Instance, Study, utcnow
+from gateway.db.models import (
+    RETRYABLE_DELIVERY,
+    UNFINISHED_DELIVERY,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Study,
+    utcnow,
+)
 from gateway.db.session import rows_changed, transaction
+from gateway.errors import GatewayError
 from gateway.settings import Settings
 from inference.finding import StudyFinding
 
@@ -40,7 +50,7 @@ OUTBOX = "outbox"
 EHR = "ehr"
 
 
-class PermanentDeliveryError(Exception):
+class PermanentDeliveryError(GatewayError):
     """Retrying will not help (rejected by the peer, invalid content); ``detail`` is audited."""
 
     def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
@@ -48,7 +58,7 @@ class PermanentDeliveryError(Exception):
         self.detail = detail or {}
 
 
-class HeldDelivery(Exception):
+class HeldDelivery(GatewayError):
     """The delivery waits for an administrator (e.g. the EHR does not know the patient)."""
 
 
@@ -77,7 +87,7 @@ def create_deliveries(*, session: Session, settings: Settings, study: Study) -> 
                     study_id=study.id,
                     kind=kind,
                     destination=destination,
-                    state="pending",
+                    state=DeliveryState.PENDING,
                     attempts=0,
                     next_attempt_at=now,
                 )
@@ -95,12 +105,13 @@ def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seco
                     .where(
                         Delivery.id == delivery_id,
                         or_(
-                            Delivery.state.in_(["pending", "retrying"]),
-                            (Delivery.state == "sending") & (Delivery.next_attempt_at < now),
+                            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
+                            (Delivery.state == DeliveryState.SENDING)
+                            & (Delivery.next_attempt_at < now),
                         ),
                     )
                     .values(
-                        state="sending",
+                        state=DeliveryState.SENDING,
                         attempts=Delivery.attempts + 1,
                         next_attempt_at=now + dt.timedelta(seconds=lease_seconds),
                     )
@@ -181,17 +192,17 @@ def finish(
     job: DeliveryJob,
     *,
     settings: Settings,
-    state: str,
+    state: DeliveryState,
     error: str = "",
     remote: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
     actor: str = "worker",
 ) -> str:
     """Record the outcome of one attempt (audited with ``actor``, the process that made it);
-    schedule the next one when state is "retrying"."""
+    schedule the next one when state is RETRYING."""
     now = utcnow()
-    if state == "retrying" and job.attempts >= settings.delivery_max_attempts:
-        state = "failed"
+    if state == DeliveryState.RETRYING and job.attempts >= settings.delivery_max_attempts:
+        state = DeliveryState.FAILED
         error = f"gave up after {job.attempts} attempts: {error}"
     backoff = min(
         settings.delivery_backoff_max_seconds,
@@ -203,7 +214,7 @@ def finish(
         delivery.state = state
         delivery.last_error = error[:4000]
         delivery.next_attempt_at = (
-            now + dt.timedelta(seconds=backoff) if state == "retrying" else None
+            now + dt.timedelta(seconds=backoff) if state == DeliveryState.RETRYING else None
         )
         if remote is not None:
             delivery.remote_ids = json.dumps(remote, sort_keys=True)
@@ -250,13 +261,15 @@ def attempt(
     try:
         remote = senders[job.kind](job)
     except HeldDelivery as exc:
-        return finish(sessions, job, settings=settings, state="held", error=str(exc), actor=actor)
+        return finish(
+            sessions, job, settings=settings, state=DeliveryState.HELD, error=str(exc), actor=actor
+        )
     except PermanentDeliveryError as exc:
         return finish(
             sessions,
             job,
             settings=settings,
-            state="failed",
+            state=DeliveryState.FAILED,
             error=str(exc),
             detail=exc.detail,
             actor=actor,
@@ -266,8 +279,10 @@ def attempt(
             "delivery %s attempt %s failed: %s", delivery_id, job.attempts, type(exc).__name__
         )
         error = f"{type(exc).__name__}: {exc}"
-        return finish(sessions, job, settings=settings, state="retrying", error=error, actor=actor)
-    state = "skipped" if remote.get("skipped") else "delivered"
+        return finish(
+            sessions, job, settings=settings, state=DeliveryState.RETRYING, error=error, actor=actor
+        )
+    state = DeliveryState.SKIPPED if remote.get("skipped") else DeliveryState.DELIVERED
     return finish(sessions, job, settings=settings, state=state, remote=remote, actor=actor)
 
 
@@ -275,7 +290,7 @@ def due_deliveries(session: Session, *, now: dt.datetime) -> list[int]:
     return list(
         session.execute(
             select(Delivery.id).where(
-                Delivery.state.in_(["pending", "retrying", "sending"]),
+                Delivery.state.in_(UNFINISHED_DELIVERY),
                 Delivery.next_attempt_at <= now,
             )
         ).scalars()
@@ -285,10 +300,14 @@ def due_deliveries(session: Session, *, now: dt.datetime) -> list[int]:
 def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> bool:
     """An administrator asks for another attempt of a failed or held delivery (audited)."""
     delivery = session.get(Delivery, delivery_id)
-    if delivery is None or delivery.state not in ("failed", "held", "retrying"):
+    if delivery is None or delivery.state not in RETRYABLE_DELIVERY:
         return False
     study = session.get(Study, delivery.study_id)
-    delivery.state, delivery.attempts, delivery.next_attempt_at = "retrying", 0, utcnow()
+    delivery.state, delivery.attempts, delivery.next_attempt_at = (
+        DeliveryState.RETRYING,
+        0,
+        utcnow(),
+    )
     record_event(
         session=session,
         kind="delivery.retry_requested",

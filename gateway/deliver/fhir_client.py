@@ -90,7 +90,7 @@ class FhirPatientAmbiguous(FhirError):
     """More than one Patient matches the identifier: the report must be held for an admin."""
 
 
-class _Transient(Exception):
+class _Transient(GatewayError):
     def __init__(self, what: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(what)
         self.status = status

@@ -53,6 +53,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ComprehensiveSRStorage
 from pydicom.valuerep import validate_value
 
+from gateway.errors import GatewayError
 from inference.finding import ModelInfo, StudyFinding
 
 # Codes (all from standard coding schemes, so dciodvfy has nothing to warn about).
@@ -108,7 +109,7 @@ _CONTEXT_FALLBACK = {
 }
 
 
-class SRBuildError(ValueError):
+class SRBuildError(GatewayError, ValueError):
     """The finding and its source headers cannot make a valid SR (bad input, not a bug)."""
 
     def __init__(self, message: str, *, study_instance_uid: str = "") -> None:
@@ -137,8 +138,9 @@ def uid_from(*parts: str) -> str:
 
 
 def is_minted(report_id: str) -> bool:
-    """True for a random report id (a canonical UUID string, as gateway.processing mints them);
-    False for one made before (the Study Instance UID)."""
+    """True for a random report id (a canonical UUID string, as
+    gateway.pipeline.inference_stage mints them); False for one made before (the Study Instance
+    UID)."""
     try:
         return str(uuid.UUID(report_id)) == report_id
     except ValueError:

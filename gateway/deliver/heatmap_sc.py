@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from gateway.sr import (
+from gateway.deliver.sr import (
     SRBuildError,
     algorithm_equipment,
     device_uid,
@@ -100,7 +100,8 @@ def build_heatmap_sc(
 ) -> hd.sc.SCImage:
     """Build the SC image of ``heatmap`` (RGB uint8 array, or PNG/JPEG bytes or path) computed
     from ``source`` (the image's header; it must belong to the finding's study).
-    ``site_timezone`` is the zone of the site's DICOM times (see ``gateway.sr.report_time``).
+    ``site_timezone`` is the zone of the site's DICOM times
+    (see ``gateway.deliver.sr.report_time``).
 
     Raises ``SRBuildError`` when the source is from another study and ``ValueError`` for an
     image that is not RGB uint8.

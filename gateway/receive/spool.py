@@ -14,7 +14,6 @@ another live process is writing.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -42,7 +41,7 @@ UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STALE_SECONDS = 3600.0
 
 
-class SpoolFull(OSError):
+class SpoolFull(GatewayError, OSError):
     """Free space on the spool's file system is below the configured reserve."""
 
 
@@ -138,7 +137,7 @@ class Spool:
     def check_space(self, needed_bytes: int) -> None:
         free = shutil.disk_usage(self.root).free
         if free - needed_bytes < self.min_free_bytes:
-            raise SpoolFull(errno.ENOSPC, f"spool has {free // 2**20} MB free")
+            raise SpoolFull(f"spool has {free // 2**20} MB free")
 
     def write(self, study_uid: str, sop_instance_uid: str, parts: Sequence[Buffer]) -> SpooledFile:
         """Store the concatenation of ``parts`` durably (no copy is made of them); raise OSError

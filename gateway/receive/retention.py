@@ -17,12 +17,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import Delivery, Instance, Study, StudyState, utcnow
+from gateway.db.models import UNFINISHED_DELIVERY, Delivery, Instance, Study, StudyState, utcnow
 from gateway.db.session import transaction
-from gateway.spool import spool_file
+from gateway.receive.spool import spool_file
 
 FINISHED = (StudyState.REPORTED, StudyState.FAILED)
-UNFINISHED_DELIVERY = ("pending", "retrying", "sending")
 
 
 @dataclass(frozen=True)

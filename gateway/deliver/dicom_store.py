@@ -38,6 +38,8 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
+from gateway.errors import GatewayError
+
 log = logging.getLogger(__name__)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -92,7 +94,7 @@ class StoreResult:
         return self.category in ("Success", "Warning")
 
 
-class DicomSendError(Exception):
+class DicomSendError(GatewayError):
     """A DICOM delivery did not complete. ``destination`` says where it was going."""
 
     def __init__(self, message: str, *, destination: Destination) -> None:

@@ -1,0 +1,1 @@
+"""Monitor: readiness checks and drift monitoring (docs/operations.md, "Drift monitoring")."""
