@@ -105,6 +105,46 @@ class DicomDestination(BaseModel):
         return self
 
 
+class DicomWebDestination(BaseModel):
+    """A PACS that receives our SR (and heat map) by STOW-RS (DICOMweb, PS3.18 10.5)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str  # the DICOMweb root: the SR is POSTed to URL/studies
+    # basic: username + a file holding the password; bearer: a file holding the token. Secrets
+    # live in files (mode 0600, outside the repository), never in the settings themselves.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str = ""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None  # PEM bundle that signs the server's certificate; else system's
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"a DICOMweb URL is http(s), got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> DicomWebDestination:
+        if self.auth == "basic" and not (self.username and self.password_file):
+            raise ValueError(f"destination {self.name!r}: auth basic needs username, password_file")
+        if self.auth == "bearer" and self.token_file is None:
+            raise ValueError(f"destination {self.name!r}: auth bearer needs token_file")
+        unused = {
+            "none": ("username", "password_file", "token_file"),
+            "basic": ("token_file",),
+            "bearer": ("username", "password_file"),
+        }[self.auth]
+        named = [n for n in unused if getattr(self, n)]
+        if named:
+            raise ValueError(f"destination {self.name!r}: {', '.join(named)} unused by auth")
+        for path in (self.password_file, self.token_file, self.ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"destination {self.name!r}: file not found: {path}")
+        return self
+
+
 def _check_smart_backend(s: Settings) -> None:
     if not (s.fhir_token_url and s.fhir_client_id and s.fhir_key_id and s.fhir_private_key_file):
         raise ValueError(
@@ -195,6 +235,9 @@ class Settings(BaseSettings):
     pacs_tls_ca: Path | None = None  # CA bundle to trust; unset: the system's trust store
     pacs_tls_cert: Path | None = None  # client certificate for mutual TLS, with the key
     pacs_tls_key: Path | None = None
+    # Results: the SR (and heat map) by STOW-RS to DICOMweb servers, besides the PACS above
+    dicomweb_destinations: list[DicomWebDestination] = Field(default_factory=list)
+    dicomweb_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)  # per HTTP request
     delivery_max_attempts: int = Field(default=12, ge=1, le=1000)
     delivery_backoff_seconds: float = Field(default=30.0, gt=0)  # doubles per attempt
     delivery_backoff_max_seconds: float = Field(default=3600.0, gt=0)
@@ -250,6 +293,11 @@ class Settings(BaseSettings):
     web_session_minutes: int = Field(default=30, ge=1, le=24 * 60)  # idle timeout of a login
     web_secure_cookies: bool = False  # set in production (HTTPS in front); forced there
     web_max_upload_mb: int = Field(default=50, ge=1, le=2048)
+    # STOW-RS in (POST /dicomweb/studies): the whole request body, refused (413) on its
+    # Content-Length or as soon as a streamed body passes it; and the instances in one request.
+    stow_max_bytes: int = Field(default=512 * 2**20, ge=2**20, le=2**40)
+    stow_max_parts: int = Field(default=1000, ge=1, le=100_000)
+    stow_body_seconds: float = Field(default=300.0, gt=0, le=3600)  # the whole body must arrive
     # Failed logins (or password changes) for one user name from one address within the window
     # that block further attempts from there until the window has passed.
     web_login_max_failures: int = Field(default=10, ge=1, le=1000)
@@ -317,6 +365,9 @@ class Settings(BaseSettings):
         names = [d.name for d in self.pacs_destinations]
         if len(names) != len(set(names)):
             raise ValueError("pacs_destinations have duplicate names")
+        web_names = [d.name for d in self.dicomweb_destinations]
+        if len(web_names) != len(set(web_names)):
+            raise ValueError("dicomweb_destinations have duplicate names")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
         _check_fhir_organization(self)
@@ -446,6 +497,8 @@ def _check_production(settings: Settings) -> None:
         problems.append("CXR_WEB_SECURE_COOKIES=true (HTTPS in front of the console)")
     if settings.fhir_base_url.startswith("http://"):
         problems.append("an https CXR_FHIR_BASE_URL")
+    if any(d.url.startswith("http://") for d in settings.dicomweb_destinations):
+        problems.append("https URLs in CXR_DICOMWEB_DESTINATIONS")
     if problems:
         raise ValueError("production needs " + "; ".join(problems))
 

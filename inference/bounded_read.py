@@ -118,6 +118,32 @@ def parse_dataset(data: Buffer, transfer_syntax: str, *, max_bytes: int) -> Data
     return ds
 
 
+MAX_FILE_META_BYTES = 64 * 1024
+
+
+def read_file_meta(data: Buffer) -> tuple[FileMetaDataset, int]:
+    """The file meta information of a DICOM Part 10 file held in memory, and the offset where
+    its dataset starts. The meta group is at most MAX_FILE_META_BYTES and must name a
+    Transfer Syntax UID. Raises ValueError for anything that is not a Part 10 file."""
+    view = memoryview(data)
+    if len(view) < _PREAMBLE_END + 12 or bytes(view[128:132]) != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM marker)")
+    # File meta: group 0002, explicit VR little endian; its first element is its group length.
+    group, element, vr = struct.unpack_from("<HH2s", view, _PREAMBLE_END)
+    if (group, element, vr) != (2, 0, b"UL"):
+        raise ValueError("file meta information has no group length")
+    (meta_length,) = struct.unpack_from("<I", view, _PREAMBLE_END + 8)
+    if meta_length > MAX_FILE_META_BYTES:
+        raise ValueError(f"file meta information of {meta_length} bytes is implausibly long")
+    start = _PREAMBLE_END + 12 + meta_length
+    if start > len(view):
+        raise ValueError("file meta information is truncated")
+    meta = FileMetaDataset(read_dataset(io.BytesIO(view[_PREAMBLE_END:start]), False, True))
+    if not str(meta.get("TransferSyntaxUID", "")):
+        raise ValueError("file meta information has no Transfer Syntax UID")
+    return meta, start
+
+
 def read_dicom_bytes(
     data: Buffer,
     *,
@@ -132,20 +158,8 @@ def read_dicom_bytes(
     view = memoryview(data)
     if expected_sha256 is not None and hashlib.sha256(view).hexdigest() != expected_sha256:
         raise ContentChanged("the file's SHA-256 differs from the one recorded at receipt")
-    if len(view) < _PREAMBLE_END + 12 or bytes(view[128:132]) != b"DICM":
-        raise ValueError("not a DICOM Part 10 file (no DICM marker)")
-    # File meta: group 0002, explicit VR little endian; its first element is its group length.
-    group, element, vr = struct.unpack_from("<HH2s", view, _PREAMBLE_END)
-    if (group, element, vr) != (2, 0, b"UL"):
-        raise ValueError("file meta information has no group length")
-    (meta_length,) = struct.unpack_from("<I", view, _PREAMBLE_END + 8)
-    start = _PREAMBLE_END + 12 + meta_length
-    if start > len(view):
-        raise ValueError("file meta information is truncated")
-    meta = FileMetaDataset(read_dataset(io.BytesIO(view[_PREAMBLE_END:start]), False, True))
-    syntax = str(meta.get("TransferSyntaxUID", ""))
-    if not syntax:
-        raise ValueError("file meta information has no Transfer Syntax UID")
+    meta, start = read_file_meta(view)
+    syntax = str(meta.TransferSyntaxUID)
     dataset = parse_dataset(view[start:], syntax, max_bytes=max_bytes)
     if "PixelData" in dataset:
         check_pixel_count(dataset, max_pixels)

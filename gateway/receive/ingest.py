@@ -82,8 +82,12 @@ RECOVERY_MIN_AGE_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class Peer:
+    """Who sent an instance: the calling AE title (for STOW-RS, the sender account's name)
+    and address; ``via`` names a way in other than DICOM C-STORE ("stow-rs"), for the audit."""
+
     ae_title: str
     address: str
+    via: str = ""
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,7 @@ class Ingestor:
                             # Which listener process stored it: several may share a spool.
                             "host": socket.gethostname(),
                             "pid": os.getpid(),
+                            **({"via": peer.via} if peer.via else {}),
                         },
                     )
                 return SUCCESS
@@ -493,6 +498,7 @@ class Ingestor:
                     "instance_id": existing.id,
                     "study_id": existing.study_id,
                     "action": "not stored again",
+                    **({"via": peer.via} if peer.via else {}),
                 },
             )
             return True
@@ -519,6 +525,7 @@ class Ingestor:
                         "modality": str(ds.get("Modality", "") or ""),
                         "status": f"0x{SUCCESS:04X}",
                         "action": "acknowledged, not kept",
+                        **({"via": peer.via} if peer.via else {}),
                     },
                 )
         except SQLAlchemyError as exc:
@@ -547,6 +554,7 @@ class Ingestor:
                         "status": f"0x{exc.status:04X}",
                         "message": str(exc)[:500],
                         **({"sop_class": sop_class} if sop_class else {}),
+                        **({"via": peer.via} if peer.via else {}),
                     },
                 )
         except SQLAlchemyError as db_exc:

@@ -20,6 +20,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from gateway.db.session import make_engine, make_session_factory
 from gateway.settings import Settings
 from gateway.web import (
+    dicomweb,
     health,
     pages_account,
     pages_audit,
@@ -71,6 +72,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
         or LazyPredictor(settings.model_dir, intended_age_years=settings.intended_age_years),
     )
     app.state.metrics = health.make_registry(sessions)
+    app.state.stow_ingestor = dicomweb.make_ingestor(settings, sessions)
     app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     pages_drift.install(app)  # its monitor, and its gauges in app.state.metrics
@@ -82,6 +84,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
         pages_upload,
         pages_drift,
         health,
+        dicomweb,
     ):
         app.include_router(module.router)
     _install_handlers(app)

@@ -91,7 +91,9 @@ def create_admin(
 
 def create(
     username: Annotated[str, typer.Argument(help="user name")],
-    role: Annotated[str, typer.Option(help="admin, clinician or auditor")] = "clinician",
+    role: Annotated[
+        str, typer.Option(help="admin, clinician, auditor or sender (STOW-RS only)")
+    ] = "clinician",
     password_stdin: PasswordStdin = False,
 ) -> None:
     """Create a user with a role."""
@@ -151,7 +153,8 @@ def disable(username: Annotated[str, typer.Argument(help="user name")]) -> None:
 def register(app: typer.Typer) -> None:
     """Add the web and users commands to the main CLI."""
     users = typer.Typer(
-        help="Web console accounts (admin, clinician, auditor).", no_args_is_help=True
+        help="Web console accounts (admin, clinician, auditor) and STOW-RS senders.",
+        no_args_is_help=True,
     )
     app.add_typer(users, name="users")
     app.command()(web)

@@ -72,7 +72,8 @@ def client_ip(request: Request) -> str:
 
 
 def is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or request.url.path == "/metrics"
+    path = request.url.path
+    return path.startswith(("/api/", "/dicomweb/")) or path == "/metrics"
 
 
 def current_user(request: Request) -> CurrentUser:

@@ -27,6 +27,7 @@ from gateway.web.deps import (
     render,
 )
 from gateway.web.users import (
+    SENDER,
     CurrentUser,
     authenticate,
     close_session,
@@ -101,14 +102,18 @@ def _login(request: Request, username: str, password: str) -> tuple[str, Current
     if throttled(request, username):
         audit_login_failure(request, username, "too many failed logins from this address")
         raise LoginThrottled()
+    reason = "unknown user, wrong password or disabled"
     with transaction(ctx.sessions) as session:
         user = authenticate(session, username, password)
-        if user is not None:
+        if user is not None and user.role == SENDER:
+            # A STOW-RS sender stores studies and does nothing else: no console session.
+            reason = "role sender has no console access"
+        elif user is not None:
             token = open_session(session=session, user=user, peer_address=client_ip(request))
             session.flush()
             current = resolve_session(session, token, idle_minutes=ctx.settings.web_session_minutes)
     if current is None:
-        audit_login_failure(request, username, "unknown user, wrong password or disabled")
+        audit_login_failure(request, username, reason)
         return None
     audit(request, kind="user.login", actor=current.username, detail={"role": current.role})
     request.state.user = current

@@ -18,7 +18,11 @@ from gateway.audit import record_event
 from gateway.db.models import User, WebSession, utcnow
 from gateway.errors import GatewayError
 
-ROLES = ("admin", "clinician", "auditor")
+ROLES = ("admin", "clinician", "auditor", "sender")
+# A machine client that stores studies by STOW-RS (HTTP Basic) and may do nothing else: no
+# console login, no page, no API. Its name stands in for the calling AE title in the records.
+SENDER = "sender"
+SENDER_NAME_MAX = 16
 MIN_PASSWORD_LENGTH = 12
 # argon2-cffi's defaults are argon2id with RFC 9106's "low memory" profile.
 _hasher = PasswordHasher()
@@ -62,6 +66,11 @@ def create_user(*, session: Session, username: str, password: str, role: str, ac
         raise UserError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     if not username or len(username) > 64 or not username.isprintable():
         raise UserError("username must be 1-64 printable characters")
+    if role == SENDER and (len(username) > SENDER_NAME_MAX or " " in username or "\\" in username):
+        # It is recorded where a calling AE title goes (16 characters, no backslash).
+        raise UserError(
+            f"a sender's name has 1-{SENDER_NAME_MAX} characters, no spaces or backslashes"
+        )
     check_password_policy(password)
     if session.execute(select(User.id).where(User.username == username)).first():
         raise UserError(f"user {username!r} already exists")
@@ -204,7 +213,8 @@ def resolve_session(session: Session, token: str, *, idle_minutes: int) -> Curre
         return None
     web_session, user = row
     now = utcnow()
-    if user.disabled or now - web_session.last_seen_at > dt.timedelta(minutes=idle_minutes):
+    idle = now - web_session.last_seen_at > dt.timedelta(minutes=idle_minutes)
+    if user.disabled or user.role == SENDER or idle:
         session.delete(web_session)
         return None
     if now - web_session.last_seen_at > _TOUCH_INTERVAL:

@@ -1,0 +1,218 @@
+"""STOW-RS on the web port: ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{study}``
+(docs/conformance.md, "DICOMweb STOW-RS (in)").
+
+In this order, each refusal a problem response (RFC 9457) and an audit record, nothing stored:
+HTTP Basic credentials of an enabled ``sender`` account (401; throttled and audited like
+/metrics' Basic auth, 429 with Retry-After), a multipart/related Content-Type of
+application/dicom (415), a Content-Length within CXR_STOW_MAX_BYTES (413 before reading), a
+body that stays within it while it streams (413 as soon as it passes) and arrives within
+CXR_STOW_BODY_SECONDS (408). The body goes to an unlinked temporary file in the data folder, is
+checked whole (``gateway.receive.stow``), and then each instance is stored as a C-STORE of it
+would be (spool fsynced and row committed before the answer). The answer is PS3.18's: 200 all
+stored, 202 some, 409 none, with the Referenced and Failed SOP Sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import tempfile
+from typing import IO
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from gateway.receive.ingest import Ingestor, Limits, Peer
+from gateway.receive.spool import Spool, is_valid_uid
+from gateway.receive.stow import (
+    VIA,
+    StowRequestError,
+    http_status,
+    parse_content_type,
+    response_body,
+    split_parts,
+    store_parts,
+)
+from gateway.settings import Settings
+from gateway.web.deps import NotAuthenticated, audit, client_ip, context, problem
+from gateway.web.health import basic_credentials, basic_user
+from gateway.web.pages_auth import LoginThrottled, throttled_problem
+from gateway.web.users import SENDER, CurrentUser
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+DICOM_JSON = "application/dicom+json"
+REALM = 'Basic realm="cxr-gateway STOW-RS", charset="UTF-8"'
+_CHUNK = 1 << 20
+
+
+def make_ingestor(settings: Settings, sessions: sessionmaker[Session]) -> Ingestor:
+    """The web process's own writer into the shared spool (no I/O until the first store)."""
+    return Ingestor(
+        spool=Spool(settings.spool_path, min_free_bytes=settings.spool_min_free_mb * 2**20),
+        session_factory=sessions,
+        limits=Limits(
+            settings.max_instance_bytes,
+            settings.max_instances_per_study,
+            settings.max_image_pixels,
+        ),
+    )
+
+
+@router.post("/dicomweb/studies", tags=["dicomweb"])
+async def store_instances(request: Request) -> Response:
+    """STOW-RS: store the application/dicom parts of a multipart/related body (sender role)."""
+    return await _stow(request, None)
+
+
+@router.post("/dicomweb/studies/{study}", tags=["dicomweb"])
+async def store_study_instances(request: Request, study: str) -> Response:
+    """STOW-RS into one study: every instance must belong to ``study``."""
+    return await _stow(request, study)
+
+
+async def _stow(request: Request, study: str | None) -> Response:
+    try:
+        user = await run_in_threadpool(_sender, request)
+    except LoginThrottled:
+        return throttled_problem(request, "logins")
+    except NotAuthenticated:
+        response = problem(401, "Unauthorized", "HTTP Basic credentials of a sender account")
+        response.headers["WWW-Authenticate"] = REALM
+        return response
+    peer = Peer(ae_title=user.username, address=client_ip(request), via=VIA)
+    settings = context(request).settings
+    with tempfile.TemporaryFile(dir=_temp_dir(settings)) as spool:
+        try:
+            if study is not None and not is_valid_uid(study):
+                raise StowRequestError(
+                    400, "Bad Request", "the URL's study is not a UID", reason="bad_study_uid"
+                )
+            boundary = parse_content_type(request.headers.get("content-type", ""))
+            size = await _receive(request, spool, settings)
+        except StowRequestError as exc:
+            return await _refuse(request, user, study, exc)
+        return await run_in_threadpool(_store, request, peer, spool, size, boundary, study)
+
+
+def _sender(request: Request) -> CurrentUser:
+    credentials = basic_credentials(request)
+    if credentials is None:
+        audit(
+            request,
+            kind="stow.refused",
+            actor="",
+            outcome="failure",
+            detail={"http_status": 401, "reason": "no_credentials"},
+        )
+        raise NotAuthenticated()
+    return basic_user(request, *credentials, roles=(SENDER,))
+
+
+def _temp_dir(settings: Settings) -> str:
+    folder = settings.data_dir / "stow-incoming"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def _too_large(limit: int) -> StowRequestError:
+    return StowRequestError(
+        413,
+        "Content Too Large",
+        f"the body is larger than {limit} bytes (CXR_STOW_MAX_BYTES)",
+        reason="too_large",
+    )
+
+
+async def _receive(request: Request, target: IO[bytes], settings: Settings) -> int:
+    """Copy the body into ``target``, bounded in size and time; return its length."""
+    limit = settings.stow_max_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)  # before a byte of the body is read
+    received = 0
+    try:
+        async with asyncio.timeout(settings.stow_body_seconds):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise _too_large(limit)
+                await run_in_threadpool(target.write, chunk)
+    except TimeoutError as exc:
+        raise StowRequestError(
+            408,
+            "Request Timeout",
+            f"the body did not arrive within {settings.stow_body_seconds:g} s",
+            reason="body_timeout",
+        ) from exc
+    target.flush()
+    return received
+
+
+def _store(
+    request: Request,
+    peer: Peer,
+    spool: IO[bytes],
+    size: int,
+    boundary: str,
+    study: str | None,
+) -> Response:
+    ctx = context(request)
+    ingestor: Ingestor = request.app.state.stow_ingestor
+    if size == 0:
+        empty = StowRequestError(400, "Bad Request", "the body is empty", reason="no_parts")
+        return _refuse_sync(request, peer.ae_title, study, empty)
+    ingestor.spool.root.mkdir(parents=True, exist_ok=True)  # the listener may not have run yet
+    with mmap.mmap(spool.fileno(), size, access=mmap.ACCESS_READ) as body:
+        try:
+            parts = split_parts(body, boundary, max_parts=ctx.settings.stow_max_parts)
+        except StowRequestError as exc:
+            return _refuse_sync(request, peer.ae_title, study, exc)
+        outcomes = store_parts(
+            ingestor=ingestor, peer=peer, body=body, parts=parts, study_uid=study
+        )
+    status = http_status(outcomes)
+    stored = sum(o.stored for o in outcomes)
+    audit(
+        request,
+        kind="stow.received",
+        actor=peer.ae_title,
+        outcome={200: "success", 202: "warning"}.get(status, "failure"),
+        study_uid=study or "",
+        detail={
+            "http_status": status,
+            "instances": len(outcomes),
+            "stored": stored,
+            "failed": len(outcomes) - stored,
+            "bytes": size,
+        },
+    )
+    return JSONResponse(response_body(outcomes), status_code=status, media_type=DICOM_JSON)
+
+
+async def _refuse(
+    request: Request, user: CurrentUser, study: str | None, exc: StowRequestError
+) -> Response:
+    return await run_in_threadpool(_refuse_sync, request, user.username, study, exc)
+
+
+def _refuse_sync(
+    request: Request, actor: str, study: str | None, exc: StowRequestError
+) -> Response:
+    log.warning("STOW-RS request refused: %s (HTTP %d)", exc.reason, exc.status)
+    audit(
+        request,
+        kind="stow.refused",
+        actor=actor,
+        outcome="failure",
+        study_uid=study if study and is_valid_uid(study) else "",
+        detail={"http_status": exc.status, "reason": exc.reason, "message": exc.detail[:500]},
+    )
+    response = problem(exc.status, exc.title, exc.detail)
+    if exc.status in (408, 413):
+        # The rest of the body is not read: the connection cannot carry another request.
+        response.headers["Connection"] = "close"
+    return response

@@ -1,0 +1,322 @@
+"""STOW-RS in (POST /dicomweb/studies): the sender role, the bounds, malformed bodies, and the
+PS3.18 response, against the real app, database and spool (no peer needed; the end-to-end run
+with Orthanc is tests/gateway/test_dicomweb.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from gateway.db.migrate import upgrade
+from gateway.db.models import AuditEvent, Instance
+from gateway.db.session import make_engine, make_session_factory, transaction
+from gateway.settings import Settings
+from gateway.web.app import create_app
+from gateway.web.users import UserError, create_user
+from tests import dicom_files as files
+from tests.peers import run_cli
+from tests.web.conftest import PASSWORDS, add_users
+
+SENDER_PASSWORD = "sender-password-123"
+DICOM_TYPE = 'multipart/related; type="application/dicom"; boundary='
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+SENDER = basic("modality1", SENDER_PASSWORD)
+
+
+def multipart(
+    parts: Sequence[bytes], *, boundary: str = "", part_type: str = "application/dicom"
+) -> tuple[bytes, str]:
+    """(body, Content-Type) of a STOW-RS request with these parts."""
+    boundary = boundary or uuid.uuid4().hex
+    body = b""
+    for part in parts:
+        body += f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + part + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, DICOM_TYPE + boundary
+
+
+class Stow:
+    """The app with one user per role plus a sender, and what it recorded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        add_users(settings.database)
+        self.sessions = make_session_factory(make_engine(settings.database))
+        upgrade(make_engine(settings.database))
+        with transaction(self.sessions) as session:
+            create_user(
+                session=session,
+                username="modality1",
+                password=SENDER_PASSWORD,
+                role="sender",
+                actor="test",
+            )
+        self.client = TestClient(create_app(settings))
+
+    def post(
+        self,
+        parts: Sequence[bytes],
+        *,
+        headers: dict[str, str] | None = None,
+        study: str = "",
+        **kwargs: Any,
+    ) -> Any:
+        body, content_type = multipart(parts, **kwargs)
+        url = "/dicomweb/studies" + (f"/{study}" if study else "")
+        sent = {"Content-Type": content_type, **SENDER, **(headers or {})}
+        return self.client.post(url, content=body, headers=sent)
+
+    def instances(self) -> int:
+        with self.sessions() as session:
+            return int(session.execute(select(func.count()).select_from(Instance)).scalar() or 0)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        """The details of the audit events of ``kind``, each with its actor as "_actor"."""
+        with self.sessions() as session:
+            query = select(AuditEvent).where(AuditEvent.kind == kind).order_by(AuditEvent.id)
+            rows = session.execute(query).scalars()
+            return [{**json.loads(e.detail or "{}"), "_actor": e.actor} for e in rows]
+
+
+@pytest.fixture
+def stow(make_settings: Callable[..., Settings]) -> Iterator[Stow]:
+    yield Stow(make_settings(web_port=0, stow_max_bytes=4 * 2**20, web_login_max_failures=3))
+
+
+def child_cr(tmp_path: Path, name: str = "a.dcm", study_uid: str | None = None) -> bytes:
+    path = tmp_path / name
+    files.with_new_uids(files.CHILD_CR, path, study_uid=study_uid)
+    return path.read_bytes()
+
+
+def sequence(body: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    return list(body.get(tag, {}).get("Value", []))
+
+
+def test_a_sender_stores_an_instance_as_c_store_would(stow: Stow, tmp_path: Path) -> None:
+    data = child_cr(tmp_path)
+    ds = dcmread(tmp_path / "a.dcm")
+    r = stow.post([data])
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/dicom+json")
+    referenced = sequence(r.json(), "00081199")
+    assert [i["00081155"]["Value"][0] for i in referenced] == [str(ds.SOPInstanceUID)]
+    assert referenced[0]["00081150"]["Value"] == [str(ds.SOPClassUID)]
+    assert "00081198" not in r.json()
+    with stow.sessions() as session:
+        row = session.execute(select(Instance)).scalar_one()
+    assert row.calling_ae == "modality1" and row.sop_instance_uid == str(ds.SOPInstanceUID)
+    spooled = dcmread(row.path)  # durable, readable, with the listener's kind of file meta
+    assert spooled.SOPInstanceUID == ds.SOPInstanceUID
+    assert spooled.PixelData == ds.PixelData
+    stored = stow.events("instance.stored")
+    assert [(e["_actor"], e["via"]) for e in stored] == [("modality1", "stow-rs")]
+    received = stow.events("stow.received")
+    assert received[0]["stored"] == 1 and received[0]["http_status"] == 200
+    # The same instance again: success, and still one row (as a C-STORE re-send).
+    again = stow.post([data])
+    assert again.status_code == 200 and stow.instances() == 1
+    assert len(stow.events("instance.duplicate")) == 1
+
+
+def test_the_study_in_the_url_must_be_each_instances(stow: Stow, tmp_path: Path) -> None:
+    study = generate_uid()
+    inside = child_cr(tmp_path, "in.dcm", study_uid=study)
+    outside = child_cr(tmp_path, "out.dcm")
+    r = stow.post([outside], study=study)
+    assert r.status_code == 409, r.text
+    failed = sequence(r.json(), "00081198")
+    assert failed[0]["00081197"]["Value"] == [0xA900]
+    assert stow.instances() == 0
+    assert stow.events("instance.failed")[0]["reason"] == "study_uid_mismatch"
+    mixed = stow.post([inside, outside], study=study)
+    assert mixed.status_code == 202, mixed.text
+    assert len(sequence(mixed.json(), "00081199")) == 1
+    assert len(sequence(mixed.json(), "00081198")) == 1
+    assert stow.instances() == 1
+    assert stow.post([], study="not-a-uid").status_code == 400
+
+
+def test_a_part_that_is_not_dicom_fails_as_the_listener_would(stow: Stow, tmp_path: Path) -> None:
+    r = stow.post([b"this is not a DICOM file" * 20])
+    assert r.status_code == 409, r.text
+    assert sequence(r.json(), "00081198")[0]["00081197"]["Value"] == [0xC210]
+    assert sequence(r.json(), "00081199") == []
+    assert stow.events("instance.failed")[0]["reason"] == "not_dicom"
+    ct = files.ct_image().read_bytes()  # a DICOM image of a class we do not read
+    r = stow.post([ct])
+    assert r.status_code == 409
+    assert sequence(r.json(), "00081198")[0]["00081197"]["Value"] == [0x0122]
+    assert stow.instances() == 0
+
+
+def test_unauthenticated_and_other_roles_cannot_store(stow: Stow, tmp_path: Path) -> None:
+    data = child_cr(tmp_path)
+    body, content_type = multipart([data])
+    anonymous = stow.client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith("Basic")
+    assert anonymous.headers["content-type"] == "application/problem+json"
+    assert stow.events("stow.refused")[0]["reason"] == "no_credentials"
+    for role in ("admin", "clinician", "auditor"):
+        r = stow.post([data], headers=basic(role, PASSWORDS[role]))
+        assert r.status_code == 401, role
+    wrong = stow.post([data], headers=basic("modality1", "wrong-password-123"))
+    assert wrong.status_code == 401
+    assert stow.instances() == 0
+    reasons = [e["reason"] for e in stow.events("user.login_failed")]
+    assert "HTTP Basic: role admin not allowed here" in reasons
+    # Throttled like /metrics: the window's failures for this name block even the right one.
+    for _ in range(3):
+        stow.post([data], headers=basic("modality1", "wrong-password-123"))
+    blocked = stow.post([data])
+    assert blocked.status_code == 429 and blocked.headers["retry-after"]
+    assert stow.instances() == 0
+
+
+def test_a_sender_reads_nothing(stow: Stow) -> None:
+    login = stow.client.post(
+        "/api/session", json={"username": "modality1", "password": SENDER_PASSWORD}
+    )
+    assert login.status_code == 401
+    assert stow.events("user.login_failed")[-1]["reason"] == ("role sender has no console access")
+    for path in ("/api/studies", "/metrics", "/api/openapi.json"):
+        assert stow.client.get(path, headers=SENDER).status_code == 401, path
+
+
+def test_too_large_bodies_are_refused_early(stow: Stow, tmp_path: Path) -> None:
+    big = b"\0" * (5 * 2**20)
+    r = stow.post([big])  # Content-Length says it: refused before the body is read
+    assert r.status_code == 413, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused as it streams past the limit
+        yield b"--b\r\nContent-Type: application/dicom\r\n\r\n"
+        for _ in range(10):
+            yield b"\0" * 2**20
+
+    streamed = stow.client.post(
+        "/dicomweb/studies",
+        content=chunks(),
+        headers={"Content-Type": DICOM_TYPE + "b", **SENDER},
+    )
+    assert streamed.status_code == 413
+    assert [e["reason"] for e in stow.events("stow.refused")] == ["too_large"] * 2
+    assert stow.instances() == 0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "reason"),
+    [
+        ("application/dicom", b"x", 415, "not_multipart_related"),
+        (
+            'multipart/related; type="application/dicom+xml"; boundary=b',
+            b"",
+            415,
+            "unsupported_part_type",
+        ),
+        ('multipart/related; type="application/dicom"', b"", 400, "no_boundary"),
+        (DICOM_TYPE + "b", b"--other\r\n\r\nx\r\n--other--", 400, "wrong_boundary"),
+        (DICOM_TYPE + "b", b"--b--\r\n", 400, "no_parts"),
+        (DICOM_TYPE + "b", b"--b\r\nContent-Type: application/dicom\r\n\r\nDICM", 400, "truncated"),
+        (
+            DICOM_TYPE + "b",
+            b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--",
+            415,
+            "unsupported_part_type",
+        ),
+        (DICOM_TYPE + "b", b"--b\r\nno blank line", 400, "malformed_multipart"),
+    ],
+)
+def test_malformed_requests_get_problem_responses(
+    stow: Stow, tmp_path: Path, content_type: str, body: bytes, status: int, reason: str
+) -> None:
+    # A good instance first in each body that has parts: nothing of a bad request is stored.
+    r = stow.client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": content_type, **SENDER}
+    )
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == status and r.json()["detail"]
+    assert stow.events("stow.refused")[-1]["reason"] == reason
+    assert stow.instances() == 0
+
+
+def test_a_bad_part_after_a_good_one_stores_nothing(stow: Stow, tmp_path: Path) -> None:
+    good = child_cr(tmp_path)
+    boundary = "xyz"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + good
+        + f"\r\n--{boundary}\r\nContent-Type: application/pdf\r\n\r\n%PDF".encode()
+        + f"\r\n--{boundary}--".encode()
+    )
+    r = stow.client.post(
+        "/dicomweb/studies", content=body, headers={"Content-Type": DICOM_TYPE + boundary, **SENDER}
+    )
+    assert r.status_code == 415
+    truncated = stow.client.post(
+        "/dicomweb/studies",
+        content=body[: len(good) // 2],
+        headers={"Content-Type": DICOM_TYPE + boundary, **SENDER},
+    )
+    assert truncated.status_code == 400
+    assert stow.instances() == 0
+
+
+def test_too_many_parts(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    stow = Stow(make_settings(web_port=0, stow_max_parts=2))
+    parts = [child_cr(tmp_path, f"{i}.dcm") for i in range(3)]
+    r = stow.post(parts)
+    assert r.status_code == 413 and "CXR_STOW_MAX_PARTS" in r.json()["detail"]
+    assert stow.instances() == 0
+    assert stow.post(parts[:2]).status_code == 200
+    assert stow.instances() == 2
+
+
+def test_sender_accounts_from_the_cli(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings()
+    env = {"CXR_DATA_DIR": str(settings.data_dir)}
+    made = run_cli(
+        "users",
+        "create",
+        "pacs1",
+        "--role",
+        "sender",
+        "--password-stdin",
+        env=env,
+        stdin="sender-password-123\n",
+    )
+    assert made.returncode == 0, made.stderr
+    assert "created sender pacs1" in made.stdout
+    long_name = run_cli(
+        "users",
+        "create",
+        "a-sender-name-too-long",
+        "--role",
+        "sender",
+        "--password-stdin",
+        env=env,
+        stdin="sender-password-123\n",
+    )
+    assert long_name.returncode == 1 and "16 characters" in long_name.stderr
+    with pytest.raises(UserError):
+        create_user(session=None, username="a b", password="x" * 12, role="sender", actor="t")  # type: ignore[arg-type]
