@@ -1,8 +1,11 @@
 """A real Orthanc (the PACS) started as a plain process on free loopback ports with a temporary,
-strict configuration: known modalities only, called AE and host checked."""
+strict configuration: known modalities only, called AE and host checked. On request it loads
+the DICOMweb plugin (Debian package orthanc-dicomweb: QIDO-RS, WADO-RS, STOW-RS under
+/dicom-web/, and a STOW-RS client to the servers it is given) and asks for HTTP Basic auth."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -16,6 +19,7 @@ from typing import Any
 from tests.peers import free_port
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Orthanc:
     process: subprocess.Popen[bytes]
     log_path: Path
     modalities: dict[str, Any] = field(default_factory=dict)
+    credentials: tuple[str, str] | None = None  # HTTP Basic, when authentication is on
 
     @property
     def url(self) -> str:
@@ -38,6 +43,9 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", "application/dicom")
+        if self.credentials is not None:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=30) as resp:
             data = resp.read()
         return json.loads(data) if data else None
@@ -66,16 +74,23 @@ def start_orthanc(
     modalities: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
     dicom_port: int | None = None,
+    http_port: int | None = None,
+    dicomweb_servers: dict[str, Any] | None = None,
+    users: dict[str, str] | None = None,
     startup_timeout: float = 20.0,
 ) -> Orthanc:
-    """Start Orthanc on free ports (or ``dicom_port``) with a temporary, strict config.
+    """Start Orthanc on free ports (or ``dicom_port``, ``http_port``) with a temporary, strict
+    config.
 
     ``modalities``: Orthanc's ``DicomModalities`` (name -> [AET, host, port] or an object);
-    only these may store. Waits until ``GET /system`` answers; raises RuntimeError with the
-    log tail if not.
+    only these may store. ``dicomweb_servers`` (name -> {"Url", "Username", "Password"}) loads
+    the DICOMweb plugin with these servers as STOW-RS targets (an empty dict loads it with
+    none); ``users`` (name -> password) turns HTTP Basic authentication on, and the REST client
+    uses the first. Waits until ``GET /system`` answers; raises RuntimeError with the log tail
+    if not.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    http_port = free_port()
+    http_port = http_port or free_port()
     dicom_port = dicom_port or free_port()
     config: dict[str, Any] = {
         "Name": "cxr-gateway-test",
@@ -94,6 +109,12 @@ def start_orthanc(
         "StableAge": 1,
         "ConcurrentJobs": 1,
     }
+    if dicomweb_servers is not None:
+        config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers}
+    if users:
+        config["AuthenticationEnabled"] = True
+        config["RegisteredUsers"] = users
     config.update(extra_config or {})
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -103,7 +124,10 @@ def start_orthanc(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    orthanc = Orthanc(aet, dicom_port, http_port, workdir, process, log_path, modalities or {})
+    credentials = next(iter(users.items())) if users else None
+    orthanc = Orthanc(
+        aet, dicom_port, http_port, workdir, process, log_path, modalities or {}, credentials
+    )
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

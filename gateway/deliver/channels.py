@@ -1,6 +1,6 @@
-"""The two kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE, and
-the FHIR transaction Bundle by HTTP, each with the outbox folder as the destination when no
-PACS or EHR is configured. Built once per worker process."""
+"""The kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE or by
+STOW-RS, and the FHIR transaction Bundle by HTTP, with the outbox folder as the destination when
+no PACS or EHR is configured. Built once per worker process."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from fhir_mappings import (
     report_search_identifier,
 )
 from gateway.deliver.deliveries import (
+    DICOMWEB,
     FHIR,
     OUTBOX,
     SR,
@@ -44,6 +45,8 @@ from gateway.deliver.dicom_store import (
     client_tls_context,
     send_with_retries,
 )
+from gateway.deliver.dicomweb_client import StowRejected, StowTarget
+from gateway.deliver.dicomweb_client import store as stow
 from gateway.deliver.fhir_client import (
     FhirAuthError,
     FhirClient,
@@ -53,7 +56,7 @@ from gateway.deliver.fhir_client import (
     FhirRejected,
 )
 from gateway.deliver.sr import SRBuildError, build_sr
-from gateway.settings import DicomDestination, Settings
+from gateway.settings import DicomDestination, DicomWebDestination, Settings
 from inference.finding import StudyFinding
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,49 @@ class SrSender:
                 raise PermanentDeliveryError(f"PACS refused the SR: {statuses}") from exc
             raise
         return remote
+
+
+def stow_target(settings: Settings, config: DicomWebDestination) -> StowTarget:
+    return StowTarget(
+        url=config.url,
+        auth=config.auth,
+        username=config.username,
+        password_file=config.password_file,
+        token_file=config.token_file,
+        ca_file=config.ca_file,
+        timeout=settings.dicomweb_timeout_seconds,
+    )
+
+
+class DicomWebSender:
+    """The SR (and heat-map SC), built as for C-STORE, stored by STOW-RS on a DICOMweb server."""
+
+    def __init__(self, settings: Settings, sr: SrSender) -> None:
+        self.settings = settings
+        self.sr = sr
+        self.destinations = {d.name: d for d in settings.dicomweb_destinations}
+
+    def __call__(self, job: DeliveryJob) -> dict[str, Any]:
+        if not job.finding.has_result and not self.settings.send_no_result_sr:
+            return {"skipped": "no result and CXR_SEND_NO_RESULT_SR is off"}
+        config = self.destinations.get(job.destination)
+        if config is None:
+            raise PermanentDeliveryError(f"destination {job.destination!r} is no longer configured")
+        datasets = self.sr.build(job)
+        uids = [str(ds.SOPInstanceUID) for ds in datasets]
+        try:
+            result = stow(stow_target(self.settings, config), [_encode(d) for d in datasets], uids)
+        except StowRejected as exc:
+            raise PermanentDeliveryError(
+                f"DICOMweb server refused the SR: {exc}", exc.detail()
+            ) from exc
+        sr = datasets[0]
+        return {
+            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+            "instances": len(datasets),
+            "http_status": result.http_status,
+        }
 
 
 def mapping_config(settings: Settings, *, outbox: bool) -> FhirMappingConfig:
@@ -299,4 +345,5 @@ def announce_report_status(
 
 
 def build_senders(settings: Settings) -> dict[str, Sender]:
-    return {SR: SrSender(settings), FHIR: FhirSender(settings)}
+    sr = SrSender(settings)
+    return {SR: sr, DICOMWEB: DicomWebSender(settings, sr), FHIR: FhirSender(settings)}

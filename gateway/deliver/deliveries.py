@@ -1,5 +1,6 @@
 """Delivering a finding (docs/architecture.md, "Deliver"): a DICOM SR to each PACS destination
-and a FHIR transaction Bundle to the EHR, or both into the outbox folder when none is configured.
+(C-STORE) and each DICOMweb destination (STOW-RS) and a FHIR transaction Bundle to the EHR, or
+into the outbox folder when none is configured.
 
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and
@@ -45,6 +46,7 @@ from inference.finding import StudyFinding
 log = logging.getLogger(__name__)
 
 SR = "dicom-sr"
+DICOMWEB = "dicomweb-sr"  # the same SR (and heat map) by STOW-RS
 FHIR = "fhir"
 OUTBOX = "outbox"
 EHR = "ehr"
@@ -63,10 +65,12 @@ class HeldDelivery(GatewayError):
 
 
 def targets(settings: Settings) -> list[tuple[str, str]]:
-    """(kind, destination) pairs for a new finding."""
-    sr = [(SR, d.name) for d in settings.pacs_destinations] or [(SR, OUTBOX)]
+    """(kind, destination) pairs for a new finding: the SR to each PACS by C-STORE and to each
+    DICOMweb server by STOW-RS (to the outbox when there is neither), the FHIR bundle."""
+    sr = [(SR, d.name) for d in settings.pacs_destinations]
+    sr += [(DICOMWEB, d.name) for d in settings.dicomweb_destinations]
     fhir = [(FHIR, EHR if settings.fhir_base_url else OUTBOX)]
-    return sr + fhir
+    return (sr or [(SR, OUTBOX)]) + fhir
 
 
 def create_deliveries(*, session: Session, settings: Settings, study: Study) -> None:

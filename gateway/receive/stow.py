@@ -43,7 +43,8 @@ MEDIA_DICOM = "application/dicom"
 MULTIPART_RELATED = "multipart/related"
 VIA = "stow-rs"
 MAX_PART_HEADER_BYTES = 16 * 1024
-MAX_BOUNDARY = 70  # RFC 2046 5.1.1
+# RFC 2046 5.1.1 says 70, but Orthanc's DICOMweb client sends two UUIDs (73 characters).
+MAX_BOUNDARY = 256
 # PS3.18 Table 10.5.3-1 has no code for these; the nearest DICOM statuses (PS3.4 B.2.3).
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 STUDY_UID_MISMATCH = 0xA900  # "Data Set does not match": the listener's status for a mismatch
@@ -126,7 +127,9 @@ def parse_content_type(value: str) -> str:
         )
     boundary = message.get_param("boundary")
     if not isinstance(boundary, str) or not 0 < len(boundary) <= MAX_BOUNDARY:
-        raise _bad("the Content-Type has no boundary of 1-70 characters", "no_boundary")
+        raise _bad(
+            f"the Content-Type has no boundary of 1-{MAX_BOUNDARY} characters", "no_boundary"
+        )
     try:
         boundary.encode("ascii")
     except UnicodeEncodeError as exc:

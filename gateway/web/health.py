@@ -40,6 +40,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Audit kinds that are the outcome of one delivery attempt.
 ATTEMPT_OUTCOMES = {
     "dicom-sr.delivered": "delivered",
+    "dicomweb-sr.delivered": "delivered",
     "fhir.delivered": "delivered",
     "delivery.retry_scheduled": "retrying",
     "delivery.failed": "failed",
