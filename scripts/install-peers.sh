@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the real peers the tests start (Debian packages): Orthanc (PACS), DCMTK (sender and
-# reference receiver), dicom3tools (dciodvfy), Redis, PostgreSQL 15, Chromium, openssl and
-# util-linux (TLS certificates, namespaces and memory caps in tests). Skips what is
-# already installed. Needs root (or sudo).
+# Install the real peers the tests start (Debian packages): Orthanc (PACS) with its DICOMweb
+# plugin (QIDO-RS, STOW-RS server and client), DCMTK (sender and reference receiver),
+# dicom3tools (dciodvfy), Redis, PostgreSQL 15, Chromium, openssl and util-linux (TLS
+# certificates, namespaces and memory caps in tests). Skips what is already installed. Needs
+# root (or sudo).
 set -euo pipefail
-packages=(orthanc dcmtk dicom3tools redis-server postgresql-15 chromium chromium-driver nodejs npm
+packages=(orthanc orthanc-dicomweb dcmtk dicom3tools redis-server postgresql-15 chromium
+  chromium-driver nodejs npm
   openssl util-linux)  # openssl: the TLS tests make a CA; util-linux: unshare, prlimit
 missing=()
 for p in "${packages[@]}"; do
