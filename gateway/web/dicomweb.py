@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from gateway.receive.ingest import Ingestor, Limits, Peer
 from gateway.receive.spool import Spool, is_valid_uid
@@ -147,6 +148,10 @@ async def _receive(request: Request, target: IO[bytes], settings: Settings) -> i
             "Request Timeout",
             f"the body did not arrive within {settings.stow_body_seconds:g} s",
             reason="body_timeout",
+        ) from exc
+    except ClientDisconnect as exc:  # audited; the answer goes nowhere
+        raise StowRequestError(
+            400, "Bad Request", "the client went away mid-body", reason="client_disconnected"
         ) from exc
     target.flush()
     return received

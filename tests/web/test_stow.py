@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from gateway.db.models import AuditEvent, Instance
 from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.settings import Settings
 from gateway.web.app import create_app
+from gateway.web.server import WebServer
 from gateway.web.users import UserError, create_user
 from tests import dicom_files as files
 from tests.peers import run_cli
@@ -320,3 +323,31 @@ def test_sender_accounts_from_the_cli(make_settings: Callable[..., Settings]) ->
     assert long_name.returncode == 1 and "16 characters" in long_name.stderr
     with pytest.raises(UserError):
         create_user(session=None, username="a b", password="x" * 12, role="sender", actor="t")  # type: ignore[arg-type]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Over a real socket to uvicorn: the headers, ten bytes of a promised thousand, silence."""
+    settings = make_settings(web_port=0, stow_body_seconds=1.0)
+    stow = Stow(settings)
+    server = WebServer(settings)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            token = SENDER["Authorization"]
+            head = (
+                "POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: {token}\r\nContent-Type: {DICOM_TYPE}b\r\n"
+                "Content-Length: 1000\r\n\r\n--b\r\n\r\nDI"
+            )
+            started = time.monotonic()
+            sock.sendall(head.encode())
+            answer = sock.recv(65536).decode(errors="replace")
+            waited = time.monotonic() - started
+    finally:
+        server.stop()
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert 0.9 < waited < 8, waited
+    assert stow.events("stow.refused")[-1]["reason"] == "body_timeout"
+    assert stow.instances() == 0
