@@ -33,7 +33,7 @@ from gateway.web.deps import (
     require,
 )
 from gateway.web.pages_auth import LoginThrottled, throttled, throttled_problem
-from gateway.web.users import CurrentUser, authenticate
+from gateway.web.users import CurrentUser, authenticate_repeated
 
 router = APIRouter()
 LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -206,7 +206,7 @@ def basic_user(
         raise LoginThrottled()
     ctx = context(request)
     with transaction(ctx.sessions) as session:
-        user = authenticate(session, username, password)
+        user = authenticate_repeated(session, username, password)
         found = CurrentUser(user.id, user.username, user.role, "", 0) if user else None
     if found is None:
         audit_login_failure(

@@ -25,7 +25,7 @@ from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from gateway.web.server import WebServer
-from gateway.web.users import UserError, create_user
+from gateway.web.users import UserError, create_user, disable_user, reset_password
 from tests import dicom_files as files
 from tests.peers import run_cli
 from tests.web.conftest import PASSWORDS, add_users
@@ -351,3 +351,20 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(
     assert 0.9 < waited < 8, waited
     assert stow.events("stow.refused")[-1]["reason"] == "body_timeout"
     assert stow.instances() == 0
+
+
+def test_a_disabled_or_reset_sender_is_refused_at_once(stow: Stow, tmp_path: Path) -> None:
+    """Verified passwords are remembered for a while (argon2 per request is slow); the account's
+    row is not: disabling it or setting a new password takes effect on the next request."""
+    assert stow.post([child_cr(tmp_path, "1.dcm")]).status_code == 200
+    with transaction(stow.sessions) as session:
+        reset_password(
+            session=session, username="modality1", password="a-new-password-456", actor="test"
+        )
+    assert stow.post([child_cr(tmp_path, "2.dcm")]).status_code == 401
+    new = basic("modality1", "a-new-password-456")
+    assert stow.post([child_cr(tmp_path, "3.dcm")], headers=new).status_code == 200
+    with transaction(stow.sessions) as session:
+        disable_user(session=session, username="modality1", actor="test")
+    assert stow.post([child_cr(tmp_path, "4.dcm")], headers=new).status_code == 401
+    assert stow.instances() == 2
