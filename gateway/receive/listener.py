@@ -109,7 +109,7 @@ class ConnectionGate:
 
     def admit(self, address: str) -> str | None:
         """Count the connection in and return None, or return why it is refused."""
-        if not self._host_allowed(address):
+        if not self.host_allowed(address):
             return "calling_host_not_allowed"
         with self._lock:
             if self._open.get(address, 0) >= self._per_host:
@@ -125,7 +125,8 @@ class ConnectionGate:
             else:
                 self._open.pop(address, None)
 
-    def _host_allowed(self, address: str) -> bool:
+    def host_allowed(self, address: str) -> bool:
+        """Whether some allowed peer may use this address (any AE title); STOW-RS asks too."""
         if not self._allowed:
             return _is_loopback(address)  # the embedded default: loopback only
         if address in ("127.0.0.1", "::1"):

@@ -2,14 +2,16 @@
 (docs/conformance.md, "DICOMweb STOW-RS (in)").
 
 In this order, each refusal a problem response (RFC 9457) and an audit record, nothing stored:
-HTTP Basic credentials of an enabled ``sender`` account (401; throttled and audited like
-/metrics' Basic auth, 429 with Retry-After), a multipart/related Content-Type of
-application/dicom (415), a Content-Length within CXR_STOW_MAX_BYTES (413 before reading), a
-body that stays within it while it streams (413 as soon as it passes) and arrives within
-CXR_STOW_BODY_SECONDS (408). The body goes to an unlinked temporary file in the data folder, is
-checked whole (``gateway.receive.stow``), and then each instance is stored as a C-STORE of it
-would be (spool fsynced and row committed before the answer). The answer is PS3.18's: 200 all
-stored, 202 some, 409 none, with the Referenced and Failed SOP Sequences.
+a client address that some allowed peer may use (403, before any password is checked), HTTP
+Basic credentials of an enabled ``sender`` account (401; throttled and audited like /metrics'
+Basic auth, 429 with Retry-After), the account's name and the address as a pair of
+CXR_ALLOWED_PEERS (403), a multipart/related Content-Type of application/dicom (415), a
+Content-Length within CXR_STOW_MAX_BYTES (413 before reading), a body that stays within it while
+it streams (413 as soon as it passes) and arrives within CXR_STOW_BODY_SECONDS (408). The body
+goes to an unlinked temporary file in the data folder, is checked whole
+(``gateway.receive.stow``), and then each instance is stored as a C-STORE of it would be (spool
+fsynced and row committed before the answer). The answer is PS3.18's: 200 all stored, 202 some,
+409 none, with the Referenced and Failed SOP Sequences.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from gateway.receive.ingest import Ingestor, Limits, Peer
+from gateway.receive.listener import ConnectionGate, make_peer_policy
 from gateway.receive.spool import Spool, is_valid_uid
 from gateway.receive.stow import (
     VIA,
@@ -76,6 +79,12 @@ async def store_study_instances(request: Request, study: str) -> Response:
 
 
 async def _stow(request: Request, study: str | None) -> Response:
+    settings = context(request).settings
+    address = client_ip(request)
+    # The C-STORE allow-list, with the account's name as the calling AE: the host first, before
+    # any password is checked (as the listener closes a connection at accept), then the pair.
+    if not ConnectionGate(settings).host_allowed(address):
+        return await _refuse(request, "", study, _not_allowed("calling_host_not_allowed"))
     try:
         user = await run_in_threadpool(_sender, request)
     except LoginThrottled:
@@ -84,8 +93,10 @@ async def _stow(request: Request, study: str | None) -> Response:
         response = problem(401, "Unauthorized", "HTTP Basic credentials of a sender account")
         response.headers["WWW-Authenticate"] = REALM
         return response
-    peer = Peer(ae_title=user.username, address=client_ip(request), via=VIA)
-    settings = context(request).settings
+    refusal = make_peer_policy(settings)(user.username, settings.ae_title, address)
+    if refusal is not None:
+        return await _refuse(request, user.username, study, _not_allowed(refusal))
+    peer = Peer(ae_title=user.username, address=address, via=VIA)
     with tempfile.TemporaryFile(dir=_temp_dir(settings)) as spool:
         try:
             if study is not None and not is_valid_uid(study):
@@ -95,7 +106,7 @@ async def _stow(request: Request, study: str | None) -> Response:
             boundary = parse_content_type(request.headers.get("content-type", ""))
             size = await _receive(request, spool, settings)
         except StowRequestError as exc:
-            return await _refuse(request, user, study, exc)
+            return await _refuse(request, user.username, study, exc)
         return await run_in_threadpool(_store, request, peer, spool, size, boundary, study)
 
 
@@ -203,10 +214,19 @@ def _store(
     return JSONResponse(response_body(outcomes), status_code=status, media_type=DICOM_JSON)
 
 
+def _not_allowed(reason: str) -> StowRequestError:
+    return StowRequestError(
+        403,
+        "Forbidden",
+        "this sender may not store from this address (CXR_ALLOWED_PEERS)",
+        reason=reason,
+    )
+
+
 async def _refuse(
-    request: Request, user: CurrentUser, study: str | None, exc: StowRequestError
+    request: Request, actor: str, study: str | None, exc: StowRequestError
 ) -> Response:
-    return await run_in_threadpool(_refuse_sync, request, user.username, study, exc)
+    return await run_in_threadpool(_refuse_sync, request, actor, study, exc)
 
 
 def _refuse_sync(

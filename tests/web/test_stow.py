@@ -70,7 +70,8 @@ class Stow:
                 role="sender",
                 actor="test",
             )
-        self.client = TestClient(create_app(settings))
+        # From loopback: with no CXR_ALLOWED_PEERS, only loopback may send (as for C-STORE).
+        self.client = TestClient(create_app(settings), client=("127.0.0.1", 50000))
 
     def post(
         self,
@@ -368,3 +369,37 @@ def test_a_disabled_or_reset_sender_is_refused_at_once(stow: Stow, tmp_path: Pat
         disable_user(session=session, username="modality1", actor="test")
     assert stow.post([child_cr(tmp_path, "4.dcm")], headers=new).status_code == 401
     assert stow.instances() == 2
+
+
+def test_the_c_store_allow_list_applies_with_the_sender_as_calling_ae(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    peers = [
+        {"ae_title": "modality1", "host": "10.1.2.0/24"},
+        {"ae_title": "X", "host": "10.9.9.9"},
+    ]
+    stow = Stow(make_settings(web_port=0, allowed_peers=peers))
+    data = child_cr(tmp_path)
+    body, content_type = multipart([data])
+    headers = {"Content-Type": content_type, **SENDER}
+
+    def post_from(address: str) -> Any:
+        client = TestClient(stow.client.app, client=(address, 50000))
+        return client.post("/dicomweb/studies", content=body, headers=headers)
+
+    # Loopback is no longer enough once there is a list (it passes the host check, kept for the
+    # health check, then fails the pair); a host no peer may use is refused before its password
+    # is checked; another peer's host after.
+    assert post_from("127.0.0.1").status_code == 403
+    assert post_from("10.1.2.3").status_code == 200
+    assert post_from("10.7.7.7").status_code == 403
+    assert post_from("10.9.9.9").status_code == 403
+    reasons = [e["reason"] for e in stow.events("stow.refused")]
+    assert reasons == [
+        "calling_ae_or_host_not_allowed",
+        "calling_host_not_allowed",
+        "calling_ae_or_host_not_allowed",
+    ]
+    assert [e["_actor"] for e in stow.events("stow.refused")] == ["modality1", "", "modality1"]
+    assert stow.instances() == 1
+    assert stow.events("user.login_failed") == []
