@@ -43,18 +43,16 @@ class Setup:
 
 
 @pytest.fixture
-def gateway(
-    tmp_path: Path, redis_server: Redis, model_dir: Path
-) -> Iterator[Callable[[int], Setup]]:
-    """``start(pacs_http_port)``: listener, worker and web console, with Orthanc's DICOMweb
-    root on that port as the SR's only destination, and a sender account for Orthanc."""
+def gateway(tmp_path: Path, redis_server: Redis, model_dir: Path) -> Iterator[Callable[..., Setup]]:
+    """``start(pacs_http_port, **env)``: listener, worker and web console, with Orthanc's
+    DICOMweb root on that port as the SR's only destination, and a sender account for Orthanc."""
     if not DICOMWEB_PLUGIN.exists():
         missing_peer(
             "Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)"
         )
     procs: list[GatewayProcess] = []
 
-    def start(pacs_http_port: int) -> Setup:
+    def start(pacs_http_port: int, **extra: str) -> Setup:
         password_file = tmp_path / "pacs-password"
         password_file.write_text(PACS_PASSWORD + "\n")
         password_file.chmod(0o600)
@@ -76,6 +74,7 @@ def gateway(
             CXR_DICOMWEB_DESTINATIONS=json.dumps([destination]),
             CXR_DELIVERY_BACKOFF_SECONDS="1",
             CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
+            **extra,
         )
         listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
         procs.append(listener)
@@ -124,12 +123,12 @@ def sr_series(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
 
 
 def test_orthanc_stows_a_study_and_gets_the_sr_back_by_stow(
-    gateway: Callable[[int], Setup],
+    gateway: Callable[..., Setup],
     orthanc_factory: Callable[..., Orthanc],
     tmp_path: Path,
 ) -> None:
     pacs_http = free_port()
-    gw = gateway(pacs_http)
+    gw = gateway(pacs_http, CXR_SEND_HEATMAP_SC="true")
     orthanc = dicomweb_orthanc(orthanc_factory, pacs_http, gw.web_port)
     path = files.study_files(files.CHILD_CR, tmp_path / "study", 1)[0]
     study_uid = str(dcmread(path).StudyInstanceUID)
@@ -159,12 +158,16 @@ def test_orthanc_stows_a_study_and_gets_the_sr_back_by_stow(
         f"/dicom-web/studies/{study_uid}/series/{delivered['sr_series_instance_uid']}/instances"
     )
     assert [i["00080018"]["Value"][0] for i in instances] == [delivered["sr_sop_instance_uid"]]
-    # The image itself is still the only other series: the SR went into the same study.
-    assert len(orthanc.get(f"/dicom-web/studies/{study_uid}/series")) == 2
+    # Into the same study: the image, the SR and the heat-map SC, sent in one request.
+    assert delivered["instances"] == 2
+    modalities = sorted(
+        s["00080060"]["Value"][0] for s in orthanc.get(f"/dicom-web/studies/{study_uid}/series")
+    )
+    assert modalities == ["CR", "OT", "SR"]
 
 
 def test_pacs_down_then_up_gets_the_sr_by_stow_once(
-    gateway: Callable[[int], Setup],
+    gateway: Callable[..., Setup],
     orthanc_factory: Callable[..., Orthanc],
     tmp_path: Path,
 ) -> None:
