@@ -403,3 +403,19 @@ def test_the_c_store_allow_list_applies_with_the_sender_as_calling_ae(
     assert [e["_actor"] for e in stow.events("stow.refused")] == ["modality1", "", "modality1"]
     assert stow.instances() == 1
     assert stow.events("user.login_failed") == []
+
+
+def test_stored_and_refused_on_both_databases(
+    make_settings: Callable[..., Settings], database_url: str, tmp_path: Path
+) -> None:
+    """The sender's name in the 16-character calling AE column, the audit rows: on SQLite and on
+    a real PostgreSQL."""
+    stow = Stow(make_settings(web_port=0, database_url=database_url))
+    study = generate_uid()
+    r = stow.post(
+        [child_cr(tmp_path, "in.dcm", study_uid=study), child_cr(tmp_path, "out.dcm")], study=study
+    )
+    assert r.status_code == 202, r.text
+    assert stow.instances() == 1
+    assert [e["_actor"] for e in stow.events("instance.failed")] == ["modality1"]
+    assert stow.events("stow.received")[0]["failed"] == 1
