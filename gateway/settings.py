@@ -298,6 +298,7 @@ class Settings(BaseSettings):
     stow_max_bytes: int = Field(default=512 * 2**20, ge=2**20, le=2**40)
     stow_max_parts: int = Field(default=1000, ge=1, le=100_000)
     stow_body_seconds: float = Field(default=300.0, gt=0, le=3600)  # the whole body must arrive
+    stow_max_concurrent: int = Field(default=4, ge=1, le=256)  # requests receiving or storing
     # Failed logins (or password changes) for one user name from one address within the window
     # that block further attempts from there until the window has passed.
     web_login_max_failures: int = Field(default=10, ge=1, le=1000)

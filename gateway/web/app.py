@@ -73,6 +73,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
     )
     app.state.metrics = health.make_registry(sessions)
     app.state.stow_ingestor = dicomweb.make_ingestor(settings, sessions)
+    app.state.stow_slots = dicomweb.Slots(settings.stow_max_concurrent)
     app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     pages_drift.install(app)  # its monitor, and its gauges in app.state.metrics

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import shutil
 import tempfile
+from pathlib import Path
 from typing import IO
 
 from fastapi import APIRouter, Request
@@ -51,6 +53,7 @@ router = APIRouter()
 DICOM_JSON = "application/dicom+json"
 REALM = 'Basic realm="cxr-gateway STOW-RS", charset="UTF-8"'
 _BATCH = 8 << 20
+RETRY_AFTER_SECONDS = 30  # when busy or short of disk space
 
 
 def make_ingestor(settings: Settings, sessions: sessionmaker[Session]) -> Ingestor:
@@ -97,17 +100,47 @@ async def _stow(request: Request, study: str | None) -> Response:
     if refusal is not None:
         return await _refuse(request, user.username, study, _not_allowed(refusal))
     peer = Peer(ae_title=user.username, address=address, via=VIA)
-    with tempfile.TemporaryFile(dir=_temp_dir(settings)) as spool:
-        try:
-            if study is not None and not is_valid_uid(study):
-                raise StowRequestError(
-                    400, "Bad Request", "the URL's study is not a UID", reason="bad_study_uid"
-                )
-            boundary = parse_content_type(request.headers.get("content-type", ""))
-            size = await _receive(request, spool, settings)
-        except StowRequestError as exc:
-            return await _refuse(request, user.username, study, exc)
-        return await run_in_threadpool(_store, request, peer, spool, size, boundary, study)
+    slots: Slots = request.app.state.stow_slots
+    if not slots.take():
+        busy = StowRequestError(
+            503,
+            "Service Unavailable",
+            f"{slots.limit} STOW-RS requests are in progress (CXR_STOW_MAX_CONCURRENT)",
+            reason="too_many_requests",
+        )
+        return await _refuse(request, user.username, study, busy)
+    try:
+        with tempfile.TemporaryFile(dir=_temp_dir(settings)) as spool:
+            try:
+                if study is not None and not is_valid_uid(study):
+                    raise StowRequestError(
+                        400, "Bad Request", "the URL's study is not a UID", reason="bad_study_uid"
+                    )
+                boundary = parse_content_type(request.headers.get("content-type", ""))
+                size = await _receive(request, spool, settings)
+            except StowRequestError as exc:
+                return await _refuse(request, user.username, study, exc)
+            return await run_in_threadpool(_store, request, peer, spool, size, boundary, study)
+    finally:
+        slots.give_back()
+
+
+class Slots:
+    """How many STOW-RS requests may hold a body at once (each up to CXR_STOW_MAX_BYTES on disk
+    and an instance in memory). Used from the event loop only, so a plain counter is enough."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def give_back(self) -> None:
+        self.taken -= 1
 
 
 def _sender(request: Request) -> CurrentUser:
@@ -145,6 +178,9 @@ async def _receive(request: Request, target: IO[bytes], settings: Settings) -> i
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)  # before a byte of the body is read
+    folder = Path(_temp_dir(settings))
+    reserve = settings.spool_min_free_mb * 2**20
+    _check_space(folder, reserve + (int(declared) if declared.isdigit() else 0))
     received = 0
     pending = bytearray()  # written in batches: one thread hop per 64 KB chunk costs more
     try:
@@ -157,6 +193,7 @@ async def _receive(request: Request, target: IO[bytes], settings: Settings) -> i
                 if len(pending) >= _BATCH:
                     await run_in_threadpool(target.write, pending)
                     pending = bytearray()
+                    _check_space(folder, reserve)
             await run_in_threadpool(target.write, pending)
     except TimeoutError as exc:
         raise StowRequestError(
@@ -171,6 +208,18 @@ async def _receive(request: Request, target: IO[bytes], settings: Settings) -> i
         ) from exc
     target.flush()
     return received
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    """The body's temporary file must leave the spool's reserve free (the same file system,
+    usually): 503, to be retried, rather than a full disk for the listener."""
+    if shutil.disk_usage(folder).free < needed:
+        raise StowRequestError(
+            503,
+            "Service Unavailable",
+            "not enough free disk space for the body (CXR_SPOOL_MIN_FREE_MB)",
+            reason="disk_full",
+        )
 
 
 def _store(
@@ -242,6 +291,8 @@ def _refuse_sync(
         detail={"http_status": exc.status, "reason": exc.reason, "message": exc.detail[:500]},
     )
     response = problem(exc.status, exc.title, exc.detail)
+    if exc.status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if exc.status in (408, 413):
         # The rest of the body is not read: the connection cannot carry another request.
         response.headers["Connection"] = "close"

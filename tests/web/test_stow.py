@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
@@ -419,3 +420,48 @@ def test_stored_and_refused_on_both_databases(
     assert stow.instances() == 1
     assert [e["_actor"] for e in stow.events("instance.failed")] == ["modality1"]
     assert stow.events("stow.received")[0]["failed"] == 1
+
+
+def test_one_request_too_many_or_too_little_disk_gets_503(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Over real sockets to uvicorn: one request holds the only slot with a body still coming;
+    another gets 503 with Retry-After, then 200 once the first has gone."""
+    settings = make_settings(web_port=0, stow_max_concurrent=1, stow_body_seconds=30.0)
+    stow = Stow(settings)
+    server = WebServer(settings)
+    server.start()
+    body, content_type = multipart([child_cr(tmp_path)])
+    url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+    headers = {"Content-Type": content_type, **SENDER}
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as holder:
+            holder.sendall(
+                (
+                    f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: {SENDER['Authorization']}\r\n"
+                    f"Content-Type: {DICOM_TYPE}b\r\nContent-Length: 1000\r\n\r\n--b"
+                ).encode()
+            )
+            deadline = time.monotonic() + 10
+            while not server.server.config.app.state.stow_slots.taken:
+                assert time.monotonic() < deadline, "the first request never took its slot"
+                time.sleep(0.05)
+            busy = httpx.post(url, content=body, headers=headers, timeout=30)
+        assert busy.status_code == 503, busy.text
+        assert busy.headers["retry-after"] == "30"
+        deadline = time.monotonic() + 10
+        while server.server.config.app.state.stow_slots.taken:
+            assert time.monotonic() < deadline, "the slot was never given back"
+            time.sleep(0.05)
+        assert httpx.post(url, content=body, headers=headers, timeout=30).status_code == 200
+    finally:
+        server.stop()
+    reasons = [e["reason"] for e in stow.events("stow.refused")]
+    assert reasons == ["too_many_requests", "client_disconnected"]
+    assert stow.instances() == 1
+    full = Stow(make_settings(web_port=0, data_dir=tmp_path / "d2", spool_min_free_mb=10**9))
+    refused = full.post([child_cr(tmp_path)])
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "30"
+    assert full.events("stow.refused")[-1]["reason"] == "disk_full"
+    assert full.instances() == 0
