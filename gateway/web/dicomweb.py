@@ -26,6 +26,7 @@ from typing import IO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -92,6 +93,11 @@ async def _stow(request: Request, study: str | None) -> Response:
         user = await run_in_threadpool(_sender, request)
     except LoginThrottled:
         return throttled_problem(request, "logins")
+    except SQLAlchemyError as exc:  # nothing can be checked, stored or audited: try later
+        log.error("STOW-RS refused, database unavailable: %s", type(exc).__name__)
+        response = problem(503, "Service Unavailable", "the database is unavailable")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
     except NotAuthenticated:
         response = problem(401, "Unauthorized", "HTTP Basic credentials of a sender account")
         response.headers["WWW-Authenticate"] = REALM

@@ -465,3 +465,13 @@ def test_one_request_too_many_or_too_little_disk_gets_503(
     assert refused.status_code == 503 and refused.headers["retry-after"] == "30"
     assert full.events("stow.refused")[-1]["reason"] == "disk_full"
     assert full.instances() == 0
+
+
+def test_a_database_that_cannot_be_read_gets_503(stow: Stow, tmp_path: Path) -> None:
+    """Nothing can be checked or recorded: 503 with Retry-After, never a 500 or a success."""
+    database = Path(stow.settings.database.removeprefix("sqlite:///"))
+    database.write_bytes(b"not a database " * 1000)  # before the app's first connection
+    r = stow.post([child_cr(tmp_path)])
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "30"
+    assert r.headers["content-type"] == "application/problem+json"
