@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -105,6 +106,45 @@ class DicomDestination(BaseModel):
         return self
 
 
+class RoutingMatch(BaseModel):
+    """What a routing rule asks of an instance's header. Each list holds values or glob
+    patterns (``*``, ``?``), compared without case; an empty list asks nothing. ``age_years``
+    is a range of completed years (``"0-17"``); a study whose age is unknown does not match it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)  # Body Part Examined
+    sop_class: list[str] = Field(default_factory=list)  # UID or name, e.g. "*X-Ray*"
+    calling_ae: list[str] = Field(default_factory=list)
+    station: list[str] = Field(default_factory=list)  # Station Name
+    institution: list[str] = Field(default_factory=list)  # Institution Name
+    age_years: str = ""
+
+    @field_validator("age_years")
+    @classmethod
+    def _check_age(cls, value: str) -> str:
+        if value:
+            from inference.population import AgeRange
+
+            AgeRange.parse(value)  # raises ValueError with the rule
+        return value
+
+
+class RoutingRule(BaseModel):
+    """One routing rule (docs/configuration.md, "Routing rules"): the first rule whose match an
+    instance of a completed study meets decides. ``infer`` sends the study through the model
+    and its results to ``destinations`` (names of configured destinations; absent: all of
+    them); ``skip`` stores it without a result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    match: RoutingMatch = Field(default_factory=RoutingMatch)
+    action: Literal["infer", "skip"] = "infer"
+    destinations: list[str] | None = None
+
+
 def _check_smart_backend(s: Settings) -> None:
     if not (s.fhir_token_url and s.fhir_client_id and s.fhir_key_id and s.fhir_private_key_file):
         raise ValueError(
@@ -186,6 +226,8 @@ class Settings(BaseSettings):
     drift_band_se: float = Field(default=3.0, ge=1.0, le=10.0)
     drift_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
 
+    # Routing rules, first match wins; none: every study through the model to every destination.
+    routing_rules: list[RoutingRule] = Field(default_factory=list)
     # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)
     send_heatmap_sc: bool = False  # also send a Secondary Capture of the heat map
@@ -317,6 +359,9 @@ class Settings(BaseSettings):
         names = [d.name for d in self.pacs_destinations]
         if len(names) != len(set(names)):
             raise ValueError("pacs_destinations have duplicate names")
+        rules = [r.name for r in self.routing_rules]
+        if len(rules) != len(set(rules)):
+            raise ValueError("routing_rules have duplicate names")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
         _check_fhir_organization(self)

@@ -69,11 +69,21 @@ def targets(settings: Settings) -> list[tuple[str, str]]:
     return sr + fhir
 
 
+def study_targets(settings: Settings, study: Study) -> list[tuple[str, str]]:
+    """The targets of this study version: those its routing rule named (see
+    gateway.pipeline.routing), else every configured one."""
+    everything = targets(settings)
+    if study.route_destinations is None:
+        return everything
+    named = set(json.loads(study.route_destinations))
+    return [(kind, name) for kind, name in everything if name in named]
+
+
 def create_deliveries(*, session: Session, settings: Settings, study: Study) -> None:
     """Add the delivery rows of a study version. Idempotent: when a job is redone (its worker
     died), existing rows keep their state, so nothing is delivered twice."""
     now = utcnow()
-    for kind, destination in targets(settings):
+    for kind, destination in study_targets(settings, study):
         existing = session.execute(
             select(Delivery).where(
                 Delivery.study_id == study.id,
