@@ -46,7 +46,7 @@ class MllpReceiver:
     def messages(self) -> list[hl7.Message]:
         """What it received, in order, parsed by the hl7 package."""
         return [
-            hl7.parse(path.read_text(encoding="utf-8"))
+            hl7.parse(path.read_bytes().decode("utf-8"))
             for path in sorted(self.folder.glob("*.hl7"))
         ]
 

@@ -4,7 +4,7 @@ own process by tests.hl7_peer.
 Each message it reads is parsed by the hl7 package, written to ``--out`` (one file per
 message, in arrival order) and answered with the package's ``create_ack`` using ``--ack``'s
 code. ``--silent`` reads and never answers (a receiver that hangs); ``--tls-cert`` and
-``--tls-key`` make it speak MLLP over TLS only.
+``--tls-key`` make it speak MLLP over TLS only; ``--ack-pad N`` makes each ACK N bytes longer.
 
     python -m tests.hl7_receiver --port P --out DIR [--ack AA|AE|AR|CA|CE|CR] [--silent]
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hl7
 from hl7.mllp import start_hl7_server
+from hl7.mllp.exceptions import InvalidBlockError
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ack", default="AA")
     parser.add_argument("--silent", action="store_true")
+    parser.add_argument("--ack-pad", type=int, default=0, help="text of this length in MSA-3")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     return parser.parse_args()
@@ -49,9 +51,14 @@ async def serve(args: argparse.Namespace) -> None:
                 keep(args.out, message)
                 if args.silent:
                     continue
-                writer.writemessage(message.create_ack(args.ack, application="RECEIVER"))
+                ack = message.create_ack(args.ack, application="RECEIVER")
+                if args.ack_pad:
+                    ack.segment("MSA").append(ack.create_field(["x" * args.ack_pad]))
+                writer.writemessage(ack)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, ValueError):
+            pass  # the peer went away, or sent something that is not MLLP
+        except InvalidBlockError:
             pass
         finally:
             writer.close()

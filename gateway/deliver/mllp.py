@@ -126,6 +126,11 @@ def _secure(raw: socket.socket, endpoint: Endpoint, deadline: float) -> socket.s
             f"TLS handshake failed: the receiver's certificate is not accepted for {name!r} "
             f"({exc.verify_message})"
         ) from exc
+    except TimeoutError as exc:
+        raise MllpTlsError(
+            f"TLS handshake failed: no TLS answer from {endpoint.host}:{endpoint.port} "
+            f"within {endpoint.timeout:g} s (a plain MLLP port?)"
+        ) from exc
     except (ssl.SSLError, ConnectionError) as exc:
         where = f"{endpoint.host}:{endpoint.port}"
         raise MllpTlsError(f"TLS handshake failed with {where}: {exc}") from exc
