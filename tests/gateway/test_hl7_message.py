@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import hl7
@@ -186,3 +187,10 @@ def test_control_id_is_stable_for_a_retry_and_new_for_anything_else() -> None:
     assert control_id(REPORT_ID, "ris") != first
     assert control_id("0c7d3e55-2b1a-4f6e-8d90-1a2b3c4d5e6f", "ehr") != first
     assert len(first) == 20
+
+
+def test_the_sample_in_docs_is_what_the_encoder_writes() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "results.md").read_text()
+    section = text.split("## HL7 v2 ORU^R01 over MLLP", 1)[1]
+    sample = section.split("```text\n", 1)[1].split("```", 1)[0]
+    assert sample.replace("\n", "\r") == build_oru(FINDING, ORDER, ENVELOPE)
