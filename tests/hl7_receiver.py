@@ -4,7 +4,8 @@ own process by tests.hl7_peer.
 Each message it reads is parsed by the hl7 package, written to ``--out`` (one file per
 message, in arrival order) and answered with the package's ``create_ack`` using ``--ack``'s
 code. ``--silent`` reads and never answers (a receiver that hangs); ``--tls-cert`` and
-``--tls-key`` make it speak MLLP over TLS only; ``--ack-pad N`` makes each ACK N bytes longer.
+``--tls-key`` make it speak MLLP over TLS only; ``--ack-pad N`` makes each ACK N bytes longer;
+``--ack-for ID`` acknowledges another message than the one received.
 
     python -m tests.hl7_receiver --port P --out DIR [--ack AA|AE|AR|CA|CE|CR] [--silent]
 """
@@ -29,6 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ack", default="AA")
     parser.add_argument("--silent", action="store_true")
     parser.add_argument("--ack-pad", type=int, default=0, help="text of this length in MSA-3")
+    parser.add_argument("--ack-for", default="", help="MSA-2 names this control ID instead")
     parser.add_argument("--tls-cert", type=Path)
     parser.add_argument("--tls-key", type=Path)
     return parser.parse_args()
@@ -52,6 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
                 if args.silent:
                     continue
                 ack = message.create_ack(args.ack, application="RECEIVER")
+                if args.ack_for:
+                    ack.segment("MSA")[2] = ack.create_field([args.ack_for])
                 if args.ack_pad:
                     ack.segment("MSA").append(ack.create_field(["x" * args.ack_pad]))
                 writer.writemessage(ack)

@@ -1,7 +1,8 @@
 """HL7 v2 results end to end: a study in through the listener (DCMTK storescu), Redis, a real
 worker running the model, ORU^R01 out over MLLP to real receivers (python-hl7's MLLP server in
-its own process, tests.hl7_receiver): one message per destination, a receiver down then up
-gets it once, an AE is not sent again, a TLS destination with a wrong CA never gets it."""
+its own process, tests.hl7_receiver): one message per destination and study version, "no
+result" for an adult film, a receiver down then up gets each once, a new image makes a corrected
+result, an AE is not sent again, a TLS destination with a wrong CA never gets it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hl7
 import pytest
 from pydicom import dcmread
 
@@ -65,15 +67,27 @@ def destination(name: str, receiver: MllpReceiver, **extra: Any) -> dict[str, An
     return {"name": name, "host": "127.0.0.1", "port": receiver.port, **extra}
 
 
-def send_study(port: int, tmp_path: Path) -> Path:
+def send_study(port: int, tmp_path: Path) -> None:
     (path,) = files.study_files(files.CHILD_CR, tmp_path / "study", 1)
     assert storescu(port, [path]).returncode == 0
-    return path
 
 
 def details(db: Recorded, kind: str, name: str) -> list[dict[str, Any]]:
     found = [json.loads(e.detail) for e in db.events(kind)]
     return [d for d in found if d["destination"] == name]
+
+
+def by_finding(receiver: MllpReceiver) -> dict[str, list[hl7.Message]]:
+    """The receiver's messages by the finding's coded value (OBX-5 of SNOMED CT 233604007)."""
+    out: dict[str, list[hl7.Message]] = {}
+    for message in receiver.messages():
+        (finding,) = [s for s in message.segments("OBX") if str(s(3)(1)(1)) == "233604007"]
+        out.setdefault(str(finding(5)(1)(1)), []).append(message)
+    return out
+
+
+def notes(message: hl7.Message) -> str:
+    return " ".join(str(message.unescape(str(s(3)))) for s in message.segments("NTE"))
 
 
 def test_one_oru_per_destination_and_a_receiver_down_then_up_gets_it_once(
@@ -85,37 +99,54 @@ def test_one_oru_per_destination_and_a_receiver_down_then_up_gets_it_once(
     db, procs, port = gateway(
         [destination("ris", ris), destination("ehr", ehr, receiving_application="EPIC")]
     )
-    source = dcmread(send_study(port, tmp_path), stop_before_pixels=True)
-    wait_until(lambda: len(details(db, "hl7.delivered", "ris")) == 1, 180, "ORU to ris", procs)
+    child = files.study_files(files.CHILD_CR, tmp_path / "child", 2)
+    adult = files.study_files(files.CHEST_CR, tmp_path / "adult", 1)  # declined: no result
+    assert storescu(port, [child[0], *adult]).returncode == 0
+    source = dcmread(child[0], stop_before_pixels=True)
+    wait_until(lambda: len(details(db, "hl7.delivered", "ris")) == 2, 180, "ORUs to ris", procs)
     wait_until(
-        lambda: len(details(db, "delivery.retry_scheduled", "ehr")) >= 2, 60, "retries", procs
+        lambda: len(details(db, "delivery.retry_scheduled", "ehr")) >= 4, 60, "retries", procs
     )
     ehr.start()
-    wait_until(lambda: len(details(db, "hl7.delivered", "ehr")) == 1, 60, "ORU to ehr", procs)
+    wait_until(lambda: len(details(db, "hl7.delivered", "ehr")) == 2, 60, "ORUs to ehr", procs)
     time.sleep(3)  # several reconcile passes: nothing is sent again
-    assert len(ris.messages()) == 1 and len(ehr.messages()) == 1
-    assert len(db.events("hl7.delivered")) == 2
+    assert len(ris.messages()) == 2 and len(ehr.messages()) == 2
 
     retries = details(db, "delivery.retry_scheduled", "ehr")
-    delivered = details(db, "hl7.delivered", "ehr")[0]
-    assert all("cannot connect" in r["error"] for r in retries)
-    assert delivered["attempt"] == len(retries) + 1 and delivered["ack_code"] == "AA"
-    assert {r["message_control_id"] for r in retries} == {delivered["message_control_id"]}
+    assert all("cannot connect" in r["error"] and r["ack_code"] == "none" for r in retries)
+    for delivered in details(db, "hl7.delivered", "ehr"):
+        mine = [r for r in retries if r["delivery_id"] == delivered["delivery_id"]]
+        assert delivered["attempt"] == len(mine) + 1 >= 2 and delivered["ack_code"] == "AA"
+        assert {r["message_control_id"] for r in mine} == {delivered["message_control_id"]}
 
     for receiver, application in ((ris, ""), (ehr, "EPIC")):
-        (message,) = receiver.messages()
-        assert str(message.segment("MSH")(5)) == application
-        assert str(message.segment("MSH")(12)) == "2.5.1"
-        pid = message.segment("PID")
+        found = by_finding(receiver)
+        (result,) = found.get("52101004", []) + found.get("2667000", [])
+        (no_result,) = found["373068000"]  # Undetermined
+        assert str(result.segment("MSH")(5)) == application
+        assert str(result.segment("MSH")(12)) == "2.5.1"
+        pid = result.segment("PID")
         assert str(pid(3)(1)(1)) == str(source.PatientID)
         assert str(pid(3)(1)(4)) == f"&{MRN_SYSTEM.removeprefix('urn:oid:')}&ISO"
-        assert str(message.segment("OBR")(18)) == str(source.AccessionNumber)
-        assert str(message.segment("OBR")(25)) == "P"
-        obx = {str(s(3)(1)(1)): s for s in message.segments("OBX")}
-        assert str(obx["233604007"](3)) == "233604007^Pneumonia^SCT"
-        assert 0.0 <= float(str(obx["122157"](5))) <= 1.0
-    ids = {str(r.messages()[0].segment("MSH")(10)) for r in (ris, ehr)}
-    assert len(ids) == 2  # one control ID per message
+        assert str(result.segment("OBR")(18)) == str(source.AccessionNumber)
+        assert str(result.segment("OBR")(25)) == "P"
+        probability = [s for s in result.segments("OBX") if str(s(3)(1)(1)) == "122157"]
+        assert 0.0 <= float(str(probability[0](5))) <= 1.0
+        assert "No AI result" in notes(no_result)
+        assert not [s for s in no_result.segments("OBX") if str(s(3)(1)(1)) == "122157"]
+    ids = {str(m.segment("MSH")(10)) for r in (ris, ehr) for m in r.messages()}
+    assert len(ids) == 4  # one control ID per message
+
+    # A new image of the child's study makes version 2: a corrected result naming the first.
+    first = [by_finding(r) for r in (ris, ehr)]
+    assert storescu(port, [child[1]]).returncode == 0
+    wait_until(lambda: len(db.events("hl7.delivered")) == 6, 180, "corrected results", procs)
+    for receiver, before in zip((ris, ehr), first, strict=True):
+        (earlier,) = before.get("52101004", []) + before.get("2667000", [])
+        corrected = receiver.messages()[-1]
+        assert str(corrected.segment("OBR")(25)) == "C"
+        assert str(corrected.segment("OBR")(3)) == str(earlier.segment("OBR")(3))
+        assert f"message control ID {earlier.segment('MSH')(10)}" in notes(corrected)
 
 
 def test_ae_is_not_sent_again_and_a_wrong_ca_never_gets_the_message(

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Delivery, Instance, Study
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.deliver.deliveries import HL7, attempt
+from gateway.deliver.deliveries import HL7, attempt, targets
 from gateway.deliver.hl7_channel import Hl7Sender
 from gateway.errors import ConfigurationError
 from gateway.settings import Settings
@@ -271,6 +271,19 @@ def test_an_ack_past_the_bound_is_not_read(
     assert "longer than 65536 bytes" in bench.events()[-1][1]["error"]
 
 
+def test_an_ack_for_another_message_is_not_taken_as_delivery(
+    receivers: Callable[..., MllpReceiver],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    receiver = receivers("--ack-for", "SOMEONE-ELSES")
+    bench = Bench(hl7_settings(make_settings, receiver.port), source_image(tmp_path))
+    assert bench.attempt() == "retrying"
+    detail = bench.events()[-1][1]
+    assert "the ACK is for another message" in detail["error"]
+    assert detail["ack_for"] == "SOMEONE-ELSES" and detail["ack_code"] == "AA"
+
+
 def test_a_receiver_that_is_down_is_retried(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -339,4 +352,8 @@ def test_destinations_are_checked_with_the_settings(
         make_settings(hl7_destinations=[{**base, "tls": True, "tls_cert": str(pki.ca)}])
     with pytest.raises(ConfigurationError, match="duplicate names"):
         make_settings(hl7_destinations=[base, base])
-    assert make_settings(hl7_destinations=[base]).hl7_destinations[0].timeout_seconds == 30.0
+    settings = make_settings(hl7_destinations=[base, {**base, "name": "ris"}])
+    assert settings.hl7_destinations[0].timeout_seconds == 30.0
+    # One hl7 delivery per destination, beside the SR and FHIR ones; none without destinations.
+    assert [t for t in targets(settings) if t[0] == HL7] == [(HL7, "ehr"), (HL7, "ris")]
+    assert [t for t in targets(make_settings()) if t[0] == HL7] == []
