@@ -143,10 +143,22 @@ def _study_time(finding: StudyFinding) -> str:
     """The study's date and time as DTM: as the modality wrote them (local), with the header's
     Timezone Offset From UTC when it has one; "" without a valid date."""
     study = finding.study
-    date = re.sub(r"\D", "", study.study_date or study.series_date or study.acquisition_date)
+    date, time = next(
+        (
+            (d, t)
+            for d, t in (
+                (study.study_date, study.study_time),
+                (study.series_date, study.series_time),
+                (study.acquisition_date, study.acquisition_time),
+            )
+            if d
+        ),
+        ("", ""),
+    )
+    date = re.sub(r"\D", "", date)
     if len(date) != 8:
         return ""
-    time = re.sub(r"[^\d]", "", (study.study_time or "").split(".")[0])[:6]
+    time = re.sub(r"\D", "", time.split(".")[0])[:6]
     offset = study.timezone_offset if re.fullmatch(r"[+-]\d{4}", study.timezone_offset) else ""
     return date + time + (offset if time else "")
 
@@ -221,7 +233,7 @@ def _status(finding: StudyFinding) -> str:
     return "C" if finding.previous_report_id else "P"
 
 
-def orc(finding: StudyFinding, order: Order, envelope: Envelope) -> str:
+def orc(order: Order) -> str:
     filler = order.filler_order_number or order.accession_number
     return _segment("ORC", "RE", escape(order.placer_order_number), escape(filler), "", "CM")
 
@@ -232,7 +244,7 @@ def _procedure(finding: StudyFinding, order: Order) -> str:
     return _coded(CHEST_RADIOGRAPH if finding.has_result else NEUTRAL_PROCEDURE)
 
 
-def obr(finding: StudyFinding, order: Order, envelope: Envelope) -> str:
+def obr(finding: StudyFinding, order: Order) -> str:
     filler = order.filler_order_number or order.accession_number
     fields = [""] * 25
     fields[0] = "1"
@@ -312,8 +324,8 @@ def build_oru(finding: StudyFinding, order: Order, envelope: Envelope) -> str:
     segments = [
         msh(finding, envelope),
         pid(finding, envelope),
-        orc(finding, order, envelope),
-        obr(finding, order, envelope),
+        orc(order),
+        obr(finding, order),
         *notes(finding, envelope),
         *observations(finding),
     ]
