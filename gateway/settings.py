@@ -145,6 +145,44 @@ class RoutingRule(BaseModel):
     destinations: list[str] | None = None
 
 
+class Hl7Destination(BaseModel):
+    """An EHR or RIS interface engine that receives our result as HL7 v2.5.1 ORU^R01 over MLLP
+    (gateway.deliver.mllp). Unknown keys are refused, so a misspelt TLS option never means a
+    plain connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # MSH-5 and MSH-6 of our messages (HD: a namespace ID); empty is allowed by HL7.
+    receiving_application: str = Field(default="", max_length=227)
+    receiving_facility: str = Field(default="", max_length=227)
+    # Connect, send and read the ACK within this many seconds, or the attempt fails (retried).
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # MLLP over TLS: the receiver's certificate chain and host name are verified (against
+    # tls_ca, else the system's trust store); tls_cert/tls_key present ours (mutual TLS).
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str = ""  # the name the receiver's certificate must carry; default: host
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Hl7Destination:
+        named = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
+        if not self.tls and (named or self.tls_server_name):
+            raise ValueError(f"HL7 destination {self.name!r} sets TLS options but not tls: true")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"HL7 destination {self.name!r}: tls_cert and tls_key go together")
+        _check_files(self.tls_ca, self.tls_cert, self.tls_key)
+        return self
+
+
+# Destination names of the FHIR server and of the outbox folder (gateway.deliver.deliveries).
+RESERVED_NAMES = {"ehr", "outbox"}
+
+
 def _check_smart_backend(s: Settings) -> None:
     if not (s.fhir_token_url and s.fhir_client_id and s.fhir_key_id and s.fhir_private_key_file):
         raise ValueError(
@@ -286,6 +324,11 @@ class Settings(BaseSettings):
     )
     fhir_post_no_result: bool = False  # a "no result" study sends nothing to the EHR
 
+    # Results: HL7 v2.5.1 ORU^R01 over MLLP to each destination; none = no HL7 message
+    hl7_destinations: list[Hl7Destination] = Field(default_factory=list)
+    hl7_sending_application: str = Field(default="CXR-GATEWAY", min_length=1, max_length=227)
+    hl7_sending_facility: str = Field(default="", max_length=227)
+
     # Web console
     web_port: int = Field(default=8080, ge=0, le=65535)
     web_bind: str = "127.0.0.1"
@@ -362,6 +405,13 @@ class Settings(BaseSettings):
         rules = [r.name for r in self.routing_rules]
         if len(rules) != len(set(rules)):
             raise ValueError("routing_rules have duplicate names")
+        hl7_names = [d.name for d in self.hl7_destinations]
+        if len(hl7_names) != len(set(hl7_names)):
+            raise ValueError("hl7_destinations have duplicate names")
+        # Routing rules name destinations: one name, one destination, whatever its kind.
+        shared = sorted(set(names) & set(hl7_names) | (set(names + hl7_names) & RESERVED_NAMES))
+        if shared:
+            raise ValueError(f"destination names used twice or reserved: {shared}")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
         _check_fhir_organization(self)

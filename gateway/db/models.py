@@ -183,7 +183,7 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "dicom-sr" | "fhir" | "outbox"
+    kind: Mapped[str] = mapped_column(String(16))  # "dicom-sr" | "fhir" | "hl7"
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,6 +1,7 @@
-"""The two kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE, and
+"""The kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE, and
 the FHIR transaction Bundle by HTTP, each with the outbox folder as the destination when no
-PACS or EHR is configured. Built once per worker process."""
+PACS or EHR is configured; HL7 v2 ORU^R01 over MLLP (gateway.deliver.hl7_channel) to each
+HL7 destination. Built once per worker process."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from fhir_mappings import (
 )
 from gateway.deliver.deliveries import (
     FHIR,
+    HL7,
     OUTBOX,
     SR,
     DeliveryJob,
@@ -299,4 +301,6 @@ def announce_report_status(
 
 
 def build_senders(settings: Settings) -> dict[str, Sender]:
-    return {SR: SrSender(settings), FHIR: FhirSender(settings)}
+    from gateway.deliver.hl7_channel import Hl7Sender
+
+    return {SR: SrSender(settings), FHIR: FhirSender(settings), HL7: Hl7Sender(settings)}

@@ -1,5 +1,6 @@
 """Delivering a finding (docs/architecture.md, "Deliver"): a DICOM SR to each PACS destination
-and a FHIR transaction Bundle to the EHR, or both into the outbox folder when none is configured.
+and a FHIR transaction Bundle to the EHR, or both into the outbox folder when none is configured;
+an HL7 v2 ORU^R01 to each HL7 destination (none when none is configured).
 
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SR = "dicom-sr"
 FHIR = "fhir"
+HL7 = "hl7"
 OUTBOX = "outbox"
 EHR = "ehr"
 
@@ -66,7 +68,8 @@ def targets(settings: Settings) -> list[tuple[str, str]]:
     """(kind, destination) pairs for a new finding."""
     sr = [(SR, d.name) for d in settings.pacs_destinations] or [(SR, OUTBOX)]
     fhir = [(FHIR, EHR if settings.fhir_base_url else OUTBOX)]
-    return sr + fhir
+    hl7 = [(HL7, d.name) for d in settings.hl7_destinations]  # none configured: no message
+    return sr + fhir + hl7
 
 
 def study_targets(settings: Settings, study: Study) -> list[tuple[str, str]]:
@@ -290,7 +293,14 @@ def attempt(
         )
         error = f"{type(exc).__name__}: {exc}"
         return finish(
-            sessions, job, settings=settings, state=DeliveryState.RETRYING, error=error, actor=actor
+            sessions,
+            job,
+            settings=settings,
+            state=DeliveryState.RETRYING,
+            error=error,
+            # A sender's codes and ids for the audit (e.g. an HL7 message control ID and ACK).
+            detail=getattr(exc, "detail", None) if isinstance(exc, GatewayError) else None,
+            actor=actor,
         )
     state = DeliveryState.SKIPPED if remote.get("skipped") else DeliveryState.DELIVERED
     return finish(sessions, job, settings=settings, state=state, remote=remote, actor=actor)

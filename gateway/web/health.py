@@ -41,6 +41,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ATTEMPT_OUTCOMES = {
     "dicom-sr.delivered": "delivered",
     "fhir.delivered": "delivered",
+    "hl7.delivered": "delivered",
     "delivery.retry_scheduled": "retrying",
     "delivery.failed": "failed",
     "delivery.held": "held",

@@ -76,6 +76,12 @@ def test_rule_names_are_unique(make_settings: Callable[..., Settings]) -> None:
         make_settings(routing_rules=[{"name": "a"}, {"name": "a"}])
     with pytest.raises(Exception, match="age range"):
         make_settings(routing_rules=[{"name": "a", "match": {"age_years": "adults"}}])
+    pacs = {"name": "ris", "ae_title": "RIS", "host": "127.0.0.1", "port": 104}
+    hl7 = {"name": "ris", "host": "127.0.0.1", "port": 2575}
+    with pytest.raises(Exception, match="used twice or reserved: \\['ris'\\]"):
+        make_settings(pacs_destinations=[pacs], hl7_destinations=[hl7])
+    with pytest.raises(Exception, match="used twice or reserved: \\['ehr'\\]"):
+        make_settings(hl7_destinations=[{**hl7, "name": "ehr"}])
 
 
 def test_a_study_gets_only_the_destinations_its_rule_named(
