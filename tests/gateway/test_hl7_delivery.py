@@ -97,7 +97,7 @@ def test_one_oru_per_destination_and_a_receiver_down_then_up_gets_it_once(
     ehr = mllp_receiver(tmp_path / "ehr", start=False)  # down at first
     receivers.extend([ris, ehr])
     db, procs, port = gateway(
-        [destination("ris", ris), destination("ehr", ehr, receiving_application="EPIC")]
+        [destination("ris", ris), destination("ehr-hl7", ehr, receiving_application="EPIC")]
     )
     child = files.study_files(files.CHILD_CR, tmp_path / "child", 2)
     adult = files.study_files(files.CHEST_CR, tmp_path / "adult", 1)  # declined: no result
@@ -105,16 +105,16 @@ def test_one_oru_per_destination_and_a_receiver_down_then_up_gets_it_once(
     source = dcmread(child[0], stop_before_pixels=True)
     wait_until(lambda: len(details(db, "hl7.delivered", "ris")) == 2, 180, "ORUs to ris", procs)
     wait_until(
-        lambda: len(details(db, "delivery.retry_scheduled", "ehr")) >= 4, 60, "retries", procs
+        lambda: len(details(db, "delivery.retry_scheduled", "ehr-hl7")) >= 4, 60, "retries", procs
     )
     ehr.start()
-    wait_until(lambda: len(details(db, "hl7.delivered", "ehr")) == 2, 60, "ORUs to ehr", procs)
+    wait_until(lambda: len(details(db, "hl7.delivered", "ehr-hl7")) == 2, 60, "ORUs to ehr", procs)
     time.sleep(3)  # several reconcile passes: nothing is sent again
     assert len(ris.messages()) == 2 and len(ehr.messages()) == 2
 
-    retries = details(db, "delivery.retry_scheduled", "ehr")
+    retries = details(db, "delivery.retry_scheduled", "ehr-hl7")
     assert all("cannot connect" in r["error"] and r["ack_code"] == "none" for r in retries)
-    for delivered in details(db, "hl7.delivered", "ehr"):
+    for delivered in details(db, "hl7.delivered", "ehr-hl7"):
         mine = [r for r in retries if r["delivery_id"] == delivered["delivery_id"]]
         assert delivered["attempt"] == len(mine) + 1 >= 2 and delivered["ack_code"] == "AA"
         assert {r["message_control_id"] for r in mine} == {delivered["message_control_id"]}

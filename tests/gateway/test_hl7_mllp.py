@@ -133,7 +133,7 @@ class Bench:
                     sha256="",
                 )
             )
-            row = Delivery(study_id=study.id, kind=HL7, destination="ehr", state="pending")
+            row = Delivery(study_id=study.id, kind=HL7, destination="ehr-hl7", state="pending")
             session.add(row)
             session.flush()
             self.delivery_id = row.id
@@ -155,7 +155,7 @@ class Bench:
 
 
 def hl7_settings(make_settings: Callable[..., Settings], port: int, **extra: Any) -> Settings:
-    destination = {"name": "ehr", "host": "127.0.0.1", "port": port, **extra}
+    destination = {"name": "ehr-hl7", "host": "127.0.0.1", "port": port, **extra}
     return make_settings(
         hl7_destinations=[destination],
         hl7_sending_facility="RADIOLOGY",
@@ -343,7 +343,7 @@ def test_tls_that_fails_is_retried_and_never_sent_in_clear(
 def test_destinations_are_checked_with_the_settings(
     make_settings: Callable[..., Settings], pki: Pki
 ) -> None:
-    base = {"name": "ehr", "host": "127.0.0.1", "port": 2575}
+    base = {"name": "ehr-hl7", "host": "127.0.0.1", "port": 2575}
     with pytest.raises(ConfigurationError, match="not tls: true"):
         make_settings(hl7_destinations=[{**base, "tls_ca": str(pki.ca)}])
     with pytest.raises(ConfigurationError, match="Extra inputs are not permitted"):
@@ -355,5 +355,5 @@ def test_destinations_are_checked_with_the_settings(
     settings = make_settings(hl7_destinations=[base, {**base, "name": "ris"}])
     assert settings.hl7_destinations[0].timeout_seconds == 30.0
     # One hl7 delivery per destination, beside the SR and FHIR ones; none without destinations.
-    assert [t for t in targets(settings) if t[0] == HL7] == [(HL7, "ehr"), (HL7, "ris")]
+    assert [t for t in targets(settings) if t[0] == HL7] == [(HL7, "ehr-hl7"), (HL7, "ris")]
     assert [t for t in targets(make_settings()) if t[0] == HL7] == []
