@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -145,6 +146,83 @@ class DicomWebDestination(BaseModel):
         return self
 
 
+class RoutingMatch(BaseModel):
+    """What a routing rule asks of an instance's header. Each list holds values or glob
+    patterns (``*``, ``?``), compared without case; an empty list asks nothing. ``age_years``
+    is a range of completed years (``"0-17"``); a study whose age is unknown does not match it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)  # Body Part Examined
+    sop_class: list[str] = Field(default_factory=list)  # UID or name, e.g. "*X-Ray*"
+    calling_ae: list[str] = Field(default_factory=list)
+    station: list[str] = Field(default_factory=list)  # Station Name
+    institution: list[str] = Field(default_factory=list)  # Institution Name
+    age_years: str = ""
+
+    @field_validator("age_years")
+    @classmethod
+    def _check_age(cls, value: str) -> str:
+        if value:
+            from inference.population import AgeRange
+
+            AgeRange.parse(value)  # raises ValueError with the rule
+        return value
+
+
+class RoutingRule(BaseModel):
+    """One routing rule (docs/configuration.md, "Routing rules"): the first rule whose match an
+    instance of a completed study meets decides. ``infer`` sends the study through the model
+    and its results to ``destinations`` (names of configured destinations; absent: all of
+    them); ``skip`` stores it without a result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    match: RoutingMatch = Field(default_factory=RoutingMatch)
+    action: Literal["infer", "skip"] = "infer"
+    destinations: list[str] | None = None
+
+
+class Hl7Destination(BaseModel):
+    """An EHR or RIS interface engine that receives our result as HL7 v2.5.1 ORU^R01 over MLLP
+    (gateway.deliver.mllp). Unknown keys are refused, so a misspelt TLS option never means a
+    plain connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    # MSH-5 and MSH-6 of our messages (HD: a namespace ID); empty is allowed by HL7.
+    receiving_application: str = Field(default="", max_length=227)
+    receiving_facility: str = Field(default="", max_length=227)
+    # Connect, send and read the ACK within this many seconds, or the attempt fails (retried).
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # MLLP over TLS: the receiver's certificate chain and host name are verified (against
+    # tls_ca, else the system's trust store); tls_cert/tls_key present ours (mutual TLS).
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str = ""  # the name the receiver's certificate must carry; default: host
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Hl7Destination:
+        named = [n for n in ("tls_ca", "tls_cert", "tls_key") if getattr(self, n) is not None]
+        if not self.tls and (named or self.tls_server_name):
+            raise ValueError(f"HL7 destination {self.name!r} sets TLS options but not tls: true")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"HL7 destination {self.name!r}: tls_cert and tls_key go together")
+        _check_files(self.tls_ca, self.tls_cert, self.tls_key)
+        return self
+
+
+# Destination names of the FHIR server and of the outbox folder (gateway.deliver.deliveries).
+RESERVED_NAMES = {"ehr", "outbox"}
+
+
 def _check_smart_backend(s: Settings) -> None:
     if not (s.fhir_token_url and s.fhir_client_id and s.fhir_key_id and s.fhir_private_key_file):
         raise ValueError(
@@ -226,6 +304,8 @@ class Settings(BaseSettings):
     drift_band_se: float = Field(default=3.0, ge=1.0, le=10.0)
     drift_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
 
+    # Routing rules, first match wins; none: every study through the model to every destination.
+    routing_rules: list[RoutingRule] = Field(default_factory=list)
     # Results: DICOM SR to the PACS destination(s); none configured = the outbox folder
     pacs_destinations: list[DicomDestination] = Field(default_factory=list)
     send_heatmap_sc: bool = False  # also send a Secondary Capture of the heat map
@@ -286,6 +366,11 @@ class Settings(BaseSettings):
         ),
     )
     fhir_post_no_result: bool = False  # a "no result" study sends nothing to the EHR
+
+    # Results: HL7 v2.5.1 ORU^R01 over MLLP to each destination; none = no HL7 message
+    hl7_destinations: list[Hl7Destination] = Field(default_factory=list)
+    hl7_sending_application: str = Field(default="CXR-GATEWAY", min_length=1, max_length=227)
+    hl7_sending_facility: str = Field(default="", max_length=227)
 
     # Web console
     web_port: int = Field(default=8080, ge=0, le=65535)
@@ -369,6 +454,17 @@ class Settings(BaseSettings):
         web_names = [d.name for d in self.dicomweb_destinations]
         if len(web_names) != len(set(web_names)):
             raise ValueError("dicomweb_destinations have duplicate names")
+        rules = [r.name for r in self.routing_rules]
+        if len(rules) != len(set(rules)):
+            raise ValueError("routing_rules have duplicate names")
+        hl7_names = [d.name for d in self.hl7_destinations]
+        if len(hl7_names) != len(set(hl7_names)):
+            raise ValueError("hl7_destinations have duplicate names")
+        # Routing rules name destinations: one name, one destination, whatever its kind.
+        every = names + hl7_names + web_names
+        shared = sorted({n for n in every if every.count(n) > 1} | (set(every) & RESERVED_NAMES))
+        if shared:
+            raise ValueError(f"destination names used twice or reserved: {shared}")
         if self.fhir_base_url and not self.fhir_base_url.startswith(("http://", "https://")):
             raise ValueError("fhir_base_url must be an http(s) URL")
         _check_fhir_organization(self)

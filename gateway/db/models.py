@@ -61,6 +61,7 @@ class StudyState(enum.StrEnum):
     PROCESSING = "processing"  # a worker holds the job
     REPORTED = "reported"
     FAILED = "failed"
+    NOT_ROUTED = "not_routed"  # no routing rule took it: stored, no result (pipeline.routing)
 
 
 class JobState(enum.StrEnum):
@@ -116,6 +117,10 @@ class Study(Base):
     # (gateway.pipeline.inference_stage.report_identity); the SR's UIDs derive from it.
     # NULL until the first inference.
     report_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The routing rule that took this version at completion, and the destinations it named
+    # (a JSON list; NULL: every configured destination). NULL rule: decided before rules.
+    route_rule: Mapped[str | None] = mapped_column(String(64), default=None)
+    route_destinations: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -178,7 +183,7 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "dicom-sr" | "fhir" | "outbox"
+    kind: Mapped[str] = mapped_column(String(16))  # "dicom-sr" | "fhir" | "hl7"
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

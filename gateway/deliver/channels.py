@@ -1,6 +1,7 @@
 """The kinds of delivery: DICOM SR (+ optional heat-map Secondary Capture) by C-STORE or by
 STOW-RS, and the FHIR transaction Bundle by HTTP, with the outbox folder as the destination when
-no PACS or EHR is configured. Built once per worker process."""
+no PACS or EHR is configured; HL7 v2 ORU^R01 over MLLP (gateway.deliver.hl7_channel) to each
+HL7 destination. Built once per worker process."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from fhir_mappings import (
 from gateway.deliver.deliveries import (
     DICOMWEB,
     FHIR,
+    HL7,
     OUTBOX,
     SR,
     DeliveryJob,
@@ -345,5 +347,12 @@ def announce_report_status(
 
 
 def build_senders(settings: Settings) -> dict[str, Sender]:
+    from gateway.deliver.hl7_channel import Hl7Sender
+
     sr = SrSender(settings)
-    return {SR: sr, DICOMWEB: DicomWebSender(settings, sr), FHIR: FhirSender(settings)}
+    return {
+        SR: sr,
+        DICOMWEB: DicomWebSender(settings, sr),
+        FHIR: FhirSender(settings),
+        HL7: Hl7Sender(settings),
+    }

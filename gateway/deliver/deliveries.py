@@ -1,6 +1,7 @@
 """Delivering a finding (docs/architecture.md, "Deliver"): a DICOM SR to each PACS destination
 (C-STORE) and each DICOMweb destination (STOW-RS) and a FHIR transaction Bundle to the EHR, or
-into the outbox folder when none is configured.
+into the outbox folder when none is configured; an HL7 v2 ORU^R01 to each HL7 destination
+(none when none is configured).
 
 Each (study version, kind, destination) is one row in ``deliveries`` with its own state,
 attempt count and next attempt time, so one destination that is down never blocks another, and
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SR = "dicom-sr"
 DICOMWEB = "dicomweb-sr"  # the same SR (and heat map) by STOW-RS
 FHIR = "fhir"
+HL7 = "hl7"
 OUTBOX = "outbox"
 EHR = "ehr"
 
@@ -66,18 +68,30 @@ class HeldDelivery(GatewayError):
 
 def targets(settings: Settings) -> list[tuple[str, str]]:
     """(kind, destination) pairs for a new finding: the SR to each PACS by C-STORE and to each
-    DICOMweb server by STOW-RS (to the outbox when there is neither), the FHIR bundle."""
+    DICOMweb server by STOW-RS (to the outbox when there is neither), the FHIR bundle, the HL7
+    message to each HL7 destination."""
     sr = [(SR, d.name) for d in settings.pacs_destinations]
     sr += [(DICOMWEB, d.name) for d in settings.dicomweb_destinations]
     fhir = [(FHIR, EHR if settings.fhir_base_url else OUTBOX)]
-    return (sr or [(SR, OUTBOX)]) + fhir
+    hl7 = [(HL7, d.name) for d in settings.hl7_destinations]  # none configured: no message
+    return (sr or [(SR, OUTBOX)]) + fhir + hl7
+
+
+def study_targets(settings: Settings, study: Study) -> list[tuple[str, str]]:
+    """The targets of this study version: those its routing rule named (see
+    gateway.pipeline.routing), else every configured one."""
+    everything = targets(settings)
+    if study.route_destinations is None:
+        return everything
+    named = set(json.loads(study.route_destinations))
+    return [(kind, name) for kind, name in everything if name in named]
 
 
 def create_deliveries(*, session: Session, settings: Settings, study: Study) -> None:
     """Add the delivery rows of a study version. Idempotent: when a job is redone (its worker
     died), existing rows keep their state, so nothing is delivered twice."""
     now = utcnow()
-    for kind, destination in targets(settings):
+    for kind, destination in study_targets(settings, study):
         existing = session.execute(
             select(Delivery).where(
                 Delivery.study_id == study.id,
@@ -284,7 +298,14 @@ def attempt(
         )
         error = f"{type(exc).__name__}: {exc}"
         return finish(
-            sessions, job, settings=settings, state=DeliveryState.RETRYING, error=error, actor=actor
+            sessions,
+            job,
+            settings=settings,
+            state=DeliveryState.RETRYING,
+            error=error,
+            # A sender's codes and ids for the audit (e.g. an HL7 message control ID and ACK).
+            detail=getattr(exc, "detail", None) if isinstance(exc, GatewayError) else None,
+            actor=actor,
         )
     state = DeliveryState.SKIPPED if remote.get("skipped") else DeliveryState.DELIVERED
     return finish(sessions, job, settings=settings, state=state, remote=remote, actor=actor)

@@ -269,7 +269,7 @@ def build_sr(
     )
     dev_uid = device_uid(finding.model)
     fallback = CHEST_RADIOGRAPH if finding.has_result else NEUTRAL_PROCEDURE
-    procedure = _procedure_reported(examined_headers, fallback)
+    procedure = procedure_reported(examined_headers, fallback)
     content = _measurement_report(finding, evidence, dev_uid, procedure)
     if finding.declined or finding.caveats:
         _add_declined(content, finding, by_uid)
@@ -438,7 +438,7 @@ def _short_hash(content_hash: str) -> str:
     return hashlib.sha256(content_hash.encode()).hexdigest()
 
 
-def _procedure_reported(sources: Iterable[Dataset], fallback: Code) -> list[Code]:
+def procedure_reported(sources: Iterable[Dataset], fallback: Code) -> list[Code]:
     """AIR: the procedure reported is the imaging procedure. Use the source's own code when it
     is from a standard scheme (a private "99..." code would draw warnings and mean little),
     else ``fallback``."""

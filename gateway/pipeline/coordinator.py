@@ -17,9 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit_checkpoint import CheckpointError, CheckpointLog
-from gateway.db.models import Job, JobState, utcnow
+from gateway.db.models import Job, JobState, Study, utcnow
 from gateway.db.session import READ_ONLY, transaction
-from gateway.deliver.deliveries import due_deliveries
+from gateway.deliver.deliveries import due_deliveries, targets
 from gateway.monitor.drift_monitor import DriftMonitor
 from gateway.pipeline import studies
 from gateway.pipeline.celery_app import (
@@ -29,6 +29,7 @@ from gateway.pipeline.celery_app import (
     publish_delivery,
     publish_job,
 )
+from gateway.pipeline.routing import Decision, check_rules, decide, read_facts
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Coordinator:
     assembly, every ``drift_interval_seconds``, the drift check (gateway.monitor.drift_monitor)."""
 
     def __init__(self, *, settings: Settings, sessions: sessionmaker[Session], app: Celery) -> None:
+        check_rules(settings, [name for _, name in targets(settings)])
         self.settings = settings
         self.sessions = sessions
         self.app = app
@@ -106,15 +108,29 @@ class Coordinator:
             candidates = studies.quiet_study_ids(session, quiet)
         jobs: list[int] = []
         for study_id in candidates:
+            route = self.route(study_id)
             with transaction(self.sessions) as session:
                 job = studies.complete_study(
-                    session=session, study_id=study_id, quiet_seconds=quiet
+                    session=session, study_id=study_id, quiet_seconds=quiet, route=route
                 )
                 if job is not None:
                     jobs.append(job.id)
         for job_id in jobs:
             publish_job(app=self.app, sessions=self.sessions, job_id=job_id)
         return jobs
+
+    def route(self, study_id: int) -> Decision | None:
+        """The routing rules' decision on a study (None: no rules configured). Its headers are
+        read before the transaction that completes it, so no write lock waits on files."""
+        rules = self.settings.routing_rules
+        if not rules:
+            return None
+        with self.sessions() as session:
+            study = session.get(Study, study_id)
+            if study is None:
+                return None
+            facts, unreadable = read_facts(session, self.settings, study.study_uid)
+        return decide(rules, facts, unreadable)
 
     def reconcile(self) -> list[int]:
         """Publish jobs the broker never took, lost, or whose worker died; fail jobs that ran

@@ -9,6 +9,7 @@ starts version + 1, to be reported as an amendment.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from gateway.audit import record_event
 from gateway.db.models import Job, JobState, Study, StudyState, utcnow
 from gateway.db.session import rows_changed
 from gateway.errors import IngestError
+from gateway.pipeline.routing import Decision
 
 OUT_OF_RESOURCES = 0xA700
 _REOPENABLE = (StudyState.COMPLETE, StudyState.QUEUED)
@@ -160,9 +162,14 @@ def quiet_study_ids(session: Session, quiet_seconds: float) -> Sequence[int]:
     )
 
 
-def complete_study(*, session: Session, study_id: int, quiet_seconds: float) -> Job | None:
-    """Mark one quiet study complete and create its job, in the caller's transaction.
-    Returns None when another process got there first or an instance arrived meanwhile."""
+def complete_study(
+    *, session: Session, study_id: int, quiet_seconds: float, route: Decision | None = None
+) -> Job | None:
+    """Mark one quiet study complete and create its job, in the caller's transaction, as the
+    routing decision ``route`` says (None: no rules, through the model to every destination).
+    A study that no rule takes, or that a ``skip`` rule takes, ends ``not_routed`` with no
+    job. Returns None when another process got there first, an instance arrived meanwhile, or
+    the study is not routed."""
     cutoff = utcnow() - dt.timedelta(seconds=quiet_seconds)
     claimed = rows_changed(
         session.execute(
@@ -179,20 +186,37 @@ def complete_study(*, session: Session, study_id: int, quiet_seconds: float) -> 
         return None
     study = session.get(Study, study_id)
     assert study is not None
+    detail: dict[str, object] = {
+        "study_id": study.id,
+        "version": study.version,
+        "instances": study.instance_count,
+        "quiet_seconds": quiet_seconds,
+    }
+    if route is not None:
+        detail["route"] = route.audit_detail()
+        study.route_rule = route.rule
+        if route.destinations is not None:
+            study.route_destinations = json.dumps(route.destinations)
+        if not route.infer:
+            study.state = StudyState.NOT_ROUTED
+            record_event(
+                session=session,
+                kind="study.not_routed",
+                study_uid=study.study_uid,
+                actor="assembler",
+                outcome="warning",
+                detail=detail,
+            )
+            return None
     job = Job(study_id=study_id, state=JobState.PENDING)
     session.add(job)
     session.flush()
+    detail["job_id"] = job.id
     record_event(
         session=session,
         kind="study.completed",
         study_uid=study.study_uid,
         actor="assembler",
-        detail={
-            "study_id": study.id,
-            "version": study.version,
-            "instances": study.instance_count,
-            "quiet_seconds": quiet_seconds,
-            "job_id": job.id,
-        },
+        detail=detail,
     )
     return job

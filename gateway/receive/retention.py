@@ -1,9 +1,9 @@
 """Spool retention: received images are kept until their study is finished and old enough.
 
-A study (all its versions) is purgeable when every version is reported or failed, no delivery
-is still pending or retrying, and its last instance arrived more than ``older_than_days`` ago.
-Its files are deleted; the database rows and the audit log stay (the path is kept for the
-record; the console shows the images as purged). Each purge is audited.
+A study (all its versions) is purgeable when every version is reported, failed or not routed,
+no delivery is still pending or retrying, and its last instance arrived more than
+``older_than_days`` ago. Its files are deleted; the database rows and the audit log stay (the
+path is kept for the record; the console shows the images as purged). Each purge is audited.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from gateway.db.models import UNFINISHED_DELIVERY, Delivery, Instance, Study, St
 from gateway.db.session import transaction
 from gateway.receive.spool import spool_file
 
-FINISHED = (StudyState.REPORTED, StudyState.FAILED)
+FINISHED = (StudyState.REPORTED, StudyState.FAILED, StudyState.NOT_ROUTED)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ ATTEMPT_OUTCOMES = {
     "dicom-sr.delivered": "delivered",
     "dicomweb-sr.delivered": "delivered",
     "fhir.delivered": "delivered",
+    "hl7.delivered": "delivered",
     "delivery.retry_scheduled": "retrying",
     "delivery.failed": "failed",
     "delivery.held": "held",
