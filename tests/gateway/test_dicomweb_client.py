@@ -173,6 +173,12 @@ def test_destination_settings(make_settings: Callable[..., Settings], tmp_path: 
             get_settings(dicomweb_destinations=[destination])
     with pytest.raises(ConfigurationError, match="duplicate"):
         get_settings(dicomweb_destinations=[web, web])
+    # One name, one destination, whatever its kind (routing rules name them).
+    pacs = {"name": "pacs-web", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    with pytest.raises(ConfigurationError, match="used twice or reserved"):
+        get_settings(dicomweb_destinations=[web], pacs_destinations=[pacs])
+    with pytest.raises(ConfigurationError, match="used twice or reserved"):
+        get_settings(dicomweb_destinations=[{**web, "name": "outbox"}])
     plain = {**web, "url": "http://pacs/dicom-web"}
     with pytest.raises(ConfigurationError, match="https URLs in CXR_DICOMWEB_DESTINATIONS"):
         get_settings(
