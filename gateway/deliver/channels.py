@@ -190,7 +190,7 @@ class DicomWebSender:
             result = stow(stow_target(self.settings, config), [_encode(d) for d in datasets], uids)
         except StowRejected as exc:
             raise PermanentDeliveryError(
-                f"DICOMweb server refused the SR: {exc}", exc.detail()
+                f"DICOMweb server refused the SR: {exc}", exc.detail
             ) from exc
         sr = datasets[0]
         return {

@@ -54,8 +54,9 @@ class StowError(GatewayError):
         self.status = status
         self.failed = failed or {}  # SOP Instance UID -> DICOM failure reason
 
+    @property
     def detail(self) -> dict[str, Any]:
-        """For the audit record."""
+        """For the audit record (``deliveries.attempt`` puts it in the retry or failure event)."""
         return {
             "http_status": self.status,
             "failed": {uid: f"0x{reason:04X}" for uid, reason in self.failed.items()},

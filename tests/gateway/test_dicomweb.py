@@ -194,3 +194,4 @@ def test_pacs_down_then_up_gets_the_sr_by_stow_once(
     retries = [json.loads(e.detail) for e in gw.db.events("delivery.retry_scheduled", study_uid)]
     assert all(r["destination"] == "orthanc-web" for r in retries)
     assert "STOW-RS failed after 3 attempts" in retries[0]["error"]
+    assert retries[0]["http_status"] is None  # no answer at all: the server was down

@@ -143,7 +143,7 @@ def test_retry_after_is_honoured_up_to_its_limit() -> None:
     )
     with pytest.raises(StowRejected) as refused:
         store(refusing, [b"x"], ["1.2.3"])
-    assert refused.value.detail() == {"http_status": 409, "failed": {"1.2.3": "0x0122"}}
+    assert refused.value.detail == {"http_status": 409, "failed": {"1.2.3": "0x0122"}}
 
 
 def test_the_boundary_never_occurs_in_a_part() -> None:
