@@ -43,6 +43,7 @@ from gateway.receive.spool import (
     is_valid_uid,
     sha256_of_file,
     spool_file,
+    stored_path,
 )
 from inference.bounded_read import (
     DEFAULT_MAX_PIXELS,
@@ -298,7 +299,7 @@ class Ingestor:
                             series_uid=meta.series_uid,
                             transfer_syntax=transfer_syntax,
                             modality=meta.modality,
-                            path=str(spooled.path),
+                            path=stored_path(self.spool.root, spooled.path),
                             size_bytes=spooled.size_bytes,
                             sha256=spooled.sha256,
                             calling_ae=peer.ae_title,

@@ -85,6 +85,13 @@ def spool_file(root: Path, stored: str) -> Path:
     return under_root
 
 
+def stored_path(root: Path, path: Path) -> str:
+    """What a row records for spool file ``path``: its path relative to the spool ``root``
+    (POSIX separators), so that every host finds it under its own mount of the shared spool
+    (``spool_file`` reads it back). Raises ValueError for a file that is not under ``root``."""
+    return path.relative_to(root).as_posix()
+
+
 def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and UID_PATTERN.match(value) is not None
 

@@ -27,7 +27,7 @@ def _sessions() -> sessionmaker[Session]:
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database)
-    upgrade(engine)
+    upgrade(engine, spool_root=settings.spool_path)
     return make_session_factory(engine)
 
 
