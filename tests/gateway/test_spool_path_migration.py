@@ -91,3 +91,26 @@ def test_absolute_paths_and_no_spool_root_is_refused(tmp_path: Path) -> None:
         upgrade(engine)
     assert current_revision(engine) == "0003"
     engine.dispose()
+
+
+def test_the_embedded_default_relative_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxr-data/spool` relative to the working directory: rows recorded in that form (before the
+    root was made absolute) and in its absolute form both become relative."""
+    monkeypatch.chdir(tmp_path)
+    engine = make_engine(f"sqlite:///{tmp_path / 'gateway.sqlite3'}")
+    upgrade(engine, "0003")
+    sessions = make_session_factory(engine)
+    _add(
+        sessions,
+        {
+            "1.2.3.4.1": "cxr-data/spool/1.2.3/1.2.3.4.a.dcm",
+            "1.2.3.4.2": f"{tmp_path}/cxr-data/spool/1.2.3/1.2.3.4.b.dcm",
+        },
+    )
+    upgrade(engine, spool_root=Path("cxr-data/spool"))
+    with sessions() as session:
+        paths = sorted(session.execute(select(Instance.path)).scalars())
+    assert paths == ["1.2.3/1.2.3.4.a.dcm", "1.2.3/1.2.3.4.b.dcm"]
+    engine.dispose()
