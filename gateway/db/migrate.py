@@ -20,7 +20,7 @@ def _config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head", *, spool_root: Path | None = None) -> None:
     """Bring the schema to ``revision``. Safe to run on every start: a no-op when current.
 
-    ``spool_root`` is this process's ``CXR_SPOOL_DIR``: migration 0004 rewrites the spool paths
+    ``spool_root`` is this process's ``CXR_SPOOL_DIR``: migration 0005 rewrites the spool paths
     recorded under it relative to it, and refuses (ConfigurationError) a database holding
     absolute paths when it is not given."""
     config = _config(engine)

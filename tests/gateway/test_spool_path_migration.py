@@ -1,4 +1,4 @@
-"""Migration 0004: the absolute spool paths recorded so far become relative to the spool root,
+"""Migration 0005: the absolute spool paths recorded so far become relative to the spool root,
 on SQLite and on a real PostgreSQL, so a migrated database reads its old rows from a spool
 mounted elsewhere. Paths not under the root are left as they are, logged by count only."""
 
@@ -49,7 +49,7 @@ def test_absolute_paths_under_the_root_become_relative(
     for name in ("a", "b"):
         (real / "1.2.3" / f"1.2.3.4.{name}.dcm").write_bytes(name.encode())
     engine = make_engine(database_url)
-    upgrade(engine, "0003")
+    upgrade(engine, "0004")
     sessions = make_session_factory(engine)
     _add(
         sessions,
@@ -62,7 +62,7 @@ def test_absolute_paths_under_the_root_become_relative(
     )
     with caplog.at_level(logging.WARNING, logger="gateway.migrations"):
         upgrade(engine, spool_root=root)
-    assert current_revision(engine) == "0004"
+    assert current_revision(engine) == "0005"
     with sessions() as session:
         paths = dict(session.execute(select(Instance.sop_instance_uid, Instance.path)).all())
     assert paths == {
@@ -85,11 +85,11 @@ def test_absolute_paths_under_the_root_become_relative(
 def test_absolute_paths_and_no_spool_root_is_refused(tmp_path: Path) -> None:
     """Never recorded as applied with the rows unrewritten."""
     engine = make_engine(f"sqlite:///{tmp_path / 'gateway.sqlite3'}")
-    upgrade(engine, "0003")
+    upgrade(engine, "0004")
     _add(make_session_factory(engine), {"1.2.3.4.1": f"{tmp_path}/spool/1.2.3/1.2.3.4.a.dcm"})
     with pytest.raises(ConfigurationError, match="needs it"):
         upgrade(engine)
-    assert current_revision(engine) == "0003"
+    assert current_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -100,7 +100,7 @@ def test_the_embedded_default_relative_root(
     root was made absolute) and in its absolute form both become relative."""
     monkeypatch.chdir(tmp_path)
     engine = make_engine(f"sqlite:///{tmp_path / 'gateway.sqlite3'}")
-    upgrade(engine, "0003")
+    upgrade(engine, "0004")
     sessions = make_session_factory(engine)
     _add(
         sessions,

@@ -12,8 +12,8 @@ The spool root comes from ``gateway.db.migrate.upgrade(..., spool_root=...)``; e
 passes its ``CXR_SPOOL_DIR``. Without one, a database holding absolute paths is refused
 (ConfigurationError), so the revision is never recorded as applied with the rows unrewritten.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-11-30
 """
 
@@ -28,8 +28,8 @@ from alembic import op
 
 from gateway.errors import ConfigurationError
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -67,7 +67,7 @@ def upgrade() -> None:
     if root is None:
         if absolute:
             raise ConfigurationError(
-                f"migration 0004 rewrites {absolute} spool paths relative to the spool root and "
+                f"migration 0005 rewrites {absolute} spool paths relative to the spool root and "
                 "needs it: run `cxr-gateway db upgrade` (or a gateway command) with CXR_SPOOL_DIR"
             )
         return
@@ -89,7 +89,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     root = _spool_root()
     if root is None:
-        raise ConfigurationError("downgrading 0004 needs the spool root (CXR_SPOOL_DIR)")
+        raise ConfigurationError("downgrading 0005 needs the spool root (CXR_SPOOL_DIR)")
     prefix = str(root.absolute()).rstrip("/") + "/"
     op.get_bind().execute(
         sa.text("UPDATE instances SET path = :prefix || path WHERE substr(path, 1, 1) <> '/'"),
