@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -290,8 +290,8 @@ class Ingestor:
                         peer_ae=peer.ae_title,
                         max_instances=self.limits.max_instances_per_study,
                     )
-                    session.add(
-                        Instance(
+                    session.execute(
+                        insert(Instance).values(
                             study_id=study.id,
                             sop_instance_uid=sop_uid,
                             sop_class_uid=meta.sop_class_uid,
@@ -306,7 +306,6 @@ class Ingestor:
                             received_at=utcnow(),
                         )
                     )
-                    session.flush()
                     record_event(
                         session=session,
                         kind=kind,
