@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Row, bindparam, func, insert, select, update
@@ -74,6 +73,10 @@ _LATEST = (
 )
 
 
+# id, version, state, instance_count, modalities
+LatestVersion = Row[int, int, str, int, str]
+
+
 def study_for_new_instance(
     *, session: Session, meta: InstanceMeta, peer_ae: str, max_instances: int
 ) -> CountedStudy:
@@ -117,7 +120,7 @@ def study_for_new_instance(
 
 
 def _reopen(
-    session: Session, study: Row[Any], meta: InstanceMeta, peer_ae: str, now: dt.datetime
+    session: Session, study: LatestVersion, meta: InstanceMeta, peer_ae: str, now: dt.datetime
 ) -> bool:
     """Supersede the pending or queued job of a complete study and make it receive again;
     False when its job was already claimed (the instance then makes a new version)."""
@@ -151,7 +154,11 @@ def _reopen(
 
 
 def _new_version(
-    session: Session, previous: Row[Any] | None, meta: InstanceMeta, peer_ae: str, now: dt.datetime
+    session: Session,
+    previous: LatestVersion | None,
+    meta: InstanceMeta,
+    peer_ae: str,
+    now: dt.datetime,
 ) -> CountedStudy:
     """Insert version 1, or the version after ``previous``, with this instance counted."""
     version = (previous.version + 1) if previous is not None else 1
