@@ -3,7 +3,7 @@ sender, same run; and `cxr-gateway send` beside storescu as a sender (issue #20)
 
     .venv/bin/python benchmarks/bench_ingest.py [--large 40] [--small 300] [--repeats 3]
         [--receivers storescp storescp-sync orthanc gateway-sqlite gateway-postgresql]
-        [--associations 1 4] [--senders]
+        [--associations 1 4] [--senders] [--baseline ../main-checkout]
 
 Receivers (every one gets TCP_NODELAY=1 and its own fresh storage folder each round):
 - ``storescp``: DCMTK storescp, writes files without fsync (reference only);
@@ -21,6 +21,9 @@ Files: the large CR is the real ``RG1_UNCR.dcm`` (7.2 MB) from ``../shared/data`
 DX is the real ``dx_image.dcm`` of highdicom's test data (DX For Presentation, 169x211, 8-bit,
 37 KB). Each copy gets new UIDs (a study every 4 images). The benchmark refuses to run when
 either file is missing rather than measure something else.
+
+``--baseline DIR``: the listener of another checkout (say main's, from ``git worktree add``)
+joins the rounds as ``baseline-sqlite``: before and after in one run, under the same load.
 
 ``--senders``: storescu and ``cxr-gateway send`` (one process each, its start-up included, one
 association: ``--batch 500``) send the same files into the same storescp (no fsync).
@@ -59,7 +62,15 @@ from tests.peers import (  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "dicom"
 LARGE_FILE = SHARED / "pydicom-data" / "RG1_UNCR.dcm"
 SMALL_FILE = SHARED / "highdicom" / "dx_image.dcm"
-RECEIVERS = ("storescp", "storescp-sync", "orthanc", "gateway-sqlite", "gateway-postgresql", "noop")
+RECEIVERS = (
+    "storescp",
+    "storescp-sync",
+    "orthanc",
+    "gateway-sqlite",
+    "gateway-postgresql",
+    "noop",
+    "baseline-sqlite",
+)
 DEFAULT_RECEIVERS = RECEIVERS[:5]
 PDU = "131072"
 # Every DCMTK-based process (storescu, storescp, Orthanc) needs it, or Nagle's algorithm adds
@@ -136,9 +147,10 @@ Sender = Callable[[int, str, list[Path], int], float]
 
 
 class Bench:
-    def __init__(self, work: Path, postgres: Postgres | None) -> None:
+    def __init__(self, work: Path, postgres: Postgres | None, baseline: Path | None) -> None:
         self.work = work
         self.postgres = postgres
+        self.baseline = baseline
 
     def folder(self, name: str) -> Path:
         path = self.work / f"{name}-{time.monotonic_ns()}"
@@ -190,7 +202,9 @@ class Bench:
             orthanc.stop()
             shutil.rmtree(work, ignore_errors=True)
 
-    def gateway(self, paths: list[Path], assoc: int, database: str) -> float:
+    def gateway(
+        self, paths: list[Path], assoc: int, database: str, code: Path | None = None
+    ) -> float:
         data = self.folder("gw")
         env = {
             "CXR_DATA_DIR": str(data),
@@ -201,7 +215,9 @@ class Bench:
         if database == "postgresql":
             assert self.postgres is not None
             env["CXR_DATABASE_URL"] = self.postgres.create_database(f"b{time.monotonic_ns()}")
-        gw = start_gateway(env, self.work / "gateway.log", ("listen",))
+        if code is not None:  # another checkout of the gateway (--baseline)
+            env["PYTHONPATH"] = str(code)
+        gw = start_gateway(env, self.work / "gateway.log", ("listen",), cwd=code)
         try:
             seconds = storescu(gw.dicom_port, "CXRGW", paths, assoc)
             stored = len(list((data / "spool").glob("*/*.dcm")))
@@ -221,6 +237,8 @@ class Bench:
             return self.orthanc(paths, assoc)
         if receiver == "noop":
             return self.noop(paths, assoc)
+        if receiver == "baseline-sqlite":
+            return self.gateway(paths, assoc, "sqlite", code=self.baseline)
         return self.gateway(paths, assoc, receiver.removeprefix("gateway-"))
 
 
@@ -287,7 +305,14 @@ def main() -> None:
     parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=DEFAULT_RECEIVERS)
     parser.add_argument("--senders", action="store_true", help="also storescu vs cxr-gateway send")
     parser.add_argument("--no-ingest", action="store_true", help="only the senders")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. of main): adds its listener as receiver baseline-sqlite",
+    )
     args = parser.parse_args()
+    if args.baseline is not None and "baseline-sqlite" not in args.receivers:
+        args.receivers = [*args.receivers, "baseline-sqlite"]
     for needed in (LARGE_FILE, SMALL_FILE):
         if not needed.is_file():
             sys.exit(f"bench_ingest: {needed} is missing; refusing to measure other files")
@@ -301,7 +326,7 @@ def main() -> None:
     try:
         # /tmp is on the root disk here (ext4), not a tmpfs: fsync means what it says.
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-            bench = Bench(Path(tmp), postgres)
+            bench = Bench(Path(tmp), postgres, args.baseline)
             sets = {
                 "large CR (7.2 MB)": make_files(Path(tmp) / "large", LARGE_FILE, args.large),
                 "small DX (37 KB)": make_files(Path(tmp) / "small", SMALL_FILE, args.small),

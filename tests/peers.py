@@ -218,9 +218,11 @@ def start_gateway(
     command: Sequence[str] = ("serve",),
     *,
     address_space_bytes: int | None = None,
+    cwd: Path | None = None,
 ) -> GatewayProcess:
     """Start ``cxr-gateway COMMAND``; with ``address_space_bytes`` its memory is capped
-    (RLIMIT_AS), so that an allocation past the cap fails inside it, never on the machine."""
+    (RLIMIT_AS), so that an allocation past the cap fails inside it, never on the machine.
+    ``cwd``: the checkout to run (default: this one; benchmarks compare with another)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(env_overrides)
     env.setdefault("CXR_DICOM_PORT", str(free_port()))
@@ -231,7 +233,7 @@ def start_gateway(
         env=env,
         stdout=fh,
         stderr=subprocess.STDOUT,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         start_new_session=True,
         preexec_fn=None if address_space_bytes is None else _cap_memory(address_space_bytes),
     )
