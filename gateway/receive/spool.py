@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +151,7 @@ class Spool:
         token = secrets.token_hex(4)
         final = folder / f"{sop_instance_uid}.{token}.dcm"
         tmp = self._tmp / f"{sop_instance_uid}.{token}.part"
-        checksum = _hasher.submit(_sha256, parts)
+        checksum = _checksum(parts, size)
         try:
             fd = self._create_temp(tmp)
             try:
@@ -227,6 +227,19 @@ def _remove(entry: Path) -> None:
             child.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # gone, or not empty: its owner wrote again meanwhile
         entry.rmdir()
+
+
+# Below this size the checksum is computed in the writing thread: a hand-off to the pool needs
+# another thread to be scheduled for what is a few tens of microseconds of hashing.
+_HASH_INLINE_BYTES = 1 << 20
+
+
+def _checksum(parts: Sequence[Buffer], size: int) -> Future[str]:
+    if size > _HASH_INLINE_BYTES:
+        return _hasher.submit(_sha256, parts)
+    done: Future[str] = Future()
+    done.set_result(_sha256(parts))
+    return done
 
 
 def _sha256(parts: Sequence[Buffer]) -> str:

@@ -40,3 +40,13 @@ def test_a_large_instance_is_written_in_pieces_of_at_most_1_mb(
     assert written.path.read_bytes() == header + body
     assert written.size_bytes == len(header) + len(body)
     assert written.sha256 == hashlib.sha256(header + body).hexdigest()
+
+
+def test_a_small_instance_has_its_checksum_too(tmp_path: Path) -> None:
+    """Files under 1 MB are hashed in the writing thread, larger ones on the pool."""
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.prepare()
+    parts = [b"\x00" * 128 + b"DICM", os.urandom(40_000)]
+    written = spool.write("1.2.3", "1.2.3.5", parts)
+    assert written.sha256 == hashlib.sha256(b"".join(parts)).hexdigest()
+    assert written.path.read_bytes() == b"".join(parts)
