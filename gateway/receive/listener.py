@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.session import transaction
 from gateway.errors import IngestError
+from gateway.receive import pynetdicom_events
 from gateway.receive.ingest import SUCCESS, Ingestor, Peer, RequestedInstance, decode_received
 from gateway.settings import AllowedPeer, Settings
 
@@ -299,6 +300,7 @@ class Listener:
 
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
+                pynetdicom_events.install(assoc)
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject, self._request_arrived.set)
                 return assoc
 
@@ -366,7 +368,7 @@ class Listener:
         body = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:
             try:
-                dataset = decode_received(
+                dataset, pixels = decode_received(
                     body, transfer_syntax, max_bytes=self.ingestor.limits.max_instance_bytes
                 )
             except IngestError as exc:
@@ -381,6 +383,7 @@ class Listener:
                 file_parts=(header, body),
                 transfer_syntax=transfer_syntax,
                 requested=requested,
+                pixels=pixels,
             )
         finally:
             body.release()

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import getpass
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.settings import Settings, settings_or_exit
+
+if TYPE_CHECKING:  # SQLAlchemy costs every command (`send` too) a second to import
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 def _settings() -> Settings:
