@@ -239,6 +239,7 @@ class Listener:
 
         gate = ConnectionGate(self.settings)
         deadline = self.settings.association_request_seconds
+        max_pdu = self.ingestor.limits.max_instance_bytes + 2**20  # + command and PDV headers
 
         class Handler(RequestHandler):
             """One connection: admitted by the gate, then it must complete the TLS handshake
@@ -300,7 +301,9 @@ class Listener:
 
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
-                pynetdicom_events.install(assoc)
+                # A PDU carries part of one instance (plus its command): never more than
+                # the instance limit allows, whatever the peer announces.
+                pynetdicom_events.install(assoc, max_pdu_bytes=max_pdu)
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject, self._request_arrived.set)
                 return assoc
 

@@ -37,18 +37,37 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.001  # as pynetdicom, when nothing arrives: the timers are checked this often
 
 
+# A PDU's declared length is the peer's word, not a fact: the buffer grows as bytes arrive, by
+# at most this much at a time (a 4 GB length followed by nothing costs 1 MB, not 4 GB).
+GROWTH_BYTES = 16 * 2**20
+FIRST_BYTES = 2**20
+
+
 class WholePduSocket(AssociationSocket):
-    """Reads ``nr_bytes`` into one buffer with as few system calls as the kernel allows."""
+    """Reads a PDU of ``nr_bytes`` into one buffer with as few system calls as the kernel
+    allows. A PDU longer than ``max_pdu_bytes`` (set from the instance size limit) closes the
+    connection before anything of it is read; pynetdicom then aborts the association."""
+
+    max_pdu_bytes = 0  # 0: no limit
 
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        if self.max_pdu_bytes and nr_bytes > self.max_pdu_bytes:
+            log.warning(
+                "PDU of %d bytes announced, limit %d: connection closed",
+                nr_bytes,
+                self.max_pdu_bytes,
+            )
+            self.close()
+            return bytearray()
+        buffer = bytearray(min(nr_bytes, FIRST_BYTES))
         received = 0
         while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
+            if received == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - received, GROWTH_BYTES)))
+            with memoryview(buffer) as view:
+                count = self.socket.recv_into(view[received:], len(buffer) - received)
             if not count:  # the connection was broken: what arrived, as pynetdicom returns
-                del view
                 del buffer[received:]
                 return buffer
             received += count
@@ -196,15 +215,18 @@ def _run_reactor(self: Association) -> None:
             return
 
 
-def install(assoc: Association) -> None:
+def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
     """Give an accepted association, not yet started, the event-driven loops and the
-    whole-PDU socket. Its timeouts are applied again to the new DUL's timers."""
+    whole-PDU socket (PDUs over ``max_pdu_bytes`` close it; 0: no limit). Its timeouts are
+    applied again to the new DUL's timers."""
     old = assoc.dul
     assert old.socket is not None and old.socket.socket is not None and not old.is_alive()
     client = old.socket.socket
     assoc.dul = EventDUL(assoc)
     # After the new DUL: the socket queues its "connection open" event (Evt5) on it.
-    assoc.set_socket(WholePduSocket(assoc, client_socket=client))
+    socket = WholePduSocket(assoc, client_socket=client)
+    socket.max_pdu_bytes = max_pdu_bytes
+    assoc.set_socket(socket)
     for name in ("acse_timeout", "network_timeout"):  # their setters set the DUL's timers
         setattr(assoc, name, getattr(assoc, name))
     assoc._run_reactor = types.MethodType(_run_reactor, assoc)  # type: ignore[method-assign]
