@@ -1,15 +1,32 @@
-"""Ingest throughput: the gateway's listener beside DCMTK storescp, same files, same sender,
-same run. Prints images/s, MB/s and the ratio for large CR and many small DX images, with one
-association and with several concurrent ones.
+"""Ingest throughput: the gateway's listener beside Orthanc and DCMTK storescp, same files, same
+sender, same run; and `cxr-gateway send` beside storescu as a sender (issue #20).
 
     .venv/bin/python benchmarks/bench_ingest.py [--large 40] [--small 300] [--repeats 3]
+        [--receivers storescp storescp-sync orthanc gateway-sqlite gateway-postgresql]
+        [--associations 1 4] [--senders] [--baseline ../main-checkout]
 
-The gateway runs as `cxr-gateway listen` (fsync of every file + a database commit before each
-success status, as in production); storescp writes files without fsync. Both get TCP_NODELAY=1
-and the sender is DCMTK storescu with TCP_NODELAY=1. A third receiver, `pynetdicom-noop`
-(benchmarks/noop_scp.py), is pynetdicom configured as the gateway but keeping nothing: the
-ceiling that the DICOM library itself puts on any pynetdicom-based receiver. After one untimed
-round, runs are interleaved; medians are shown.
+Receivers (every one gets TCP_NODELAY=1 and its own fresh storage folder each round):
+- ``storescp``: DCMTK storescp, writes files without fsync (reference only);
+- ``storescp-sync``: the same running ``sync FILE`` after each file (``-xcr ... -xs``);
+- ``orthanc``: Orthanc with ``SyncStorageArea`` true, ``StorageCompression`` false, no plugins,
+  its own storage and index folders (the target: at least 1.0x for large CR, 0.8x for small DX);
+- ``gateway-sqlite`` / ``gateway-postgresql``: ``cxr-gateway listen`` (fsync of every file and a
+  database commit before each success status), on SQLite and on a PostgreSQL 15 started here
+  with ``fsync=on``;
+- ``noop``: pynetdicom configured as the listener, storing nothing (``benchmarks/noop_scp.py``).
+The sender is DCMTK storescu (``-pdu 131072``), one process per association. One untimed round,
+then ``--repeats`` rounds in which the receivers take turns (interleaved); medians are printed.
+
+Files: the large CR is the real ``RG1_UNCR.dcm`` (7.2 MB) from ``../shared/data``; the small
+DX is the real ``dx_image.dcm`` of highdicom's test data (DX For Presentation, 169x211, 8-bit,
+37 KB). Each copy gets new UIDs (a study every 4 images). The benchmark refuses to run when
+either file is missing rather than measure something else.
+
+``--baseline DIR``: the listener of another checkout (say main's, from ``git worktree add``)
+joins the rounds as ``baseline-sqlite``: before and after in one run, under the same load.
+
+``--senders``: storescu and ``cxr-gateway send`` (one process each, its start-up included, one
+association: ``--batch 500``) send the same files into the same storescp (no fsync).
 """
 
 from __future__ import annotations
@@ -23,14 +40,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.orthanc import start_orthanc  # noqa: E402
 from tests.peers import (  # noqa: E402
     Postgres,
     free_port,
@@ -40,28 +59,37 @@ from tests.peers import (  # noqa: E402
     wait_for_port,
 )
 
-POSTGRES: Postgres
-LABELS = {"storescp": "storescp", "noop": "pynetdicom-noop", "gateway": "gateway"}
+SHARED = ROOT.parent / "shared" / "data" / "dicom"
+LARGE_FILE = SHARED / "pydicom-data" / "RG1_UNCR.dcm"
+SMALL_FILE = SHARED / "highdicom" / "dx_image.dcm"
+RECEIVERS = (
+    "storescp",
+    "storescp-sync",
+    "orthanc",
+    "gateway-sqlite",
+    "gateway-postgresql",
+    "noop",
+    "baseline-sqlite",
+)
+DEFAULT_RECEIVERS = RECEIVERS[:5]
+PDU = "131072"
+# Every DCMTK-based process (storescu, storescp, Orthanc) needs it, or Nagle's algorithm adds
+# about 40 ms per small image; set here so that processes started by helpers inherit it too.
+os.environ["TCP_NODELAY"] = "1"
+ENV = dict(os.environ)
 
-SHARED = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
-FIXTURE = ROOT / "tests" / "fixtures" / "dicom" / "rg1_cr_small.dcm"
 
-
-def make_files(folder: Path, kind: str, count: int) -> list[Path]:
+def make_files(folder: Path, source: Path, count: int) -> list[Path]:
+    """``count`` copies of ``source`` with new SOP Instance UIDs, a new study every 4."""
     folder.mkdir(parents=True)
-    if kind == "large":
-        src = dcmread(SHARED if SHARED.exists() else FIXTURE)
-    else:
-        src = dcmread(FIXTURE)
-        src.Modality = "DX"
-        src.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-        src.file_meta.MediaStorageSOPClassUID = src.SOPClassUID
-        src.Rows, src.Columns = 512, 512
-        src.PixelData = np.random.default_rng(1).integers(0, 4096, (512, 512), np.uint16).tobytes()
-    study = generate_uid()
+    src = dcmread(source)
+    study = series = ""
     paths = []
     for i in range(count):
-        src.StudyInstanceUID = study if i % 4 else generate_uid()
+        if i % 4 == 0:
+            study, series = generate_uid(), generate_uid()
+        src.StudyInstanceUID = study
+        src.SeriesInstanceUID = series
         src.SOPInstanceUID = generate_uid()
         src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
         path = folder / f"{i:05d}.dcm"
@@ -70,25 +98,15 @@ def make_files(folder: Path, kind: str, count: int) -> list[Path]:
     return paths
 
 
-def send(port: int, aec: str, paths: list[Path], associations: int) -> float:
-    env = dict(os.environ, TCP_NODELAY="1")
+def storescu(port: int, aec: str, paths: list[Path], associations: int) -> float:
+    """Send ``paths`` with one storescu per association; return the wall time in seconds."""
     chunks = [paths[i::associations] for i in range(associations)]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [
-                "storescu",
-                "-aet",
-                "BENCH",
-                "-aec",
-                aec,
-                "-pdu",
-                "131072",
-                "127.0.0.1",
-                str(port),
-                *map(str, chunk),
-            ],
-            env=env,
+            ["storescu", "-aet", "BENCH", "-aec", aec, "-pdu", PDU, "127.0.0.1", str(port)]
+            + [str(p) for p in chunk],
+            env=ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -101,116 +119,227 @@ def send(port: int, aec: str, paths: list[Path], associations: int) -> float:
     return time.perf_counter() - start
 
 
-def send_to_process(
-    command: list[str], port: int, aec: str, paths: list[Path], assoc: int
-) -> float:
-    """Start a receiver (TCP_NODELAY=1), send ``paths`` to it, stop it; return the send time."""
-    proc = subprocess.Popen(
-        command,
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        return send(port, aec, paths, assoc)
-    finally:
-        stop_process(proc)
+def gateway_send(port: int, aec: str, paths: list[Path], associations: int) -> float:
+    """`cxr-gateway send` in one process per association, start-up included."""
+    chunks = [paths[i::associations] for i in range(associations)]
+    env = {k: v for k, v in ENV.items() if not k.startswith("CXR_")}
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "send", "--port", str(port), "--aet", aec]
+            + ["--calling-aet", "BENCH", "--batch", "500"]
+            + [str(p) for p in chunk],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"cxr-gateway send failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
 
 
-def run_storescp(paths: list[Path], associations: int, workdir: Path) -> float:
-    out = workdir / f"scp-{time.monotonic_ns()}"
-    out.mkdir()
-    port = free_port()
-    args = ["storescp", "-aet", "REF", "-pdu", "131072", "-od", str(out)]
-    if associations > 1:
-        args.append("--fork")  # one process per association, as the gateway's threads
-    try:
-        return send_to_process([*args, str(port)], port, "REF", paths, associations)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+Sender = Callable[[int, str, list[Path], int], float]
 
 
-def run_noop(paths: list[Path], associations: int) -> float:
-    port = free_port()
-    noop = [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"]
-    return send_to_process(noop, port, "NOOP", paths, associations)
+class Bench:
+    def __init__(self, work: Path, postgres: Postgres | None, baseline: Path | None) -> None:
+        self.work = work
+        self.postgres = postgres
+        self.baseline = baseline
 
+    def folder(self, name: str) -> Path:
+        path = self.work / f"{name}-{time.monotonic_ns()}"
+        path.mkdir()
+        return path
 
-def run_gateway(paths: list[Path], associations: int, workdir: Path, database: str) -> float:
-    data = workdir / f"gw-{time.monotonic_ns()}"
-    env = {"CXR_DATA_DIR": str(data), "CXR_QUIET_SECONDS": "3600", "CXR_MAX_ASSOCIATIONS": "32"}
-    if database == "postgresql":
-        env["CXR_DATABASE_URL"] = POSTGRES.create_database(f"bench_{time.monotonic_ns()}")
-    gw = start_gateway(env, workdir / "gateway.log", ("listen",))
-    try:
-        return send(gw.dicom_port, "CXRGW", paths, associations)
-    finally:
-        gw.stop()
-        shutil.rmtree(data, ignore_errors=True)
+    def _process(
+        self, command: list[str], port: int, aec: str, paths: list[Path], assoc: int, sender: Sender
+    ) -> float:
+        proc = subprocess.Popen(
+            command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_port(port, process=proc)
+            return sender(port, aec, paths, assoc)
+        finally:
+            stop_process(proc)
+
+    def storescp(
+        self, paths: list[Path], assoc: int, *, sync: bool = False, sender: Sender = storescu
+    ) -> float:
+        out = self.folder("scp")
+        port = free_port()
+        args = ["storescp", "-aet", "REF", "-pdu", PDU, "-od", str(out)]
+        if sync:
+            args += ["-xcr", "sync #p/#f", "-xs"]  # coreutils sync FILE: fsync of that file
+        if assoc > 1:
+            args.append("--fork")  # one process per association
+        try:
+            return self._process([*args, str(port)], port, "REF", paths, assoc, sender)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def noop(self, paths: list[Path], assoc: int) -> float:
+        port = free_port()
+        command = [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"]
+        return self._process(command, port, "NOOP", paths, assoc, storescu)
+
+    def orthanc(self, paths: list[Path], assoc: int) -> float:
+        work = self.folder("orthanc")
+        config = {"SyncStorageArea": True, "StorageCompression": False, "Plugins": []}
+        orthanc = start_orthanc(
+            work, aet="ORTHANC", modalities={"bench": ["BENCH", "127.0.0.1", 104]},
+            extra_config=config,
+        )  # fmt: skip
+        try:
+            return storescu(orthanc.dicom_port, "ORTHANC", paths, assoc)
+        finally:
+            orthanc.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+    def gateway(
+        self, paths: list[Path], assoc: int, database: str, code: Path | None = None
+    ) -> float:
+        data = self.folder("gw")
+        env = {
+            "CXR_DATA_DIR": str(data),
+            "CXR_QUIET_SECONDS": "3600",
+            "CXR_MAX_ASSOCIATIONS": "32",
+            "TCP_NODELAY": "1",
+        }
+        if database == "postgresql":
+            assert self.postgres is not None
+            env["CXR_DATABASE_URL"] = self.postgres.create_database(f"b{time.monotonic_ns()}")
+        if code is not None:  # another checkout of the gateway (--baseline)
+            env["PYTHONPATH"] = str(code)
+        gw = start_gateway(env, self.work / "gateway.log", ("listen",), cwd=code)
+        try:
+            seconds = storescu(gw.dicom_port, "CXRGW", paths, assoc)
+            stored = len(list((data / "spool").glob("*/*.dcm")))
+            if stored != len(paths):
+                raise RuntimeError(f"the gateway spooled {stored} of {len(paths)} files")
+            return seconds
+        finally:
+            gw.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+    def run(self, receiver: str, paths: list[Path], assoc: int) -> float:
+        if receiver == "storescp":
+            return self.storescp(paths, assoc)
+        if receiver == "storescp-sync":
+            return self.storescp(paths, assoc, sync=True)
+        if receiver == "orthanc":
+            return self.orthanc(paths, assoc)
+        if receiver == "noop":
+            return self.noop(paths, assoc)
+        if receiver == "baseline-sqlite":
+            return self.gateway(paths, assoc, "sqlite", code=self.baseline)
+        return self.gateway(paths, assoc, receiver.removeprefix("gateway-"))
 
 
 def machine() -> str:
     cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.split(
-        "\n"
-    )[0]
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout
+    orthanc = subprocess.run(
+        ["/usr/sbin/Orthanc", "--version"], capture_output=True, text=True
+    ).stdout.split("\n")[0]
+    memory = Path("/proc/meminfo").read_text().split("\n")[0].split(":")[1].strip()
     return (
-        f"{platform.node()} | {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}"
-        f" | {dcmtk.strip()}"
+        f"{platform.node()} | {cpu} | {os.cpu_count()} cores | {memory} | "
+        f"Python {platform.python_version()} | {dcmtk.splitlines()[0].strip()} | {orthanc.strip()}"
     )
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def ingest(bench: Bench, sets: dict[str, list[Path]], receivers: list[str], args: Any) -> None:
+    print("| files | assoc. | " + " | ".join(receivers) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in receivers) + " |")
+    for name, paths in sets.items():
+        for assoc in args.associations:
+            times: dict[str, list[float]] = {r: [] for r in receivers}
+            for receiver in receivers:  # untimed: first writes into never-used memory are slow
+                bench.run(receiver, paths, assoc)
+            for _ in range(args.repeats):
+                for receiver in receivers:
+                    times[receiver].append(bench.run(receiver, paths, assoc))
+            rate = {r: len(paths) / statistics.median(t) for r, t in times.items()}
+            ref = rate.get("orthanc")
+            cells = [
+                f"{rate[r]:.1f}" + (f" ({rate[r] / ref:.2f})" if ref and r != "orthanc" else "")
+                for r in receivers
+            ]
+            print(f"| {name} | {assoc} | " + " | ".join(cells) + " |", flush=True)
+
+
+def senders(bench: Bench, sets: dict[str, list[Path]], args: Any) -> None:
+    print("\n| files | storescu | cxr-gateway send | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name, paths in sets.items():
+        times: dict[str, list[float]] = {"storescu": [], "send": []}
+        bench.storescp(paths, 1, sender=gateway_send)  # untimed
+        for _ in range(args.repeats):
+            times["storescu"].append(bench.storescp(paths, 1))
+            times["send"].append(bench.storescp(paths, 1, sender=gateway_send))
+        a, b = (len(paths) / statistics.median(times[k]) for k in ("storescu", "send"))
+        print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f} |", flush=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--large", type=int, default=40, help="large CR images (7 MB each)")
-    parser.add_argument("--small", type=int, default=300, help="small DX images (512x512)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--large", type=int, default=40, help="large CR images (7.2 MB each)")
+    parser.add_argument("--small", type=int, default=300, help="small DX images (37 KB each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
-    args = parser.parse_args()
-    if args.database == "postgresql":
-        global POSTGRES
-        POSTGRES = start_postgres()
-    print(f"machine: {machine()}")
-    print(
-        "sender: storescu (TCP_NODELAY=1, -pdu 131072); storescp: TCP_NODELAY=1, no fsync; "
-        f"gateway: fsync + database commit per instance, {args.database}"
+    parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=DEFAULT_RECEIVERS)
+    parser.add_argument("--senders", action="store_true", help="also storescu vs cxr-gateway send")
+    parser.add_argument("--no-ingest", action="store_true", help="only the senders")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. of main): adds its listener as receiver baseline-sqlite",
     )
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
-        sets = {
-            "large CR": make_files(work / "large", "large", args.large),
-            "small DX": make_files(work / "small", "small", args.small),
-        }
-        print(f"{'files':<10}{'assoc':>6}{'receiver':>17}{'images/s':>11}{'MB/s':>9}{'ratio':>8}")
-        for name, paths in sets.items():
-            megabytes = sum(p.stat().st_size for p in paths) / 1e6
-            for assoc in args.associations:
-                times: dict[str, list[float]] = {"storescp": [], "noop": [], "gateway": []}
-                # One untimed round first: the first writes into never-used memory cost several
-                # times more on a fresh VM than on a host that has been up for a while.
-                run_storescp(paths, assoc, work)
-                run_gateway(paths, assoc, work, args.database)
-                for _ in range(args.repeats):  # interleaved
-                    times["storescp"].append(run_storescp(paths, assoc, work))
-                    times["noop"].append(run_noop(paths, assoc))
-                    times["gateway"].append(run_gateway(paths, assoc, work, args.database))
-                ref = statistics.median(times["storescp"])
-                for receiver in ("storescp", "noop", "gateway"):
-                    t = statistics.median(times[receiver])
-                    ratio = ref / t
-                    print(
-                        f"{name:<10}{assoc:>6}{LABELS[receiver]:>17}{len(paths) / t:>11.1f}"
-                        f"{megabytes / t:>9.1f}{ratio:>8.2f}"
-                    )
+    args = parser.parse_args()
+    if args.baseline is not None and "baseline-sqlite" not in args.receivers:
+        args.receivers = [*args.receivers, "baseline-sqlite"]
+    for needed in (LARGE_FILE, SMALL_FILE):
+        if not needed.is_file():
+            sys.exit(f"bench_ingest: {needed} is missing; refusing to measure other files")
+    postgres = start_postgres(fsync=True) if "gateway-postgresql" in args.receivers else None
+    print(f"machine: {machine()}")
+    print(f"load average at start: {load()}; code: {ROOT}")
+    print(
+        f"storescu -pdu {PDU}, TCP_NODELAY=1 everywhere; {args.repeats} interleaved rounds after"
+        " an untimed one, medians; images/s (ratio to Orthanc)"
+    )
+    try:
+        # /tmp is on the root disk here (ext4), not a tmpfs: fsync means what it says.
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            bench = Bench(Path(tmp), postgres, args.baseline)
+            sets = {
+                "large CR (7.2 MB)": make_files(Path(tmp) / "large", LARGE_FILE, args.large),
+                "small DX (37 KB)": make_files(Path(tmp) / "small", SMALL_FILE, args.small),
+            }
+            if not args.no_ingest:
+                ingest(bench, sets, list(args.receivers), args)
+            if args.senders:
+                senders(bench, sets, args)
+    finally:
+        if postgres is not None:
+            postgres.stop()
+            shutil.rmtree(postgres.datadir.parent, ignore_errors=True)
+    print(f"load average at end: {load()}")
 
 
 if __name__ == "__main__":

@@ -207,9 +207,14 @@ def purge_spool_command(
     from gateway.db.session import make_engine, make_session_factory
     from gateway.receive.retention import purge_spool
 
-    sessions = make_session_factory(make_engine(_settings().database))
+    settings = _settings()
+    sessions = make_session_factory(make_engine(settings.database))
     result = purge_spool(
-        sessions, older_than_days=older_than_days, actor=f"cli:{getpass.getuser()}", dry_run=dry_run
+        sessions,
+        older_than_days=older_than_days,
+        actor=f"cli:{getpass.getuser()}",
+        spool_root=settings.spool_path,
+        dry_run=dry_run,
     )
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
@@ -223,8 +228,9 @@ def db_upgrade() -> None:
     from gateway.db.migrate import current_revision, upgrade
     from gateway.db.session import make_engine
 
-    engine = make_engine(_settings().database)
-    upgrade(engine)
+    settings = _settings()
+    engine = make_engine(settings.database)
+    upgrade(engine, spool_root=settings.spool_path)
     typer.echo(f"database at revision {current_revision(engine)}")
 
 

@@ -60,7 +60,7 @@ class ListenerProcess:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(s.database)
         if self.migrate:
-            upgrade(engine)
+            upgrade(engine, spool_root=s.spool_path)
         sessions = make_session_factory(engine)
         spool = Spool(s.spool_path, min_free_bytes=s.spool_min_free_mb * 2**20)
         spool.prepare()
@@ -136,7 +136,8 @@ def run_worker(
     if inference:
         meta = _model_meta(settings)
     engine = make_engine(settings.database)
-    upgrade(engine)  # a worker may start before the listener on a fresh database
+    # A worker may start before the listener on a fresh database.
+    upgrade(engine, spool_root=settings.spool_path)
     sessions = make_session_factory(engine)
     if inference:
         from gateway.pipeline.intended_use import announce_intended_ages, announce_model_in_service

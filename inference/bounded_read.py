@@ -12,6 +12,7 @@ import hashlib
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -142,6 +143,138 @@ def read_file_meta(data: Buffer) -> tuple[FileMetaDataset, int]:
     if not str(meta.get("TransferSyntaxUID", "")):
         raise ValueError("file meta information has no Transfer Syntax UID")
     return meta, start
+
+
+PIXEL_DATA_TAG = 0x7FE00010
+_ITEM_TAG = 0xFFFEE000
+_SEQUENCE_DELIMITER_TAG = 0xFFFEE0DD
+_VR_WITH_32_BIT_LENGTH = {b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"}
+
+
+@dataclass(frozen=True)
+class PixelExtent:
+    """Where a dataset's Pixel Data value lies in its bytes, read from the element header (and
+    the item headers of encapsulated data), never copied. ``length``: the bytes present (fewer
+    than declared when the data is cut short; for encapsulated data every item, headers
+    included, up to the sequence delimiter); ``fragments``: the items, Basic Offset Table
+    included."""
+
+    offset: int
+    length: int
+    declared_length: int
+    encapsulated: bool
+    fragments: int = 0
+
+
+class _ViewReader:
+    """The minimal binary file pydicom's ``read_dataset`` needs, over a buffer it never copies
+    (``io.BytesIO`` copies a memoryview whole)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos : end])
+        self._pos = end
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+
+def parse_received(
+    data: Buffer, transfer_syntax: str, *, max_bytes: int
+) -> tuple[Dataset, PixelExtent | None]:
+    """``parse_dataset`` for the listener, which keeps the bytes as received and never decodes
+    the pixels: every element is parsed except Pixel Data, whose extent is read from its
+    header (``PixelExtent``, or None when there is none). In the returned dataset Pixel Data is
+    an empty placeholder with the received VR and length kind, so the dataset answers
+    ``"PixelData" in ds`` and ``is_undefined_length``; it must not be written anywhere.
+    Nothing of the pixel data is copied, so a 200 MB instance is held once, as received.
+    Raises InputTooLarge, or ValueError (and pydicom's errors) for malformed data."""
+    syntax = UID(transfer_syntax)
+    raw: Buffer = data
+    if syntax == DeflatedExplicitVRLittleEndian:
+        raw = inflate_bounded(data, max_bytes)
+    elif len(memoryview(data)) > max_bytes:
+        raise InputTooLarge(
+            f"instance is {len(memoryview(data))} bytes, limit {max_bytes}", reason="too_large"
+        )
+    implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
+    little = syntax.is_little_endian if syntax.is_transfer_syntax else True
+    view = memoryview(raw).cast("B")
+    reader = _ViewReader(view)
+    ds = read_dataset(
+        reader,  # type: ignore[arg-type]
+        implicit,
+        little,
+        stop_when=lambda tag, _vr, _length: tag == PIXEL_DATA_TAG,
+    )
+    extent = None
+    start = reader.tell()
+    # pydicom switches to the encoding the data really has (implicit VR sent as explicit):
+    # read on in that one, so that the caller can report the mismatch.
+    found_implicit, found_little = ds.original_encoding
+    implicit = implicit if found_implicit is None else found_implicit
+    little = little if found_little is None else found_little
+    if start < len(view):
+        vr, extent = _pixel_extent(view, start, implicit=implicit, little=little)
+        end = extent.offset + extent.length + (8 if extent.encapsulated else 0)
+        if end < len(view):  # elements after Pixel Data (padding, signatures)
+            ds.update(read_dataset(_ViewReader(view[end:]), implicit, little))  # type: ignore[arg-type]
+        ds.add_new(PIXEL_DATA_TAG, vr, b"")
+        ds["PixelData"].is_undefined_length = extent.encapsulated
+    ds.walk(lambda _ds, _elem: None)  # converts every raw element: errors surface here
+    return ds, extent
+
+
+def _pixel_extent(
+    view: memoryview, start: int, *, implicit: bool, little: bool
+) -> tuple[str, PixelExtent]:
+    order = "<" if little else ">"
+    if implicit:
+        if start + 8 > len(view):
+            raise ValueError("Pixel Data element header is truncated")
+        (length,) = struct.unpack_from(order + "I", view, start + 4)
+        vr, offset = "OW", start + 8
+    else:
+        if start + 12 > len(view):
+            raise ValueError("Pixel Data element header is truncated")
+        raw_vr = bytes(view[start + 4 : start + 6])
+        if raw_vr not in _VR_WITH_32_BIT_LENGTH:
+            raise ValueError(f"Pixel Data has VR {raw_vr!r}")
+        (length,) = struct.unpack_from(order + "I", view, start + 8)
+        vr, offset = raw_vr.decode(), start + 12
+    if length != 0xFFFFFFFF:
+        present = min(length, len(view) - offset)
+        return vr, PixelExtent(offset, present, length, encapsulated=False)
+    return vr, _encapsulated_extent(view, offset)
+
+
+def _encapsulated_extent(view: memoryview, offset: int) -> PixelExtent:
+    """Walk the items of encapsulated Pixel Data (always little endian, PS3.5 A.4) by their
+    headers up to the sequence delimiter; ValueError when they do not fit the data."""
+    pos, fragments = offset, 0
+    while True:
+        if pos + 8 > len(view):
+            raise ValueError("encapsulated Pixel Data has no sequence delimiter")
+        group, element, length = struct.unpack_from("<HHI", view, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER_TAG:
+            return PixelExtent(
+                offset, pos - offset, 0xFFFFFFFF, encapsulated=True, fragments=fragments
+            )
+        if tag != _ITEM_TAG or length == 0xFFFFFFFF or pos + 8 + length > len(view):
+            raise ValueError("encapsulated Pixel Data has a malformed or truncated item")
+        pos += 8 + length
+        fragments += 1
 
 
 def read_dicom_bytes(

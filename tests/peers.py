@@ -117,6 +117,9 @@ class Postgres:
     port: int
     datadir: Path
     sockdir: Path
+    # Tests run with fsync off (fast, and a test never survives a power cut); benchmark
+    # figures need it on, as in production.
+    fsync: bool = False
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
@@ -149,7 +152,8 @@ class Postgres:
         self._pg("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop")
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        fsync = "on" if self.fsync else "off"
+        options = f"-p {self.port} -k {self.sockdir} -c listen_addresses=127.0.0.1 -c fsync={fsync}"
         self._pg(
             "pg_ctl",
             "-D",
@@ -163,7 +167,8 @@ class Postgres:
         )
 
 
-def start_postgres() -> Postgres:
+def start_postgres(*, fsync: bool = False) -> Postgres:
+    """initdb and start a PostgreSQL 15 on a free port; ``fsync`` on only for benchmarks."""
     if not (PG_BIN / "initdb").exists():
         missing_peer(f"PostgreSQL server binaries not found in {PG_BIN}")
     base = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
@@ -172,7 +177,7 @@ def start_postgres() -> Postgres:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
         shutil.chown(sockdir, "postgres")
-    pg = Postgres(free_port(), datadir, sockdir)
+    pg = Postgres(free_port(), datadir, sockdir, fsync=fsync)
     pg._pg("initdb", "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     pg.start()
     return pg
@@ -213,9 +218,11 @@ def start_gateway(
     command: Sequence[str] = ("serve",),
     *,
     address_space_bytes: int | None = None,
+    cwd: Path | None = None,
 ) -> GatewayProcess:
     """Start ``cxr-gateway COMMAND``; with ``address_space_bytes`` its memory is capped
-    (RLIMIT_AS), so that an allocation past the cap fails inside it, never on the machine."""
+    (RLIMIT_AS), so that an allocation past the cap fails inside it, never on the machine.
+    ``cwd``: the checkout to run (default: this one; benchmarks compare with another)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(env_overrides)
     env.setdefault("CXR_DICOM_PORT", str(free_port()))
@@ -226,7 +233,7 @@ def start_gateway(
         env=env,
         stdout=fh,
         stderr=subprocess.STDOUT,
-        cwd=ROOT,
+        cwd=cwd or ROOT,
         start_new_session=True,
         preexec_fn=None if address_space_bytes is None else _cap_memory(address_space_bytes),
     )

@@ -111,3 +111,26 @@ def test_dockerfile_is_pinned_non_root_and_copies_what_exists() -> None:
         for path in source.split():
             assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
     assert "-c constraints.txt" in DOCKERFILE  # the same pinned versions as development
+
+
+def test_the_compose_file_follows_the_storage_contract() -> None:
+    """docs/operations.md, "Shared storage": the spool, the heat maps and the outbox are one
+    volume, mounted at CXR_DATA_DIR by every gateway service (none moves them elsewhere), each
+    health check probes it (`check --storage`), and the database and the queue are services."""
+    data_dir = re.search(r"CXR_DATA_DIR=(\S+)", DOCKERFILE)
+    assert data_dir is not None
+    for name in GATEWAY_SERVICES:
+        service = services()[name]
+        assert f"spool:{data_dir.group(1)}" in service["volumes"], name
+        environment = service["environment"]
+        assert not {"CXR_DATA_DIR", "CXR_SPOOL_DIR"} & set(environment), name
+        assert environment["CXR_DATABASE_URL"].startswith("postgresql+psycopg://cxr:")
+        assert environment["CXR_BROKER_URL"] == "redis://redis:6379/0"
+        if name != "migrate":
+            test = " ".join(service["healthcheck"]["test"])
+            assert "cxr-gateway check" in test and "--storage" in test, name
+    assert services()["postgres"]["volumes"] == ["pgdata:/var/lib/postgresql/data"]
+    assert services()["redis"]["volumes"] == ["redis:/data"]
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    shared = guide.split("## Shared storage", 1)[1].split("\n## ", 1)[0]
+    assert f"`spool:{data_dir.group(1)}`" in shared

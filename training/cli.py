@@ -14,8 +14,6 @@ from typing import Annotated
 
 import typer
 
-from training.metrics import METRIC_NAMES
-
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
 
 
@@ -180,6 +178,8 @@ def evaluate(
     except (DataError, ArtifactError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    from training.metrics import METRIC_NAMES  # numpy: not for every command's start-up
+
     keys = METRIC_NAMES
     typer.echo(f"n={report['n']} threshold={report['threshold']['value']:.4f}")
     for k in keys:

@@ -17,11 +17,16 @@ def _config(engine: Engine) -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``. Safe to run on every start: a no-op when current."""
+def upgrade(engine: Engine, revision: str = "head", *, spool_root: Path | None = None) -> None:
+    """Bring the schema to ``revision``. Safe to run on every start: a no-op when current.
+
+    ``spool_root`` is this process's ``CXR_SPOOL_DIR``: migration 0005 rewrites the spool paths
+    recorded under it relative to it, and refuses (ConfigurationError) a database holding
+    absolute paths when it is not given."""
     config = _config(engine)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
+        config.attributes["spool_root"] = spool_root
         command.upgrade(config, revision)
 
 

@@ -41,6 +41,7 @@ from gateway.db.models import (
 )
 from gateway.db.session import rows_changed, transaction
 from gateway.errors import GatewayError
+from gateway.receive.spool import spool_file
 from gateway.settings import Settings
 from inference.finding import StudyFinding
 
@@ -153,14 +154,17 @@ class DeliveryJob:
     paths: list[Path]
 
 
-def load_job(sessions: sessionmaker[Session], delivery_id: int) -> DeliveryJob:
+def load_job(sessions: sessionmaker[Session], delivery_id: int, *, spool_root: Path) -> DeliveryJob:
+    """The delivery ``delivery_id`` with its study's finding and the files of its instances on
+    this host (each row's stored path resolved under ``spool_root``, this host's mount of the
+    spool: see ``spool_file``)."""
     with sessions() as session:
         delivery = session.get(Delivery, delivery_id)
         assert delivery is not None
         study = session.get(Study, delivery.study_id)
         assert study is not None and study.finding_json
         paths = [
-            Path(p)
+            spool_file(spool_root, p)
             for p in session.execute(
                 select(Instance.path)
                 .join(Study, Instance.study_id == Study.id)
@@ -275,7 +279,7 @@ def attempt(
     state (or "skipped-claim")."""
     if not claim_delivery(sessions, delivery_id, lease_seconds=settings.job_lease_seconds):
         return "skipped-claim"
-    job = load_job(sessions, delivery_id)
+    job = load_job(sessions, delivery_id, spool_root=settings.spool_path)
     try:
         remote = senders[job.kind](job)
     except HeldDelivery as exc:

@@ -18,6 +18,7 @@ are typed so that the caller can record them per destination:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -34,7 +37,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
@@ -147,10 +150,50 @@ class StoreFailedError(DicomSendError):
 Item = Dataset | str | Path
 
 
-def _load(item: Item) -> Dataset:
+@dataclass(frozen=True)
+class _Outgoing:
+    """One instance to send: a dataset in memory, or a file sent from the disk as it is."""
+
+    source: Dataset | Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+
+
+def _prepare(item: Item) -> _Outgoing:
+    """What is needed to negotiate for ``item``; of a file only its File Meta is read (the
+    dataset is read while it is sent). Raises ValueError for a file that is not DICOM Part 10
+    with the SOP Class, SOP Instance and Transfer Syntax UIDs in its File Meta."""
     if isinstance(item, Dataset):
-        return item
-    return dcmread(item)
+        return _Outgoing(
+            item, str(item.SOPClassUID), str(item.SOPInstanceUID), _transfer_syntax(item)
+        )
+    path = Path(item)
+    try:
+        meta = read_file_meta_info(path)
+        return _Outgoing(
+            path,
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            UID(meta.TransferSyntaxUID),
+        )
+    except (InvalidDicomError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a DICOM file with its File Meta ({exc})") from exc
+
+
+def _payload(assoc: Association, item: _Outgoing) -> Dataset | Path:
+    """A file is sent from the disk in PDU-sized reads (pynetdicom's chunked send) when the
+    peer accepted its own transfer syntax; otherwise it is read and re-encoded into the
+    accepted one (both little-endian uncompressed syntaxes are proposed for such files)."""
+    if isinstance(item.source, Dataset):
+        return item.source
+    for cx in assoc.accepted_contexts:
+        if (
+            cx.abstract_syntax == item.sop_class_uid
+            and cx.transfer_syntax[0] == item.transfer_syntax
+        ):
+            return item.source
+    return dcmread(item.source)
 
 
 def _transfer_syntax(ds: Dataset) -> UID:
@@ -160,21 +203,21 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian
 
 
-def _contexts(datasets: Iterable[Dataset]) -> list[tuple[str, list[str]]]:
+def _contexts(items: Iterable[_Outgoing]) -> list[tuple[str, list[str]]]:
     """Presentation contexts for the data: for uncompressed data one context per SOP class
     proposing both little-endian syntaxes (pynetdicom re-encodes between them); for compressed
     data one context per (SOP class, syntax) proposing that syntax alone, so that a peer which
     prefers uncompressed cannot pick a syntax we would have to transcode to."""
     wanted: dict[tuple[str, str], list[str]] = {}
-    for ds in datasets:
-        ts = _transfer_syntax(ds)
+    for item in items:
+        ts = item.transfer_syntax
         if ts in _UNCOMPRESSED or ts in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian):
-            syntaxes = wanted.setdefault((str(ds.SOPClassUID), "uncompressed"), [])
+            syntaxes = wanted.setdefault((item.sop_class_uid, "uncompressed"), [])
             for syntax in [ts, *_UNCOMPRESSED]:
                 if syntax not in syntaxes:
                     syntaxes.append(syntax)
         else:
-            wanted.setdefault((str(ds.SOPClassUID), str(ts)), [ts])
+            wanted.setdefault((item.sop_class_uid, str(ts)), [ts])
     if len(wanted) > 128:
         raise ValueError(f"{len(wanted)} presentation contexts exceed the limit of 128")
     return [(sop_class, syntaxes) for (sop_class, _), syntaxes in wanted.items()]
@@ -220,13 +263,24 @@ def _tls_problem(destination: Destination) -> str:
         raw.close()
 
 
-def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Association:
+def _no_delay(event: evt.Event) -> bool:
+    """Turn Nagle's algorithm off on the new connection: pynetdicom sends a C-STORE's command
+    and its dataset as separate writes, and with Nagle on the second waits for the peer's
+    delayed acknowledgement of the first (about 40 ms an instance)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        with contextlib.suppress(OSError):  # not TCP (a test's socket pair): nothing to do
+            sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return True
+
+
+def _associate(destination: Destination, items: Sequence[_Outgoing]) -> Association:
     ae = AE(ae_title=destination.calling_ae_title)
     ae.connection_timeout = destination.timeout
     ae.acse_timeout = destination.timeout
     ae.dimse_timeout = destination.timeout
     ae.network_timeout = destination.timeout
-    contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(datasets)]
+    contexts = [build_context(sop_class, syntaxes) for sop_class, syntaxes in _contexts(items)]
     hostname = destination.server_hostname or destination.host
     tls_args = (destination.tls, hostname) if destination.tls else None
     connected: list[bool] = []
@@ -238,7 +292,7 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
         ae_title=destination.ae_title,
         tls_args=tls_args,  # type: ignore[arg-type]
         evt_handlers=[
-            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+            (evt.EVT_CONN_OPEN, lambda event: connected.append(_no_delay(event))),
             (evt.EVT_PDU_RECV, lambda event: received.append(event.pdu.pdu_type)),
         ],
     )
@@ -265,28 +319,35 @@ def _associate(destination: Destination, datasets: Sequence[Dataset]) -> Associa
 
 def send(destination: Destination, items: Sequence[Item]) -> list[StoreResult]:
     """Send ``items`` (datasets or file paths) over one association; return one result each.
+    Files are read while they are sent, one at a time, never all first (issue #20).
 
     Raises ``AssociationFailedError`` (cannot associate, or the peer aborted: ``results`` then
     holds the answers received before the abort) and ``StoreFailedError`` (a failure status;
     all instances were still attempted and ``results`` holds every answer).
     """
-    datasets = [_load(item) for item in items]
-    if not datasets:
+    return _send(destination, [_prepare(item) for item in items])
+
+
+def _send(destination: Destination, outgoing: Sequence[_Outgoing]) -> list[StoreResult]:
+    if not outgoing:
         return []
-    assoc = _associate(destination, datasets)
+    # Documented pynetdicom option: a file path given to send_c_store is sent from the file in
+    # PDU-sized pieces, without decoding it. Datasets in memory are not affected.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    assoc = _associate(destination, outgoing)
     results: list[StoreResult] = []
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
+        for item in outgoing:
+            status = assoc.send_c_store(_payload(assoc, item))
             code = int(status.Status) if "Status" in status else None
-            results.append(StoreResult(str(ds.SOPInstanceUID), str(ds.SOPClassUID), code))
+            results.append(StoreResult(item.sop_instance_uid, item.sop_class_uid, code))
             if code is None:
                 # pynetdicom returns an empty status on an abort, a DIMSE timeout or a lost
                 # connection; the abort flag may not be set yet when it returns, so any
                 # missing status ends this association and is reported as such.
                 what = "aborted by the peer" if assoc.is_aborted else "aborted or timed out"
                 raise AssociationFailedError(
-                    f"association {what} with no C-STORE status for {ds.SOPInstanceUID} "
+                    f"association {what} with no C-STORE status for {item.sop_instance_uid} "
                     "(Orthanc aborts like this when it does not know the calling AE title)",
                     destination=destination,
                     results=results[:-1],
@@ -316,13 +377,13 @@ def send_with_retries(
     when a failure is permanent (``StoreFailedError`` that is not ``transient``)."""
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
-    datasets = [_load(item) for item in items]
+    outgoing = [_prepare(item) for item in items]
     done: dict[str, StoreResult] = {}
     delay = backoff
     for attempt in range(1, attempts + 1):
-        pending = [ds for ds in datasets if str(ds.SOPInstanceUID) not in done]
+        pending = [item for item in outgoing if item.sop_instance_uid not in done]
         try:
-            for r in send(destination, pending):
+            for r in _send(destination, pending):
                 done[r.sop_instance_uid] = r
             break
         except (AssociationFailedError, StoreFailedError) as exc:
@@ -342,4 +403,4 @@ def send_with_retries(
             )
             sleep(delay)
             delay = min(delay * 2, max_backoff)
-    return [done[str(ds.SOPInstanceUID)] for ds in datasets]
+    return [done[item.sop_instance_uid] for item in outgoing]

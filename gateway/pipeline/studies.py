@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from gateway.audit import record_event
@@ -57,22 +57,38 @@ class InstanceMeta:
         )
 
 
-def _latest_version(session: Session, study_uid: str) -> Study | None:
-    query = (
-        select(Study).where(Study.study_uid == study_uid).order_by(Study.version.desc()).limit(1)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return session.execute(query).scalars().first()
+@dataclass(frozen=True)
+class CountedStudy:
+    """The study version an instance was counted in."""
+
+    id: int
+    version: int
+
+
+# The columns the hot path needs. Core statements, not ORM objects: an instance is counted with
+# one SELECT and one UPDATE (or INSERT), without the unit of work's bookkeeping (issue #20).
+_LATEST = (
+    select(Study.id, Study.version, Study.state, Study.instance_count, Study.modalities)
+    .where(Study.study_uid == bindparam("study_uid"))
+    .order_by(Study.version.desc())
+    .limit(1)
+)
+
+
+# id, version, state, instance_count, modalities
+LatestVersion = Row[int, int, str, int, str]
 
 
 def study_for_new_instance(
     *, session: Session, meta: InstanceMeta, peer_ae: str, max_instances: int
-) -> Study:
+) -> CountedStudy:
     """Return the study version a new instance belongs to (creating or reopening it) and count
     the instance in it. Raises IngestError when the study is over the instance limit."""
     now = utcnow()
-    study = _latest_version(session, meta.study_uid)
+    query = (
+        _LATEST.with_for_update() if session.get_bind().dialect.name == "postgresql" else _LATEST
+    )
+    study = session.execute(query, {"study_uid": meta.study_uid}).first()
     # The limit counts every version: instances past it are refused, never made into a new
     # version (an "amendment" that is only the overflow of one large study).
     if study is None or study.version == 1:
@@ -90,34 +106,68 @@ def study_for_new_instance(
             reason="too_many_instances",
             study_uid=meta.study_uid,
         )
-    if study is not None and study.state in _REOPENABLE:
-        superseded = rows_changed(
-            session.execute(
-                update(Job)
-                .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
-                .values(state=JobState.SUPERSEDED, finished_at=now)
-            )
+    state = study.state if study is not None else None
+    if study is not None and state in _REOPENABLE and _reopen(session, study, meta, peer_ae, now):
+        state = StudyState.RECEIVING
+    if study is None or state != StudyState.RECEIVING:
+        return _new_version(session, study, meta, peer_ae, now)
+    values: dict[str, object] = {
+        "instance_count": Study.instance_count + 1,
+        "last_received_at": now,
+    }
+    if meta.modality and meta.modality not in study.modalities.split("\\"):
+        values["modalities"] = "\\".join(filter(None, [study.modalities, meta.modality]))[:64]
+    session.execute(update(Study).where(Study.id == study.id).values(**values))
+    return CountedStudy(study.id, study.version)
+
+
+def _reopen(
+    session: Session, study: LatestVersion, meta: InstanceMeta, peer_ae: str, now: dt.datetime
+) -> bool:
+    """Supersede the pending or queued job of a complete study and make it receive again;
+    False when its job was already claimed (the instance then makes a new version)."""
+    superseded = rows_changed(
+        session.execute(
+            update(Job)
+            .where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.QUEUED]))
+            .values(state=JobState.SUPERSEDED, finished_at=now)
         )
-        if superseded:
-            study.state = StudyState.RECEIVING
-            study.completed_at = None
-            record_event(
-                session=session,
-                kind="study.reopened",
-                outcome="success",
-                actor=peer_ae,
-                study_uid=meta.study_uid,
-                detail={
-                    "study_id": study.id,
-                    "version": study.version,
-                    "reason": "new instance before processing started",
-                },
-            )
-    if study is None or study.state != StudyState.RECEIVING:
-        previous = study
-        study = Study(
+    )
+    if not superseded:
+        return False
+    session.execute(
+        update(Study)
+        .where(Study.id == study.id)
+        .values(state=StudyState.RECEIVING, completed_at=None)
+    )
+    record_event(
+        session=session,
+        kind="study.reopened",
+        outcome="success",
+        actor=peer_ae,
+        study_uid=meta.study_uid,
+        detail={
+            "study_id": study.id,
+            "version": study.version,
+            "reason": "new instance before processing started",
+        },
+    )
+    return True
+
+
+def _new_version(
+    session: Session,
+    previous: LatestVersion | None,
+    meta: InstanceMeta,
+    peer_ae: str,
+    now: dt.datetime,
+) -> CountedStudy:
+    """Insert version 1, or the version after ``previous``, with this instance counted."""
+    version = (previous.version + 1) if previous is not None else 1
+    result = session.execute(
+        insert(Study).values(
             study_uid=meta.study_uid,
-            version=(previous.version + 1) if previous else 1,
+            version=version,
             state=StudyState.RECEIVING,
             patient_id=meta.patient_id,
             patient_name=meta.patient_name,
@@ -125,28 +175,24 @@ def study_for_new_instance(
             study_date=meta.study_date,
             modalities=meta.modality,
             calling_ae=peer_ae,
-            instance_count=0,
+            instance_count=1,
             first_received_at=now,
             last_received_at=now,
         )
-        session.add(study)
-        session.flush()
-        record_event(
-            session=session,
-            kind="study.new_version" if previous else "study.created",
-            actor=peer_ae,
-            study_uid=meta.study_uid,
-            detail={
-                "study_id": study.id,
-                "version": study.version,
-                "previous_study_id": previous.id if previous else None,
-            },
-        )
-    study.instance_count += 1
-    study.last_received_at = now
-    if meta.modality and meta.modality not in study.modalities.split("\\"):
-        study.modalities = "\\".join(filter(None, [study.modalities, meta.modality]))[:64]
-    return study
+    )
+    study_id = int(result.inserted_primary_key[0])  # type: ignore[attr-defined]
+    record_event(
+        session=session,
+        kind="study.new_version" if previous is not None else "study.created",
+        actor=peer_ae,
+        study_uid=meta.study_uid,
+        detail={
+            "study_id": study_id,
+            "version": version,
+            "previous_study_id": previous.id if previous is not None else None,
+        },
+    )
+    return CountedStudy(study_id, version)
 
 
 def quiet_study_ids(session: Session, quiet_seconds: float) -> Sequence[int]:

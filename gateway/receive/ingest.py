@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,12 +43,14 @@ from gateway.receive.spool import (
     is_valid_uid,
     sha256_of_file,
     spool_file,
+    stored_path,
 )
 from inference.bounded_read import (
     DEFAULT_MAX_PIXELS,
     InputTooLarge,
+    PixelExtent,
     check_pixel_count,
-    parse_dataset,
+    parse_received,
     read_dicom_file,
 )
 
@@ -105,12 +107,16 @@ class RequestedInstance:
     sop_instance_uid: str
 
 
-def decode_received(body: Buffer, transfer_syntax: str, *, max_bytes: int) -> Dataset:
+def decode_received(
+    body: Buffer, transfer_syntax: str, *, max_bytes: int
+) -> tuple[Dataset, PixelExtent | None]:
     """Decode a received dataset in its negotiated transfer syntax, with every size bounded
     (a deflated dataset is inflated in steps, never past ``max_bytes``), and check that it is
-    really encoded that way. Raises IngestError with the status to answer."""
+    really encoded that way. Pixel Data is not decoded nor copied: the dataset holds an empty
+    placeholder and the extent says where it lies (``parse_received``); the file spooled is
+    ``body`` as received. Raises IngestError with the status to answer."""
     try:
-        ds = parse_dataset(body, transfer_syntax, max_bytes=max_bytes)
+        ds, pixels = parse_received(body, transfer_syntax, max_bytes=max_bytes)
     except InputTooLarge as exc:
         raise IngestError(str(exc), status=OUT_OF_RESOURCES, reason=exc.reason) from exc
     except Exception as exc:  # pydicom raises many types for malformed data
@@ -128,7 +134,7 @@ def decode_received(body: Buffer, transfer_syntax: str, *, max_bytes: int) -> Da
             study_uid=str(ds.get("StudyInstanceUID", "")),
             sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         )
-    return ds
+    return ds, pixels
 
 
 def _encoding_problem(ds: Dataset, body: Buffer, syntax: UID) -> str:
@@ -170,11 +176,13 @@ class Ingestor:
         file_parts: Sequence[Buffer],
         transfer_syntax: str,
         requested: RequestedInstance | None = None,
+        pixels: PixelExtent | None = None,
     ) -> int:
         """Handle one C-STORE whose dataset decoded; return the status to send back.
 
         ``file_parts`` concatenated are the file to spool (preamble, meta, dataset as sent);
-        ``requested`` is what the command set named, which the dataset must match."""
+        ``requested`` is what the command set named, which the dataset must match; ``pixels``
+        where Pixel Data lies when ``dataset`` holds only its placeholder (``decode_received``)."""
         sop_uid = str(dataset.get("SOPInstanceUID", ""))
         study_uid = str(dataset.get("StudyInstanceUID", ""))
         try:
@@ -184,7 +192,7 @@ class Ingestor:
             if ignored is not None:
                 self._audit_ignored(peer, dataset, *ignored)
                 return SUCCESS
-            self._check(dataset, sum(len(part) for part in file_parts), transfer_syntax)
+            self._check(dataset, sum(len(part) for part in file_parts), transfer_syntax, pixels)
             return self._store_checked(peer, dataset, file_parts, transfer_syntax)
         except IngestError as exc:
             self.audit_failure(peer, exc)
@@ -201,7 +209,13 @@ class Ingestor:
             self.audit_failure(peer, failure)
             return OUT_OF_RESOURCES
 
-    def _check(self, ds: Dataset, size_bytes: int, transfer_syntax: str) -> None:
+    def _check(
+        self,
+        ds: Dataset,
+        size_bytes: int,
+        transfer_syntax: str,
+        pixels: PixelExtent | None = None,
+    ) -> None:
         sop_uid = str(ds.get("SOPInstanceUID", ""))
         study_uid = str(ds.get("StudyInstanceUID", ""))
 
@@ -230,7 +244,7 @@ class Ingestor:
             raise fail(OUT_OF_RESOURCES, exc.reason, str(exc)) from exc
         except ValueError:
             pass  # reported below as an incomplete image pixel module
-        problem = _pixel_data_problem(ds, transfer_syntax)
+        problem = _pixel_data_problem(ds, transfer_syntax, pixels)
         if problem:
             raise fail(DATASET_DOES_NOT_MATCH, "bad_pixel_data", problem)
 
@@ -294,15 +308,15 @@ class Ingestor:
                         peer_ae=peer.ae_title,
                         max_instances=self.limits.max_instances_per_study,
                     )
-                    session.add(
-                        Instance(
+                    session.execute(
+                        insert(Instance).values(
                             study_id=study.id,
                             sop_instance_uid=sop_uid,
                             sop_class_uid=meta.sop_class_uid,
                             series_uid=meta.series_uid,
                             transfer_syntax=transfer_syntax,
                             modality=meta.modality,
-                            path=str(spooled.path),
+                            path=stored_path(self.spool.root, spooled.path),
                             size_bytes=spooled.size_bytes,
                             sha256=spooled.sha256,
                             calling_ae=peer.ae_title,
@@ -310,7 +324,6 @@ class Ingestor:
                             received_at=utcnow(),
                         )
                     )
-                    session.flush()
                     record_event(
                         session=session,
                         kind=kind,
@@ -604,8 +617,9 @@ def _check_request_matches(ds: Dataset, requested: RequestedInstance) -> None:
             )
 
 
-def _pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str:
-    """A cheap structural check of Pixel Data; the full decode happens in the worker."""
+def _pixel_data_problem(ds: Dataset, transfer_syntax: str, pixels: PixelExtent | None) -> str:
+    """A cheap structural check of Pixel Data by its length (from ``pixels`` when the dataset
+    holds only a placeholder); the full decode happens in the worker."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
@@ -615,11 +629,14 @@ def _pixel_data_problem(ds: Dataset, transfer_syntax: str) -> str:
         return "image pixel module incomplete (Rows, Columns, BitsAllocated)"
     if rows <= 0 or cols <= 0 or bits not in (1, 8, 16, 32):
         return "invalid image dimensions"
-    pixel = ds["PixelData"]
+    if pixels is not None:
+        length = pixels.length
+    else:
+        value = ds["PixelData"].value
+        length = len(value) if value is not None else 0
     if UID(transfer_syntax).is_encapsulated:
-        return "" if pixel.value else "empty encapsulated Pixel Data"
+        return "" if length else "empty encapsulated Pixel Data"
     expected = rows * cols * samples * frames * bits // 8
-    length = len(pixel.value) if pixel.value is not None else 0
     if length < expected:
         return f"Pixel Data has {length} bytes, {expected} expected (truncated?)"
     return ""

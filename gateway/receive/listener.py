@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.audit import record_event
 from gateway.db.session import transaction
 from gateway.errors import IngestError
+from gateway.receive import pynetdicom_events
 from gateway.receive.ingest import SUCCESS, Ingestor, Peer, RequestedInstance, decode_received
 from gateway.settings import AllowedPeer, Settings
 
@@ -239,6 +240,7 @@ class Listener:
 
         gate = ConnectionGate(self.settings)
         deadline = self.settings.association_request_seconds
+        max_pdu = self.ingestor.limits.max_instance_bytes + 2**20  # + command and PDV headers
 
         class Handler(RequestHandler):
             """One connection: admitted by the gate, then it must complete the TLS handshake
@@ -300,6 +302,9 @@ class Listener:
 
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
+                # A PDU carries part of one instance (plus its command): never more than
+                # the instance limit allows, whatever the peer announces.
+                pynetdicom_events.install(assoc, max_pdu_bytes=max_pdu)
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject, self._request_arrived.set)
                 return assoc
 
@@ -367,7 +372,7 @@ class Listener:
         body = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:
             try:
-                dataset = decode_received(
+                dataset, pixels = decode_received(
                     body, transfer_syntax, max_bytes=self.ingestor.limits.max_instance_bytes
                 )
             except IngestError as exc:
@@ -382,6 +387,7 @@ class Listener:
                 file_parts=(header, body),
                 transfer_syntax=transfer_syntax,
                 requested=requested,
+                pixels=pixels,
             )
         finally:
             body.release()

@@ -52,13 +52,13 @@ def purge_spool(
     *,
     older_than_days: float,
     actor: str,
+    spool_root: Path,
     dry_run: bool = False,
-    spool_root: Path | None = None,
 ) -> PurgeResult:
     """Delete the spooled files of purgeable studies (see the module docstring); audited per
-    study. ``spool_root`` (this host's mount of the spool) resolves paths recorded relative to
-    it; without it they are taken relative to the working directory."""
-    root = spool_root if spool_root is not None else Path()
+    study. ``spool_root`` (this host's mount of the spool) resolves the paths rows record
+    relative to it (``spool_file``)."""
+    root = spool_root
     cutoff = utcnow() - dt.timedelta(days=older_than_days)
     with sessions() as session:
         uids = purgeable_study_uids(session, older_than=cutoff)

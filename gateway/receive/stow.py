@@ -251,7 +251,7 @@ def store_part(ingestor: Ingestor, peer: Peer, data: bytes, study_uid: str | Non
                 sop_instance_uid=requested.sop_instance_uid,
             )
         dataset_bytes = memoryview(data)[offset:]
-        dataset = decode_received(
+        dataset, pixels = decode_received(
             dataset_bytes, syntax, max_bytes=ingestor.limits.max_instance_bytes
         )
         found_study = str(dataset.get("StudyInstanceUID", ""))
@@ -274,6 +274,7 @@ def store_part(ingestor: Ingestor, peer: Peer, data: bytes, study_uid: str | Non
         file_parts=(header, dataset_bytes),
         transfer_syntax=syntax,
         requested=requested,
+        pixels=pixels,
     )
     return Outcome(
         status,

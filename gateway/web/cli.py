@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import getpass
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.settings import Settings, settings_or_exit
+
+if TYPE_CHECKING:  # SQLAlchemy costs every command (`send` too) a second to import
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 def _settings() -> Settings:
@@ -27,7 +29,7 @@ def _sessions() -> sessionmaker[Session]:
     settings = _settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database)
-    upgrade(engine)
+    upgrade(engine, spool_root=settings.spool_path)
     return make_session_factory(engine)
 
 

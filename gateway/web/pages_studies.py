@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from gateway.db.models import DeliveryState
 from gateway.db.session import transaction
 from gateway.deliver.deliveries import retry_delivery
+from gateway.receive.spool import spool_file
 from gateway.web import queries
 from gateway.web.deps import (
     OVERSIGHT,
@@ -137,9 +138,11 @@ def fhir_links(base: str, delivery: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _instance_path(request: Request, study_id: int, sop: str) -> Path | None:
+    """The spool file of one image of a study on this host (None if not of that study): the
+    row's stored path resolved under this host's mount of the spool (``spool_file``)."""
     with context(request).sessions() as session:
         path = queries.instance_path(session, study_id, sop)
-    return Path(path) if path else None
+    return spool_file(context(request).settings.spool_path, path) if path else None
 
 
 @router.get("/studies/{study_id}/images/{sop}/thumbnail.png", tags=["studies"])

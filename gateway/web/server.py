@@ -71,7 +71,7 @@ def run_web(settings: Settings) -> None:
     exit_with_supervisor()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database)
-    upgrade(engine)
+    upgrade(engine, spool_root=settings.spool_path)
     engine.dispose()
     print(f"cxr-gateway web console on http://{settings.web_bind}:{settings.web_port}/", flush=True)
     uvicorn.run(

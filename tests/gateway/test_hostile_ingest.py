@@ -107,6 +107,59 @@ def test_deflate_bomb_is_refused_by_a_memory_capped_listener(
     assert len(_events(database, "instance.stored")) == 1
 
 
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _announce(port: int, length: int) -> socket.socket:
+    """A connection that announces an A-ASSOCIATE-RQ of ``length`` bytes, sends 10 of them and
+    then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(struct.pack(">BBL", 1, 0, length) + b"\x00" * 10)
+    return sock
+
+
+def test_announced_pdu_lengths_are_not_believed(
+    tmp_path: Path, procs: list[GatewayProcess]
+) -> None:
+    """A PDU's length field is the peer's word: four connections announcing 250 MB each (under
+    the 256 MB instance limit) and sending 10 bytes must not make the listener take 1 GB (its
+    address space is capped at 2.5 GB, about 1 GB above what it uses with those connections'
+    threads); one announcing 4 GB (over the limit) is closed at once; a real sender stores
+    meanwhile."""
+    data_dir = tmp_path / "data"
+    gw = start_gateway(
+        {"CXR_DATA_DIR": str(data_dir), "CXR_ASSOCIATION_REQUEST_SECONDS": "30"},
+        tmp_path / "listen.log",
+        ("listen",),
+        address_space_bytes=2560 * 2**20,
+    )
+    procs.append(gw)
+    ok = tmp_path / "ok.dcm"
+    files.with_new_uids(files.CHEST_CR, ok)
+    assert storescu(gw.dicom_port, [ok]).returncode == 0  # warmed up: its threads exist
+    before = _vm_rss(gw.process.pid)
+    held = [_announce(gw.dicom_port, 250 * 2**20) for _ in range(4)]
+    try:
+        time.sleep(2)
+        grown = _vm_rss(gw.process.pid) - before
+        assert grown < 200 * 2**20, f"resident memory grew by {grown // 2**20} MB"
+        huge = _announce(gw.dicom_port, 0xFFFFFFF0)
+        assert _closed_within(huge, 5)
+        huge.close()
+        again = tmp_path / "again.dcm"
+        files.with_new_uids(files.CHEST_CR, again)
+        assert storescu(gw.dicom_port, [again]).returncode == 0, gw.log()[-2000:]
+    finally:
+        for sock in held:
+            sock.close()
+    assert gw.process.poll() is None
+    assert "PDU of 4294967280 bytes announced" in gw.log()
+
+
 def test_image_over_the_pixel_limit_is_refused_before_decoding(
     gateway_factory: Callable[..., RunningGateway], tmp_path: Path
 ) -> None:

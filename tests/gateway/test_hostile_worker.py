@@ -15,6 +15,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from gateway.db.models import Instance, JobState, StudyState
+from gateway.receive.spool import spool_file
 from tests import dicom_files as files
 from tests.gateway.helpers import Recorded, process_env, wait_until
 from tests.peers import GatewayProcess, Redis, start_gateway, storescu
@@ -45,7 +46,7 @@ def test_spooled_file_swapped_after_receipt_is_not_reported(
     intruder.file_meta.MediaStorageSOPInstanceUID = intruder.SOPInstanceUID
     swapped = tmp_path / "intruder.dcm"
     intruder.save_as(swapped, enforce_file_format=True)
-    shutil.copyfile(swapped, spooled[1].path)
+    shutil.copyfile(swapped, spool_file(Path(env["CXR_DATA_DIR"]) / "spool", spooled[1].path))
 
     worker = start_gateway(env, tmp_path / "worker.log", ("worker", "--pool", "solo"))
     procs.append(worker)

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage
 from sqlalchemy import func, select
 
 from gateway.db.models import AuditEvent, Instance, Job, Study
+from gateway.receive.spool import spool_file
 from tests import dicom_files as files
 from tests.conftest import RunningGateway
 from tests.gateway.helpers import wait_until
@@ -103,7 +104,8 @@ def test_echo_and_store_one_study(
         assert len(instances) == 3
         for inst in instances:
             # The spooled file is exactly what was sent (same SOP instance, readable).
-            assert dcmread(inst.path).SOPInstanceUID == inst.sop_instance_uid
+            spooled = spool_file(gw.settings.spool_path, inst.path)
+            assert dcmread(spooled).SOPInstanceUID == inst.sop_instance_uid
         study_uid = dcmread(paths[0]).StudyInstanceUID
         studies = session.execute(select(Study)).scalars().all()
         assert [(s.study_uid, s.version, s.instance_count) for s in studies] == [(study_uid, 1, 3)]
@@ -144,7 +146,8 @@ def test_compressed_transfer_syntaxes_are_accepted_as_sent(
     with gw.sessions() as session:
         inst = session.execute(select(Instance)).scalars().one()
     assert inst.transfer_syntax == sent_syntax  # stored as sent: no transcoding
-    assert dcmread(inst.path).pixel_array.shape == dcmread(src).pixel_array.shape  # decodable
+    spooled = spool_file(gw.settings.spool_path, inst.path)
+    assert dcmread(spooled).pixel_array.shape == dcmread(src).pixel_array.shape  # decodable
 
 
 def test_resent_instance_is_not_stored_twice(
@@ -472,7 +475,7 @@ def test_spooled_files_without_a_row_are_recorded_at_start(
     gw.process.stop()
     spool = gw.settings.spool_path
     with gw.sessions() as session:
-        recorded = Path(session.execute(select(Instance.path)).scalar_one())
+        recorded = spool_file(spool, session.execute(select(Instance.path)).scalar_one())
     # 1. A spooled file whose commit never happened.
     lost = files.with_new_uids(files.CHEST_CR, tmp_path / "lost.dcm")
     lost_folder = spool / str(lost.StudyInstanceUID)
@@ -490,7 +493,7 @@ def test_spooled_files_without_a_row_are_recorded_at_start(
     with gw2.sessions() as session:
         rows = {r.sop_instance_uid: r for r in session.execute(select(Instance)).scalars()}
     assert set(rows) == {str(sent.SOPInstanceUID), str(lost.SOPInstanceUID)}
-    assert Path(rows[str(lost.SOPInstanceUID)].path) == lost_path
+    assert spool_file(spool, rows[str(lost.SOPInstanceUID)].path) == lost_path
     assert rows[str(lost.SOPInstanceUID)].size_bytes == lost_path.stat().st_size
     recovered = audit(gw2, "instance.recovered")
     assert [e.sop_instance_uid for e in recovered] == [str(lost.SOPInstanceUID)]

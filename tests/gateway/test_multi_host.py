@@ -6,7 +6,10 @@ PostgreSQL, one Redis. Needs root (as in CI) for the namespaces.
 A worker that cannot see the shared spool never reports a study on part of its images: its
 attempt is retried, and the other worker does the study. A study split across the two
 listeners is one study; a listener killed mid-send and started again loses no acknowledged
-image, and a re-send to the other listener stores nothing twice."""
+image, and a re-send to the other listener stores nothing twice. The worker that does the
+studies and a console mount the shared folder at another path than the listeners (paths are
+stored relative to the spool root); the heat maps and the outbox the worker writes land in the
+shared folder, and the console on its own host serves them."""
 
 from __future__ import annotations
 
@@ -16,14 +19,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
+from http.cookiejar import CookieJar
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from gateway.db.models import Instance, JobState, StudyState
+from gateway.db.models import Instance, JobState, Study, StudyState
+from gateway.db.session import transaction
+from gateway.web.users import create_user
 from tests import dicom_files as files
 from tests.gateway.helpers import Recorded, wait_until
 from tests.peers import (
@@ -52,8 +59,17 @@ class Hosts:
         self.started: list[GatewayProcess] = []
 
     def start(
-        self, host: str, command: tuple[str, ...], *, sees_shared: bool = True, port: int = 0
+        self,
+        host: str,
+        command: tuple[str, ...],
+        *,
+        sees_shared: bool = True,
+        port: int = 0,
+        mount_at: str = "data",
+        extra_env: dict[str, str] | None = None,
     ) -> GatewayProcess:
+        """Start ``cxr-gateway COMMAND`` as ``host``: the shared folder (or, if it must not see
+        it, a private one) mounted at ``mnt/<mount_at>`` and used as its data folder."""
         unshare = shutil.which("unshare")
         if unshare is None or os.geteuid() != 0:
             missing_peer("separate hosts need root and unshare (util-linux)")
@@ -61,18 +77,20 @@ class Hosts:
         private = self.tmp / f"private-{host}"
         (private / "data").mkdir(parents=True, exist_ok=True)
         data = self.shared if sees_shared else private / "data"
+        (self.mount / mount_at).mkdir(exist_ok=True)
         script = (
-            f"mount --bind {data} {self.mount / 'data'} && "
+            f"mount --bind {data} {self.mount / mount_at} && "
             f"mount --bind {private} {self.mount / 'private'} && "
             f'hostname {host} && exec "$@"'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
         env.update(self.env)
         env.update(
-            CXR_DATA_DIR=str(self.mount / "data"),
+            CXR_DATA_DIR=str(self.mount / mount_at),
             CXR_AUDIT_CHECKPOINT_FILE=str(self.mount / "private" / "checkpoints.log"),
             CXR_AUDIT_KEY_FILE=str(self.mount / "private" / "audit.key"),
             CXR_DICOM_PORT=str(port or free_port()),
+            **(extra_env or {}),
         )
         log_path = self.tmp / f"{host}.log"
         process = subprocess.Popen(
@@ -139,8 +157,9 @@ def test_two_listeners_two_workers_on_separate_hosts(tmp_path: Path, hosts: Host
     assert db.count("study.inferred", first) == 0
     blind.stop()  # warm shutdown: the retry goes back to the queue
 
-    # 2. A worker that sees it does the study, on all its images.
-    worker = hosts.start("worker-1", ("worker", "--pool", "solo"))
+    # 2. A worker that sees it (mounted at another path than the listeners' mount) does the
+    #    study, on all its images.
+    worker = hosts.start("worker-1", ("worker", "--pool", "solo"), mount_at="elsewhere")
     procs = [listen_1, listen_2, worker]
     wait_until(lambda: db.count("job.done", first) == 1, 240, "first study done", procs)
     assert [(d["images_used"], d["images_declined"]) for d in _inferred(db, first)] == [(2, 0)]
@@ -184,6 +203,56 @@ def test_two_listeners_two_workers_on_separate_hosts(tmp_path: Path, hosts: Host
     assert db.count("image.declined") == 0
     hosts_seen = {json.loads(e.detail)["host"] for e in db.events("instance.stored")}
     assert hosts_seen == {"listener-1", "listener-2"}
+    _results_are_shared(hosts, db, [first, split, killed])
+
+
+def _results_are_shared(hosts: Hosts, db: Recorded, study_uids: list[str]) -> None:
+    """The worker's heat maps and the delivery's outbox files are in the shared folder, and a
+    console on another host (its own mount point) serves the heat maps from there."""
+    with db.sessions() as session:
+        studies = {
+            s.study_uid: s.id
+            for s in session.execute(select(Study).where(Study.study_uid.in_(study_uids))).scalars()
+        }
+        images = session.execute(
+            select(Instance.study_id, Instance.sop_instance_uid).where(
+                Instance.study_id.in_(studies.values())
+            )
+        ).all()
+    outbox = hosts.shared / "outbox"
+    for uid in study_uids:  # delivered after job.done: wait for them
+        wait_until(lambda u=uid: any(outbox.glob(f"{u}_v*_sr.dcm")), 60, f"SR of {uid}")
+        wait_until(lambda u=uid: any(outbox.glob(f"{u}_v*_fhir.json")), 60, f"FHIR of {uid}")
+    heatmaps = hosts.shared / "heatmaps"
+    assert {f"{sop}.png" for _, sop in images} <= {p.name for p in heatmaps.glob("*/*.png")}
+    # The console shows a heat map with the study version whose instance it is (an amendment's
+    # job keeps those of earlier versions under its own id): the first and split studies' 8.
+    shown = [(i, sop) for i, sop in images if (heatmaps / str(i) / f"{sop}.png").is_file()]
+    assert len(shown) >= 8
+    web_port = free_port()
+    console = hosts.start(
+        "console-1", ("web",), mount_at="console", extra_env={"CXR_WEB_PORT": str(web_port)}
+    )
+    with transaction(db.sessions) as session:
+        create_user(
+            session=session, username="auditor", password=PASSWORD, role="auditor", actor="test"
+        )
+    wait_for_port(web_port, timeout=120, process=console.process)
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    base = f"http://127.0.0.1:{web_port}"
+    login = urllib.request.Request(
+        f"{base}/api/session",
+        data=json.dumps({"username": "auditor", "password": PASSWORD}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert opener.open(login, timeout=30).status == 200
+    for study_id, sop in shown:
+        with opener.open(f"{base}/studies/{study_id}/images/{sop}/heatmap.png", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/png"
+    console.stop()
+
+
+PASSWORD = "auditor-password-123"
 
 
 def _stored(db: Recorded, study_uid: str) -> int:

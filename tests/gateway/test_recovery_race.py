@@ -20,7 +20,7 @@ from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Instance
 from gateway.db.session import make_engine, make_session_factory
 from gateway.receive.ingest import SUCCESS, Ingestor, Limits, Peer
-from gateway.receive.spool import Buffer, Spool, SpooledFile
+from gateway.receive.spool import Buffer, Spool, SpooledFile, spool_file
 from tests import dicom_files as files
 
 LIMITS = Limits(max_instance_bytes=64 << 20, max_instances_per_study=100)
@@ -89,8 +89,8 @@ def test_recovered_file_is_not_deleted_by_its_owners_commit(
         (row,) = session.execute(select(Instance)).scalars()
         kinds = list(session.execute(select(AuditEvent.kind)).scalars())
     assert row.sop_instance_uid == str(ds.SOPInstanceUID)
-    assert Path(row.path).exists(), "the acknowledged instance's file was deleted"
-    assert Path(row.path).read_bytes() == sent.read_bytes()
+    assert spool_file(root, row.path).exists(), "the acknowledged instance's file was deleted"
+    assert spool_file(root, row.path).read_bytes() == sent.read_bytes()
     assert kinds.count("instance.recovered") == 1 and kinds.count("instance.duplicate") == 1
 
 
@@ -118,7 +118,7 @@ def test_recent_files_are_left_to_other_live_listeners(
     assert starting.recover_unrecorded() == 1
     with sessions() as session:
         (row,) = session.execute(select(Instance)).scalars()
-    assert Path(row.path) == in_flight
+    assert spool_file(root, row.path) == in_flight
 
 
 def test_audit_says_which_listener_process_stored_an_instance(

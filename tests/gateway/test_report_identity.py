@@ -56,7 +56,8 @@ def sr_uids(gw: RunningGateway, study_id: int) -> tuple[str, str]:
         delivery_id = session.execute(
             select(Delivery.id).where(Delivery.study_id == study_id, Delivery.kind == SR)
         ).scalar_one()
-    (sr,) = SrSender(gw.settings).build(load_job(gw.sessions, delivery_id))
+    job = load_job(gw.sessions, delivery_id, spool_root=gw.settings.spool_path)
+    (sr,) = SrSender(gw.settings).build(job)
     return str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID)
 
 

@@ -13,15 +13,16 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from gateway.db.models import Delivery, Instance, JobState, StudyState
+from gateway.receive.spool import spool_file
 from tests import dicom_files as files
 from tests.gateway.helpers import Recorded, process_env, wait_until
 from tests.peers import GatewayProcess, Redis, start_gateway, storescu
 
 
-def _spooled(db: Recorded, study_uid: str) -> list[Path]:
+def _spooled(db: Recorded, root: Path, study_uid: str) -> list[Path]:
     with db.sessions() as session:
         paths = session.execute(select(Instance.path).order_by(Instance.id)).scalars()
-        return [Path(p) for p in paths if Path(p).parent.name == study_uid]
+        return [spool_file(root, p) for p in paths if Path(p).parent.name == study_uid]
 
 
 def test_unreadable_spool_file_is_retried_then_fails_never_partial(
@@ -36,16 +37,17 @@ def test_unreadable_spool_file_is_retried_then_fails_never_partial(
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
     db = Recorded(database)
+    spool = Path(env["CXR_DATA_DIR"]) / "spool"
     uids = []
     for name in ("a", "b"):
         paths = files.study_files(files.CHILD_CR, tmp_path / name, 2)
         uids.append(str(dcmread(paths[0]).StudyInstanceUID))
         assert storescu(listener.dicom_port, paths).returncode == 0
     study_a, study_b = uids
-    moved_a = _spooled(db, study_a)[1]
+    moved_a = _spooled(db, spool, study_a)[1]
     aside = tmp_path / "aside.dcm"
     os.replace(moved_a, aside)
-    missing_b = _spooled(db, study_b)[0]
+    missing_b = _spooled(db, spool, study_b)[0]
     missing_b.unlink()
 
     worker = start_gateway(env, tmp_path / "worker.log", ("worker", "--pool", "solo"))

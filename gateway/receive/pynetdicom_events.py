@@ -1,0 +1,232 @@
+"""The listener's association, waiting on events instead of pynetdicom's 1 ms polls, and
+reading whole PDUs (issue #20). The only module that touches pynetdicom internals;
+tests/gateway/test_pynetdicom_events.py fails when a name it relies on changes upstream.
+
+pynetdicom 3.0 runs two loops per association: the DUL reactor sleeps 1 ms whenever it found
+nothing to do, and the association reactor sleeps 1 ms before every look at its message queue.
+A C-STORE waits in both: its last PDU for the association reactor to wake, its response for the
+DUL reactor to wake; on a loaded machine every wake-up also waits for a core. ``install``
+changes one accepted association, before it starts, so that
+- its DUL reactor waits in ``select`` on the socket and on a pipe written whenever a primitive
+  is queued for sending (at most ``POLL_SECONDS`` when neither happens, to check the timers);
+- its association reactor waits on the DIMSE message queue (at most ``POLL_SECONDS``, to check
+  release, abort and the timers as before);
+- its socket reads a PDU whole into one buffer instead of 4 KB pieces.
+Everything else (the state machine, timers, the order of checks) is pynetdicom's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import threading
+import types
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.001  # as pynetdicom, when nothing arrives: the timers are checked this often
+
+
+# A PDU's declared length is the peer's word, not a fact: the buffer grows as bytes arrive, by
+# at most this much at a time (a 4 GB length followed by nothing costs 1 MB, not 4 GB).
+GROWTH_BYTES = 16 * 2**20
+FIRST_BYTES = 2**20
+
+
+class WholePduSocket(AssociationSocket):
+    """Reads a PDU of ``nr_bytes`` into one buffer with as few system calls as the kernel
+    allows. A PDU longer than ``max_pdu_bytes`` (set from the instance size limit) closes the
+    connection before anything of it is read; pynetdicom then aborts the association."""
+
+    max_pdu_bytes = 0  # 0: no limit
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        if self.max_pdu_bytes and nr_bytes > self.max_pdu_bytes:
+            log.warning(
+                "PDU of %d bytes announced, limit %d: connection closed",
+                nr_bytes,
+                self.max_pdu_bytes,
+            )
+            self.close()
+            return bytearray()
+        buffer = bytearray(min(nr_bytes, FIRST_BYTES))
+        received = 0
+        while received < nr_bytes:
+            if received == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - received, GROWTH_BYTES)))
+            with memoryview(buffer) as view:
+                count = self.socket.recv_into(view[received:], len(buffer) - received)
+            if not count:  # the connection was broken: what arrived, as pynetdicom returns
+                del buffer[received:]
+                return buffer
+            received += count
+        return buffer
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """The DUL's queue of primitives to send: putting one wakes the reactor through a pipe.
+    The pipe is closed under the lock, so no write ever goes to a file descriptor number the
+    process has reused meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # full: the reactor wakes anyway
+                    os.write(self._wake_write, b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_read, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.wake_read)
+                os.close(self._wake_write)
+
+
+class EventDUL(DULServiceProvider):
+    """pynetdicom's DUL reactor with ``select`` in place of its idle sleep."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._waking = _WakingQueue()
+        self.to_provider_queue = self._waking
+
+    def _idle_wait(self) -> None:
+        sock = self.socket.socket if self.socket is not None else None
+        waiting: list[Any] = [self._waking.wake_read]
+        if sock is not None and sock.fileno() >= 0:
+            waiting.append(sock)
+        with contextlib.suppress(OSError, ValueError):  # socket closed meanwhile
+            select.select(waiting, [], [], POLL_SECONDS)
+        self._waking.drain()
+
+    def run_reactor(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor`` with ``_idle_wait`` in place of
+        ``time.sleep(self._run_loop_delay)``; the pipe is closed when it ends."""
+        try:
+            self._run()
+        finally:
+            self._waking.close()
+
+    def _run(self) -> None:
+        self._idle_timer.start()
+        sleep = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+            if sleep:
+                self._idle_wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if not self._process_recv_primitive() and self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                log.exception("DUL reactor failed, aborting the association")
+                self._abort_after_error()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+            self.state_machine.do_action(event)
+            sleep = False
+
+    def _abort_after_error(self) -> None:
+        # As pynetdicom: bypass the state machine and send an A-ABORT.
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        if self.socket is not None:
+            self.socket.send(abort_pdu.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+def _run_reactor(self: Association) -> None:
+    """pynetdicom 3.0.4's ``Association._run_reactor`` waiting on the DIMSE message queue
+    instead of sleeping 1 ms before each look at it."""
+    self._is_paused = False
+    while not self._kill:
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        try:
+            context_id, msg = self.dimse.msg_queue.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            context_id, msg = None, None
+        if msg:
+            self._serve_request(msg, cast(int, context_id))
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+        if not self.dul.is_alive():
+            self.kill()
+            return
+        if self.dul.idle_timer_expired():
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
+    """Give an accepted association, not yet started, the event-driven loops and the
+    whole-PDU socket (PDUs over ``max_pdu_bytes`` close it; 0: no limit). Its timeouts are
+    applied again to the new DUL's timers."""
+    old = assoc.dul
+    assert old.socket is not None and old.socket.socket is not None and not old.is_alive()
+    client = old.socket.socket
+    assoc.dul = EventDUL(assoc)
+    # After the new DUL: the socket queues its "connection open" event (Evt5) on it.
+    socket = WholePduSocket(assoc, client_socket=client)
+    socket.max_pdu_bytes = max_pdu_bytes
+    assoc.set_socket(socket)
+    for name in ("acse_timeout", "network_timeout"):  # their setters set the DUL's timers
+        setattr(assoc, name, getattr(assoc, name))
+    assoc._run_reactor = types.MethodType(_run_reactor, assoc)  # type: ignore[method-assign]
