@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Instance
 from gateway.db.session import make_engine, make_session_factory, transaction
+from gateway.receive.spool import spool_file
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from gateway.web.server import WebServer
@@ -127,7 +128,8 @@ def test_a_sender_stores_an_instance_as_c_store_would(stow: Stow, tmp_path: Path
     with stow.sessions() as session:
         row = session.execute(select(Instance)).scalar_one()
     assert row.calling_ae == "modality1" and row.sop_instance_uid == str(ds.SOPInstanceUID)
-    spooled = dcmread(row.path)  # durable, readable, with the listener's kind of file meta
+    # Durable, readable, with the listener's kind of file meta (rows name it from the spool root).
+    spooled = dcmread(spool_file(stow.settings.spool_path.absolute(), row.path))
     assert spooled.SOPInstanceUID == ds.SOPInstanceUID
     assert spooled.PixelData == ds.PixelData
     stored = stow.events("instance.stored")
