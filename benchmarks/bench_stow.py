@@ -23,7 +23,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_ingest import machine, make_files, send  # noqa: E402
+from benchmarks.bench_ingest import (  # noqa: E402
+    LARGE_FILE,
+    SMALL_FILE,
+    machine,
+    make_files,
+    storescu,
+)
 from tests.peers import free_port, run_cli, start_gateway, wait_for_port  # noqa: E402
 
 PASSWORD = "bench-sender-password"
@@ -34,7 +40,7 @@ def run_cstore(paths: list[Path], work: Path) -> float:
     env = {"CXR_DATA_DIR": str(data), "CXR_QUIET_SECONDS": "3600"}
     gw = start_gateway(env, work / "listen.log", ("listen",))
     try:
-        return send(gw.dicom_port, "CXRGW", paths, 1)
+        return storescu(gw.dicom_port, "CXRGW", paths, 1)
     finally:
         gw.stop()
         shutil.rmtree(data, ignore_errors=True)
@@ -82,8 +88,8 @@ def run_stow(paths: list[Path], work: Path, per_request: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--large", type=int, default=20, help="large CR images (7 MB each)")
-    parser.add_argument("--small", type=int, default=200, help="small DX images (512x512)")
+    parser.add_argument("--large", type=int, default=20, help="large CR images (RG1, 7 MB each)")
+    parser.add_argument("--small", type=int, default=200, help="small DX images (highdicom's)")
     parser.add_argument("--per-request", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -95,8 +101,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-stow-") as tmp:
         work = Path(tmp)
         sets = {
-            "large CR": make_files(work / "large", "large", args.large),
-            "small DX": make_files(work / "small", "small", args.small),
+            "large CR": make_files(work / "large", LARGE_FILE, args.large),
+            "small DX": make_files(work / "small", SMALL_FILE, args.small),
         }
         print(f"{'files':<10}{'way in':>10}{'images/s':>11}{'MB/s':>9}{'of C-STORE':>12}")
         for name, paths in sets.items():
