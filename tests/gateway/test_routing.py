@@ -205,3 +205,29 @@ def test_the_documented_example_is_read_from_a_settings_file(
     ]
     assert rules[1].match.age_years == "0-17"
     assert rules[1].destinations == ["main-pacs", "ehr"]
+
+
+def test_a_rule_that_excludes_a_modality(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    """The issue's check: DX studies get no result and an audit record saying which rule."""
+    rules = [
+        {"name": "no-dx", "match": {"modality": ["DX"]}, "action": "skip"},
+        {"name": "everything-else"},
+    ]
+    gw = gateway_factory(routing_rules=rules)
+    dx = files.study_files(files.CHEST_SC, tmp_path / "dx", 1)[0]
+    cr = files.study_files(files.CHILD_CR, tmp_path / "cr", 1)[0]
+    dx_uid, cr_uid = (str(dcmread(p).StudyInstanceUID) for p in (dx, cr))
+    assert storescu(gw.port, [dx, cr]).returncode == 0
+    wait_until(lambda: "study.not_routed" in routed_events(gw, dx_uid), 30, "DX decided")
+    wait_until(lambda: "study.completed" in routed_events(gw, cr_uid), 30, "CR decided")
+    (skipped,) = routed_events(gw, dx_uid)["study.not_routed"]
+    assert (skipped["route"]["rule"], skipped["route"]["action"]) == ("no-dx", "skip")
+    (taken,) = routed_events(gw, cr_uid)["study.completed"]
+    assert taken["route"]["rule"] == "everything-else"
+    with gw.sessions() as session:
+        jobs = session.execute(select(Job.study_id)).scalars().all()
+        studies = {s.study_uid: s for s in session.execute(select(Study)).scalars()}
+    assert list(jobs) == [studies[cr_uid].id]
+    assert studies[dx_uid].state == StudyState.NOT_ROUTED
