@@ -11,11 +11,15 @@ The figures behind the README's "what each choice did": for each named group of 
 - the mean calibrated probability of the validation normals of each file series (``IM-``,
   ``NORMAL2-IM-``); in a ``--split batch`` run the NORMAL2 ones are the latest batch, the proxy
   inside validation for later acquisitions, in a ``--split low`` run the earliest;
-- all validation normals' mean probability, clean and under each change of framing.
+- all validation normals' mean probability, clean and under each change of framing;
+- the export's operating point (the highest threshold keeping reweighted sensitivity >= 0.95 on
+  the clean films and on the 13 shifts pooled, the lower of the two) and the clean films'
+  sensitivity and specificity there, with exact 95% intervals.
 
     .venv/bin/python benchmarks/compare_checkpoints.py --run /tmp/runs/b5 \
         base0=/tmp/runs/b5/members/0/best.keras mix0=/tmp/runs/m5/members/0/best.keras \
-        ens5=/tmp/runs/b5/members/0/best.keras,/tmp/runs/b5/members/1/best.keras,...
+        ens5=/tmp/runs/b5/members/0/best.keras,/tmp/runs/b5/members/1/best.keras,... \
+        shipped0=models/cxr-pneumonia-v1/member0.keras
 
 --run names the training run whose split.json and train_config.json (data folder) define the
 validation films. Each checkpoint is fed the preprocessing it was trained with: that of the
@@ -37,9 +41,14 @@ import numpy.typing as npt
 
 from inference.preprocess import PreprocessConfig, preprocess_batch
 from training.augment import STRESS_NAMES, one_shift_each, stress
-from training.calibration import composition_weights, fit_platt, sigmoid
+from training.calibration import (
+    composition_weights,
+    fit_platt,
+    sigmoid,
+    threshold_for_sensitivity,
+)
 from training.data import list_samples, load_images, series_number
-from training.metrics import ece, roc_auc
+from training.metrics import ece, exact_interval, roc_auc
 
 Array = npt.NDArray[Any]
 
@@ -109,9 +118,10 @@ def main() -> None:
                 inputs[pre] = _inputs(images, pre)
             print(f"{label}: {path} preprocess {pre.to_json()}", flush=True)
             for name, x in inputs[pre].items():
-                logits.setdefault(name, []).append(
-                    model.predict(x, batch_size=128, verbose=0)[:, 0]
-                )
+                out = model.predict(x, batch_size=128, verbose=0)
+                # An artifact's member is the serving model: its outputs are a dict.
+                out = out["logit"] if isinstance(out, dict) else out
+                logits.setdefault(name, []).append(np.asarray(out)[:, 0])
         z = {name: np.mean(v, axis=0) for name, v in logits.items()}
         t, b = fit_platt(
             np.concatenate([y, y]),
@@ -140,6 +150,20 @@ def main() -> None:
             for n in ("zoom_in", "zoom_out", "wide", "tall")
         )
         print(f"{label}: normals' mean p, clean {p_clean[y == 0].mean():.3f}, {framing}")
+        threshold = min(
+            threshold_for_sensitivity(y, p_clean, 0.95, w),
+            threshold_for_sensitivity(y_shift, p_shift, 0.95, np.tile(w, len(STRESS_NAMES))),
+        )
+        called = p_clean >= threshold
+        tp, n_pos = int((called & (y == 1)).sum()), int((y == 1).sum())
+        tn, n_neg = int((~called & (y == 0)).sum()), int((y == 0).sum())
+        sens_ci, spec_ci = exact_interval(tp, n_pos), exact_interval(tn, n_neg)
+        print(
+            f"{label}: threshold {threshold:.3f}, clean sensitivity {tp / n_pos:.3f} "
+            f"({sens_ci[0]:.3f}-{sens_ci[1]:.3f}), specificity {tn / n_neg:.3f} "
+            f"({spec_ci[0]:.3f}-{spec_ci[1]:.3f}); late NORMAL2 normals called "
+            f"{called[normal2].mean():.3f}"
+        )
 
 
 if __name__ == "__main__":
