@@ -162,6 +162,16 @@ def body_box(unit: FloatImage) -> tuple[int, int, int, int]:
     return y0, y1, x0, x1
 
 
+def input_box(image: npt.NDArray[Any], config: PreprocessConfig) -> tuple[int, int, int, int]:
+    """The part ``(y0, y1, x0, x1)`` of ``image`` that :func:`preprocess` turns into the model's
+    input: the whole image, or the body's box when ``config.crop_body`` (a heatmap of the input
+    belongs there, not on the whole image)."""
+    gray = to_gray(image)
+    if not config.crop_body:
+        return 0, gray.shape[0], 0, gray.shape[1]
+    return body_box(to_unit_range(gray))
+
+
 def normalise_detail(image: FloatImage, target: float, *, sigma: float) -> FloatImage:
     """Rescale the finest band (image - blur) to standard deviation ``target``."""
     base = cv2.GaussianBlur(image, (0, 0), sigma)

@@ -233,3 +233,17 @@ def test_body_box_limits() -> None:
     framed[30:270, 20:180] = np.linspace(0.3, 1.0, 160, dtype=np.float32)[None, :]
     y0, y1, x0, x1 = body_box(framed)
     assert abs(y0 - 30) <= 3 and abs(y1 - 270) <= 3 and abs(x0 - 20) <= 3 and abs(x1 - 180) <= 3
+
+
+def test_input_box_is_the_part_preprocess_uses() -> None:
+    from inference.preprocess import input_box
+
+    img = _padded(jpeg_fixture())
+    h, w = img.shape
+    assert input_box(img, PreprocessConfig(size=96)) == (0, h, 0, w)
+    cfg = PreprocessConfig(size=96, crop_body=True)
+    y0, y1, x0, x1 = input_box(img, cfg)
+    assert x0 >= w // 7 and x1 <= w - w // 7  # the black border is outside
+    np.testing.assert_allclose(
+        preprocess(img, cfg), preprocess(img[y0:y1, x0:x1], PreprocessConfig(size=96)), atol=1e-5
+    )
