@@ -106,6 +106,13 @@ def train(
         float,
         typer.Option(help="Normalise fine detail to this std (0 = off; see inference.preprocess)"),
     ] = 0.0,
+    crop_body: Annotated[
+        bool,
+        typer.Option(
+            help="Crop each image to the body's bounding box before resizing (training and "
+            "serving; declared in model.json, see inference.preprocess.body_box)"
+        ),
+    ] = False,
 ) -> None:
     """Train the pneumonia model (resumes from OUT's checkpoints if present) and export it."""
     if split not in ("random", "batch", "low"):
@@ -139,6 +146,7 @@ def train(
             "ood_image_dir": str(ood_image_dir) if ood_image_dir else "",
             "limit": limit,
             "detail_target": detail_target,
+            "crop_body": crop_body,
             "debias_sharpness": debias_sharpness,
             "mixup": mixup,
             "reframe_normals": reframe_normals,

@@ -249,13 +249,20 @@ def fit_member(config: TrainConfig, prep: Prepared, pre: PreprocessConfig, index
     return best_path
 
 
+def preprocess_config(config: TrainConfig) -> PreprocessConfig:
+    """The preprocessing a run trains with (and its artifact declares)."""
+    return PreprocessConfig(
+        size=config.image_size,
+        detail_target=float(config.extra.get("detail_target", 0.0)),
+        crop_body=bool(config.extra.get("crop_body", False)),
+    )
+
+
 def train(config: TrainConfig) -> Path:
     """Train all members, then calibrate, set the threshold and export; returns the artifact."""
     from training.export import finalize
 
-    pre = PreprocessConfig(
-        size=config.image_size, detail_target=float(config.extra.get("detail_target", 0.0))
-    )
+    pre = preprocess_config(config)
     (config.out).mkdir(parents=True, exist_ok=True)
     (config.out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
     prep = prepare(config, pre)

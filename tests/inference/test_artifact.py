@@ -158,3 +158,17 @@ def test_tampered_weights_fail_hash_check(artifact: Path, tmp_path: Path) -> Non
 def test_missing_artifact(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError):
         Predictor.load(tmp_path)
+
+
+def test_artifact_declares_the_body_crop(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    meta = read_meta(artifact)
+    assert not meta.preprocess.crop_body
+    copy = tmp_path / "cropped"
+    shutil.copytree(artifact, copy)
+    write_meta(copy, replace(meta, preprocess=replace(meta.preprocess, crop_body=True)))
+    loaded = Predictor.load(copy)
+    assert loaded.meta.preprocess.crop_body
+    assert loaded.meta.content_hash != meta.content_hash

@@ -188,3 +188,62 @@ def test_detail_normalisation_equalises_sharpness() -> None:
     assert norm_ratio > plain_ratio + 0.1
     assert PreprocessConfig.from_json(cfg.to_json()) == cfg
     assert "detail_target" not in CFG.to_json()
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "cxr-pneumonia-v1" / "model.json"
+
+
+def _padded(img: np.ndarray) -> np.ndarray:
+    """The film inside a black border (an export or a CR reader that pads the frame)."""
+    h, w = img.shape[:2]
+    return cv2.copyMakeBorder(img, h // 8, h // 8, w // 6, w // 6, cv2.BORDER_CONSTANT, value=0)
+
+
+def test_body_crop_is_off_unless_the_artifact_declares_it() -> None:
+    import json
+
+    shipped = json.loads(SHIPPED.read_text())["preprocess"]
+    cfg = PreprocessConfig.from_json(shipped)
+    assert not cfg.crop_body
+    assert cfg.to_json() == shipped  # the shipped artifact's hash does not move
+    declared = PreprocessConfig.from_json({**shipped, "crop_body": True})
+    assert declared.crop_body and declared.to_json()["crop_body"] is True
+    assert PreprocessConfig.from_json(declared.to_json()) == declared
+
+
+def test_body_crop_undoes_a_black_border() -> None:
+    # Fails without the option: a declared crop must reach preprocess().
+    images = [np.asarray(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)) for p in IMAGES.rglob("*.jpeg")]
+    with_crop = PreprocessConfig(size=96, detail_target=0.03, crop_body=True)
+    without = PreprocessConfig(size=96, detail_target=0.03)
+    d_crop = [close(preprocess(i, with_crop), preprocess(_padded(i), with_crop))[0] for i in images]
+    d_none = [close(preprocess(i, without), preprocess(_padded(i), without))[0] for i in images]
+    assert float(np.median(d_crop)) < 0.15
+    assert float(np.median(d_none)) > 0.5
+
+
+def test_body_box_limits() -> None:
+    from inference.preprocess import body_box
+
+    assert body_box(np.zeros((50, 40), np.float32)) == (0, 50, 0, 40)  # flat: whole image
+    strip = np.zeros((200, 100), np.float32)
+    strip[:, 45:55] = 1.0  # a body 10% wide: at most a quarter is cut from each side
+    assert body_box(strip) == (0, 200, 25, 75)
+    framed = np.zeros((300, 200), np.float32)
+    framed[30:270, 20:180] = np.linspace(0.3, 1.0, 160, dtype=np.float32)[None, :]
+    y0, y1, x0, x1 = body_box(framed)
+    assert abs(y0 - 30) <= 3 and abs(y1 - 270) <= 3 and abs(x0 - 20) <= 3 and abs(x1 - 180) <= 3
+
+
+def test_input_box_is_the_part_preprocess_uses() -> None:
+    from inference.preprocess import input_box
+
+    img = _padded(jpeg_fixture())
+    h, w = img.shape
+    assert input_box(img, PreprocessConfig(size=96)) == (0, h, 0, w)
+    cfg = PreprocessConfig(size=96, crop_body=True)
+    y0, y1, x0, x1 = input_box(img, cfg)
+    assert x0 >= w // 7 and x1 <= w - w // 7  # the black border is outside
+    np.testing.assert_allclose(
+        preprocess(img, cfg), preprocess(img[y0:y1, x0:x1], PreprocessConfig(size=96)), atol=1e-5
+    )
