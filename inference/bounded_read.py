@@ -97,13 +97,11 @@ def check_pixel_count(ds: Any, max_pixels: int) -> None:
         )
 
 
-def parse_dataset(data: Buffer, transfer_syntax: str, *, max_bytes: int) -> Dataset:
-    """Decode a dataset encoded in ``transfer_syntax`` (no file meta), fully, with bounds.
-
-    Deflated data is inflated to at most ``max_bytes``; other data must be at most that size.
-    Every element is parsed here (pydicom otherwise parses lazily, at first access), so a
-    corrupt dataset raises now. Raises InputTooLarge, or ValueError (and pydicom's errors,
-    which derive from it or from EOFError/KeyError/NotImplementedError) for malformed data."""
+def _bounded_encoding(
+    data: Buffer, transfer_syntax: str, max_bytes: int
+) -> tuple[Buffer, bool, bool]:
+    """The dataset's bytes (inflated to at most ``max_bytes`` when deflated; else at most that
+    size, or InputTooLarge), and whether they are implicit VR and little endian."""
     syntax = UID(transfer_syntax)
     raw: Buffer = data
     if syntax == DeflatedExplicitVRLittleEndian:
@@ -112,8 +110,19 @@ def parse_dataset(data: Buffer, transfer_syntax: str, *, max_bytes: int) -> Data
         raise InputTooLarge(
             f"instance is {len(memoryview(data))} bytes, limit {max_bytes}", reason="too_large"
         )
-    is_implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
+    implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
     little = syntax.is_little_endian if syntax.is_transfer_syntax else True
+    return raw, implicit, little
+
+
+def parse_dataset(data: Buffer, transfer_syntax: str, *, max_bytes: int) -> Dataset:
+    """Decode a dataset encoded in ``transfer_syntax`` (no file meta), fully, with bounds.
+
+    Deflated data is inflated to at most ``max_bytes``; other data must be at most that size.
+    Every element is parsed here (pydicom otherwise parses lazily, at first access), so a
+    corrupt dataset raises now. Raises InputTooLarge, or ValueError (and pydicom's errors,
+    which derive from it or from EOFError/KeyError/NotImplementedError) for malformed data."""
+    raw, is_implicit, little = _bounded_encoding(data, transfer_syntax, max_bytes)
     ds = read_dataset(io.BytesIO(raw), is_implicit, little)
     ds.walk(lambda _ds, _elem: None)  # converts every raw element: errors surface here
     return ds
@@ -199,16 +208,7 @@ def parse_received(
     ``"PixelData" in ds`` and ``is_undefined_length``; it must not be written anywhere.
     Nothing of the pixel data is copied, so a 200 MB instance is held once, as received.
     Raises InputTooLarge, or ValueError (and pydicom's errors) for malformed data."""
-    syntax = UID(transfer_syntax)
-    raw: Buffer = data
-    if syntax == DeflatedExplicitVRLittleEndian:
-        raw = inflate_bounded(data, max_bytes)
-    elif len(memoryview(data)) > max_bytes:
-        raise InputTooLarge(
-            f"instance is {len(memoryview(data))} bytes, limit {max_bytes}", reason="too_large"
-        )
-    implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False
-    little = syntax.is_little_endian if syntax.is_transfer_syntax else True
+    raw, implicit, little = _bounded_encoding(data, transfer_syntax, max_bytes)
     view = memoryview(raw).cast("B")
     reader = _ViewReader(view)
     ds = read_dataset(

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
 import logging
 import secrets
@@ -30,6 +29,7 @@ from typing import Any, Literal
 
 import httpx
 
+from gateway.deliver.http_retry import parse_retry_after
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _attempt(
         raise _Retry(f"{type(exc).__name__} reaching the DICOMweb server") from exc
     status = response.status_code
     if status in _RETRY_STATUSES:
-        retry_after = _retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
         raise _Retry(f"HTTP {status}", status=status, retry_after=retry_after)
     if status not in (200, 202, 409):
         raise StowRejected(f"the DICOMweb server answered HTTP {status}", status=status)
@@ -246,17 +246,3 @@ def _reason(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import ssl
@@ -33,6 +32,7 @@ import tenacity
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.deliver.http_retry import parse_retry_after
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -166,20 +166,6 @@ class TransactionResult:
     @property
     def created_count(self) -> int:
         return sum(e.created for e in self.entries)
-
-
-def _parse_retry_after(value: str | None, now: float) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 def _parse_location(location: str) -> tuple[str, str]:
@@ -388,7 +374,7 @@ class FhirClient:
             if status < 300:
                 return response
             if status in _RETRY_STATUS:
-                retry_after = _parse_retry_after(response.headers.get("Retry-After"), time.time())
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
                 if retry_after is not None and retry_after > self.config.max_retry_after:
                     raise FhirUnavailable(
                         f"FHIR {what}: HTTP {status}, Retry-After {retry_after:.0f}s too long",
