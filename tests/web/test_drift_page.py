@@ -50,7 +50,10 @@ def _shifted_site(settings: Settings) -> None:
     engine = make_engine(settings.database)
     sessions = make_session_factory(engine)
     rng = random.Random(5)
-    start = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=10)
+    # At 01:00 of a day, so that the 60 later studies (from day 2, 13:00, 8 a day) fall on
+    # days 2-9 whatever the time of day the test runs: 10 days with studies, all in the past.
+    today = dt.datetime.now(dt.UTC).replace(hour=1, minute=0, second=0, microsecond=0)
+    start = today - dt.timedelta(days=10)
     findings = stream(rng, WINDOW, start=start, per_day=8)
     later = start + dt.timedelta(days=2, hours=12)
     findings += stream(
