@@ -23,7 +23,7 @@ from training.report import write_report
 from training.site_sample import ScoredFile, SiteSample
 
 REPORT_DIR = "site_acceptance"
-REPORT_FILE = "report.md"  # an output of this module, in markdown
+REPORT_FILE = "report.md"  # in markdown; an example: docs/examples/site_acceptance/report.md
 # The project's goals for a site-calibrated model, which the report's verdict states; the
 # sensitivity goal is the calibration's own target, held by the threshold rule's lower bound.
 SPECIFICITY_GOAL = 0.90
