@@ -98,49 +98,36 @@ def make_files(folder: Path, source: Path, count: int) -> list[Path]:
     return paths
 
 
-def storescu(port: int, aec: str, paths: list[Path], associations: int) -> float:
-    """Send ``paths`` with one storescu per association; return the wall time in seconds."""
-    chunks = [paths[i::associations] for i in range(associations)]
+def _timed(commands: list[list[str]], env: dict[str, str], what: str) -> float:
+    """Run the commands at once (one per association); the wall time until all have ended."""
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aet", "BENCH", "-aec", aec, "-pdu", PDU, "127.0.0.1", str(port)]
-            + [str(p) for p in chunk],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        for chunk in chunks
+        for command in commands
     ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+            raise RuntimeError(f"{what} failed: {err.decode()[-500:]}")
     return time.perf_counter() - start
+
+
+def storescu(port: int, aec: str, paths: list[Path], associations: int) -> float:
+    """Send ``paths`` with one storescu per association; return the wall time in seconds."""
+    command = ["storescu", "-aet", "BENCH", "-aec", aec, "-pdu", PDU, "127.0.0.1", str(port)]
+    chunks = [paths[i::associations] for i in range(associations)]
+    return _timed([command + [str(p) for p in chunk] for chunk in chunks], ENV, "storescu")
 
 
 def gateway_send(port: int, aec: str, paths: list[Path], associations: int) -> float:
     """`cxr-gateway send` in one process per association, start-up included."""
+    command = [sys.executable, "-m", "gateway.cli", "send", "--port", str(port), "--aet", aec]
+    command += ["--calling-aet", "BENCH", "--batch", "500"]
     chunks = [paths[i::associations] for i in range(associations)]
     env = {k: v for k, v in ENV.items() if not k.startswith("CXR_")}
-    start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "send", "--port", str(port), "--aet", aec]
-            + ["--calling-aet", "BENCH", "--batch", "500"]
-            + [str(p) for p in chunk],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for chunk in chunks
-    ]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"cxr-gateway send failed: {err.decode()[-500:]}")
-    return time.perf_counter() - start
+    return _timed([command + [str(p) for p in chunk] for chunk in chunks], env, "cxr-gateway send")
 
 
 Sender = Callable[[int, str, list[Path], int], float]

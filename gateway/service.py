@@ -22,9 +22,8 @@ from gateway.errors import ConfigurationError
 from gateway.pipeline.celery_app import WORKER_QUEUES, make_celery
 from gateway.pipeline.coordinator import Coordinator
 from gateway.pipeline.tasks import build_delivery_runtime, build_runtime, register_tasks
-from gateway.receive.ingest import Ingestor, Limits
+from gateway.receive.ingest import Ingestor
 from gateway.receive.listener import Listener
-from gateway.receive.spool import Spool
 from gateway.settings import Settings
 from gateway.supervise import SUPERVISOR_ENV, Child, Supervisor, exit_with_supervisor
 
@@ -62,13 +61,8 @@ class ListenerProcess:
         if self.migrate:
             upgrade(engine, spool_root=s.spool_path)
         sessions = make_session_factory(engine)
-        spool = Spool(s.spool_path, min_free_bytes=s.spool_min_free_mb * 2**20)
-        spool.prepare()
-        ingestor = Ingestor(
-            spool=spool,
-            session_factory=sessions,
-            limits=Limits(s.max_instance_bytes, s.max_instances_per_study, s.max_image_pixels),
-        )
+        ingestor = Ingestor.from_settings(s, sessions)
+        ingestor.spool.prepare()
         ingestor.recover_unrecorded()
         app = make_celery(s)
         self.coordinator = Coordinator(settings=s, sessions=sessions, app=app)

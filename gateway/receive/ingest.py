@@ -45,6 +45,7 @@ from gateway.receive.spool import (
     spool_file,
     stored_path,
 )
+from gateway.settings import Settings
 from inference.bounded_read import (
     DEFAULT_MAX_PIXELS,
     InputTooLarge,
@@ -167,6 +168,20 @@ class Ingestor:
         self.spool = spool
         self.sessions = session_factory
         self.limits = limits
+
+    @classmethod
+    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session]) -> Ingestor:
+        """The ingestor of a process that receives (the listener, STOW-RS in the console):
+        the spool with its free-space reserve and the configured limits. No I/O."""
+        return cls(
+            spool=Spool(settings.spool_path, min_free_bytes=settings.spool_min_free_mb * 2**20),
+            session_factory=sessions,
+            limits=Limits(
+                settings.max_instance_bytes,
+                settings.max_instances_per_study,
+                settings.max_image_pixels,
+            ),
+        )
 
     def store(
         self,

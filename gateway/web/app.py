@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from gateway.db.session import make_engine, make_session_factory
+from gateway.receive.ingest import Ingestor
 from gateway.settings import Settings
 from gateway.web import (
     dicomweb,
@@ -72,7 +73,7 @@ def create_app(settings: Settings, *, predictor: LazyPredictor | None = None) ->
         or LazyPredictor(settings.model_dir, intended_age_years=settings.intended_age_years),
     )
     app.state.metrics = health.make_registry(sessions)
-    app.state.stow_ingestor = dicomweb.make_ingestor(settings, sessions)
+    app.state.stow_ingestor = Ingestor.from_settings(settings, sessions)
     app.state.stow_slots = dicomweb.Slots(settings.stow_max_concurrent)
     app.state.integrity = pages_audit.IntegrityCache()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

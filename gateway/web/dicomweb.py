@@ -27,13 +27,12 @@ from typing import IO
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from gateway.receive.ingest import Ingestor, Limits, Peer
+from gateway.receive.ingest import Ingestor, Peer
 from gateway.receive.listener import ConnectionGate, make_peer_policy
-from gateway.receive.spool import Spool, is_valid_uid
+from gateway.receive.spool import is_valid_uid
 from gateway.receive.stow import (
     VIA,
     StowRequestError,
@@ -55,19 +54,6 @@ DICOM_JSON = "application/dicom+json"
 REALM = 'Basic realm="cxr-gateway STOW-RS", charset="UTF-8"'
 _BATCH = 8 << 20
 RETRY_AFTER_SECONDS = 30  # when busy or short of disk space
-
-
-def make_ingestor(settings: Settings, sessions: sessionmaker[Session]) -> Ingestor:
-    """The web process's own writer into the shared spool (no I/O until the first store)."""
-    return Ingestor(
-        spool=Spool(settings.spool_path, min_free_bytes=settings.spool_min_free_mb * 2**20),
-        session_factory=sessions,
-        limits=Limits(
-            settings.max_instance_bytes,
-            settings.max_instances_per_study,
-            settings.max_image_pixels,
-        ),
-    )
 
 
 @router.post("/dicomweb/studies", tags=["dicomweb"])

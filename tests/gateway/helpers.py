@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from gateway.db.models import AuditEvent, Delivery, Job, Study
 from gateway.db.session import make_engine, make_session_factory
-from tests.peers import GatewayProcess
+from tests.peers import GatewayProcess, start_gateway
 
 
 class Recorded:
@@ -68,6 +68,27 @@ def process_env(
         "CXR_MODEL_DIR": str(model_dir),
         **extra,
     }
+
+
+def start_pipeline(
+    tmp_path: Path, model_dir: Path, broker: str, procs: list[GatewayProcess], **extra: str
+) -> tuple[Recorded, GatewayProcess]:
+    """A listener and an inference worker (``process_env`` on SQLite and ``broker``, delivery
+    retries after 1-2 s; ``extra`` adds settings), added to ``procs`` to be stopped by the
+    caller. Returns the database view and the listener."""
+    database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
+    env = process_env(
+        tmp_path,
+        model_dir,
+        database,
+        broker,
+        CXR_DELIVERY_BACKOFF_SECONDS="1",
+        CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
+        **extra,
+    )
+    listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
+    procs.extend([listener, start_gateway(env, tmp_path / "worker.log", ("worker",))])
+    return Recorded(database), listener
 
 
 def wait_until(

@@ -16,10 +16,10 @@ import pytest
 from pydicom import dcmread
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, process_env, wait_until
+from tests.gateway.helpers import start_pipeline, wait_until
 from tests.hl7_peer import mllp_receiver
 from tests.orthanc import DICOMWEB_PLUGIN, Orthanc
-from tests.peers import GatewayProcess, Redis, free_port, missing_peer, start_gateway, storescu
+from tests.peers import GatewayProcess, Redis, free_port, missing_peer, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,11 @@ def test_one_study_four_results_each_delivered_once_after_its_peer_recovers(
     password_file.chmod(0o600)
     receiver = mllp_receiver(tmp_path / "hl7", start=False)  # down at first
     fhir_server.fail_next(8, status=503)  # more than one attempt's internal retries
-    database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-    env = process_env(
+    db, listener = start_pipeline(
         tmp_path,
         model_dir,
-        database,
         redis_server.url,
-        CXR_DELIVERY_BACKOFF_SECONDS="1",
-        CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
+        procs,
         CXR_PACS_DESTINATIONS=json.dumps(
             [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_dicom}]
         ),
@@ -75,9 +72,6 @@ def test_one_study_four_results_each_delivered_once_after_its_peer_recovers(
             [{"name": "ris", "host": "127.0.0.1", "port": receiver.port, "timeout_seconds": 5}]
         ),
     )
-    listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
-    procs.extend([listener, start_gateway(env, tmp_path / "worker.log", ("worker",))])
-    db = Recorded(database)
 
     path = files.study_files(files.CHILD_CR, tmp_path / "study", 1)[0]
     study_uid = str(dcmread(path).StudyInstanceUID)

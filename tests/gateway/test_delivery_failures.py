@@ -17,8 +17,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, process_env, wait_until
-from tests.peers import ROOT, GatewayProcess, Redis, free_port, start_gateway, storescu
+from tests.gateway.helpers import Recorded, start_pipeline, wait_until
+from tests.peers import ROOT, GatewayProcess, Redis, free_port, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +32,8 @@ def gateway(
     procs: list[GatewayProcess] = []
 
     def start(**extra: str) -> tuple[Recorded, list[GatewayProcess], int]:
-        database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-        env = process_env(
-            tmp_path,
-            model_dir,
-            database,
-            redis_server.url,
-            CXR_DELIVERY_BACKOFF_SECONDS="1",
-            CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
-            **extra,
-        )
-        listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
-        procs.extend([listener, start_gateway(env, tmp_path / "worker.log", ("worker",))])
-        return Recorded(database), procs, listener.dicom_port
+        db, listener = start_pipeline(tmp_path, model_dir, redis_server.url, procs, **extra)
+        return db, procs, listener.dicom_port
 
     yield start
     for p in procs:

@@ -18,9 +18,9 @@ import pytest
 from pydicom import dcmread
 
 from tests import dicom_files as files
-from tests.gateway.helpers import Recorded, process_env, wait_until
+from tests.gateway.helpers import Recorded, start_pipeline, wait_until
 from tests.hl7_peer import MllpReceiver, mllp_receiver
-from tests.peers import GatewayProcess, Redis, missing_peer, start_gateway, storescu
+from tests.peers import GatewayProcess, Redis, missing_peer, storescu
 from tests.sr.test_tls_delivery import _ca, _leaf
 
 pytestmark = pytest.mark.slow
@@ -35,20 +35,15 @@ def gateway(
     procs: list[GatewayProcess] = []
 
     def start(destinations: list[dict[str, Any]]) -> tuple[Recorded, list[GatewayProcess], int]:
-        database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-        env = process_env(
+        db, listener = start_pipeline(
             tmp_path,
             model_dir,
-            database,
             redis_server.url,
-            CXR_DELIVERY_BACKOFF_SECONDS="1",
-            CXR_DELIVERY_BACKOFF_MAX_SECONDS="2",
+            procs,
             CXR_FHIR_PATIENT_IDENTIFIER_SYSTEM=MRN_SYSTEM,
             CXR_HL7_DESTINATIONS=json.dumps(destinations),
         )
-        listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
-        procs.extend([listener, start_gateway(env, tmp_path / "worker.log", ("worker",))])
-        return Recorded(database), procs, listener.dicom_port
+        return db, procs, listener.dicom_port
 
     yield start
     for p in procs:
