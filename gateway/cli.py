@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 from pathlib import Path
@@ -424,17 +425,16 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@functools.cache
 def build_app() -> typer.Typer:
     """The whole command line: the commands here, the model commands (train, evaluate,
     calibrate: training/, which import TensorFlow and the training extra lazily) and the
-    console's (web, users: FastAPI and uvicorn imported lazily). Registered once."""
+    console's (web, users: FastAPI and uvicorn imported lazily). Registered once (cached)."""
     from gateway.web.cli import register as register_web
     from training.cli import register as register_model
 
-    names = {command.name for command in app.registered_commands}
-    if "train" not in names:
-        register_model(app)
-        register_web(app)
+    register_model(app)
+    register_web(app)
     return app
 
 

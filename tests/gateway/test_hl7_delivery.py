@@ -21,7 +21,7 @@ from tests import dicom_files as files
 from tests.gateway.helpers import Recorded, start_pipeline, wait_until
 from tests.hl7_peer import MllpReceiver, mllp_receiver
 from tests.peers import GatewayProcess, Redis, missing_peer, storescu
-from tests.sr.test_tls_delivery import _ca, _leaf
+from tests.pki import make_ca, make_leaf
 
 pytestmark = pytest.mark.slow
 
@@ -149,9 +149,9 @@ def test_ae_is_not_sent_again_and_a_wrong_ca_never_gets_the_message(
 ) -> None:
     if shutil.which("openssl") is None:
         missing_peer("openssl is not installed")
-    site_ca = _ca(tmp_path, "site-ca")
-    _, other_ca = _ca(tmp_path, "other-ca")
-    cert, key = _leaf(tmp_path, "ehr.test", site_ca, "DNS:ehr.test,IP:127.0.0.1")
+    site_ca = make_ca(tmp_path, "site-ca")
+    _, other_ca = make_ca(tmp_path, "other-ca")
+    cert, key = make_leaf(tmp_path, "ehr.test", site_ca, "DNS:ehr.test,IP:127.0.0.1")
     rejecting = mllp_receiver(tmp_path / "ae", "--ack", "AE")
     secure = mllp_receiver(tmp_path / "tls", "--tls-cert", str(cert), "--tls-key", str(key))
     receivers.extend([rejecting, secure])

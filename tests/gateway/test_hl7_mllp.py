@@ -6,7 +6,6 @@ on a real database; no model needed."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,8 +27,7 @@ from gateway.settings import Settings
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests import dicom_files as files
 from tests.hl7_peer import MllpReceiver, mllp_receiver
-from tests.peers import missing_peer
-from tests.sr.test_tls_delivery import Pki, _ca, _leaf
+from tests.pki import Pki, make_pki
 
 MODEL = ModelInfo(name="cxr-pneumonia-v1", version="1.5.0", content_hash="0f" * 32)
 MRN_SYSTEM = "urn:oid:1.2.826.0.1.3680043.8.498.77"
@@ -38,14 +36,7 @@ REPORT_ID = "5b2f1d7e-8a43-4f0e-9c51-3c9f0d2b7a61"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if shutil.which("openssl") is None:
-        missing_peer("openssl is not installed")
-    folder = tmp_path_factory.mktemp("pki")
-    ca = _ca(folder, "site-ca")
-    _, other = _ca(folder, "other-ca")
-    server = _leaf(folder, "ehr.test", ca, "DNS:ehr.test,IP:127.0.0.1")
-    client = _leaf(folder, "cxrgw.test", ca, "DNS:cxrgw.test")
-    return Pki(ca[1], other, server[0], server[1], client[0], client[1])
+    return make_pki(tmp_path_factory.mktemp("pki"), "ehr.test")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from gateway.errors import ConfigurationError
 from gateway.settings import Settings
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
 from tests.peers import free_port, missing_peer, stop_process, wait_for_port
+from tests.pki import Pki, make_pki
 from tests.sr.conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
@@ -37,56 +38,9 @@ MODEL = ModelInfo(name="cxr-pneumonia-cnn", version="1.4.1", content_hash="0f" *
 SOURCE = FIXTURES / "kermany_child_cr.dcm"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # signs the PACS's and our certificates
-    other_ca: Path  # a CA nobody here uses
-    server_cert: Path  # the PACS: CN and SAN pacs.test, SAN IP 127.0.0.1
-    server_key: Path
-    client_cert: Path  # the gateway
-    client_key: Path
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def _ca(folder: Path, name: str) -> tuple[Path, Path]:
-    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", str(key),
-        "-out", str(cert), "-subj", f"/CN={name}",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-    return key, cert
-
-
-def _leaf(folder: Path, name: str, ca: tuple[Path, Path], san: str) -> tuple[Path, Path]:
-    key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.crt"
-    ext = folder / f"{name}.ext"
-    ext.write_text(
-        f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    )
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-             "-subj", f"/CN={name}")  # fmt: skip
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
-             "-CAcreateserial", "-days", "2", "-out", str(cert), "-extfile", str(ext))  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if shutil.which("openssl") is None:
-        missing_peer("openssl is not installed")
-    folder = tmp_path_factory.mktemp("pki")
-    ca = _ca(folder, "site-ca")
-    _, other = _ca(folder, "other-ca")
-    server = _leaf(folder, "pacs.test", ca, "DNS:pacs.test,IP:127.0.0.1")
-    client = _leaf(folder, "cxrgw.test", ca, "DNS:cxrgw.test")
-    return Pki(ca[1], other, server[0], server[1], client[0], client[1])
+    return make_pki(tmp_path_factory.mktemp("pki"), "pacs.test")
 
 
 @dataclass
