@@ -48,8 +48,6 @@ QUEUE_NAME = "cxr-studies"  # inference
 DELIVERY_QUEUE_NAME = "cxr-deliveries"
 # What ``cxr-gateway worker --queues`` accepts, and the Celery queue each name stands for.
 WORKER_QUEUES = {"studies": QUEUE_NAME, "delivery": DELIVERY_QUEUE_NAME}
-# A published delivery is not published again by the reconciler for this long (a lost message).
-DELIVERY_REPUBLISH_SECONDS = 300
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -147,13 +145,17 @@ def publish_job(
     return True
 
 
-def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_id: int) -> bool:
+def publish_delivery(
+    *, app: Celery, sessions: sessionmaker[Session], delivery_id: int, republish_after: float
+) -> bool:
     """Hand a due delivery to the delivery workers (queue ``cxr-deliveries``). Returns False
     when the broker is unreachable; the delivery then stays due and the reconciler tries again.
 
-    Its due time moves on by DELIVERY_REPUBLISH_SECONDS, so the reconciler does not publish it
-    again while the message waits; the task's claim decides who sends it. The move is skipped
-    when an attempt ran meanwhile (its outcome set the next due time)."""
+    Its due time moves on by ``republish_after`` seconds (``CXR_REQUEUE_AFTER_SECONDS``, as for
+    a queued job), so the reconciler does not publish it again while the message waits, and
+    does once that time has passed (a message lost, or taken by a worker that died before it
+    claimed the delivery); the task's claim decides who sends it. The move is skipped when an
+    attempt ran meanwhile (its outcome set the next due time)."""
     with sessions() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None or delivery.state not in UNFINISHED_DELIVERY:
@@ -178,12 +180,14 @@ def publish_delivery(*, app: Celery, sessions: sessionmaker[Session], delivery_i
                 Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
                 Delivery.attempts == attempts,
             )
-            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=DELIVERY_REPUBLISH_SECONDS))
+            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=republish_after))
         )
     return True
 
 
-def publish_deliveries(*, app: Celery, sessions: sessionmaker[Session], study_id: int) -> int:
+def publish_deliveries(
+    *, app: Celery, sessions: sessionmaker[Session], study_id: int, republish_after: float
+) -> int:
     """Publish every pending delivery of a study (one task per destination), right after its
     inference. Returns how many the broker took; the others are left to the reconciler."""
     with sessions() as session:
@@ -194,7 +198,10 @@ def publish_deliveries(*, app: Celery, sessions: sessionmaker[Session], study_id
                 )
             ).scalars()
         )
-    return sum(publish_delivery(app=app, sessions=sessions, delivery_id=i) for i in ids)
+    return sum(
+        publish_delivery(app=app, sessions=sessions, delivery_id=i, republish_after=republish_after)
+        for i in ids
+    )
 
 
 KOMBU_MESSAGE_TABLE = "kombu_message"

@@ -177,7 +177,12 @@ class Coordinator:
             session.connection(execution_options={READ_ONLY: True})  # no write lock
             due = due_deliveries(session, now=now)
         for delivery_id in due:
-            publish_delivery(app=self.app, sessions=self.sessions, delivery_id=delivery_id)
+            publish_delivery(
+                app=self.app,
+                sessions=self.sessions,
+                delivery_id=delivery_id,
+                republish_after=self.settings.requeue_after_seconds,
+            )
         return republished
 
     def _give_up(self, job_id: int) -> None:

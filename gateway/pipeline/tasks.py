@@ -330,7 +330,12 @@ def _register_process_study(app: Celery, runtime: Callable[[], WorkerRuntime]) -
                 study_id = job.study_id if job else None
             if study_id is not None:
                 # Sending is the delivery workers' job: this process goes on to the next study.
-                publish_deliveries(app=self.app, sessions=rt.sessions, study_id=study_id)
+                publish_deliveries(
+                    app=self.app,
+                    sessions=rt.sessions,
+                    study_id=study_id,
+                    republish_after=rt.settings.requeue_after_seconds,
+                )
         if outcome == "retry":
             attempt = self.request.retries + 1
             raise self.retry(

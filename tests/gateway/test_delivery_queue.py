@@ -15,7 +15,6 @@ from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.deliver.deliveries import FHIR, OUTBOX, SR, due_deliveries
 from gateway.pipeline.celery_app import (
     DELIVERY_QUEUE_NAME,
-    DELIVERY_REPUBLISH_SECONDS,
     QUEUE_NAME,
     TASK_DELIVER,
     make_celery,
@@ -45,7 +44,15 @@ def test_each_destination_is_one_task_on_the_delivery_queue_and_a_lost_one_comes
         study_id, ids = study.id, sorted(r.id for r in rows)
     app = make_celery(settings)
 
-    assert publish_deliveries(app=app, sessions=sessions, study_id=study_id) == 2
+    assert (
+        publish_deliveries(
+            app=app,
+            sessions=sessions,
+            study_id=study_id,
+            republish_after=settings.requeue_after_seconds,
+        )
+        == 2
+    )
 
     with app.connection_for_write() as conn:
         deliveries = conn.SimpleQueue(DELIVERY_QUEUE_NAME)
@@ -61,5 +68,5 @@ def test_each_destination_is_one_task_on_the_delivery_queue_and_a_lost_one_comes
     # publishes the deliveries again once they are due, and not while their messages may wait.
     with sessions() as session:
         assert due_deliveries(session, now=utcnow()) == []
-        later = utcnow() + dt.timedelta(seconds=DELIVERY_REPUBLISH_SECONDS + 1)
+        later = utcnow() + dt.timedelta(seconds=settings.requeue_after_seconds + 1)
         assert sorted(due_deliveries(session, now=later)) == ids

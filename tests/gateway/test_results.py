@@ -215,7 +215,16 @@ def test_worker_killed_mid_study_is_redone_once(
     tmp_path: Path, procs: list[GatewayProcess], redis_server: Redis, model_dir: Path
 ) -> None:
     database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-    env = process_env(tmp_path, model_dir, database, redis_server.url, CXR_JOB_LEASE_SECONDS="5")
+    # The worker may die holding a deliver message it has not yet claimed (Redis keeps it
+    # unacknowledged): the reconciler publishes that delivery again after the requeue time.
+    env = process_env(
+        tmp_path,
+        model_dir,
+        database,
+        redis_server.url,
+        CXR_JOB_LEASE_SECONDS="5",
+        CXR_REQUEUE_AFTER_SECONDS="10",
+    )
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
     paths = files.study_files(files.CHILD_CR, tmp_path / "s", 40)  # long enough to die inside
