@@ -6,13 +6,16 @@ import datetime as dt
 import functools
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gateway.errors import ConfigurationError
-from gateway.settings import Settings, settings_or_exit
+
+if TYPE_CHECKING:  # pydantic-settings costs `send` with --port and --aet 0.2 s to import
+    from gateway.settings import Settings
 
 app = typer.Typer(
     name="cxr-gateway",
@@ -32,6 +35,8 @@ app.add_typer(audit_app, name="audit")
 
 
 def _settings() -> Settings:
+    from gateway.settings import settings_or_exit
+
     return settings_or_exit()
 
 
@@ -438,7 +443,17 @@ def build_app() -> typer.Typer:
     return app
 
 
+# Modules that pydicom imports at start-up and that sending never uses: numpy, Pillow and
+# pylibjpeg (pixel data, which `send` never decodes) and requests (pydicom's downloads of its
+# test files). Marked missing in a `send` process, pydicom takes its paths for their absence:
+# 0.18 s less start-up (issue #20; benchmarks/README.md, "Sender").
+NOT_IMPORTED_BY_SEND = ("numpy", "PIL", "pylibjpeg", "requests")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["send"]:
+        for name in NOT_IMPORTED_BY_SEND:
+            sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     build_app()()
 
 

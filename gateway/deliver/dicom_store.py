@@ -37,11 +37,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
 from gateway.errors import GatewayError
+from gateway.receive.pynetdicom_events import EventAE
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _no_delay(event: evt.Event) -> bool:
 
 
 def _associate(destination: Destination, items: Sequence[_Outgoing]) -> Association:
-    ae = AE(ae_title=destination.calling_ae_title)
+    ae = EventAE(ae_title=destination.calling_ae_title)
     ae.connection_timeout = destination.timeout
     ae.acse_timeout = destination.timeout
     ae.dimse_timeout = destination.timeout

@@ -22,15 +22,17 @@ import logging
 import os
 import queue
 import select
+import ssl
 import threading
 import types
+from collections.abc import Callable
 from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -186,33 +188,42 @@ def _run_reactor(self: Association) -> None:
             context_id, msg = None, None
         if msg:
             self._serve_request(msg, cast(int, context_id))
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
+        if _ended(self):
             return
-        if self.acse.is_aborted():
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-        if not self.dul.is_alive():
-            self.kill()
-            return
-        if self.dul.idle_timer_expired():
-            if self.network_timeout_response == "A-RELEASE":
-                self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
-            else:
-                self.abort()
-            self.kill()
-            return
+
+
+def _ended(self: Association) -> bool:
+    """The checks after each message of pynetdicom 3.0.4's ``Association._run_reactor``, in
+    its order: a release asked by the peer, an abort, the DUL gone, the network timeout. True
+    when the association has ended (and been killed)."""
+    if self.is_established and self.acse.is_release_requested():
+        self.acse.send_release(is_response=True)
+        self.is_released = True
+        self.is_established = False
+        evt.trigger(self, evt.EVT_RELEASED, {})
+        self.kill()
+        return True
+    if self.acse.is_aborted():
+        self.dul.receive_pdu(wait=False)
+        self.is_aborted = True
+        self.is_established = False
+        evt.trigger(self, evt.EVT_ABORTED, {})
+        self.kill()
+        return True
+    if not self.dul.is_alive():
+        self.kill()
+        return True
+    if self.dul.idle_timer_expired():
+        if self.network_timeout_response == "A-RELEASE":
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self.release()
+            self._is_paused = False
+        else:
+            self.abort()
+        self.kill()
+        return True
+    return False
 
 
 def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
@@ -230,3 +241,101 @@ def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
     for name in ("acse_timeout", "network_timeout"):  # their setters set the DUL's timers
         setattr(assoc, name, getattr(assoc, name))
     assoc._run_reactor = types.MethodType(_run_reactor, assoc)  # type: ignore[method-assign]
+
+
+# The requestor side (our C-STORE SCU, gateway/deliver/dicom_store.py). ``AE.associate`` creates
+# the association and calls ``AE._create_socket`` before anything runs: ``EventAE`` changes the
+# association there. A peer sends a requestor answers and an A-ASSOCIATE-AC, never data: PDUs
+# over REQUESTOR_MAX_PDU_BYTES close the connection. Its reactor wakes on a message from the
+# peer and on a pause or resume by a ``send_*`` method; when neither happens it checks release,
+# abort and the timers every REQUESTOR_POLL_SECONDS (an abort also queues a message).
+REQUESTOR_MAX_PDU_BYTES = 2**20
+REQUESTOR_POLL_SECONDS = 0.01
+
+
+class _WakingCheckpoint(threading.Event):
+    """An association's reactor checkpoint that wakes the reactor whenever it changes:
+    ``clear`` is how a ``send_*`` method asks the reactor to pause, ``set`` how it resumes it."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+        super().set()
+
+    def set(self) -> None:
+        super().set()
+        self._wake.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake.set()
+
+
+class _WakingMessages(queue.Queue[Any]):
+    """The DIMSE message queue: a message from the peer (or the empty one queued on an abort)
+    wakes the reactor."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake.set()
+
+
+def _requestor_reactor(assoc: Association, wake: threading.Event) -> Callable[[], None]:
+    """The reactor of a requested association: pynetdicom 3.0.4's ``_run_reactor`` waiting on
+    ``wake`` instead of sleeping 1 ms a turn, and counted as paused while it waits, so that a
+    ``send_*`` method (which asks it to pause, then polls ``_is_paused`` every 0.1 ms) need not
+    wait for it. Once awake it marks itself running and only then looks at the checkpoint: a
+    ``send_*`` method that saw it paused has cleared the checkpoint before that look, and the
+    reactor goes back to waiting without taking a message (the answer is that method's).
+    pynetdicom's own loop leaves that window open and can take the answer, leaving the C-STORE
+    waiting for the DIMSE timeout."""
+
+    def run() -> None:
+        assoc._is_paused = True
+        while not assoc._kill:
+            assoc._reactor_checkpoint.wait()
+            wake.wait(REQUESTOR_POLL_SECONDS)
+            wake.clear()
+            assoc._is_paused = False
+            if assoc._kill or not assoc._reactor_checkpoint.is_set():
+                assoc._is_paused = True
+                continue
+            try:
+                context_id, msg = assoc.dimse.msg_queue.get_nowait()
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                assoc._serve_request(msg, cast(int, context_id))
+            if _ended(assoc):
+                return
+            assoc._is_paused = True
+
+    return run
+
+
+class EventAE(AE):
+    """An AE whose requested associations (``associate``) wait on events like the listener's:
+    the DUL in ``select`` on its socket and its queue, the reactor on ``_requestor_reactor``'s
+    wake-ups; PDUs are read whole. Everything else is pynetdicom's ``AE``."""
+
+    def _create_socket(
+        self,
+        assoc: Association,
+        address: AddressInformation,
+        tls_args: tuple[ssl.SSLContext, str] | None,
+    ) -> AssociationSocket:
+        assoc.dul = EventDUL(assoc)
+        for name in ("acse_timeout", "network_timeout"):  # their setters set the DUL's timers
+            setattr(assoc, name, getattr(assoc, name))
+        wake = threading.Event()
+        assoc._reactor_checkpoint = _WakingCheckpoint(wake)
+        assoc.dimse.msg_queue = _WakingMessages(wake)
+        assoc._run_reactor = _requestor_reactor(assoc, wake)  # type: ignore[method-assign]
+        sock = WholePduSocket(assoc, address=address)
+        sock.max_pdu_bytes = REQUESTOR_MAX_PDU_BYTES
+        sock.tls_args = tls_args
+        return sock

@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from gateway.settings import Settings, settings_or_exit
-
-if TYPE_CHECKING:  # SQLAlchemy costs every command (`send` too) a second to import
+if TYPE_CHECKING:  # SQLAlchemy and pydantic-settings would cost every command (`send` too)
     from sqlalchemy.orm import Session, sessionmaker
+
+    from gateway.settings import Settings
 
 
 def _settings() -> Settings:
+    from gateway.settings import settings_or_exit
+
     return settings_or_exit()
 
 
