@@ -26,7 +26,8 @@ either file is missing rather than measure something else.
 joins the rounds as ``baseline-sqlite``: before and after in one run, under the same load.
 
 ``--senders``: storescu and ``cxr-gateway send`` (one process each, its start-up included, one
-association: ``--batch 500``) send the same files into the same storescp (no fsync).
+association: ``--batch 500``) send the same files into the same storescp (no fsync), taking
+turns; with ``--baseline DIR`` that checkout's ``send`` takes its turn too.
 """
 
 from __future__ import annotations
@@ -98,12 +99,12 @@ def make_files(folder: Path, source: Path, count: int) -> list[Path]:
     return paths
 
 
-def _timed(commands: list[list[str]], env: dict[str, str], what: str) -> float:
+def _timed(commands: list[list[str]], env: dict[str, str], what: str, cwd: Path = ROOT) -> float:
     """Run the commands at once (one per association); the wall time until all have ended."""
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
-            command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         for command in commands
     ]
@@ -121,13 +122,18 @@ def storescu(port: int, aec: str, paths: list[Path], associations: int) -> float
     return _timed([command + [str(p) for p in chunk] for chunk in chunks], ENV, "storescu")
 
 
-def gateway_send(port: int, aec: str, paths: list[Path], associations: int) -> float:
-    """`cxr-gateway send` in one process per association, start-up included."""
+def gateway_send(
+    port: int, aec: str, paths: list[Path], associations: int, code: Path = ROOT
+) -> float:
+    """`cxr-gateway send` of the checkout ``code`` in one process per association, start-up
+    included. ``python -m`` puts the working directory first on the path, so it runs there."""
     command = [sys.executable, "-m", "gateway.cli", "send", "--port", str(port), "--aet", aec]
     command += ["--calling-aet", "BENCH", "--batch", "500"]
     chunks = [paths[i::associations] for i in range(associations)]
     env = {k: v for k, v in ENV.items() if not k.startswith("CXR_")}
-    return _timed([command + [str(p) for p in chunk] for chunk in chunks], env, "cxr-gateway send")
+    env["PYTHONPATH"] = str(code)
+    commands = [command + [str(p) for p in chunk] for chunk in chunks]
+    return _timed(commands, env, "cxr-gateway send", cwd=code)
 
 
 Sender = Callable[[int, str, list[Path], int], float]
@@ -271,16 +277,30 @@ def ingest(bench: Bench, sets: dict[str, list[Path]], receivers: list[str], args
 
 
 def senders(bench: Bench, sets: dict[str, list[Path]], args: Any) -> None:
-    print("\n| files | storescu | cxr-gateway send | ratio |")
-    print("| --- | --- | --- | --- |")
+    """storescu and `cxr-gateway send` (and, with ``--baseline``, the other checkout's `send`)
+    take turns into a fresh storescp; medians of ``--repeats`` rounds after an untimed one."""
+    kinds: dict[str, Sender] = {"storescu": storescu, "send": gateway_send}
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        kinds["baseline send"] = lambda port, aec, paths, n: gateway_send(
+            port, aec, paths, n, code=baseline
+        )
+    extra = " | baseline send | ratio" if args.baseline is not None else ""
+    print(f"\n| files | storescu | cxr-gateway send | ratio{extra} | load average after |")
+    print("| --- | --- | --- | ---" + (" | --- | ---" if extra else "") + " | --- |")
     for name, paths in sets.items():
-        times: dict[str, list[float]] = {"storescu": [], "send": []}
-        bench.storescp(paths, 1, sender=gateway_send)  # untimed
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for sender in kinds.values():  # untimed
+            bench.storescp(paths, 1, sender=sender)
         for _ in range(args.repeats):
-            times["storescu"].append(bench.storescp(paths, 1))
-            times["send"].append(bench.storescp(paths, 1, sender=gateway_send))
-        a, b = (len(paths) / statistics.median(times[k]) for k in ("storescu", "send"))
-        print(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.2f} |", flush=True)
+            for kind, sender in kinds.items():
+                times[kind].append(bench.storescp(paths, 1, sender=sender))
+        rate = {k: len(paths) / statistics.median(t) for k, t in times.items()}
+        cells = [f"{rate['storescu']:.1f}"]
+        cells += [
+            f"{rate[k]:.1f} | {rate[k] / rate['storescu']:.2f}" for k in kinds if k != "storescu"
+        ]
+        print(f"| {name} | " + " | ".join(cells) + f" | {load()} |", flush=True)
 
 
 def main() -> None:
@@ -303,7 +323,8 @@ def main() -> None:
     for needed in (LARGE_FILE, SMALL_FILE):
         if not needed.is_file():
             sys.exit(f"bench_ingest: {needed} is missing; refusing to measure other files")
-    postgres = start_postgres(fsync=True) if "gateway-postgresql" in args.receivers else None
+    wants_postgres = "gateway-postgresql" in args.receivers and not args.no_ingest
+    postgres = start_postgres(fsync=True) if wants_postgres else None
     print(f"machine: {machine()}")
     print(f"load average at start: {load()}; code: {ROOT}")
     print(

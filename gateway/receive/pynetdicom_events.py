@@ -262,10 +262,6 @@ class _WakingCheckpoint(threading.Event):
         self._wake = wake
         super().set()
 
-    def set(self) -> None:
-        super().set()
-        self._wake.set()
-
     def clear(self) -> None:
         super().clear()
         self._wake.set()
