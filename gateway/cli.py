@@ -446,7 +446,7 @@ def build_app() -> typer.Typer:
 # Modules that pydicom imports at start-up and that sending never uses: numpy, Pillow and
 # pylibjpeg (pixel data, which `send` never decodes) and requests (pydicom's downloads of its
 # test files). Marked missing in a `send` process, pydicom takes its paths for their absence:
-# 0.18 s less start-up (issue #20; benchmarks/README.md, "Sender").
+# 0.18 s less start-up (issue #20; figures in benchmarks/README.md).
 NOT_IMPORTED_BY_SEND = ("numpy", "PIL", "pylibjpeg", "requests")
 
 

@@ -291,3 +291,32 @@ def storescu(
         timeout=timeout,
         env=env,
     )
+
+
+@dataclass
+class Storescp:
+    """DCMTK storescp, the reference receiver: what it stored is in ``folder``."""
+
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def start_storescp(folder: Path, *, aet: str = "REF", extra: Sequence[str] = ()) -> Storescp:
+    """storescp on a free loopback port (TCP_NODELAY=1, PDUs up to 128 KB, ``extra`` options)
+    writing into ``folder``; skipped locally (failed under CI) when DCMTK is not installed."""
+    if shutil.which("storescp") is None:
+        missing_peer("DCMTK storescp is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen(
+        ["storescp", "-aet", aet, "-pdu", "131072", *extra, "-od", str(folder), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process=process)
+    return Storescp(port, folder, process)

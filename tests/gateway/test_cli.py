@@ -14,7 +14,7 @@ from sqlalchemy import text
 from gateway.db.session import make_engine
 from tests import dicom_files as files
 from tests.conftest import RunningGateway
-from tests.peers import ROOT
+from tests.peers import ROOT, start_storescp
 from tests.peers import run_cli as cli
 
 
@@ -58,6 +58,42 @@ def test_send_folder_reports_each_file(
     assert "sent 2 of 2" in result.stdout
     refused = cli("send", str(files.ct_image()), "--port", str(gw.port), "--aet", "CXRGW")
     assert refused.returncode == 1 and "0x0122" in refused.stdout
+
+
+# Run at the exit of a process started with it on PYTHONPATH: the modules it had loaded.
+_MODULES_AT_EXIT = """import atexit, os, sys
+def _write():
+    with open(os.environ["MODULES_AT_EXIT"], "w") as out:
+        out.write("\\n".join(n for n, m in sys.modules.items() if m is not None))
+atexit.register(_write)
+"""
+
+
+@pytest.mark.parametrize("implicit_only", [False, True], ids=["as-is", "re-encoded"])
+def test_send_imports_only_what_sending_needs(tmp_path: Path, implicit_only: bool) -> None:
+    """A `send` process loads neither the settings (pydantic-settings) nor what pydicom imports
+    for pixel data and downloads (numpy, Pillow, pylibjpeg, requests): start-up was most of a
+    small batch's time (issue #20; figures in benchmarks/README.md). The file is sent as it is,
+    or read and re-encoded when the peer (storescp +xi) accepts implicit VR only."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(_MODULES_AT_EXIT)
+    modules = tmp_path / "modules.txt"
+    scp = start_storescp(tmp_path / "scp", extra=("+xi",) if implicit_only else ())
+    path = tmp_path / "sc.dcm"
+    files.with_new_uids(files.CHEST_SC, path)
+    env = {"PYTHONPATH": f"{probe}{os.pathsep}{ROOT}", "MODULES_AT_EXIT": str(modules)}
+    try:
+        result = cli("send", str(path), "--port", str(scp.port), "--aet", "REF", env=env)
+    finally:
+        scp.stop()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok     0x0000" in result.stdout
+    assert [p.name[:3] for p in scp.folder.iterdir()] == ["SC."]
+    loaded = {name.split(".")[0] for name in modules.read_text().split()}
+    assert {"pydicom", "pynetdicom", "typer"} <= loaded
+    unwanted = {"numpy", "PIL", "pylibjpeg", "requests", "pydantic_settings", "sqlalchemy"}
+    assert loaded & unwanted == set()
 
 
 def test_audit_list_filters_and_json(

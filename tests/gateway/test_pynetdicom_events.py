@@ -1,29 +1,37 @@
 """gateway/receive/pynetdicom_events.py relies on pynetdicom internals: these tests fail when
 the names it uses, or the two loops it re-implements, change upstream (then compare the new
-upstream loops with ours and update both hashes), and check it on real associations."""
+upstream loops with ours and update both hashes), and check it on real associations: accepted
+ones (the listener's) and requested ones (``EventAE``, the sender's) into DCMTK storescp."""
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import queue
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pynetdicom
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from gateway.receive import pynetdicom_events
 from tests import dicom_files as files
-from tests.peers import free_port
+from tests.peers import Storescp, free_port, start_storescp
 
 # sha256 of inspect.getsource() of the upstream loops that pynetdicom_events re-implements.
 UPSTREAM_LOOPS = {
@@ -50,6 +58,30 @@ def test_the_upstream_names_and_loops_are_the_ones_reimplemented() -> None:
         assert callable(getattr(Association, name)), name
     assert "self.socket" in inspect.getsource(AssociationSocket.__init__)
     assert hasattr(RequestHandler, "_create_association")
+
+
+def test_the_upstream_names_the_requestor_relies_on() -> None:
+    """EventAE changes a requested association in ``AE._create_socket``, which ``associate``
+    calls after creating the association and before ``request`` starts it; a ``send_*`` method
+    pauses the reactor by clearing its checkpoint and polling ``_is_paused``, then waits on the
+    DIMSE message queue, where an abort queues ``(None, None)``."""
+    associate = inspect.getsource(AE.associate)
+    created = associate.index("assoc = Association(self, MODE_REQUESTOR)")
+    socket_made = associate.index("self._create_socket(assoc, local_address, tls_args)")
+    assert created < socket_made < associate.index("assoc.request()")
+    assert list(inspect.signature(AE._create_socket).parameters) == [
+        "self",
+        "assoc",
+        "address",
+        "tls_args",
+    ]
+    store = inspect.getsource(Association.send_c_store)
+    paused = store.index("self._reactor_checkpoint.clear()")
+    assert paused < store.index("while not self._is_paused:") < store.index("get_msg(block=True)")
+    assert "self.msg_queue.get(" in inspect.getsource(DIMSEServiceProvider.get_msg)
+    assert "assoc.dimse.msg_queue.put((None, None))" in inspect.getsource(fsm)
+    assert "self._run_reactor()" in inspect.getsource(Association.run_reactor)
+    assert AddressInformation.__name__ == "AddressInformation"
 
 
 class _Recorded:
@@ -119,3 +151,84 @@ def test_an_association_stores_echoes_releases_and_aborts(
     assoc = _associate(port)
     assoc.abort()
     assert recorded.aborted.wait(5)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Storescp]:
+    scp = start_storescp(tmp_path / "scp")
+    yield scp
+    scp.stop()
+
+
+def _request(ae: AE, port: int) -> Association:
+    ae.dimse_timeout = 5
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
+    assoc = ae.associate("127.0.0.1", port, ae_title="REF")
+    assert assoc.is_established
+    return assoc
+
+
+def test_a_requested_association_stores_releases_and_aborts(storescp: Storescp) -> None:
+    ds = dcmread(files.CHEST_SC)
+    assoc = _request(pynetdicom_events.EventAE(ae_title="SCU"), storescp.port)
+    assert (type(assoc.dul).__name__, type(assoc.dul.socket).__name__) == (
+        "EventDUL",
+        "WholePduSocket",
+    )
+    statuses = [int(assoc.send_c_store(ds).Status) for _ in range(20)]
+    assoc.release()
+    assert assoc.is_released and statuses == [0] * 20
+    assert len(list(storescp.folder.iterdir())) == 1  # the same instance, stored 20 times
+
+    assoc = _request(pynetdicom_events.EventAE(ae_title="SCU"), storescp.port)
+    assoc.abort()
+    assert assoc.is_aborted
+
+
+class _LateWakingAE(pynetdicom_events.EventAE):
+    """Widens the window in which a reactor can take a C-STORE's answer: its reactor returns
+    from its checkpoint 50 ms late (a C-STORE started then sees it still paused and sends),
+    and the C-STORE looks for its answer every 200 ms instead of waiting for it."""
+
+    def _create_socket(
+        self, assoc: Association, address: AddressInformation, tls_args: Any
+    ) -> AssociationSocket:
+        sock = super()._create_socket(assoc, address, tls_args)
+        checkpoint, messages = assoc._reactor_checkpoint, assoc.dimse.msg_queue
+        wait, get = checkpoint.wait, messages.get
+
+        def late_wait(timeout: float | None = None) -> bool:
+            woke = wait(timeout)
+            time.sleep(0.05)
+            return woke
+
+        def slow_get(block: bool = True, timeout: float | None = None) -> Any:
+            deadline = time.monotonic() + (timeout or 30)
+            while True:
+                try:
+                    return get(False)
+                except queue.Empty:
+                    if not block or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
+
+        checkpoint.wait = late_wait  # type: ignore[method-assign]
+        messages.get = slow_get  # type: ignore[method-assign]
+        return sock
+
+
+def test_a_reactor_that_wakes_late_never_takes_a_c_store_answer(storescp: Storescp) -> None:
+    """pynetdicom's own reactor, in that window, takes the C-STORE-RSP off the message queue
+    and the C-STORE waits for the DIMSE timeout with no status (seen on main: 3 sends of 300
+    small images in about 12 hung for 30 s). The requestor's reactor looks at its checkpoint
+    again after waking and leaves the answer to the C-STORE."""
+    ds = dcmread(files.CHEST_SC)
+    assoc = _request(_LateWakingAE(ae_title="SCU"), storescp.port)
+    start = time.perf_counter()
+    try:
+        statuses = [assoc.send_c_store(ds).get("Status") for _ in range(5)]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert statuses == [0] * 5
+    assert time.perf_counter() - start < 5  # a lost answer costs the DIMSE timeout, 5 s
