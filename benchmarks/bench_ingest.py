@@ -290,15 +290,24 @@ def senders(bench: Bench, sets: dict[str, list[Path]], args: Any) -> None:
     print("| --- | --- | --- | ---" + (" | --- | ---" if extra else "") + " | --- |")
     for name, paths in sets.items():
         times: dict[str, list[float]] = {k: [] for k in kinds}
-        for sender in kinds.values():  # untimed
-            bench.storescp(paths, 1, sender=sender)
-        for _ in range(args.repeats):
+        failed = dict.fromkeys(kinds, 0)
+        for round_ in range(args.repeats + 1):  # round 0 is untimed
             for kind, sender in kinds.items():
-                times[kind].append(bench.storescp(paths, 1, sender=sender))
-        rate = {k: len(paths) / statistics.median(t) for k, t in times.items()}
+                try:
+                    seconds = bench.storescp(paths, 1, sender=sender)
+                except RuntimeError as exc:  # a failed send is counted and shown, not timed
+                    failed[kind] += 1
+                    print(f"<!-- {kind} failed: {str(exc)[-300:]} -->", flush=True)
+                    continue
+                if round_:
+                    times[kind].append(seconds)
+        rate = {k: len(paths) / statistics.median(t) if t else 0.0 for k, t in times.items()}
         cells = [f"{rate['storescu']:.1f}"]
         cells += [
-            f"{rate[k]:.1f} | {rate[k] / rate['storescu']:.2f}" for k in kinds if k != "storescu"
+            f"{rate[k]:.1f}{f' ({failed[k]} of {args.repeats + 1} failed)' if failed[k] else ''} | "
+            f"{rate[k] / rate['storescu']:.2f}"
+            for k in kinds
+            if k != "storescu"
         ]
         print(f"| {name} | " + " | ".join(cells) + f" | {load()} |", flush=True)
 

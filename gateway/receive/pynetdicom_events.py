@@ -1,5 +1,5 @@
-"""The listener's association, waiting on events instead of pynetdicom's 1 ms polls, and
-reading whole PDUs (issue #20). The only module that touches pynetdicom internals;
+"""The listener's associations and the sender's, waiting on events instead of pynetdicom's 1 ms
+polls, and reading whole PDUs (issue #20). The only module that touches pynetdicom internals;
 tests/gateway/test_pynetdicom_events.py fails when a name it relies on changes upstream.
 
 pynetdicom 3.0 runs two loops per association: the DUL reactor sleeps 1 ms whenever it found
@@ -12,6 +12,8 @@ changes one accepted association, before it starts, so that
 - its association reactor waits on the DIMSE message queue (at most ``POLL_SECONDS``, to check
   release, abort and the timers as before);
 - its socket reads a PDU whole into one buffer instead of 4 KB pieces.
+``EventAE`` gives the associations it requests (our C-STORE SCU) the same DUL and socket, and a
+reactor that a ``send_*`` method need not wait for (``_requestor_reactor``).
 Everything else (the state machine, timers, the order of checks) is pynetdicom's own.
 """
 
