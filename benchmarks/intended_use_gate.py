@@ -1,6 +1,6 @@
 """Two artifacts' intended-use figures side by side, and the gate a new model must pass.
 
-The gate (docs/model.md, "Crop to the body"), fixed before 1.6.0 was measured:
+The gate (docs/model.md, "Model 1.6.0: crop to the body"), fixed before 1.6.0 was measured:
 
 1. each group of films outside the population (adult frontal, lateral, other images: other
    modalities and other X-rays together) is declined by the new artifact's image checks at
