@@ -1,4 +1,9 @@
-"""Heat map overlay (class-activation map over the radiograph) as PNG bytes."""
+"""Heat map overlay (class-activation map over the radiograph) as PNG bytes.
+
+The map covers the part of the image the model saw: the whole image, or the body's box for an
+artifact that crops to the body (``inference.preprocess.input_box``); outside it there is no
+heat, since the model never saw those pixels.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,19 @@ import numpy.typing as npt
 MAX_SIDE = 512
 
 
-def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float = 0.4) -> bytes:
+def overlay_png(
+    image: npt.NDArray[Any],
+    cam: npt.NDArray[Any],
+    *,
+    alpha: float = 0.4,
+    box: tuple[int, int, int, int] | None = None,
+) -> bytes:
     """Blend the positive part of ``cam`` (logit units, any size) over ``image`` (2-D, any range).
 
-    The output keeps the image's aspect ratio, longest side at most 512 px. Regions that push
-    towards PNEUMONIA are warm; a map with no positive evidence shows the plain image.
+    ``box`` ``(y0, y1, x0, x1)``, in ``image``'s pixels, is where the model's input came from:
+    the map is stretched over it and the rest gets no heat (None: the whole image). The output
+    keeps the image's aspect ratio, longest side at most 512 px. Regions that push towards
+    PNEUMONIA are warm; a map with no positive evidence shows the plain image.
     """
     img = np.asarray(image, dtype=np.float32)
     lo, hi = float(img.min()), float(img.max())
@@ -27,7 +40,7 @@ def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float 
     heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
     peak = float(heat.max())
     heat = heat / peak if peak > 0 else heat
-    heat = cv2.resize(heat, size, interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    heat = place(heat, (h, w), size, box)
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     base = cv2.cvtColor(gray8, cv2.COLOR_GRAY2BGR)
     weight = (alpha * heat)[..., None]
@@ -37,3 +50,25 @@ def overlay_png(image: npt.NDArray[Any], cam: npt.NDArray[Any], *, alpha: float 
     if not ok:
         raise ValueError("PNG encoding failed")
     return bytes(buf.tobytes())
+
+
+def place(
+    heat: npt.NDArray[Any],
+    shape: tuple[int, int],
+    size: tuple[int, int],
+    box: tuple[int, int, int, int] | None,
+) -> npt.NDArray[np.float32]:
+    """``heat`` (the model input's grid) resized into ``box`` of an image of ``shape`` (h, w),
+    on an output of ``size`` (w, h); zero outside the box."""
+    if box is None:
+        return np.asarray(cv2.resize(heat, size, interpolation=cv2.INTER_CUBIC).clip(0, 1))
+    h, w = shape
+    y0, y1, x0, x1 = box
+    ow, oh = size
+    top, left = min(round(y0 * oh / h), oh - 1), min(round(x0 * ow / w), ow - 1)
+    bottom = min(oh, max(top + 1, round(y1 * oh / h)))
+    right = min(ow, max(left + 1, round(x1 * ow / w)))
+    out = np.zeros((oh, ow), dtype=np.float32)
+    inner = cv2.resize(heat, (right - left, bottom - top), interpolation=cv2.INTER_CUBIC)
+    out[top:bottom, left:right] = inner.clip(0, 1)
+    return out

@@ -33,7 +33,7 @@ from inference.input_check import (
 )
 from inference.population import AgeRange, PatientAge, age_decline_reason, patient_age
 from inference.population_check import PopulationModel
-from inference.preprocess import preprocess, to_gray
+from inference.preprocess import input_box, preprocess_with_box, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
 
@@ -135,7 +135,8 @@ class Predictor:
         if not images:
             return []
         cfg = self.meta.preprocess
-        x = np.stack([preprocess(img, cfg) for img in images])[..., None]
+        inputs = [preprocess_with_box(img, cfg) for img in images]
+        x = np.stack([xi for xi, _ in inputs])[..., None]
         raw = self.runner.run(x)
         thumbs = np.stack([thumbnail(xi[..., 0]) for xi in x])
         ood, reasons = self.input_check(raw.embedding, thumbs)
@@ -147,9 +148,24 @@ class Predictor:
                 out.append(Prediction(None, None, score, reasons[i], threshold=self.threshold))
                 continue
             p = float(probs[i])
-            png = overlay_png(to_gray(img), raw.cam[i]) if heatmap else None
+            png = self.heatmap(img, raw.cam[i], box=inputs[i][1]) if heatmap else None
             out.append(Prediction(p, p >= self.threshold, score, None, png, self.threshold))
         return out
+
+    def heatmap(
+        self,
+        image: npt.NDArray[Any],
+        cam: npt.NDArray[Any],
+        *,
+        box: tuple[int, int, int, int] | None = None,
+    ) -> bytes:
+        """The heat map PNG of ``image``: ``cam`` over the part the model saw (the body's box
+        when the artifact crops to the body, else the whole image); ``box``: that part, when
+        preprocessing has found it already."""
+        if not self.meta.preprocess.crop_body:
+            return overlay_png(to_gray(image), cam)
+        box = box or input_box(image, self.meta.preprocess)
+        return overlay_png(to_gray(image), cam, box=box)
 
     def predict_array(self, image: npt.NDArray[Any], *, heatmap: bool = True) -> Prediction:
         """Predict one 2-D image (e.g. from a JPEG, PNG or :func:`dicom_to_image`)."""

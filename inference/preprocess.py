@@ -101,12 +101,22 @@ def preprocess(image: npt.NDArray[Any], config: PreprocessConfig) -> FloatImage:
     ``image`` may be uint8, uint16 or float of any range. Raises ValueError for an empty or
     non-image array.
     """
+    return preprocess_with_box(image, config)[0]
+
+
+def preprocess_with_box(
+    image: npt.NDArray[Any], config: PreprocessConfig
+) -> tuple[FloatImage, tuple[int, int, int, int]]:
+    """:func:`preprocess`, and the part ``(y0, y1, x0, x1)`` of ``image`` it used (as
+    :func:`input_box` finds it, without a second pass over a large image)."""
     gray = to_gray(image)
     if gray.size == 0 or min(gray.shape) < 2:
         raise ValueError(f"image too small: {gray.shape}")
     unit = to_unit_range(gray)
+    box = (0, gray.shape[0], 0, gray.shape[1])
     if config.crop_body:
-        y0, y1, x0, x1 = body_box(unit)
+        box = body_box(unit)
+        y0, y1, x0, x1 = box
         unit = unit[y0:y1, x0:x1]
     small = cv2.resize(unit, (config.size, config.size), interpolation=cv2.INTER_AREA)
     if config.equalize:
@@ -116,7 +126,7 @@ def preprocess(image: npt.NDArray[Any], config: PreprocessConfig) -> FloatImage:
         small = normalise_detail(
             np.asarray(small, dtype=np.float32), config.detail_target, sigma=config.size / 128.0
         )
-    return ((small - config.mean) * (1.0 / config.std)).astype(np.float32)
+    return ((small - config.mean) * (1.0 / config.std)).astype(np.float32), box
 
 
 # body_box: the body is where pixels are brighter than the air by this share of the image's

@@ -42,8 +42,11 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_model_card(meta: ArtifactMeta, summary: dict[str, Any]) -> str:
-    """The model card's markdown for an artifact's meta and its training_summary.json content.
+def render_model_card(
+    meta: ArtifactMeta, summary: dict[str, Any], population: dict[str, Any] | None = None
+) -> str:
+    """The model card's markdown for an artifact's meta and its training_summary.json content;
+    ``population``: the population check's report (population_check.json), when it has one.
 
     Raises jinja2.UndefinedError when the summary lacks an entry the card needs.
     """
@@ -60,6 +63,7 @@ def render_model_card(meta: ArtifactMeta, summary: dict[str, Any]) -> str:
         ood=summary["ood"],
         metric_names=METRIC_NAMES,
         nan=float("nan"),
+        population=population,
     )
 
 

@@ -2,7 +2,8 @@
 
     python -m training.population_check --model models/cxr-pneumonia-v1 \\
         --data ../shared/data/kermany-224 --outside ../shared/data/not-frontal-chest \\
-        [--version 1.5.0]
+        [--extra-inside ../shared/data/kermany-val16-fullres] [--version 1.5.0] \\
+        [--population-from OLD_ARTIFACT]
 
 In-population films: the training data, split by patient as the model's own ``batch`` split
 (its training patients fit the check; a fifth of them, held out of the fit, set the threshold;
@@ -11,7 +12,8 @@ Outside films: a folder with one sub-folder per category and a SOURCES.tsv namin
 source; the check is measured by leaving each source out in turn (fit without it, decline
 rate on it), so the figures say how it does on films from a source it has never seen. The
 final check is fitted on everything and written into the artifact with its report; the
-artifact's version and content hash change.
+artifact's version and content hash change, and its model card is rendered again (with the
+check's figures in the intended use and in its own section).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from inference.artifact import write_meta
+from inference.artifact import ArtifactMeta, read_meta, write_meta
 from inference.dicom_pixels import read_image_file
 from inference.input_check import thumbnail
 from inference.population_check import POPULATION_FILE, PopulationModel
 from inference.predictor import Predictor
 from inference.preprocess import preprocess
 from training.data import batch_split, list_samples
+from training.model_card import render_model_card
 
 F = npt.NDArray[Any]
 PCA_COMPONENTS = 32
@@ -194,8 +197,9 @@ def card_section(report: dict[str, Any], population: str) -> str:
         if extra
         else ""
     )
+    whom = population[:1].lower() + population[1:]
     return f"""{CARD_SECTION}
-Population: {population} The DICOM header rules decline first: a Patient's Age (or birth
+Population: {whom} The DICOM header rules decline first: a Patient's Age (or birth
 date and study date) outside the population's ages, lateral or oblique views (View Position,
 View Code Sequence, descriptions, Patient Orientation), other body parts and modalities.
 For images whose header does not say (PNG/JPEG uploads, DICOM without an age), a logistic
@@ -226,21 +230,14 @@ artifact. Refit with `python -m training.population_check` after retraining the 
 """
 
 
-def update_model_card(folder: Path, version: str, content_hash: str, section: str) -> None:
-    """Put ``section`` before the limitations (replacing an earlier one) and the new version
-    and content hash in the card's header."""
-    path = folder / "model_card.md"
-    card = path.read_text()
-    if CARD_SECTION in card:
-        start = card.index(CARD_SECTION)
-        card = card[:start] + card[card.index(CARD_NEXT, start) :]
-    card = card.replace(CARD_NEXT, section + CARD_NEXT, 1)
-    lines = card.split("\n")
-    lines[0] = f"# Model card: {lines[0].split(': ', 1)[1].rsplit(' ', 1)[0]} {version}"
-    for i, line in enumerate(lines[:6]):
-        if line.startswith("Content hash (sha256):"):
-            lines[i] = f"Content hash (sha256): `{content_hash}`  "
-    path.write_text("\n".join(lines))
+def write_model_card(folder: Path, meta: ArtifactMeta, report: dict[str, Any]) -> None:
+    """Render the artifact's model card again from its training summary (the intended use
+    with this check's figures), with the check's section before the limitations."""
+    summary = json.loads((folder / "training_summary.json").read_text())
+    card = render_model_card(meta, summary, population=report)
+    population = meta.population.description if meta.population else "not stated."
+    section = card_section(report, population)
+    (folder / "model_card.md").write_text(card.replace(CARD_NEXT, section + CARD_NEXT, 1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,7 +247,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outside", type=Path, required=True, help="not-frontal-chest folder")
     parser.add_argument("--extra-inside", type=Path, help="more in-population films (checked)")
     parser.add_argument("--version", default="", help="new artifact version")
+    parser.add_argument(
+        "--population-from", type=Path, help="artifact whose model.json population to state"
+    )
     args = parser.parse_args(argv)
+    if args.population_from:
+        # The export does not state a population: a retrained model takes the one its
+        # predecessor states (the same training data), before anything reads it.
+        stated = read_meta(args.population_from).population
+        write_meta(args.model, replace(read_meta(args.model), population=stated))
 
     predictor = Predictor.load(args.model)
     predictor.population = None  # "the other checks" below: never a population check already there
@@ -293,10 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.model / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     meta = write_meta(args.model, replace(meta, version=args.version or meta.version))
-    population = meta.population.description if meta.population else "not stated."
-    section = card_section(report, population)
-    update_model_card(args.model, meta.version, meta.content_hash, section)
-    print(section)
+    write_model_card(args.model, meta, report)
+    print(json.dumps({k: report[k] for k in ("by_category", "validation_declined")}, indent=1))
 
 
 if __name__ == "__main__":

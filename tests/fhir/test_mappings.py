@@ -351,11 +351,11 @@ def test_a_site_calibrated_model_is_named_in_the_device(mapping_config):
     sited = dataclasses.replace(
         finding,
         model=dataclasses.replace(
-            finding.model, version="1.5.0+site.1a2b3c4d", site_calibration=site
+            finding.model, version="1.6.0+site.1a2b3c4d", site_calibration=site
         ),
     )
     device = entry_of(build(sited, mapping_config), "Device")["resource"]
-    assert device["version"] == [{"value": "1.5.0+site.1a2b3c4d"}]
+    assert device["version"] == [{"value": "1.6.0+site.1a2b3c4d"}]
     assert any(site in note["text"] for note in device["note"])
     plain = entry_of(build(finding, mapping_config), "Device")["resource"]
     assert not any("Calibrated" in note["text"] for note in plain["note"])

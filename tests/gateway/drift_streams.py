@@ -35,7 +35,7 @@ def finding(
     image = SourceImage("1.2.840.10008.5.1.4.1.1.1.1", f"2.25.{n}.1", f"2.25.{n}.2")
     return StudyFinding(
         study=StudyContext(study_instance_uid=f"2.25.{n}", patient_id="P", patient_name="X^Y"),
-        model=ModelInfo("cxr-pneumonia", "1.5.0", model_hash, threshold=0.5),
+        model=ModelInfo("cxr-pneumonia", "1.6.0", model_hash, threshold=0.5),
         probability=probability,
         present=None if probability is None else probability >= 0.5,
         images=() if probability is None else (image,),

@@ -14,7 +14,7 @@ from fhir_mappings.summary import BANNER
 from gateway.deliver.hl7_message import Envelope, Order, build_oru, control_id
 from inference.finding import DeclinedImage, ModelInfo, SourceImage, StudyContext, StudyFinding
 
-MODEL = ModelInfo(name="cxr-pneumonia-v1", version="1.5.0", content_hash="ab" * 32, threshold=0.42)
+MODEL = ModelInfo(name="cxr-pneumonia-v1", version="1.6.0", content_hash="ab" * 32, threshold=0.42)
 IMAGE = SourceImage("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.1", "1.2.3.4.2")
 REPORT_ID = "5b2f1d7e-8a43-4f0e-9c51-3c9f0d2b7a61"
 STUDY = StudyContext(
@@ -116,7 +116,7 @@ def test_every_field_the_ehr_reads() -> None:
     assert str(probability(2)) == "NM" and str(probability(3)) == "122157^Probability^DCM"
     assert float(str(probability(5))) == 0.873 and str(probability(6)) == "1^no units^UCUM"
     assert str(obx(m, "111001")[0](5)) == "cxr-pneumonia-v1"
-    assert str(obx(m, "111003")[0](5)) == "1.5.0"
+    assert str(obx(m, "111003")[0](5)) == "1.6.0"
     parameters = {str(s(5)) for s in obx(m, "111002")}
     assert parameters == {"threshold=0.42", f"sha256={'ab' * 32}"}
     assert {str(s(11)) for s in m.segments("OBX")} == {"P"}  # preliminary: nobody verified it

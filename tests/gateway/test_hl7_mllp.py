@@ -29,7 +29,7 @@ from tests import dicom_files as files
 from tests.hl7_peer import MllpReceiver, mllp_receiver
 from tests.pki import Pki, make_pki
 
-MODEL = ModelInfo(name="cxr-pneumonia-v1", version="1.5.0", content_hash="0f" * 32)
+MODEL = ModelInfo(name="cxr-pneumonia-v1", version="1.6.0", content_hash="0f" * 32)
 MRN_SYSTEM = "urn:oid:1.2.826.0.1.3680043.8.498.77"
 REPORT_ID = "5b2f1d7e-8a43-4f0e-9c51-3c9f0d2b7a61"
 

@@ -172,3 +172,56 @@ def test_artifact_declares_the_body_crop(artifact: Path, tmp_path: Path) -> None
     loaded = Predictor.load(copy)
     assert loaded.meta.preprocess.crop_body
     assert loaded.meta.content_hash != meta.content_hash
+
+
+def _heat_mask(png: bytes) -> np.ndarray:
+    """Pixels of a heat map PNG that carry colour (the base image is gray: B = G = R)."""
+    out = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+    spread = out.max(axis=2) - out.min(axis=2)
+    return np.asarray(spread > 2)
+
+
+def test_heatmap_lies_in_the_box_the_model_sees(artifact: Path, tmp_path: Path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from inference.preprocess import input_box
+
+    copy = tmp_path / "cropped"
+    shutil.copytree(artifact, copy)
+    meta = read_meta(artifact)
+    # The untrained model's out-of-distribution statistics know no cropped input: no decline.
+    cropped = replace(meta, preprocess=replace(meta.preprocess, crop_body=True))
+    write_meta(copy, replace(cropped, ood_threshold=1e30))
+    chest = fixture_image()[:, :, 0]
+    h, w = chest.shape
+    # A wide dark border (a fifth of the width on each side, a tenth of the height at the top
+    # and bottom): the body crop takes it away, so the model never sees it.
+    framed = np.zeros((h + h // 4, w + w // 2 + w // 6), np.uint8)
+    top, left = h // 8, (framed.shape[1] - w) // 2
+    framed[top : top + h, left : left + w] = chest
+    pred = Predictor.load(copy)
+    y0, y1, x0, x1 = input_box(framed, pred.meta.preprocess)
+    assert x0 > left // 2 and x1 < framed.shape[1] - left // 2  # the box leaves the border out
+    p = pred.predict_array(framed)
+    assert p.heatmap_png is not None
+    heat = _heat_mask(p.heatmap_png)
+    scale = heat.shape[1] / framed.shape[1]
+    inside = np.zeros_like(heat)
+    rows = slice(int(y0 * scale), int(np.ceil(y1 * scale)) + 1)
+    inside[rows, int(x0 * scale) : int(np.ceil(x1 * scale)) + 1] = True
+    assert heat[inside].any()  # the map has heat, and all of it inside the box
+    assert not heat[~inside].any()
+
+
+def test_heatmap_without_crop_covers_the_whole_image(artifact: Path) -> None:
+    """An artifact without crop_body (1.5.0) overlays the map on the whole image, as before."""
+    from inference.heatmap import overlay_png
+
+    pred = Predictor.load(artifact)
+    assert not pred.meta.preprocess.crop_body
+    chest = fixture_image()[:, :, 0]
+    cam = np.linspace(-1.0, 1.0, 36, dtype=np.float32).reshape(6, 6)
+    h, w = chest.shape
+    assert pred.heatmap(chest, cam) == overlay_png(chest, cam)
+    assert overlay_png(chest, cam, box=(0, h, 0, w)) == overlay_png(chest, cam)

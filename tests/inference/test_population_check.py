@@ -61,7 +61,8 @@ def test_switching_the_population_check_off_lets_adult_films_through(
     without = Predictor(
         predictor.folder, predictor.meta, predictor.runner, predictor.ood, predictor.orientation
     )
-    assert _declined_share(without, adults) < 0.2
+    # 1.5.0's other checks declined 6 of the 86, 1.6.0's (the crop to the body) 33.
+    assert _declined_share(without, adults) < 0.5
     called = Counter(
         p.present for p in without.predict_arrays([read_image_file(a)[0] for a in adults])
     )

@@ -203,12 +203,14 @@ def test_body_crop_is_off_unless_the_artifact_declares_it() -> None:
     import json
 
     shipped = json.loads(SHIPPED.read_text())["preprocess"]
-    cfg = PreprocessConfig.from_json(shipped)
+    assert shipped["crop_body"] is True  # 1.6.0 on
+    declared = PreprocessConfig.from_json(shipped)
+    assert declared.crop_body and declared.to_json() == shipped  # its hash does not move
+    # An artifact written before the option (1.5.0) states nothing and is not cropped.
+    before = {k: v for k, v in shipped.items() if k != "crop_body"}
+    cfg = PreprocessConfig.from_json(before)
     assert not cfg.crop_body
-    assert cfg.to_json() == shipped  # the shipped artifact's hash does not move
-    declared = PreprocessConfig.from_json({**shipped, "crop_body": True})
-    assert declared.crop_body and declared.to_json()["crop_body"] is True
-    assert PreprocessConfig.from_json(declared.to_json()) == declared
+    assert cfg.to_json() == before
 
 
 def test_body_crop_undoes_a_black_border() -> None:

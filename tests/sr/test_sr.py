@@ -344,7 +344,7 @@ def test_a_site_calibrated_model_is_named_in_the_algorithm_parameters() -> None:
     site = "site calibration 2026-11-30 on 60 normal + 100 pneumonia local films"
     sited = dataclasses.replace(
         finding,
-        model=dataclasses.replace(MODEL, version="1.5.0+site.1a2b3c4d", site_calibration=site),
+        model=dataclasses.replace(MODEL, version="1.6.0+site.1a2b3c4d", site_calibration=site),
     )
 
     def texts(sr: Dataset) -> list[str]:
@@ -353,5 +353,5 @@ def test_a_site_calibrated_model_is_named_in_the_algorithm_parameters() -> None:
         return found
 
     with_site = texts(build_sr(sited, sources))
-    assert f"calibration={site}" in with_site and "1.5.0+site.1a2b3c4d" in with_site
+    assert f"calibration={site}" in with_site and "1.6.0+site.1a2b3c4d" in with_site
     assert not any(t.startswith("calibration=") for t in texts(build_sr(finding, sources)))

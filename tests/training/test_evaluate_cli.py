@@ -73,7 +73,8 @@ def test_evaluate_names_the_films_the_gateway_would_decline(tmp_path: Path) -> N
         declined = {row["file"]: row["declined"] for row in csv.DictReader(f)}
     assert len(declined) == 24
     # Every film is scored; the turned ones are named with the reason the gateway would give,
-    # and so is the one tightly collimated film the population check declines (model 1.5.0).
+    # and so is the one tightly collimated film the population check declines (models 1.5.0
+    # and 1.6.0).
     tight = "PNEUMONIA/person1004_virus_1686.jpeg"
     assert {name for name, why in declined.items() if why} == {*turned, tight}
     assert declined[tight].startswith("does not look like a frontal chest film of a young child")
