@@ -45,17 +45,37 @@ POLL_SECONDS = 0.001  # as pynetdicom, when nothing arrives: the timers are chec
 # at most this much at a time (a 4 GB length followed by nothing costs 1 MB, not 4 GB).
 GROWTH_BYTES = 16 * 2**20
 FIRST_BYTES = 2**20
+# How long a read or write may wait for a peer that went silent in the middle of a PDU, when the
+# association has no network timeout of its own.
+STALLED_PEER_SECONDS = 60.0
 
 
 class WholePduSocket(AssociationSocket):
     """Reads a PDU of ``nr_bytes`` into one buffer with as few system calls as the kernel
     allows. A PDU longer than ``max_pdu_bytes`` (set from the instance size limit) closes the
-    connection before anything of it is read; pynetdicom then aborts the association."""
+    connection before anything of it is read; pynetdicom then aborts the association.
+
+    pynetdicom leaves the socket blocking with no timeout once connected, and checks its own
+    timeouts only between PDUs: a peer that announces a PDU and stops sending it (or stops
+    reading what we send) would hold the association, and its thread, for ever. Here every read
+    and write waits at most the association's network timeout; the error that follows makes
+    pynetdicom close the connection and abort the association."""
 
     max_pdu_bytes = 0  # 0: no limit
 
+    def _bound_waits(self) -> None:
+        assert self.socket is not None
+        if self.socket.gettimeout() is None:
+            self.socket.settimeout(self.assoc.network_timeout or STALLED_PEER_SECONDS)
+
+    def send(self, bytestream: bytes) -> None:
+        if self.socket is not None:
+            self._bound_waits()
+        super().send(bytestream)
+
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
+        self._bound_waits()
         if self.max_pdu_bytes and nr_bytes > self.max_pdu_bytes:
             log.warning(
                 "PDU of %d bytes announced, limit %d: connection closed",

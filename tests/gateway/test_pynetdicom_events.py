@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import queue
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -88,10 +90,21 @@ class _Recorded:
     def __init__(self) -> None:
         self.loops: list[tuple[str, str]] = []
         self.aborted = threading.Event()
+        self.closed = threading.Event()
 
 
 @pytest.fixture
 def server() -> Iterator[tuple[int, _Recorded]]:
+    yield from _serve(network_timeout=60)
+
+
+@pytest.fixture
+def impatient_server() -> Iterator[tuple[int, _Recorded]]:
+    yield from _serve(network_timeout=2)
+
+
+def _serve(*, network_timeout: float) -> Iterator[tuple[int, _Recorded]]:
+    """An in-process SCP whose accepted associations get ``install``: its port, what it saw."""
     recorded = _Recorded()
 
     class Handler(RequestHandler):
@@ -107,6 +120,7 @@ def server() -> Iterator[tuple[int, _Recorded]]:
 
     port = free_port()
     ae = AE(ae_title="EVENTS")
+    ae.network_timeout = network_timeout
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1")
     ae.add_supported_context("1.2.840.10008.1.1")
     server: ThreadedAssociationServer = ae.make_server(
@@ -114,6 +128,7 @@ def server() -> Iterator[tuple[int, _Recorded]]:
         evt_handlers=[
             (evt.EVT_C_STORE, on_store),
             (evt.EVT_ABORTED, lambda event: recorded.aborted.set()),
+            (evt.EVT_CONN_CLOSE, lambda event: recorded.closed.set()),
         ],
         request_handler=Handler,
     )
@@ -232,3 +247,59 @@ def test_a_reactor_that_wakes_late_never_takes_a_c_store_answer(storescp: Stores
             assoc.release()
     assert statuses == [0] * 5
     assert time.perf_counter() - start < 5  # a lost answer costs the DIMSE timeout, 5 s
+
+
+def _stall_mid_pdu(sock: socket.socket) -> None:
+    """Announce a 1000-byte P-DATA-TF PDU, send 10 bytes of it, then nothing."""
+    sock.sendall(b"\x04\x00" + struct.pack(">I", 1000) + bytes(10))
+
+
+def test_a_peer_that_stops_inside_a_pdu_ends_the_accepted_association(
+    impatient_server: tuple[int, _Recorded],
+) -> None:
+    """pynetdicom checks its timeouts only between PDUs, on a socket with no timeout: a peer
+    that stops in the middle of one held the association's threads (and the listener's slot
+    for that host) for ever. Now the read waits at most the network timeout (2 s here)."""
+    port, recorded = impatient_server
+    assoc = _associate(port)
+    try:
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert raw is not None
+        _stall_mid_pdu(raw)
+        assert recorded.closed.wait(15), "the association still waits for the rest of the PDU"
+    finally:
+        assoc.abort()
+
+
+def test_a_peer_that_stops_inside_a_pdu_ends_the_requested_association() -> None:
+    """The requestor's side (our C-STORE SCU): a 'PACS' that answers the association request
+    with the start of an A-ASSOCIATE-AC and then nothing. ``associate`` returns, refused, after
+    about the network timeout instead of never."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    stop = threading.Event()
+
+    def silent_pacs() -> None:
+        peer, _ = listening.accept()
+        with peer:
+            peer.recv(65536)  # the A-ASSOCIATE-RQ
+            peer.sendall(b"\x02\x00" + struct.pack(">I", 1000) + bytes(10))
+            stop.wait(60)
+
+    threading.Thread(target=silent_pacs, daemon=True).start()
+    ae = pynetdicom_events.EventAE(ae_title="SCU")
+    for name in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
+        setattr(ae, name, 2)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.7")
+    outcome: list[bool] = []
+    caller = threading.Thread(
+        target=lambda: outcome.append(ae.associate("127.0.0.1", port).is_established),
+        daemon=True,
+    )
+    try:
+        caller.start()
+        caller.join(15)
+        assert outcome == [False], "associate() still waits for the rest of the A-ASSOCIATE-AC"
+    finally:
+        stop.set()
+        listening.close()
