@@ -221,7 +221,12 @@ def finish(
     actor: str = "worker",
 ) -> str:
     """Record the outcome of one attempt (audited with ``actor``, the process that made it);
-    schedule the next one when state is RETRYING."""
+    schedule the next one when state is RETRYING.
+
+    Only while this attempt still holds its claim (the row is ``sending`` with this attempt's
+    number): an attempt that outlived its lease, after which another worker claimed the
+    delivery, must not write over that worker's outcome. Its outcome is audited as
+    ``delivery.stale_attempt`` and dropped; returns "stale-attempt" then."""
     now = utcnow()
     if state == DeliveryState.RETRYING and job.attempts >= settings.delivery_max_attempts:
         state = DeliveryState.FAILED
@@ -230,16 +235,44 @@ def finish(
         settings.delivery_backoff_max_seconds,
         settings.delivery_backoff_seconds * 2 ** max(0, job.attempts - 1),
     )
-    with transaction(sessions) as session:
-        delivery = session.get(Delivery, job.delivery_id)
-        assert delivery is not None
-        delivery.state = state
-        delivery.last_error = error[:4000]
-        delivery.next_attempt_at = (
+    values: dict[str, Any] = {
+        "state": state,
+        "last_error": error[:4000],
+        "next_attempt_at": (
             now + dt.timedelta(seconds=backoff) if state == DeliveryState.RETRYING else None
+        ),
+    }
+    if remote is not None:
+        values["remote_ids"] = json.dumps(remote, sort_keys=True)
+    with transaction(sessions) as session:
+        held = rows_changed(
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == job.delivery_id,
+                    Delivery.state == DeliveryState.SENDING,
+                    Delivery.attempts == job.attempts,
+                )
+                .values(**values)
+            )
         )
-        if remote is not None:
-            delivery.remote_ids = json.dumps(remote, sort_keys=True)
+        if held != 1:
+            record_event(
+                session=session,
+                kind="delivery.stale_attempt",
+                outcome="warning",
+                actor=actor,
+                study_uid=job.study_uid,
+                detail={
+                    "delivery_id": job.delivery_id,
+                    "destination": job.destination,
+                    "attempt": job.attempts,
+                    "outcome_dropped": str(state),
+                    "error": error[:2000],
+                    **(remote or {}),
+                },
+            )
+            return "stale-attempt"
         kind = {
             "delivered": f"{job.kind}.delivered",
             "retrying": "delivery.retry_scheduled",

@@ -5,6 +5,7 @@ on a real database; no model needed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.db.migrate import upgrade
-from gateway.db.models import AuditEvent, Delivery, Instance, Study
+from gateway.db.models import AuditEvent, Delivery, Instance, Study, utcnow
 from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.deliver.deliveries import HL7, attempt, targets
 from gateway.deliver.hl7_channel import Hl7Sender
@@ -348,3 +349,34 @@ def test_destinations_are_checked_with_the_settings(
     # One hl7 delivery per destination, beside the SR and FHIR ones; none without destinations.
     assert [t for t in targets(settings) if t[0] == HL7] == [(HL7, "ehr-hl7"), (HL7, "ris")]
     assert [t for t in targets(make_settings()) if t[0] == HL7] == []
+
+
+def test_an_attempt_that_outlived_its_lease_leaves_the_next_attempts_outcome(
+    receivers: Callable[..., MllpReceiver],
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """Worker A's attempt hangs past its lease; worker B claims the delivery and sends the ORU
+    (acknowledged). A then fails: its outcome must not turn B's `delivered` into `retrying`,
+    which would send a second ORU. It is audited as a stale attempt and dropped."""
+    receiver = receivers()
+    settings = hl7_settings(make_settings, receiver.port)
+    bench = Bench(settings, source_image(tmp_path))
+
+    def hangs_past_its_lease(job: Any) -> dict[str, Any]:
+        with transaction(bench.sessions) as session:  # the lease runs out meanwhile
+            row = session.get(Delivery, bench.delivery_id)
+            assert row is not None
+            row.next_attempt_at = utcnow() - dt.timedelta(seconds=1)
+        assert bench.attempt() == "delivered"  # worker B
+        raise TimeoutError("no ACK in time")
+
+    outcome = attempt(bench.sessions, settings, bench.delivery_id, {HL7: hangs_past_its_lease})
+
+    assert outcome == "stale-attempt"
+    assert bench.delivery().state == "delivered" and bench.delivery().attempts == 2
+    assert len(receiver.messages()) == 1
+    kinds = [kind for kind, _ in bench.events()]
+    assert kinds[-2:] == ["hl7.delivered", "delivery.stale_attempt"]
+    stale = bench.events()[-1][1]
+    assert (stale["attempt"], stale["outcome_dropped"]) == (1, "retrying")
