@@ -4,13 +4,16 @@
 - Auth: none, HTTP Basic (user name and a password file) or a bearer token file; the files are
   read for each request, so a renewed secret is used without a restart. TLS verified, against
   the destination's CA file when it names one.
-- A deadline on every request (connect 10 s, CXR_DICOMWEB_TIMEOUT_SECONDS for the rest).
+- A deadline on every request, the whole of it (CXR_DICOMWEB_TIMEOUT_SECONDS; connecting at most
+  10 s of it), and at most ANSWER_MAX_BYTES of answer read (``http_bounds.request_within``).
 - Bounded retries inside one delivery attempt (``attempts``, exponential backoff), on network
   errors, 408, 429 and 5xx (except 501/505), honouring ``Retry-After`` up to
   ``max_retry_after``; then ``StowUnavailable`` (the delivery is retried later by the worker,
   visibly). A refusal that would repeat (400, 401, 403, 404, 409, 413, 415...) or failure reasons
   that are not transient raise ``StowRejected`` at once. Re-sending is harmless: the SR's UIDs
-  are fixed per study version, so the server keeps one copy.
+  are fixed per study version, so the server keeps one copy, and an instance the server
+  refuses as a duplicate (0x0111) of ours counts as stored. An answer (200 or 202) that
+  references every instance succeeds whatever warnings it carries.
 - Logs never contain PHI: the URL's path and status codes only.
 """
 
@@ -29,6 +32,7 @@ from typing import Any, Literal
 
 import httpx
 
+from gateway.deliver.http_bounds import NO_KEEPALIVE, request_within
 from gateway.deliver.http_retry import parse_retry_after
 from gateway.errors import GatewayError
 
@@ -38,6 +42,9 @@ _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # DICOM failure reasons a later attempt may clear (out of resources, processing failure,
 # resource limitation); any other reason would fail the same way again.
 _TRANSIENT_REASONS = frozenset({0x0110, 0x0213})
+DUPLICATE_SOP_INSTANCE = 0x0111
+ANSWER_MAX_BYTES = 2**20  # a PS3.18 answer for a few instances is a few kilobytes
+AUDITED_FAILURES = 100  # failed instances named in an audit record, at most
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
 FAILURE_REASON = "00081197"
@@ -57,9 +64,11 @@ class StowError(GatewayError):
     @property
     def detail(self) -> dict[str, Any]:
         """For the audit record (``deliveries.attempt`` puts it in the retry or failure event)."""
+        named = list(self.failed.items())[:AUDITED_FAILURES]
         return {
             "http_status": self.status,
-            "failed": {uid: f"0x{reason:04X}" for uid, reason in self.failed.items()},
+            "failed": {uid[:64]: f"0x{reason:04X}" for uid, reason in named},
+            "failed_count": len(self.failed),
         }
 
 
@@ -158,6 +167,7 @@ def _client(target: StowTarget) -> httpx.Client:
     return httpx.Client(
         verify=verify,
         timeout=httpx.Timeout(target.timeout, connect=target.connect_timeout),
+        limits=NO_KEEPALIVE,  # request_within bounds a request by its own connection
         transport=target.transport,
         follow_redirects=False,
         trust_env=False,  # never through a proxy named by the environment
@@ -187,7 +197,15 @@ def _attempt(
     except OSError as exc:
         raise StowRejected(f"credentials file unreadable: {exc.strerror}") from exc
     try:
-        response = client.post(f"{target.url}/studies", content=body, headers=headers)
+        response = request_within(
+            client,
+            "POST",
+            f"{target.url}/studies",
+            deadline=target.timeout,
+            max_bytes=ANSWER_MAX_BYTES,
+            content=body,
+            headers=headers,
+        )
     except httpx.TransportError as exc:
         raise _Retry(f"{type(exc).__name__} reaching the DICOMweb server") from exc
     status = response.status_code
@@ -197,8 +215,11 @@ def _attempt(
     if status not in (200, 202, 409):
         raise StowRejected(f"the DICOMweb server answered HTTP {status}", status=status)
     referenced, failed = _outcome(response)
+    for uid in [u for u in uids if failed.get(u) == DUPLICATE_SOP_INSTANCE]:
+        del failed[uid]  # our UIDs are fixed: the server holds this very instance already
+        referenced.append(uid)
     missing = [uid for uid in uids if uid not in referenced and uid not in failed]
-    if status == 200 and not failed and not missing:
+    if not failed and not missing:
         log.info("STOW-RS stored %d instances (HTTP %d)", len(uids), status)
         return StowResult(status, referenced)
     if failed and all(_transient(reason) for reason in failed.values()):

@@ -4,7 +4,9 @@
   (``oauth2``), or SMART Backend Services (``smart-backend``: client credentials with a signed
   JWT client assertion, private_key_jwt, RS384 or ES384). Tokens are cached until shortly
   before they expire; a 401 drops the cached token and is tried once more with a new one.
-- TLS verified by default, optionally against a site CA bundle. Explicit timeouts.
+- TLS verified by default, optionally against a site CA bundle. Each request has one deadline,
+  connecting included (connect + read timeout), and at most ANSWER_MAX_BYTES of answer is read
+  (``http_bounds.request_within``).
 - Bounded retries with backoff on network errors, 408, 429 and 5xx (except 501/505), honouring
   ``Retry-After``. Other 4xx answers are never retried: ``FhirRejected`` carries the server's
   OperationOutcome verbatim for the audit log. Retrying a transaction is safe because the
@@ -32,6 +34,7 @@ import tenacity
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.deliver.http_bounds import NO_KEEPALIVE, request_within
 from gateway.deliver.http_retry import parse_retry_after
 from gateway.errors import GatewayError
 
@@ -47,6 +50,7 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_SECONDS = 240
 _RETRY_STATUS = frozenset({408, 429, *range(500, 600)}) - {501, 505}
 _FHIR_JSON = "application/fhir+json"
+ANSWER_MAX_BYTES = 4 * 2**20  # our transaction's response bundle, an OperationOutcome: kilobytes
 _MAX_OUTCOME_CHARS = 65536
 
 
@@ -302,6 +306,7 @@ class FhirClient:
                     base_url=cfg.base_url.rstrip("/") + "/",
                     verify=verify,
                     timeout=httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout),
+                    limits=NO_KEEPALIVE,  # request_within bounds a request by its own connection
                     transport=self._transport,
                     headers={"Accept": _FHIR_JSON},
                 )
@@ -355,7 +360,7 @@ class FhirClient:
         for auth_try in (1, 2):
             headers.update(self._auth_headers())
             try:
-                response = self._client().request(
+                response = self._send(
                     method,
                     path,
                     data=form,
@@ -388,6 +393,17 @@ class FhirClient:
             )
         raise AssertionError("unreachable")
 
+    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        cfg = self.config
+        return request_within(
+            self._client(),
+            method,
+            url,
+            deadline=cfg.connect_timeout + cfg.read_timeout,
+            max_bytes=ANSWER_MAX_BYTES,
+            **kwargs,
+        )
+
     def _auth_headers(self) -> dict[str, str]:
         cfg = self.config
         if cfg.auth == "bearer":
@@ -412,10 +428,10 @@ class FhirClient:
             if cfg.auth == "smart-backend":
                 data["client_assertion_type"] = JWT_BEARER
                 data["client_assertion"] = self._client_assertion()
-                response = self._client().post(cfg.token_url, data=data)
+                response = self._send("POST", cfg.token_url, data=data)
             else:
                 basic = (cfg.client_id, cfg.client_secret)
-                response = self._client().post(cfg.token_url, data=data, auth=basic)
+                response = self._send("POST", cfg.token_url, data=data, auth=basic)
         except httpx.TransportError as exc:
             raise _Transient(f"token endpoint network error {type(exc).__name__}") from None
         if response.status_code in _RETRY_STATUS:

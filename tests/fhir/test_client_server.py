@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -36,6 +37,7 @@ from tests.fhir.conftest import (
     found,
     make_finding,
 )
+from tests.trickling_http import TricklingServer
 
 pytestmark = pytest.mark.slow
 
@@ -318,3 +320,17 @@ def test_config_validation():
     config = FhirClientConfig(base_url="https://ehr/fhir", auth="bearer", bearer_token="s3cret")
     assert "s3cret" not in repr(config)
     assert config.verify_tls is True
+
+
+@pytest.mark.parametrize("trickled", ["headers", "body"])
+def test_an_ehr_that_trickles_its_answer_is_cut_at_the_deadline(trickled):
+    """A byte every 0.3 s never trips a 1 s read timeout; the request's deadline (connect +
+    read timeout, 2 s here) does, and the attempts stay bounded."""
+    with TricklingServer(trickled) as server:
+        config = FhirClientConfig(
+            base_url=server.url, max_attempts=1, connect_timeout=1, read_timeout=1
+        )
+        started = time.monotonic()
+        with FhirClient(config, sleep=Sleeps()) as client, pytest.raises(FhirUnavailable):
+            client.resolve_patient(MRN_SYSTEM, MRN)
+        assert time.monotonic() - started < 4

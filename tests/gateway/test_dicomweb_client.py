@@ -4,6 +4,7 @@ the DICOMweb destination settings."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests import dicom_files as files
 from tests.gateway.slow_http import SlowProxy
 from tests.orthanc import DICOMWEB_PLUGIN, Orthanc
 from tests.peers import free_port, missing_peer
+from tests.trickling_http import TricklingServer
 
 USER, PASSWORD = "cxrgw", "gateway-to-pacs-password"
 
@@ -143,7 +145,59 @@ def test_retry_after_is_honoured_up_to_its_limit() -> None:
     )
     with pytest.raises(StowRejected) as refused:
         store(refusing, [b"x"], ["1.2.3"])
-    assert refused.value.detail == {"http_status": 409, "failed": {"1.2.3": "0x0122"}}
+    assert refused.value.detail == {
+        "http_status": 409,
+        "failed": {"1.2.3": "0x0122"},
+        "failed_count": 1,
+    }
+
+
+def _sequence(tag: str, items: list[dict[str, object]]) -> dict[str, object]:
+    return {tag: {"vr": "SQ", "Value": items}}
+
+
+def _uid(uid: str) -> dict[str, object]:
+    return {"00081155": {"vr": "UI", "Value": [uid]}}
+
+
+def test_stored_with_warnings_or_as_a_duplicate_of_ours_counts_as_stored() -> None:
+    """A 202 that references every instance (with, say, a coercion warning) stored them; a
+    re-send after a lost answer is refused as a duplicate (0x0111) of the same UID, which is
+    ours and fixed: both are deliveries, not refusals."""
+    warned = _sequence("00081199", [{**_uid("1.2.3"), "00081196": {"vr": "US", "Value": [0xB000]}}])
+    duplicate = _sequence(
+        "00081198", [{**_uid("1.2.4"), "00081197": {"vr": "US", "Value": [0x0111]}}]
+    )
+    for status, answer, uid in ((202, warned, "1.2.3"), (409, duplicate, "1.2.4")):
+        target = StowTarget(
+            url="http://pacs.test/dicomweb",
+            transport=httpx.MockTransport(
+                lambda r, a=answer, s=status: httpx.Response(s, json=a)  # type: ignore[misc]
+            ),
+        )
+        assert store(target, [b"x"], [uid]).stored == [uid]
+
+
+def test_an_answer_too_long_is_not_read_whole() -> None:
+    endless = StowTarget(
+        url="http://pacs.test/dicomweb",
+        attempts=2,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=bytes(3 * 2**20))),
+    )
+    with pytest.raises(StowUnavailable, match="ReadError"):
+        store(endless, [b"x"], ["1.2.3"], sleep=lambda s: None)
+
+
+@pytest.mark.parametrize("trickled", ["headers", "body"])
+def test_a_server_that_trickles_its_answer_is_cut_at_the_deadline(trickled: str) -> None:
+    """httpx's timeouts bound each read: a byte every 0.3 s under a 1 s timeout never trips
+    them. The request's own deadline (1 s here) does."""
+    with TricklingServer(trickled) as server:
+        target = StowTarget(url=server.url, timeout=1.0, connect_timeout=1.0, attempts=1)
+        started = time.monotonic()
+        with pytest.raises(StowUnavailable, match="ReadTimeout"):
+            store(target, [b"x"], ["1.2.3"])
+        assert time.monotonic() - started < 3
 
 
 def test_the_boundary_never_occurs_in_a_part() -> None:
