@@ -32,16 +32,21 @@ from gateway.receive.spool import Spool  # noqa: E402
 from gateway.settings import get_settings  # noqa: E402
 from tests import dicom_files  # noqa: E402
 
-SHARED_CR = ROOT.parent / "shared" / "data" / "dicom" / "pydicom-data" / "RG1_UNCR.dcm"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--studies", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=dicom_files.CHILD_CR,
+        help="the image every study is made of (default: the 3-year-old's film, as "
+        "bench_pipeline.py; an adult film measures 'no result' studies)",
+    )
     args = parser.parse_args()
-    source = SHARED_CR if SHARED_CR.exists() else dicom_files.CHEST_CR
+    source: Path = args.source
     with tempfile.TemporaryDirectory(prefix="profile-worker-") as tmp:
         work = Path(tmp)
         settings = get_settings(data_dir=work / "data", quiet_seconds=0.01)
