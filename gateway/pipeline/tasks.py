@@ -57,8 +57,11 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     predictor = Predictor.load(settings.model_dir)
     predictor.intended_age = intended_ages(settings, predictor.meta)
     # Warm-up: the first prediction in a process builds TensorFlow's kernels (seconds); pay it
-    # here, at start, rather than in the first study's latency.
-    predictor.predict_array(np.zeros((64, 64), np.float32), heatmap=True)
+    # here, at start, rather than in the first study's latency. Batches of 1 and 2 images (a
+    # study's images go through the model together; each padded size has its interpreter).
+    blank = np.zeros((64, 64), np.float32)
+    predictor.predict_array(blank, heatmap=True)
+    predictor.predict_arrays([blank, blank], heatmap=True)
     info = predictor.model_info
     log.info(
         "model %s %s loaded in %.1f s (process %s)",
