@@ -1,7 +1,7 @@
 """End-to-end pipeline throughput and latency beside the bare decode+predict limit, one run.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--studies 20] [--images 2] [--workers 1 2]
-        [--layout split combined] [--ehr-delay 0 20]
+    .venv/bin/python benchmarks/bench_pipeline.py [--studies 40] [--images 2] [--workers 1 2]
+        [--layout split combined] [--ehr-delay 0 20] [--baseline ../main-checkout]
 
 Real peers on loopback: Orthanc (the PACS receiving the SR), the FHIR R4 test server (the EHR),
 Redis (broker), SQLite (database), `cxr-gateway listen` and the workers of a layout:
@@ -11,13 +11,20 @@ Redis (broker), SQLite (database), `cxr-gateway listen` and the workers of a lay
   has not split them: a delivery takes the same slot as an inference.
 With ``--ehr-delay S`` the EHR answers every request S seconds late (a proxy in front of the
 FHIR test server, tests/gateway/slow_http.py).
-Studies are sent with DCMTK storescu. Throughput: the steady-state rate of studies inferred
-(job.done) and of results delivered (SR acknowledged by Orthanc and DiagnosticReport created),
-from the audit log, in a burst; with a slow EHR only inference is waited for. Latency per study
+Studies are sent with DCMTK storescu. Each row first sends one warm-up study through the whole
+pipeline (every process's first-time costs), then stops the inference workers, sends the burst,
+waits until every study of it is queued and starts them again: the burst is a backlog, so
+inferred/min measures the workers, not the sender. Throughput: the rate of studies inferred
+(job.done) once every inference worker has finished its first study of the burst (a model
+loaded lazily by the first study is left out), and of results delivered (SR acknowledged by
+Orthanc and DiagnosticReport created, first to last), from the audit log; with a slow EHR only
+inference is waited for. CPU per study: from /proc over the same window. Latency per study
 (EHR without delay only) = time from its last instance stored to both results delivered.
 The bare limit decodes, preprocesses and predicts the same images in a tight loop, in one
-process, with heat maps, as the worker does. The machine's load average is printed before and
-after: the machine may be shared.
+process, with heat maps, as the worker did before issue #21 (one image at a time). The
+machine's load average is printed with each row: the machine may be shared.
+``--baseline DIR``: every row runs first with the gateway processes of another checkout (say
+main's, from ``git worktree add``), then with this one's: before and after in one run.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ from tests import dicom_files  # noqa: E402
 from tests.fhir.conftest import start_fhir_test_server, stop_fhir_test_server  # noqa: E402
 from tests.gateway.slow_http import SlowProxy  # noqa: E402
 from tests.orthanc import Orthanc, start_orthanc  # noqa: E402
-from tests.peers import Postgres, free_port, start_gateway, start_postgres, start_redis  # noqa: E402
+from tests.peers import (  # noqa: E402
+    GatewayProcess,
+    Postgres,
+    free_port,
+    start_gateway,
+    start_postgres,
+    start_redis,
+)
 
 POSTGRES: Postgres
 
@@ -54,15 +68,23 @@ POSTGRES: Postgres
 CHILD_CR = dicom_files.CHILD_CR
 
 
-def bare_limit(paths: list[Path], model_dir: Path | None) -> float:
+def bare_limit(studies: list[list[Path]], model_dir: Path | None) -> tuple[float, float]:
+    """Images/s of the bare loop: one image at a time (the issue's reference), and a study's
+    images in one batch (``predict_datasets``, what the worker does since issue #21)."""
     from inference.predictor import Predictor
 
     predictor = Predictor.load(model_dir)
-    predictor.predict_dataset(dcmread(paths[0]))  # warm-up
+    predictor.predict_datasets([dcmread(p) for p in studies[0]])  # warm-up, both batch sizes
+    predictor.predict_dataset(dcmread(studies[0][0]))
+    paths = [p for s in studies for p in s]
     start = time.perf_counter()
     for path in paths:
         predictor.predict_dataset(dcmread(path), heatmap=True)
-    return len(paths) / (time.perf_counter() - start)
+    one = len(paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for study in studies:
+        predictor.predict_datasets([dcmread(p) for p in study], heatmap=True)
+    return one, len(paths) / (time.perf_counter() - start)
 
 
 def times(sessions, kind: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -130,8 +152,8 @@ def worker_commands(layout: str, workers: int) -> list[tuple[str, ...]]:
     return [*inference, ("worker", "--queues", "delivery", "--concurrency", "4")]
 
 
+# (completed -> job.started is left out: the burst waits in the queue by design.)
 STAGES = [
-    ("completed -> job.started", "study.completed", "job.started"),
     ("job.started -> study.inferred", "job.started", "study.inferred"),
     ("study.inferred -> job.done", "study.inferred", "job.done"),
     ("job.done -> dicom-sr.delivered", "job.done", "dicom-sr.delivered"),
@@ -139,11 +161,12 @@ STAGES = [
 ]
 
 
-def print_breakdown(sessions) -> None:  # type: ignore[no-untyped-def]
-    """Median time between consecutive steps of a study, from the audit log (burst phase)."""
+def print_breakdown(sessions, before: set[str]) -> None:  # type: ignore[no-untyped-def]
+    """Median time between consecutive steps of a study, from the audit log (burst phase;
+    ``before``: the warm-up's studies, left out)."""
     for label, a, b in STAGES:
         start, end = times(sessions, a), times(sessions, b)
-        gaps = [end[u] - start[u] for u in start if u in end]
+        gaps = [end[u] - start[u] for u in start if u in end and u not in before]
         if gaps:
             print(f"    {label:<40} median {1000 * statistics.median(gaps):7.0f} ms")
     # Between studies, per inference worker: from one job.done to its next job.started (claim,
@@ -201,36 +224,125 @@ def gateway_env(
     return env
 
 
+def count(sessions, kind: str) -> int:  # type: ignore[no-untyped-def]
+    return len(times(sessions, kind))
+
+
+def wait_count(sessions, kind: str, n: int, timeout: float = 900) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while count(sessions, kind) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} x {kind} not seen in time")
+        time.sleep(0.1)
+
+
+def wait_ready(procs: list[GatewayProcess], timeout: float = 300) -> None:
+    """Until every worker's Celery says it is ready (with a model loaded at start: after it)."""
+    deadline = time.monotonic() + timeout
+    while not all(" ready." in p.log() for p in procs):
+        if time.monotonic() > deadline or any(p.process.poll() is not None for p in procs):
+            raise RuntimeError("a worker did not start: " + procs[0].log()[-2000:])
+        time.sleep(0.2)
+
+
+def first_done_by_all(sessions, actors: set[str], before: set[str]) -> float | None:  # type: ignore[no-untyped-def]
+    """When the last of ``actors`` finished its first study not in ``before``, or None yet."""
+    with sessions() as session:
+        rows = session.execute(
+            select(AuditEvent.actor, AuditEvent.study_uid, AuditEvent.occurred_at)
+            .where(AuditEvent.kind == "job.done")
+            .order_by(AuditEvent.id)
+        ).all()
+    first: dict[str, float] = {}
+    for actor, uid, at in rows:
+        if uid not in before and actor in actors:
+            first.setdefault(actor, at.timestamp())
+    return max(first.values()) if set(first) == actors else None
+
+
 def measure_burst(
-    sessions, gw_port: int, burst: list[list[Path]], slow: bool, roles: dict[str, list[int]]
+    sessions, gw_port: int, burst: list[list[Path]], slow: bool, pipeline: Pipeline
 ) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Send the burst; the steady-state rates of inference and of results (with a slow EHR,
-    inference only: what counts is that it keeps its pace)."""
-    cpu_before = cpu_by_role(roles)
+    """Queue the burst with the inference workers stopped, start them, and measure: the rate
+    of inference once every worker has done its first study, of results (with a slow EHR,
+    inference only: what counts is that it keeps its pace), and the CPU per study."""
+    before = set(times(sessions, "job.done"))
+    queued = count(sessions, "study.queued")
+    pipeline.stop_inference()
     for study in burst:
         send(gw_port, study)
+    wait_count(sessions, "study.queued", queued + len(burst))
+    workers = pipeline.start_inference()
+    actors = {f"{platform.node()}:{p.process.pid}" for p in workers}
+    while (t0 := first_done_by_all(sessions, actors, before)) is None:
+        time.sleep(0.02)
+    cpu_before = cpu_by_role(pipeline.roles())
+    inferred = wait_inferred(sessions, len(before) + len(burst))
+    cpu = cpu_by_role(pipeline.roles())
+    after = sorted(t for uid, t in inferred.items() if uid not in before and t > t0)
     result: dict[str, float] = {"studies": len(burst)}
-    if slow:
-        inferred = wait_inferred(sessions, len(burst))
-        result["inferred_per_min"] = steady_rate(list(inferred.values()))
-        return result
-    sr, dr = wait_delivered(sessions, len(burst))
-    stored = times(sessions, "instance.stored")
-    done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr}
-    first = min(stored[uid] for uid in done)
-    # Steady state: the rate at which results come out once the pipeline is full (the fill
-    # time, one quiet time plus one study, is what the latency figures measure).
-    ends = sorted(done.values())
-    result["per_min"] = steady_rate(ends)
-    result["inferred_per_min"] = steady_rate(list(times(sessions, "job.done").values()))
-    result["fill_per_min"] = 60 * len(done) / (ends[-1] - first)
-    print_breakdown(sessions)
-    cpu = cpu_by_role(roles)
-    print("    CPU per study, burst: " + ", ".join(
-        f"{role} {1000 * (cpu[role] - cpu_before[role]) / len(burst):.0f} ms"
-        for role in roles if roles[role]
+    result["inferred_per_min"] = 60 * len(after) / (after[-1] - t0) if after else float("nan")
+    print(f"    inference measured over {len(after)} studies after every worker's first")
+    print("    CPU per study, after every worker's first: " + ", ".join(
+        f"{role} {1000 * (cpu[role] - cpu_before[role]) / max(1, len(after)):.0f} ms"
+        for role in cpu if pipeline.roles()[role]
     ))  # fmt: skip
+    if slow:
+        return result
+    sr, dr = wait_delivered(sessions, len(before) + len(burst))
+    done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr and uid not in before}
+    result["per_min"] = steady_rate(list(done.values()))
+    print_breakdown(sessions, before)
     return result
+
+
+class Pipeline:
+    """The gateway processes of one row: a listener, the inference workers, and the delivery
+    worker of a split layout; the inference workers can be stopped and started again."""
+
+    def __init__(
+        self, env: dict[str, str], work: Path, tag: str, layout: str, workers: int,
+        code: Path | None, peers: list[int],
+    ) -> None:  # fmt: skip
+        self.env, self.work, self.tag, self.code, self.peers = env, work, tag, code, peers
+        commands = worker_commands(layout, workers)
+        self.inference_commands = [c for c in commands if "delivery" not in c]
+        self.listener = start_gateway(env, work / f"listen-{tag}.log", ("listen",), cwd=code)
+        self.delivery = [
+            start_gateway(env, work / f"worker-delivery-{tag}.log", c, cwd=code)
+            for c in commands
+            if "delivery" in c
+        ]
+        self.inference: list[GatewayProcess] = []
+        self.starts = 0
+
+    def start_inference(self) -> list[GatewayProcess]:
+        self.starts += 1
+        self.inference = [
+            start_gateway(
+                self.env, self.work / f"worker-{self.tag}-{self.starts}-{i}.log", c, cwd=self.code
+            )
+            for i, c in enumerate(self.inference_commands)
+        ]
+        wait_ready(self.inference + self.delivery)
+        return self.inference
+
+    def stop_inference(self) -> None:
+        for p in self.inference:
+            p.stop()
+        self.inference = []
+
+    def roles(self) -> dict[str, list[int]]:
+        return {
+            "listener": [self.listener.process.pid],
+            "inference": [p.process.pid for p in self.inference],
+            "delivery": [p.process.pid for p in self.delivery],
+            "peers (Orthanc, FHIR, Redis)": self.peers,
+        }
+
+    def stop(self) -> None:
+        for p in [self.listener, *self.delivery, *self.inference]:
+            p.stop()
 
 
 def measure_latency(
@@ -257,13 +369,16 @@ def run(
     workers: int,
     layout: str,
     ehr_delay: float,
+    warm_up: list[Path],
     burst: list[list[Path]],
     paced: list[list[Path]],
     work: Path,
     args: argparse.Namespace,
+    code: Path | None,
 ) -> dict[str, float]:
-    """Throughput from a burst of studies; latency from studies sent one at a time."""
-    tag = f"{layout}-{workers}-{ehr_delay:g}"
+    """Throughput from a burst of studies; latency from studies sent one at a time. ``code``:
+    the checkout whose gateway runs (None: this one)."""
+    tag = f"{'baseline' if code else 'this'}-{layout}-{workers}-{ehr_delay:g}"
     redis = start_redis()
     fhir = start_fhir_test_server({})
     proxy, fhir_url = slow_ehr(fhir.base_url, ehr_delay)
@@ -276,25 +391,20 @@ def run(
     else:
         database = f"sqlite:///{work / f'gw-{tag}.sqlite3'}"
     env = gateway_env(tag, work, database, redis.url, fhir_url, gw_port, orthanc, args)
-    procs = [start_gateway(env, work / f"listen-{tag}.log", ("listen",))]
-    procs += [
-        start_gateway(env, work / f"worker-{command[2]}-{tag}-{i}.log", command)
-        for i, command in enumerate(worker_commands(layout, workers))
-    ]
-    roles = {
-        "listener": [procs[0].process.pid],
-        "inference": [p.process.pid for p in procs[1:] if "delivery" not in p.log_path.name],
-        "delivery": [p.process.pid for p in procs[1:] if "delivery" in p.log_path.name],
-        "peers (Orthanc, FHIR, Redis)": [orthanc.process.pid, fhir.process.pid, redis.process.pid],
-    }
+    peers = [orthanc.process.pid, fhir.process.pid, redis.process.pid]
+    pipeline = Pipeline(env, work, tag, layout, workers, code, peers)
     try:
         sessions = make_session_factory(make_engine(database))
-        time.sleep(15)  # workers load and warm up the model
-        result = measure_burst(sessions, gw_port, burst, ehr_delay > 0, roles)
-        return {**result, **measure_latency(sessions, gw_port, paced, len(burst))}
+        pipeline.start_inference()
+        # Warm-up: one study through every process (the model, the first SR and FHIR builds).
+        send(gw_port, warm_up)
+        wait_count(sessions, "dicom-sr.delivered", 1)
+        if ehr_delay <= 0:
+            wait_count(sessions, "fhir.delivered", 1)
+        result = measure_burst(sessions, gw_port, burst, ehr_delay > 0, pipeline)
+        return {**result, **measure_latency(sessions, gw_port, paced, len(burst) + 1)}
     finally:
-        for p in procs:
-            p.stop()
+        pipeline.stop()
         if proxy is not None:
             proxy.stop()
         orthanc.stop()
@@ -313,7 +423,7 @@ def cell(value: float | None, width: int, digits: int = 1) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--studies", type=int, default=20)
+    parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--images", type=int, default=2, help="images per study")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quiet", type=float, default=2.0, help="CXR_QUIET_SECONDS")
@@ -337,6 +447,9 @@ def main() -> None:
         help="seconds the EHR takes to answer each request",
     )
     parser.add_argument("--slow-studies", type=int, default=10, help="burst size with a slow EHR")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another checkout, run before this one"
+    )
     args = parser.parse_args()
     cpu = next(
         (
@@ -367,30 +480,34 @@ def main() -> None:
                     for i in range(count)]  # fmt: skip
 
         sample = make("sample", 10)
-        limit = bare_limit([p for s in sample for p in s], args.model)
+        limit, batched = bare_limit(sample, args.model)
         bare_per_min = 60 * limit / args.images
-        print(f"bare limit: {limit:.1f} images/s = {bare_per_min:.1f} studies/min (1 process)")
-        print(f"{'layout':>9}{'workers':>8}{'EHR delay':>10}{'studies':>8}{'inferred/min':>13}"
-              f"{'of bare':>8}{'results/min':>12}{'of bare':>8}{'with fill':>10}{'p50 s':>7}"
+        print(f"bare limit: {limit:.1f} images/s = {bare_per_min:.1f} studies/min (1 process, "
+              f"one image at a time: the reference of 'of bare'); a study per batch: "
+              f"{batched:.1f} images/s")  # fmt: skip
+        print(f"{'code':>9}{'layout':>9}{'workers':>8}{'EHR delay':>10}{'studies':>8}"
+              f"{'inferred/min':>13}{'of bare':>8}{'results/min':>12}{'of bare':>8}{'p50 s':>7}"
               f"{'p95 s':>7}")  # fmt: skip
+        codes: list[Path | None] = [args.baseline, None] if args.baseline else [None]
         rows = [
-            (layout, n, delay)
+            (layout, n, delay, code)
             for delay in args.ehr_delay
             for n in args.workers
             for layout in args.layout
+            for code in codes
         ]
-        for layout, n, delay in rows:
-            count = args.slow_studies if delay > 0 else args.studies
-            paced = [] if delay > 0 else make(f"paced-{layout}-{n}", args.paced)
-            r = run(n, layout, delay, make(f"burst-{layout}-{n}-{delay:g}", count), paced, work,
-                    args)  # fmt: skip
+        for i, (layout, n, delay, code) in enumerate(rows):
+            size = args.slow_studies if delay > 0 else args.studies
+            paced = [] if delay > 0 else make(f"paced-{i}", args.paced)
+            warm_up = make(f"warm-{i}", 1)[0]
+            r = run(n, layout, delay, warm_up, make(f"burst-{i}", size), paced, work, args, code)
             inferred, results = r.get("inferred_per_min"), r.get("per_min")
             print(
+                f"{'baseline' if code else 'this':>9}"
                 f"{layout:>9}{n:>8}{delay:>9.0f}s{r['studies']:>8.0f}{cell(inferred, 13)}"
                 f"{cell(inferred and inferred / bare_per_min, 8, 2)}{cell(results, 12)}"
                 f"{cell(results and results / bare_per_min, 8, 2)}"
-                f"{cell(r.get('fill_per_min'), 10)}{cell(r.get('p50'), 7, 2)}"
-                f"{cell(r.get('p95'), 7, 2)}   ({load()})",
+                f"{cell(r.get('p50'), 7, 2)}{cell(r.get('p95'), 7, 2)}   ({load()})",
                 flush=True,
             )
 

@@ -21,7 +21,13 @@ from gateway.db.session import make_engine, make_session_factory
 from gateway.errors import ConfigurationError
 from gateway.pipeline.celery_app import WORKER_QUEUES, make_celery
 from gateway.pipeline.coordinator import Coordinator
-from gateway.pipeline.tasks import build_delivery_runtime, build_runtime, register_tasks
+from gateway.pipeline.tasks import (
+    build_delivery_runtime,
+    build_runtime,
+    load_at_start,
+    per_process,
+    register_tasks,
+)
 from gateway.receive.ingest import Ingestor
 from gateway.receive.listener import Listener
 from gateway.settings import Settings
@@ -120,7 +126,7 @@ def run_worker(
     queues: Sequence[str] = ("studies", "delivery"),
 ) -> None:
     """Run a Celery worker in this process (blocks) on ``queues``: "studies" (inference: loads
-    the model, in each pool process) and/or "delivery" (sends results; never imports
+    the model in each pool process, when it starts) and/or "delivery" (sends results; never imports
     TensorFlow). An inference worker refuses to start when the model artifact is missing or
     corrupt (checked without TensorFlow), so a supervisor or container health check sees the
     problem instead of jobs failing one by one. Raises ConfigurationError."""
@@ -144,11 +150,19 @@ def run_worker(
         announce_report_status(settings, sessions, actor="worker")
     engine.dispose()
     app = make_celery(settings)
+    runtime = per_process(lambda: build_runtime(settings)) if inference else None
     register_tasks(
         app,
-        inference=(lambda: build_runtime(settings)) if inference else None,
+        inference=runtime,
         delivery=(lambda: build_delivery_runtime(settings)) if "delivery" in queues else None,
     )
+    if runtime is not None:
+        from inference.artifact import ArtifactError
+
+        try:
+            load_at_start(app, runtime, pool=pool)
+        except (ArtifactError, OSError) as exc:
+            raise ConfigurationError(f"model not loaded: {exc}") from exc
     argv = [
         "worker",
         f"--concurrency={concurrency}",

@@ -29,14 +29,40 @@ def overlay_png(
     the map is stretched over it and the rest gets no heat (None: the whole image). The output
     keeps the image's aspect ratio, longest side at most 512 px. Regions that push towards
     PNEUMONIA are warm; a map with no positive evidence shows the plain image.
+    ``overlay_png(image, cam, box=b) == overlay_on(background(image), cam, box=b,
+    shape=image.shape)``.
     """
+    h, w = np.shape(image)[:2]
+    return overlay_on(background(image), cam, alpha=alpha, box=box, shape=(h, w))
+
+
+def background(image: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """The heat map's background: ``image`` (2-D, any range) scaled to 0-255 by its own minimum
+    and maximum, longest side at most 512 px. Small: kept instead of the whole image while the
+    rest of a study is read."""
     img = np.asarray(image, dtype=np.float32)
     lo, hi = float(img.min()), float(img.max())
     gray = np.zeros_like(img) if hi <= lo else (img - lo) / (hi - lo)
     h, w = gray.shape
     scale = min(1.0, MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    gray8 = (cv2.resize(gray, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
+    return (cv2.resize(gray, size, interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
+
+
+def overlay_on(
+    gray8: npt.NDArray[np.uint8],
+    cam: npt.NDArray[Any],
+    *,
+    alpha: float = 0.4,
+    box: tuple[int, int, int, int] | None = None,
+    shape: tuple[int, int] | None = None,
+) -> bytes:
+    """The PNG of ``cam`` blended over a :func:`background` of an image of ``shape`` (h, w);
+    ``box`` is in that image's pixels, as for :func:`overlay_png` (None: the whole image).
+    ``shape`` None: ``gray8``'s own. Keeping the box and the shape, not the image, is what lets
+    a study's images wait for one batch and still get the heat map of :func:`overlay_png`."""
+    h, w = shape if shape is not None else (gray8.shape[0], gray8.shape[1])
+    size = (gray8.shape[1], gray8.shape[0])
     heat = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
     peak = float(heat.max())
     heat = heat / peak if peak > 0 else heat

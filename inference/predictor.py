@@ -4,6 +4,7 @@
     reason = header_decline_reason(ds)              # inference.input_check, header only
     pred = predictor.predict_dataset(ds)            # DICOM: header check + decode + predict
     pred = predictor.predict_array(img2d)           # any 2-D image (JPEG/PNG/decoded DICOM)
+    preds = predictor.predict_datasets([ds1, ds2])  # a study: its images in one model batch
     predictor.model_info                            # inference.finding.ModelInfo
 
 A declined image (header rule or out-of-distribution score above the artifact's threshold)
@@ -13,6 +14,7 @@ has ``probability`` and ``present`` None and ``declined_reason`` set: never a nu
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import numpy.typing as npt
 from inference.artifact import ArtifactMeta, read_meta
 from inference.dicom_pixels import DicomPixels, PixelDecodeError, dicom_to_image
 from inference.finding import ModelInfo
-from inference.heatmap import overlay_png
+from inference.heatmap import background, overlay_on, overlay_png
 from inference.input_check import (
     OODModel,
     OrientationModel,
@@ -66,6 +68,21 @@ class Prediction:
             "has_heatmap": self.heatmap_png is not None,
             "caveat": self.caveat,
         }
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image made ready for the model: its input and, when a heat map is wanted, the heat
+    map's background (at most 512 px), the image's size and the part of it the model sees (the
+    body's box that preprocessing found, for an artifact that crops to the body). The decoded
+    image itself is not kept (up to ``max_image_pixels`` float32 values), so a whole study's
+    images can wait for one batch."""
+
+    x: npt.NDArray[np.float32]  # (S, S) preprocessed input
+    background: npt.NDArray[np.uint8] | None
+    caveat: str | None = None
+    shape: tuple[int, int] | None = None  # (h, w) of the image; None: the background's
+    box: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1) in it; None: all of it
 
 
 class Predictor:
@@ -132,24 +149,49 @@ class Predictor:
         self, images: list[npt.NDArray[Any]], *, heatmap: bool = False
     ) -> list[Prediction]:
         """Predict a batch of 2-D images (any size and range; colour is averaged)."""
+        return self.predict_prepared([self.prepare(img, heatmap=heatmap) for img in images])
+
+    def prepare(self, image: npt.NDArray[Any], *, heatmap: bool) -> PreparedImage:
+        """Preprocess one 2-D image for :meth:`predict_prepared`. Raises ValueError for an
+        empty or non-image array."""
+        cfg = self.meta.preprocess
+        x, box = preprocess_with_box(image, cfg)
+        if not heatmap:
+            return PreparedImage(x, None)
+        gray = to_gray(image)
+        h, w = gray.shape[:2]
+        # The box preprocessing used, not found again: the heat lies where the model looked.
+        return PreparedImage(x, background(gray), shape=(h, w), box=box if cfg.crop_body else None)
+
+    def predict_prepared(self, images: Sequence[PreparedImage]) -> list[Prediction]:
+        """Predict prepared images in one model batch (the runner splits a large one): each
+        image's numbers are those it gets alone (tests/inference/test_study_batch.py)."""
         if not images:
             return []
-        cfg = self.meta.preprocess
-        inputs = [preprocess_with_box(img, cfg) for img in images]
-        x = np.stack([xi for xi, _ in inputs])[..., None]
+        x = np.stack([item.x for item in images])[..., None]
         raw = self.runner.run(x)
         thumbs = np.stack([thumbnail(xi[..., 0]) for xi in x])
         ood, reasons = self.input_check(raw.embedding, thumbs)
         probs = self.meta.probability(raw.logits)
         out = []
-        for i, img in enumerate(images):
+        for i, item in enumerate(images):
             score = float(ood[i])
             if reasons[i] is not None:
-                out.append(Prediction(None, None, score, reasons[i], threshold=self.threshold))
+                out.append(
+                    Prediction(
+                        None, None, score, reasons[i], threshold=self.threshold, caveat=item.caveat
+                    )
+                )
                 continue
             p = float(probs[i])
-            png = self.heatmap(img, raw.cam[i], box=inputs[i][1]) if heatmap else None
-            out.append(Prediction(p, p >= self.threshold, score, None, png, self.threshold))
+            png = None
+            if item.background is not None:
+                png = overlay_on(item.background, raw.cam[i], box=item.box, shape=item.shape)
+            out.append(
+                Prediction(
+                    p, p >= self.threshold, score, None, png, self.threshold, caveat=item.caveat
+                )
+            )
         return out
 
     def heatmap(
@@ -173,6 +215,20 @@ class Predictor:
 
     def predict_dataset(self, ds: Any, *, heatmap: bool = True) -> Prediction:
         """Header check, decode (any transfer syntax, LUTs, MONOCHROME1) and predict a DICOM."""
+        item = self.prepare_dataset(ds, heatmap=heatmap)
+        return item if isinstance(item, Prediction) else self.predict_prepared([item])[0]
+
+    def predict_datasets(
+        self, datasets: Sequence[Any], *, heatmap: bool = True
+    ) -> list[Prediction]:
+        """:meth:`predict_dataset` of each, the images that pass the checks before the model
+        going through it in one batch."""
+        return self.predict_all([self.prepare_dataset(ds, heatmap=heatmap) for ds in datasets])
+
+    def prepare_dataset(self, ds: Any, *, heatmap: bool = True) -> PreparedImage | Prediction:
+        """What :meth:`predict_dataset` does before the model: the header and age checks, the
+        decoding, the colour check and the preprocessing. Returns the prepared image, or the
+        "no result" (a Prediction) when a check declines it."""
         age = patient_age(ds)
         reason = header_decline_reason(ds) or self.age_decline_reason(age)
         if reason is not None:
@@ -181,9 +237,17 @@ class Predictor:
             pixels = dicom_to_image(ds)
         except PixelDecodeError as exc:
             return self.declined(str(exc))
-        prediction = self.predict_pixels(pixels, heatmap=heatmap)
         caveat = self.age_caveat(age)
-        return prediction if caveat is None else replace(prediction, caveat=caveat)
+        if pixels.colour is not None:
+            return replace(self.declined(pixels.colour), caveat=caveat)
+        return replace(self.prepare(pixels.image, heatmap=heatmap), caveat=caveat)
+
+    def predict_all(self, items: Sequence[PreparedImage | Prediction]) -> list[Prediction]:
+        """The prepared images of ``items`` predicted in one batch, in their places; the
+        "no result" Predictions as they are."""
+        prepared = [item for item in items if isinstance(item, PreparedImage)]
+        predicted = iter(self.predict_prepared(prepared))
+        return [item if isinstance(item, Prediction) else next(predicted) for item in items]
 
     def predict_pixels(self, pixels: DicomPixels, *, heatmap: bool = True) -> Prediction:
         """Predict a decoded DICOM image; a colour one gets no result."""

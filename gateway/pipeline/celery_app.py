@@ -162,26 +162,12 @@ def publish_delivery(
             return False
         attempts = delivery.attempts
     try:
-        app.send_task(
-            TASK_DELIVER,
-            args=[delivery_id],
-            queue=DELIVERY_QUEUE_NAME,
-            retry=True,
-            retry_policy={"max_retries": 1, "interval_start": 0.2},
-        )
+        _send_delivery(app, delivery_id)
     except (KombuError, OSError) as exc:
         log.warning("broker did not take delivery %s: %s", delivery_id, type(exc).__name__)
         return False
     with transaction(sessions) as session:
-        session.execute(
-            update(Delivery)
-            .where(
-                Delivery.id == delivery_id,
-                Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
-                Delivery.attempts == attempts,
-            )
-            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=republish_after))
-        )
+        _move_due_time(session, delivery_id, attempts, republish_after)
     return True
 
 
@@ -189,18 +175,52 @@ def publish_deliveries(
     *, app: Celery, sessions: sessionmaker[Session], study_id: int, republish_after: float
 ) -> int:
     """Publish every pending delivery of a study (one task per destination), right after its
-    inference. Returns how many the broker took; the others are left to the reconciler."""
+    inference. Returns how many the broker took; the others are left to the reconciler.
+
+    What :func:`publish_delivery` does for each, with one read before and one transaction
+    after for all of them (the worker's next study waits for these)."""
     with sessions() as session:
-        ids = list(
-            session.execute(
-                select(Delivery.id).where(
-                    Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING
-                )
-            ).scalars()
+        rows = session.execute(
+            select(Delivery.id, Delivery.attempts).where(
+                Delivery.study_id == study_id, Delivery.state == DeliveryState.PENDING
+            )
+        ).all()
+    taken = []
+    for delivery_id, attempts in rows:
+        try:
+            _send_delivery(app, delivery_id)
+        except (KombuError, OSError) as exc:
+            log.warning("broker did not take delivery %s: %s", delivery_id, type(exc).__name__)
+            continue
+        taken.append((delivery_id, attempts))
+    if taken:
+        with transaction(sessions) as session:
+            for delivery_id, attempts in taken:
+                _move_due_time(session, delivery_id, attempts, republish_after)
+    return len(taken)
+
+
+def _send_delivery(app: Celery, delivery_id: int) -> None:
+    app.send_task(
+        TASK_DELIVER,
+        args=[delivery_id],
+        queue=DELIVERY_QUEUE_NAME,
+        retry=True,
+        retry_policy={"max_retries": 1, "interval_start": 0.2},
+    )
+
+
+def _move_due_time(session: Session, delivery_id: int, attempts: int, seconds: float) -> None:
+    """A published delivery is due again (for the reconciler) ``seconds`` from now, unless an
+    attempt ran meanwhile (its outcome set the due time)."""
+    session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
+            Delivery.attempts == attempts,
         )
-    return sum(
-        publish_delivery(app=app, sessions=sessions, delivery_id=i, republish_after=republish_after)
-        for i in ids
+        .values(next_attempt_at=utcnow() + dt.timedelta(seconds=seconds))
     )
 
 

@@ -37,7 +37,7 @@ from inference.finding import (
 
 if TYPE_CHECKING:
     from gateway.pipeline.runtime import WorkerRuntime
-    from inference.predictor import Prediction, Predictor
+    from inference.predictor import Prediction, Predictor, PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,33 @@ def context_from(ds: Dataset) -> StudyContext:
 def predict_instance(
     predictor: Predictor, inst: Instance, settings: Settings
 ) -> tuple[Dataset | None, Prediction | None, str]:
-    """Read and predict one spooled file. Returns (header, prediction, error reason).
+    """Read (:func:`read_instance`) and predict one spooled file. Returns (header without
+    Pixel Data, prediction, error reason). A study's images go through the model together in
+    :meth:`InferenceStage.predict`."""
+    ds, error = read_instance(inst, settings)
+    if ds is None:
+        return None, None, error
+    prediction = predictor.predict_dataset(ds, heatmap=settings.heatmaps)
+    del ds.PixelData  # keep only the header in memory
+    return ds, prediction, ""
+
+
+def prepare_instance(
+    predictor: Predictor, inst: Instance, settings: Settings
+) -> tuple[Dataset | None, PreparedImage | Prediction | None, str]:
+    """Read (:func:`read_instance`) one spooled file and make it ready for the model.
+    Returns (header without Pixel Data, the prepared image or its "no result", error reason).
+    """
+    ds, error = read_instance(inst, settings)
+    if ds is None:
+        return None, None, error
+    prepared = predictor.prepare_dataset(ds, heatmap=settings.heatmaps)
+    del ds.PixelData  # keep only the header in memory (prepared holds the model's input)
+    return ds, prepared, ""
+
+
+def read_instance(inst: Instance, settings: Settings) -> tuple[Dataset | None, str]:
+    """Read one spooled file. Returns (the dataset, "") or (None, why it is declined).
 
     The file is read once, with its sizes bounded, and must be the file received: the bytes
     hash to the SHA-256 recorded at receipt and carry the recorded UIDs. A file changed since
@@ -114,19 +140,17 @@ def predict_instance(
             expected_sha256=inst.sha256 or None,
         )
     except ContentChanged as exc:
-        return None, None, f"{CHANGED_SINCE_RECEIPT}: {exc}"
+        return None, f"{CHANGED_SINCE_RECEIPT}: {exc}"
     except InputTooLarge as exc:
-        return None, None, f"over a size limit ({exc})"
+        return None, f"over a size limit ({exc})"
     except OSError as exc:
         sop_uid = inst.sop_instance_uid
         raise SpoolFileUnreadable.of(path, exc, sop_instance_uid=sop_uid) from exc
     except (ValueError, KeyError, EOFError, NotImplementedError) as exc:
-        return None, None, f"unreadable file ({type(exc).__name__})"
+        return None, f"unreadable file ({type(exc).__name__})"
     if str(ds.get("SOPInstanceUID", "")) != inst.sop_instance_uid:
-        return None, None, f"{CHANGED_SINCE_RECEIPT}: its SOP Instance UID differs"
-    prediction = predictor.predict_dataset(ds, heatmap=settings.heatmaps)
-    del ds.PixelData  # keep only the header in memory
-    return ds, prediction, ""
+        return None, f"{CHANGED_SINCE_RECEIPT}: its SOP Instance UID differs"
+    return ds, ""
 
 
 @dataclass(frozen=True)
@@ -139,37 +163,43 @@ class ReportIdentity:
 
 
 def report_identity(sessions: sessionmaker[Session], study_id: int) -> ReportIdentity:
+    """:func:`report_identity_in` in a transaction of its own."""
+    with transaction(sessions) as session:
+        return report_identity_in(session, study_id)
+
+
+def report_identity_in(session: Session, study_id: int) -> ReportIdentity:
     """The report id of study version ``study_id``, minted (a random UUID) the first time and
     stored on its row, so that a re-run of the job (its worker died) and every retried delivery
     name the same report; and the latest earlier reported version's id, which this amends.
+    Runs in the caller's transaction: the worker mints the id in the one that stores the
+    finding and its deliveries (nothing names the id before that commits).
 
     The id is random, not derived from the Study UID: another installation, a database reset
     or a test instance never makes a different report with the same id (or SR UIDs). A row
     that predates the column keeps the id its stored finding already carries."""
-    with transaction(sessions) as session:
-        row = session.get(Study, study_id)
-        assert row is not None
-        if row.report_id is None:
-            minted = _stored_report_id(row.finding_json) or str(uuid.uuid4())
-            # Conditional: of two workers racing on the same version, the first id wins.
-            session.execute(
-                update(Study)
-                .where(Study.id == study_id, Study.report_id.is_(None))
-                .values(report_id=minted)
-            )
-        report_id = session.execute(
-            select(Study.report_id).where(Study.id == study_id)
-        ).scalar_one()
-        earlier = session.execute(
-            select(Study.version, Study.finding_json)
-            .where(
-                Study.study_uid == row.study_uid,
-                Study.version < row.version,
-                Study.finding_json.is_not(None),
-            )
-            .order_by(Study.version.desc())
-            .limit(1)
-        ).first()
+    row = session.get(Study, study_id)
+    assert row is not None
+    if row.report_id is None:
+        minted = _stored_report_id(row.finding_json) or str(uuid.uuid4())
+        # Conditional: of two workers racing on the same version, the first id wins.
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.report_id.is_(None))
+            .values(report_id=minted)
+        )
+        session.expire(row, ["report_id"])  # the ORM object reads the winner's id again
+    report_id = session.execute(select(Study.report_id).where(Study.id == study_id)).scalar_one()
+    earlier = session.execute(
+        select(Study.version, Study.finding_json)
+        .where(
+            Study.study_uid == row.study_uid,
+            Study.version < row.version,
+            Study.finding_json.is_not(None),
+        )
+        .order_by(Study.version.desc())
+        .limit(1)
+    ).first()
     assert report_id is not None
     if earlier is None:
         return ReportIdentity(report_id)
@@ -222,16 +252,18 @@ class InferenceStage:
         self.settings = settings
         self.predictor = predictor
 
-    def __call__(self, runtime: WorkerRuntime, study: Study) -> StudyState:
-        with runtime.sessions() as session:
-            instances = study_instances(session, study)
+    def predict(self, instances: Sequence[Instance]) -> list[ImageResult]:
+        """Read every instance (one at a time: only its header and its model input are kept),
+        then run the images the checks let through the model in one batch."""
+        read = [prepare_instance(self.predictor, inst, self.settings) for inst in instances]
+        predictions = iter(self.predictor.predict_all([p for _, p, _ in read if p is not None]))
         results: list[ImageResult] = []
-        for inst in instances:
+        for inst, (ds, prepared, error) in zip(instances, read, strict=True):
             image = SourceImage(inst.sop_class_uid, inst.sop_instance_uid, inst.series_uid)
-            ds, prediction, error = predict_instance(self.predictor, inst, self.settings)
-            if prediction is None:
+            if prepared is None:
                 results.append(ImageResult(image, None, error, None, ds))
                 continue
+            prediction = next(predictions)
             results.append(
                 ImageResult(
                     image,
@@ -243,6 +275,12 @@ class InferenceStage:
                     prediction.ood_score,
                 )
             )
+        return results
+
+    def __call__(self, runtime: WorkerRuntime, study: Study) -> StudyState:
+        with runtime.sessions() as session:
+            instances = study_instances(session, study)
+        results = self.predict(instances)
         readable = [r for r in results if r.header is not None]
         if not readable:
             raise RuntimeError("no readable instance in the study")
@@ -250,16 +288,17 @@ class InferenceStage:
         header = (used or readable)[0].header
         assert header is not None
         context = context_from(header)
-        finding = make_finding(
-            study=study,
-            model=self.predictor.model_info,
-            results=results,
-            context=context,
-            identity=report_identity(runtime.sessions, study.id),
-        )
-        finding = replace(finding, input_scores=input_scores(results))
         self._save_heatmaps(study, results)
+        # One transaction: the report id, the finding, its audit events and delivery rows.
         with transaction(runtime.sessions) as session:
+            finding = make_finding(
+                study=study,
+                model=self.predictor.model_info,
+                results=results,
+                context=context,
+                identity=report_identity_in(session, study.id),
+            )
+            finding = replace(finding, input_scores=input_scores(results))
             row = session.get(Study, study.id)
             assert row is not None
             row.finding_json = _json(finding)

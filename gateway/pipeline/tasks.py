@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -51,12 +52,21 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     from gateway.pipeline.intended_use import intended_ages
     from inference.predictor import Predictor
 
+    started = time.monotonic()
     engine = make_engine(settings.database)
     predictor = Predictor.load(settings.model_dir)
     predictor.intended_age = intended_ages(settings, predictor.meta)
     # Warm-up: the first prediction in a process builds TensorFlow's kernels (seconds); pay it
-    # here, at start, rather than in the first study's latency.
-    predictor.predict_array(np.zeros((64, 64), np.float32), heatmap=True)
+    # here, at start, rather than in the first study's latency. Batches of 1 and 2 images (a
+    # study's images go through the model together; each padded size has its interpreter).
+    blank = np.zeros((64, 64), np.float32)
+    predictor.predict_array(blank, heatmap=True)
+    predictor.predict_arrays([blank, blank], heatmap=True)
+    info = predictor.model_info
+    log.info(
+        "model %s %s loaded in %.1f s (process %s)",
+        info.name, info.version, time.monotonic() - started, os.getpid(),
+    )  # fmt: skip
     return WorkerRuntime(
         settings, make_session_factory(engine), InferenceStage(settings, predictor)
     )
@@ -296,6 +306,35 @@ def per_process(factory: Callable[[], R]) -> Callable[[], R]:
     return get
 
 
+def load_at_start(app: Celery, runtime: Callable[[], WorkerRuntime], *, pool: str) -> None:
+    """Build the inference runtime (the model) when the worker process starts, before it
+    takes its first study, so the first study waits for no model load and no queued study
+    sits behind one. ``runtime`` is the per-process getter the tasks use (``per_process``).
+
+    solo and threads pools run tasks in this process: built here, now. A prefork pool runs
+    them in forked children: each builds its own after the fork (``worker_process_init``;
+    TensorFlow does not survive a fork), and the parent waits for it up to
+    ``MODEL_LOAD_SECONDS`` instead of Celery's default 4 s. Raises what building raises
+    (``inference.artifact.ArtifactError`` for an unusable artifact) in the solo and threads
+    cases; in a prefork child Celery logs it and the first study builds it again."""
+    if pool in ("solo", "threads"):
+        runtime()
+        return
+    from celery.signals import worker_process_init
+
+    app.conf.worker_proc_alive_timeout = MODEL_LOAD_SECONDS
+
+    def build(**_: Any) -> None:
+        runtime()
+
+    worker_process_init.connect(build, weak=False)
+
+
+# How long a prefork parent waits for a child that loads the model at start: loading takes a
+# few seconds on an idle core (benchmarks/README.md), many more on a loaded machine.
+MODEL_LOAD_SECONDS = 300.0
+
+
 def worker_name() -> str:
     """This process as an audit actor and a job's holder: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -308,9 +347,10 @@ def register_tasks(
     delivery: Callable[[], DeliveryRuntime] | None = None,
 ) -> None:
     """Add the gateway's tasks to ``app``: ``process_study`` when an ``inference`` runtime
-    factory is given, ``deliver`` when a ``delivery`` one is. Each runtime is built lazily,
-    once per process, on the first task that needs it: a worker serving both queues builds the
-    model only in a process that runs a study, and a delivery never waits for it."""
+    factory is given, ``deliver`` when a ``delivery`` one is. Each runtime is built once per
+    process, on the first task that needs it unless built before (``run_worker`` builds the
+    inference runtime at start with ``load_at_start``); a delivery-only worker never builds
+    the model."""
     if inference is not None:
         _register_process_study(app, per_process(inference))
     if delivery is not None:

@@ -95,3 +95,38 @@ def test_two_installations_never_collide_and_a_rerun_keeps_the_report(
     # The id is a random UUID, stored with the study version; the SR's UID is made from it.
     assert str(uuid.UUID(report_a)) == report_a == a1.report_id == a2.report_id
     assert uids_a1[0] == f"2.25.{uuid.UUID(report_a).int}"
+
+
+def test_the_report_id_is_stored_with_the_finding_or_not_at_all(
+    gateway_factory: Callable[..., RunningGateway],
+    predictor: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker mints the report id in the transaction that stores the finding and its
+    deliveries (issue #21: one transaction fewer per study): when that transaction fails,
+    nothing of it is kept, and the next attempt stores one id, the finding's."""
+    from sqlalchemy.exc import OperationalError
+
+    from gateway.pipeline import inference_stage
+
+    paths = files.study_files(CHILD_CR, tmp_path / "study", 1)
+    study_uid = str(dcmread(paths[0]).StudyInstanceUID)
+    gw = gateway_factory(data_dir=tmp_path / "data")
+    assert storescu(gw.port, paths).returncode == 0
+
+    def database_fails(**_: Any) -> None:  # a test double: the database failing mid-way
+        raise OperationalError("INSERT INTO deliveries", {}, Exception("disk I/O error"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(inference_stage, "create_deliveries", database_fails)
+        with pytest.raises(OperationalError):
+            infer(gw, predictor, study_uid)
+    with gw.sessions() as session:
+        row = session.execute(select(Study).where(Study.study_uid == study_uid)).scalar_one()
+        assert (row.report_id, row.finding_json) == (None, None)
+        assert session.execute(select(Delivery)).first() is None
+
+    stored = infer(gw, predictor, study_uid)
+    assert stored.report_id is not None
+    assert json.loads(stored.finding_json or "{}")["report_id"] == stored.report_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -225,3 +226,79 @@ def test_heatmap_without_crop_covers_the_whole_image(artifact: Path) -> None:
     h, w = chest.shape
     assert pred.heatmap(chest, cam) == overlay_png(chest, cam)
     assert overlay_png(chest, cam, box=(0, h, 0, w)) == overlay_png(chest, cam)
+
+
+def _inside(heat: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """The pixels of a heat map of an image of ``shape`` that lie in ``box`` (image pixels)."""
+    y0, y1, x0, x1 = box
+    scale = heat.shape[1] / shape[1]
+    inside = np.zeros_like(heat)
+    rows = slice(int(y0 * scale), int(np.ceil(y1 * scale)) + 1)
+    inside[rows, int(x0 * scale) : int(np.ceil(x1 * scale)) + 1] = True
+    return inside
+
+
+@pytest.mark.parametrize("crop_body", [True, False])
+def test_a_batch_puts_each_heat_map_in_its_own_box(
+    artifact: Path, tmp_path: Path, crop_body: bool
+) -> None:
+    """A study of two films with different borders goes through the model in one batch (the
+    gateway's path, tests/inference/test_study_batch.py): each heat map is the one its image
+    gets alone, over the box preprocessing found for that image; without crop_body, over the
+    whole image as before the box."""
+    import shutil
+    from dataclasses import replace
+
+    from inference.heatmap import overlay_png
+    from inference.preprocess import preprocess_with_box
+
+    copy = tmp_path / "a"
+    shutil.copytree(artifact, copy)
+    meta = read_meta(artifact)
+    # The untrained model's out-of-distribution statistics know no cropped input: no decline.
+    changed = replace(meta, preprocess=replace(meta.preprocess, crop_body=crop_body))
+    write_meta(copy, replace(changed, ood_threshold=1e30))
+    pred = Predictor.load(copy)
+    chest = fixture_image()[:, :, 0]
+    normal = cv2.imread(str(IMAGES / "NORMAL" / "IM-0115-0001.jpeg"), cv2.IMREAD_GRAYSCALE)
+    h, w = chest.shape
+    wide = np.zeros((h, 2 * w), np.uint8)  # dark at the left and right
+    wide[:, w // 2 : w // 2 + w] = chest
+    nh, nw = normal.shape
+    tall = np.zeros((2 * nh, nw), np.uint8)  # dark above and below
+    tall[nh // 2 : nh // 2 + nh, :] = normal
+    films = [wide, tall]
+    boxes = [preprocess_with_box(film, pred.meta.preprocess)[1] for film in films]
+    if crop_body:  # each box leaves its own border out, and only that one
+        assert boxes[0][2] > w // 4 and boxes[0][3] < w + 3 * w // 4
+        assert boxes[0][0] < h // 8 and boxes[0][1] > h - h // 8
+        assert boxes[1][0] > nh // 4 and boxes[1][1] < nh + 3 * nh // 4
+        assert boxes[1][2] < nw // 8 and boxes[1][3] > nw - nw // 8
+
+    runs: list[int] = []
+    run = pred.runner.run
+
+    def counted(x: np.ndarray) -> Any:
+        runs.append(len(x))
+        return run(x)
+
+    pred.runner.run = counted
+    together = pred.predict_arrays(films, heatmap=True)
+    assert runs == [2]  # one batch for the study
+
+    for film, box, batched in zip(films, boxes, together, strict=True):
+        alone = pred.predict_array(film)
+        assert batched.probability == alone.probability
+        assert batched.heatmap_png is not None and batched.heatmap_png == alone.heatmap_png
+        # The map as the image alone gets it, from its own model run: over its box (found
+        # again by input_box in Predictor.heatmap), or the whole image without crop_body.
+        x, _ = preprocess_with_box(film, pred.meta.preprocess)
+        cam = run(x[None, ..., None]).cam[0]
+        assert batched.heatmap_png == pred.heatmap(film, cam)
+        if not crop_body:
+            assert batched.heatmap_png == overlay_png(film, cam)
+            continue
+        heat = _heat_mask(batched.heatmap_png)
+        inside = _inside(heat, film.shape, box)
+        assert heat[inside].any()  # the map has heat, and all of it inside its image's box
+        assert not heat[~inside].any()
