@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.errors import GatewayError
 
@@ -91,7 +93,9 @@ def exchange(endpoint: Endpoint, message: bytes, *, max_ack_bytes: int = MAX_ACK
     deadline = time.monotonic() + endpoint.timeout
     where = f"{endpoint.host}:{endpoint.port}"
     try:
-        raw = socket.create_connection((endpoint.host, endpoint.port), timeout=endpoint.timeout)
+        raw = _connect(endpoint.host, endpoint.port, deadline)
+    except TimeoutError as exc:
+        raise MllpError(f"cannot connect to {where} within {endpoint.timeout:g} s") from exc
     except OSError as exc:
         raise MllpError(f"cannot connect to {where}: {exc}") from exc
     try:
@@ -106,6 +110,51 @@ def exchange(endpoint: Endpoint, message: bytes, *, max_ack_bytes: int = MAX_ACK
         raise MllpError(f"MLLP exchange with {where} failed: {exc}") from exc
     finally:
         raw.close()
+
+
+def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to ``host``, name lookup included, before ``deadline`` (one deadline
+    for every address the name has, not one each); raises TimeoutError or OSError."""
+    refused: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in _resolve(host, port, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(remaining)
+            sock.connect(address)
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as exc:  # refused, unreachable: the next address may answer
+            sock.close()
+            refused = exc
+            continue
+        return sock
+    raise refused
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """getaddrinfo has no timeout of its own: it runs in a thread that is waited for only until
+    ``deadline`` (the resolver's own timeouts end the thread later)."""
+    found: list[Any] = []
+    failed: list[OSError] = []
+
+    def look_up() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=look_up, name="mllp-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise TimeoutError
+    if failed:
+        raise failed[0]
+    return found
 
 
 def _settimeout(conn: socket.socket, deadline: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from gateway.db.models import AuditEvent, Delivery, Instance, Study, utcnow
 from gateway.db.session import make_engine, make_session_factory, transaction
 from gateway.deliver.deliveries import HL7, attempt, targets
 from gateway.deliver.hl7_channel import Hl7Sender
+from gateway.deliver.mllp import Endpoint, MllpError, exchange
 from gateway.errors import ConfigurationError
 from gateway.settings import Settings
 from inference.finding import ModelInfo, SourceImage, StudyContext, StudyFinding
@@ -380,3 +382,20 @@ def test_an_attempt_that_outlived_its_lease_leaves_the_next_attempts_outcome(
     assert kinds[-2:] == ["hl7.delivered", "delivery.stale_attempt"]
     stale = bench.events()[-1][1]
     assert (stale["attempt"], stale["outcome_dropped"]) == (1, "retrying")
+
+
+def test_a_slow_name_lookup_counts_against_the_one_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo has no timeout: a resolver that takes 3 s (a test double: no DNS server
+    here) must not stretch a 0.5 s deadline."""
+
+    def slow_lookup(*args: Any, **kwargs: Any) -> list[Any]:
+        time.sleep(3)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+    started = time.monotonic()
+    with pytest.raises(MllpError, match=r"within 0\.5 s"):
+        exchange(Endpoint("ehr.test", 2575, 0.5), b"MSH|^~\\&|")
+    assert time.monotonic() - started < 1.5
