@@ -71,6 +71,11 @@ async def store_study_instances(request: Request, study: str) -> Response:
 async def _stow(request: Request, study: str | None) -> Response:
     settings = context(request).settings
     address = client_ip(request)
+    # Production has an HTTPS proxy in front (CXR_WEB_SECURE_COOKIES): unless it is named, every
+    # request bears the proxy's address, and the allow-list below would judge the proxy, not the
+    # sender. Refused rather than checked against the wrong address.
+    if settings.environment == "production" and not settings.web_trusted_proxies:
+        return await _refuse(request, "", study, PROXY_UNKNOWN)
     # The C-STORE allow-list, with the account's name as the calling AE: the host first, before
     # any password is checked (as the listener closes a connection at accept), then the pair.
     if not ConnectionGate(settings).host_allowed(address):
@@ -253,6 +258,15 @@ def _store(
         },
     )
     return JSONResponse(response_body(outcomes), status_code=status, media_type=DICOM_JSON)
+
+
+PROXY_UNKNOWN = StowRequestError(
+    403,
+    "Forbidden",
+    "STOW-RS in production needs CXR_WEB_TRUSTED_PROXIES (the HTTPS proxy in front), so that "
+    "the sender's own address is checked against CXR_ALLOWED_PEERS",
+    reason="trusted_proxies_not_set",
+)
 
 
 def _not_allowed(reason: str) -> StowRequestError:

@@ -29,7 +29,7 @@ from gateway.web.app import create_app
 from gateway.web.server import WebServer
 from gateway.web.users import UserError, create_user, disable_user, reset_password
 from tests import dicom_files as files
-from tests.peers import run_cli
+from tests.peers import Postgres, run_cli
 from tests.web.conftest import PASSWORDS, add_users
 
 SENDER_PASSWORD = "sender-password-123"
@@ -477,3 +477,34 @@ def test_a_database_that_cannot_be_read_gets_503(stow: Stow, tmp_path: Path) -> 
     assert r.status_code == 503, r.text
     assert r.headers["retry-after"] == "30"
     assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_in_production_stow_rs_needs_the_https_proxy_named(
+    make_settings: Callable[..., Settings], postgres_server: Postgres, tmp_path: Path
+) -> None:
+    """Production has an HTTPS proxy in front: unless CXR_WEB_TRUSTED_PROXIES names it, every
+    request bears the proxy's address (here loopback, which the default allow-list admits), so
+    the allow-list would judge the proxy. Refused, audited, until the proxy is named."""
+    production = {
+        "web_port": 0,
+        "environment": "production",
+        "broker_url": "redis://127.0.0.1:1/0",
+        "web_secure_cookies": True,
+    }
+    unnamed = Stow(
+        make_settings(**production, database_url=postgres_server.create_database("stow_p1"))
+    )
+    refused = unnamed.post([child_cr(tmp_path, "a.dcm")])
+    assert refused.status_code == 403
+    assert "CXR_WEB_TRUSTED_PROXIES" in refused.json()["detail"]
+    assert [e["reason"] for e in unnamed.events("stow.refused")] == ["trusted_proxies_not_set"]
+    assert unnamed.instances() == 0
+    named = Stow(
+        make_settings(
+            **production,
+            database_url=postgres_server.create_database("stow_p2"),
+            web_trusted_proxies=["127.0.0.1"],
+        )
+    )
+    assert named.post([child_cr(tmp_path, "b.dcm")]).status_code == 200
+    assert named.instances() == 1
