@@ -256,36 +256,24 @@ def finish(
                 .values(**values)
             )
         )
-        if held != 1:
-            record_event(
-                session=session,
-                kind="delivery.stale_attempt",
-                outcome="warning",
-                actor=actor,
-                study_uid=job.study_uid,
-                detail={
-                    "delivery_id": job.delivery_id,
-                    "destination": job.destination,
-                    "attempt": job.attempts,
-                    "outcome_dropped": str(state),
-                    "error": error[:2000],
-                    **(remote or {}),
-                },
+        stale = held != 1
+        if stale:
+            kind, outcome = "delivery.stale_attempt", "warning"
+        else:
+            kind = {
+                "delivered": f"{job.kind}.delivered",
+                "retrying": "delivery.retry_scheduled",
+                "failed": "delivery.failed",
+                "held": "delivery.held",
+                "skipped": "delivery.skipped",
+            }[state]
+            outcome = {"delivered": "success", "skipped": "success", "held": "warning"}.get(
+                state, "failure"
             )
-            return "stale-attempt"
-        kind = {
-            "delivered": f"{job.kind}.delivered",
-            "retrying": "delivery.retry_scheduled",
-            "failed": "delivery.failed",
-            "held": "delivery.held",
-            "skipped": "delivery.skipped",
-        }[state]
         record_event(
             session=session,
             kind=kind,
-            outcome={"delivered": "success", "skipped": "success", "held": "warning"}.get(
-                state, "failure"
-            ),
+            outcome=outcome,
             actor=actor,
             study_uid=job.study_uid,
             detail={
@@ -293,11 +281,12 @@ def finish(
                 "destination": job.destination,
                 "attempt": job.attempts,
                 "error": error[:2000],
+                **({"outcome_dropped": str(state)} if stale else {}),
                 **(remote or {}),
                 **(detail or {}),
             },
         )
-    return state
+    return "stale-attempt" if stale else state
 
 
 def attempt(
