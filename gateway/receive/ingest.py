@@ -23,10 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,6 +78,9 @@ NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 _DB_ATTEMPTS = 3
+# Built once against the table: run on the session's connection, no ORM handling (issue #20).
+_INSTANCES = cast(Table, Instance.__table__)
+_INSERT_INSTANCE = insert(_INSTANCES)
 RECOVERY_ACTOR = "spool-recovery"
 # A file renamed into the spool is committed by its listener within milliseconds (seconds when
 # the database is slow); younger unrecorded files may be another listener's work in progress.
@@ -323,21 +327,22 @@ class Ingestor:
                         peer_ae=peer.ae_title,
                         max_instances=self.limits.max_instances_per_study,
                     )
-                    session.execute(
-                        insert(Instance).values(
-                            study_id=study.id,
-                            sop_instance_uid=sop_uid,
-                            sop_class_uid=meta.sop_class_uid,
-                            series_uid=meta.series_uid,
-                            transfer_syntax=transfer_syntax,
-                            modality=meta.modality,
-                            path=stored_path(self.spool.root, spooled.path),
-                            size_bytes=spooled.size_bytes,
-                            sha256=spooled.sha256,
-                            calling_ae=peer.ae_title,
-                            peer_address=peer.address,
-                            received_at=utcnow(),
-                        )
+                    session.connection().execute(
+                        _INSERT_INSTANCE,
+                        {
+                            "study_id": study.id,
+                            "sop_instance_uid": sop_uid,
+                            "sop_class_uid": meta.sop_class_uid,
+                            "series_uid": meta.series_uid,
+                            "transfer_syntax": transfer_syntax,
+                            "modality": meta.modality,
+                            "path": stored_path(self.spool.root, spooled.path),
+                            "size_bytes": spooled.size_bytes,
+                            "sha256": spooled.sha256,
+                            "calling_ae": peer.ae_title,
+                            "peer_address": peer.address,
+                            "received_at": utcnow(),
+                        },
                     )
                     record_event(
                         session=session,
