@@ -27,7 +27,7 @@ from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -81,6 +81,9 @@ _DB_ATTEMPTS = 3
 # Built once against the table: run on the session's connection, no ORM handling (issue #20).
 _INSTANCES = cast(Table, Instance.__table__)
 _INSERT_INSTANCE = insert(_INSTANCES)
+_FIND_INSTANCE = select(_INSTANCES.c.id, _INSTANCES.c.study_id).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_uid")
+)
 RECOVERY_ACTOR = "spool-recovery"
 # A file renamed into the spool is committed by its listener within milliseconds (seconds when
 # the database is slow); younger unrecorded files may be another listener's work in progress.
@@ -509,14 +512,14 @@ class Ingestor:
         return True
 
     def _is_duplicate(self, peer: Peer, sop_uid: str, study_uid: str) -> bool:
-        query = select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)
+        params = {"sop_uid": sop_uid}
         with self.sessions() as session:
             # A read that takes no write lock (SQLite), so it never waits behind other stores.
-            session.connection(execution_options={READ_ONLY: True})
-            if session.execute(query).first() is None:
+            connection = session.connection(execution_options={READ_ONLY: True})
+            if connection.execute(_FIND_INSTANCE, params).first() is None:
                 return False
         with transaction(self.sessions) as session:
-            existing = session.execute(query).first()
+            existing = session.connection().execute(_FIND_INSTANCE, params).first()
             if existing is None:
                 return False
             record_event(
