@@ -115,6 +115,56 @@ def whole(ingestor: Ingestor, files: list[tuple[bytes, bytes, str]]) -> dict[str
     return {"store (whole handler)": totals}
 
 
+def network(
+    ingestor: Ingestor, work: Path, files: list[tuple[bytes, bytes, str]], associations: int
+) -> None:
+    """The listener in this process, storescu (TCP_NODELAY=1, one process per association)
+    sending the files: wall time per image against the C-STORE handler's own time."""
+    import os
+    import subprocess
+
+    from gateway.receive.listener import Listener
+    from gateway.settings import get_settings
+
+    folder = work / "send"
+    folder.mkdir()
+    for i, (header, body, _syntax) in enumerate(files):
+        (folder / f"{i:05d}.dcm").write_bytes(header + body)
+    settings = get_settings(data_dir=work / "net", dicom_port=0)
+    listener = Listener(settings=settings, sessions=ingestor.sessions, ingestor=ingestor)
+    handler_times: list[float] = []
+    on_store = listener._on_store
+
+    def timed_store(event: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return on_store(event)
+        finally:
+            handler_times.append(time.perf_counter() - start)
+
+    listener._on_store = timed_store  # type: ignore[method-assign]
+    listener.start()
+    try:
+        command = ["storescu", "-aet", "BENCH", "-aec", settings.ae_title, "-pdu", "131072"]
+        command += ["127.0.0.1", str(listener.port)]
+        paths = sorted(map(str, folder.iterdir()))
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        start = time.perf_counter()
+        senders = [
+            subprocess.Popen(command + paths[i::associations], env=env) for i in range(associations)
+        ]
+        if any(sender.wait() for sender in senders):
+            raise RuntimeError("storescu failed")
+        wall = time.perf_counter() - start
+    finally:
+        listener.stop()
+    print(
+        f"network, {associations} assoc.: {len(files)} images in {wall:.2f} s, {1000 * wall / len(files):.2f} ms an"
+    )
+    print(f"  image ({len(files) / wall:.1f}/s); C-STORE handler {_ms(handler_times)} ms, ")
+    print(f"  mean {1000 * statistics.mean(handler_times):.2f} ms")
+
+
 def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -124,6 +174,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--whole", action="store_true", help="time Ingestor.store as a whole")
+    parser.add_argument("--network", action="store_true", help="storescu into the listener")
+    parser.add_argument("--associations", type=int, default=1, help="with --network")
     parser.add_argument("--profile", action="store_true", help="cProfile of the handler path")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--code", type=Path, help="import the gateway from this checkout")
@@ -151,6 +203,11 @@ def main() -> None:
             )
             warm = copies(20)
             files = copies(args.count)
+            if args.network:
+                print(f"load average before: {load()}; {args.count} small DX, {CODE}")
+                network(ingestor, work, files, args.associations)
+                print(f"load average after: {load()}")
+                return
             run = whole if args.whole else steps
             run(ingestor, warm)
             print(f"load average before: {load()}; {args.count} small DX, {args.database}; {CODE}")
