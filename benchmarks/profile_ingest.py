@@ -158,11 +158,38 @@ def network(
         wall = time.perf_counter() - start
     finally:
         listener.stop()
-    print(
-        f"network, {associations} assoc.: {len(files)} images in {wall:.2f} s, {1000 * wall / len(files):.2f} ms an"
-    )
-    print(f"  image ({len(files) / wall:.1f}/s); C-STORE handler {_ms(handler_times)} ms, ")
-    print(f"  mean {1000 * statistics.mean(handler_times):.2f} ms")
+    per_image = 1000 * wall / len(files)
+    print(f"network, {associations} assoc.: {len(files)} images in {wall:.2f} s")
+    print(f"  {per_image:.2f} ms an image ({len(files) / wall:.1f}/s)")
+    mean = 1000 * statistics.mean(handler_times)
+    print(f"  C-STORE handler {_ms(handler_times)} ms, mean {mean:.2f}")
+
+
+def measure(ingestor: Ingestor, work: Path, args: argparse.Namespace) -> None:
+    warm = copies(20)
+    files = copies(args.count)
+    if args.network:
+        print(f"load average before: {load()}; {args.count} small DX, {CODE}")
+        network(ingestor, work, files, args.associations)
+        print(f"load average after: {load()}")
+        return
+    run = whole if args.whole else steps
+    run(ingestor, warm)
+    print(f"load average before: {load()}; {args.count} small DX, {args.database}; {CODE}")
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
+    times = run(ingestor, files)
+    if profiler:
+        profiler.disable()
+    print(f"load average after: {load()}")
+    print("step: median ms (p90)")
+    for name, values in times.items():
+        print(f"  {name:24s} {_ms(values)}")
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
+        print(out.getvalue())
 
 
 def load() -> str:
@@ -201,30 +228,7 @@ def main() -> None:
                 session_factory=make_session_factory(engine),
                 limits=Limits(2**30, 1000),
             )
-            warm = copies(20)
-            files = copies(args.count)
-            if args.network:
-                print(f"load average before: {load()}; {args.count} small DX, {CODE}")
-                network(ingestor, work, files, args.associations)
-                print(f"load average after: {load()}")
-                return
-            run = whole if args.whole else steps
-            run(ingestor, warm)
-            print(f"load average before: {load()}; {args.count} small DX, {args.database}; {CODE}")
-            profiler = cProfile.Profile() if args.profile else None
-            if profiler:
-                profiler.enable()
-            times = run(ingestor, files)
-            if profiler:
-                profiler.disable()
-            print(f"load average after: {load()}")
-            print("step: median ms (p90)")
-            for name, values in times.items():
-                print(f"  {name:24s} {_ms(values)}")
-            if profiler:
-                out = io.StringIO()
-                pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
-                print(out.getvalue())
+            measure(ingestor, work, args)
             engine.dispose()
         finally:
             if postgres is not None:

@@ -69,6 +69,9 @@ def record_event(
     The row is written with a Core INSERT on the session's connection (the ORM's unit of work
     costs more than the insert itself on the ingest path); the returned event is not attached
     to ``session``."""
+    # As session.execute would (autoflush): the caller's pending ORM changes are written before
+    # the chain's lock is taken, so every transaction takes its locks in the same order.
+    session.flush()
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(_PG_LOCK, {"k": _PG_CHAIN_LOCK})

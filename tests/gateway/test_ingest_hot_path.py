@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway.audit import event_hash, verify_chain
+from gateway.audit import event_hash, record_event, verify_chain
 from gateway.db.migrate import upgrade
 from gateway.db.models import AuditEvent, Instance, Study, StudyState
 from gateway.db.session import make_engine, make_session_factory
@@ -91,3 +91,16 @@ def test_an_instance_is_stored_without_orm_statements(
         assert stored["study_id"] == study.id and stored["version"] == 1
         assert verify_chain(session).intact
     assert len(list(spool.files())) == 3  # the duplicate was not written
+
+
+def test_record_event_writes_the_callers_pending_changes_first(
+    sessions: sessionmaker[Session],
+) -> None:
+    """``record_event`` runs on the connection, which does not autoflush as ``session.execute``
+    did: it flushes itself, so a caller's pending changes still take their row locks before the
+    chain's lock (on PostgreSQL), in the same order in every transaction."""
+    with sessions() as session, session.begin():
+        session.add(Study(study_uid="1.2.3", version=1, state=StudyState.RECEIVING))
+        record_event(session=session, kind="test.event", study_uid="1.2.3")
+        count = select(func.count()).select_from(Study)
+        assert session.connection().execute(count).scalar_one() == 1
