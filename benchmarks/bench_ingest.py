@@ -257,8 +257,8 @@ def load() -> str:
 
 
 def ingest(bench: Bench, sets: dict[str, list[Path]], receivers: list[str], args: Any) -> None:
-    print("| files | assoc. | " + " | ".join(receivers) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in receivers) + " |")
+    print("| files | assoc. | " + " | ".join(receivers) + " | load average after |")
+    print("| --- | --- | " + " | ".join("---" for _ in receivers) + " | --- |")
     for name, paths in sets.items():
         for assoc in args.associations:
             times: dict[str, list[float]] = {r: [] for r in receivers}
@@ -273,7 +273,7 @@ def ingest(bench: Bench, sets: dict[str, list[Path]], receivers: list[str], args
                 f"{rate[r]:.1f}" + (f" ({rate[r] / ref:.2f})" if ref and r != "orthanc" else "")
                 for r in receivers
             ]
-            print(f"| {name} | {assoc} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {name} | {assoc} | " + " | ".join(cells) + f" | {load()} |", flush=True)
 
 
 def senders(bench: Bench, sets: dict[str, list[Path]], args: Any) -> None:
@@ -344,9 +344,13 @@ def main() -> None:
         # /tmp is on the root disk here (ext4), not a tmpfs: fsync means what it says.
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
             bench = Bench(Path(tmp), postgres, args.baseline)
-            sets = {
-                "large CR (7.2 MB)": make_files(Path(tmp) / "large", LARGE_FILE, args.large),
-                "small DX (37 KB)": make_files(Path(tmp) / "small", SMALL_FILE, args.small),
+            sets = {  # --large 0 or --small 0 leaves that set out
+                name: make_files(Path(tmp) / folder, source, count)
+                for name, folder, source, count in (
+                    ("large CR (7.2 MB)", "large", LARGE_FILE, args.large),
+                    ("small DX (37 KB)", "small", SMALL_FILE, args.small),
+                )
+                if count > 0
             }
             if not args.no_ingest:
                 ingest(bench, sets, list(args.receivers), args)

@@ -23,10 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import insert, select
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,6 +78,12 @@ NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 _DB_ATTEMPTS = 3
+# Built once against the table: run on the session's connection, no ORM handling (issue #20).
+_INSTANCES = cast(Table, Instance.__table__)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_FIND_INSTANCE = select(_INSTANCES.c.id, _INSTANCES.c.study_id).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_uid")
+)
 RECOVERY_ACTOR = "spool-recovery"
 # A file renamed into the spool is committed by its listener within milliseconds (seconds when
 # the database is slow); younger unrecorded files may be another listener's work in progress.
@@ -323,21 +330,22 @@ class Ingestor:
                         peer_ae=peer.ae_title,
                         max_instances=self.limits.max_instances_per_study,
                     )
-                    session.execute(
-                        insert(Instance).values(
-                            study_id=study.id,
-                            sop_instance_uid=sop_uid,
-                            sop_class_uid=meta.sop_class_uid,
-                            series_uid=meta.series_uid,
-                            transfer_syntax=transfer_syntax,
-                            modality=meta.modality,
-                            path=stored_path(self.spool.root, spooled.path),
-                            size_bytes=spooled.size_bytes,
-                            sha256=spooled.sha256,
-                            calling_ae=peer.ae_title,
-                            peer_address=peer.address,
-                            received_at=utcnow(),
-                        )
+                    session.connection().execute(
+                        _INSERT_INSTANCE,
+                        {
+                            "study_id": study.id,
+                            "sop_instance_uid": sop_uid,
+                            "sop_class_uid": meta.sop_class_uid,
+                            "series_uid": meta.series_uid,
+                            "transfer_syntax": transfer_syntax,
+                            "modality": meta.modality,
+                            "path": stored_path(self.spool.root, spooled.path),
+                            "size_bytes": spooled.size_bytes,
+                            "sha256": spooled.sha256,
+                            "calling_ae": peer.ae_title,
+                            "peer_address": peer.address,
+                            "received_at": utcnow(),
+                        },
                     )
                     record_event(
                         session=session,
@@ -504,14 +512,14 @@ class Ingestor:
         return True
 
     def _is_duplicate(self, peer: Peer, sop_uid: str, study_uid: str) -> bool:
-        query = select(Instance.id, Instance.study_id).where(Instance.sop_instance_uid == sop_uid)
+        params = {"sop_uid": sop_uid}
         with self.sessions() as session:
             # A read that takes no write lock (SQLite), so it never waits behind other stores.
-            session.connection(execution_options={READ_ONLY: True})
-            if session.execute(query).first() is None:
+            connection = session.connection(execution_options={READ_ONLY: True})
+            if connection.execute(_FIND_INSTANCE, params).first() is None:
                 return False
         with transaction(self.sessions) as session:
-            existing = session.execute(query).first()
+            existing = session.connection().execute(_FIND_INSTANCE, params).first()
             if existing is None:
                 return False
             record_event(

@@ -379,8 +379,9 @@ class Listener:
                 exc.sop_instance_uid = exc.sop_instance_uid or requested.sop_instance_uid
                 self.ingestor.audit_failure(peer, exc, sop_class=requested.sop_class_uid)
                 return exc.status
-            dataset.file_meta = event.file_meta
-            header = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            # pynetdicom builds the File Meta anew at each access of ``event.file_meta``.
+            dataset.file_meta = file_meta = event.file_meta
+            header = b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
             return self.ingestor.store(
                 peer=peer,
                 dataset=dataset,
