@@ -460,6 +460,15 @@ class Settings(BaseSettings):
         hl7_names = [d.name for d in self.hl7_destinations]
         if len(hl7_names) != len(set(hl7_names)):
             raise ValueError("hl7_destinations have duplicate names")
+        # An attempt must end well within its lease: after it, another worker may take the
+        # delivery over and send the same ORU again while the first still waits for its ACK.
+        lease = self.job_lease_seconds
+        slow = [d.name for d in self.hl7_destinations if 2 * d.timeout_seconds > lease]
+        if slow:
+            raise ValueError(
+                f"hl7_destinations {slow}: timeout_seconds must be at most half of "
+                f"job_lease_seconds ({lease:g} s)"
+            )
         # Routing rules name destinations: one name, one destination, whatever its kind.
         every = names + hl7_names + web_names
         shared = sorted({n for n in every if every.count(n) > 1} | (set(every) & RESERVED_NAMES))

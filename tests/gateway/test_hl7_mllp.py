@@ -346,6 +346,10 @@ def test_destinations_are_checked_with_the_settings(
         make_settings(hl7_destinations=[{**base, "tls": True, "tls_cert": str(pki.ca)}])
     with pytest.raises(ConfigurationError, match="duplicate names"):
         make_settings(hl7_destinations=[base, base])
+    # An attempt that can outlast half the lease could be taken over and sent twice.
+    with pytest.raises(ConfigurationError, match="at most half of job_lease_seconds"):
+        make_settings(hl7_destinations=[{**base, "timeout_seconds": 301}])
+    make_settings(hl7_destinations=[{**base, "timeout_seconds": 600}], job_lease_seconds=1200)
     settings = make_settings(hl7_destinations=[base, {**base, "name": "ris"}])
     assert settings.hl7_destinations[0].timeout_seconds == 30.0
     # One hl7 delivery per destination, beside the SR and FHIR ones; none without destinations.
