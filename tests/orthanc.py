@@ -53,6 +53,15 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return self.request("GET", path)
 
+    def find_instances(self, study_uid: str, modality: str) -> list[str]:
+        """Orthanc's ids of the instances of ``modality`` it holds in study ``study_uid``."""
+        query = {
+            "Level": "Instance",
+            "Query": {"StudyInstanceUID": study_uid, "Modality": modality},
+        }
+        found: list[str] = self.request("POST", "/tools/find", json.dumps(query).encode())
+        return found
+
     def upload(self, path: Path) -> dict[str, Any]:
         result: dict[str, Any] = self.request("POST", "/instances", path.read_bytes())
         return result

@@ -107,14 +107,7 @@ def test_one_study_four_results_each_delivered_once_after_its_peer_recovers(
 
     # C-STORE and STOW-RS carry the same SR (the same UIDs): Orthanc holds it once; the EHR
     # holds one report, the receiver got one message.
-    found = orthanc.request(
-        "POST",
-        "/tools/find",
-        json.dumps(
-            {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
-        ).encode(),
-    )
-    assert len(found) == 1
+    assert len(orthanc.find_instances(study_uid, "SR")) == 1
     reports = fhir_server.get("DiagnosticReport", identifier=f"urn:cxr-gateway:report|{study_uid}")
     assert len(reports.get("entry", [])) == 1
     assert [str(m.segment("MSH")[9]) for m in messages] == ["ORU^R01^ORU_R01"]

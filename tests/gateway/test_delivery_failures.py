@@ -61,14 +61,7 @@ def test_pacs_down_then_up_gets_the_sr_once(
     wait_until(lambda: len(db.events("dicom-sr.delivered")) == 1, 90, "delivered", procs)
     time.sleep(3)
     assert len(db.events("dicom-sr.delivered")) == 1
-    found = orthanc.request(
-        "POST",
-        "/tools/find",
-        json.dumps(
-            {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
-        ).encode(),
-    )
-    assert len(found) == 1
+    assert len(orthanc.find_instances(study_uid, "SR")) == 1
 
 
 def test_ehr_down_then_up_gets_the_report_once(
