@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from gateway.audit import record_event
 from gateway.db.models import Instance, Study, StudyState
@@ -94,20 +94,6 @@ def context_from(ds: Dataset) -> StudyContext:
     )
 
 
-def predict_instance(
-    predictor: Predictor, inst: Instance, settings: Settings
-) -> tuple[Dataset | None, Prediction | None, str]:
-    """Read (:func:`read_instance`) and predict one spooled file. Returns (header without
-    Pixel Data, prediction, error reason). A study's images go through the model together in
-    :meth:`InferenceStage.predict`."""
-    ds, error = read_instance(inst, settings)
-    if ds is None:
-        return None, None, error
-    prediction = predictor.predict_dataset(ds, heatmap=settings.heatmaps)
-    del ds.PixelData  # keep only the header in memory
-    return ds, prediction, ""
-
-
 def prepare_instance(
     predictor: Predictor, inst: Instance, settings: Settings
 ) -> tuple[Dataset | None, PreparedImage | Prediction | None, str]:
@@ -162,13 +148,7 @@ class ReportIdentity:
     previous_version: int = 0
 
 
-def report_identity(sessions: sessionmaker[Session], study_id: int) -> ReportIdentity:
-    """:func:`report_identity_in` in a transaction of its own."""
-    with transaction(sessions) as session:
-        return report_identity_in(session, study_id)
-
-
-def report_identity_in(session: Session, study_id: int) -> ReportIdentity:
+def report_identity(session: Session, study_id: int) -> ReportIdentity:
     """The report id of study version ``study_id``, minted (a random UUID) the first time and
     stored on its row, so that a re-run of the job (its worker died) and every retried delivery
     name the same report; and the latest earlier reported version's id, which this amends.
@@ -296,7 +276,7 @@ class InferenceStage:
                 model=self.predictor.model_info,
                 results=results,
                 context=context,
-                identity=report_identity_in(session, study.id),
+                identity=report_identity(session, study.id),
             )
             finding = replace(finding, input_scores=input_scores(results))
             row = session.get(Study, study.id)

@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -17,17 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway.db.migrate import upgrade
 from gateway.db.models import Instance, Study, StudyState, utcnow
 from gateway.db.session import make_engine, make_session_factory, transaction
-from gateway.pipeline.inference_stage import predict_instance
+from gateway.pipeline.inference_stage import read_instance
 from gateway.receive.ingest import Ingestor, Limits
 from gateway.receive.retention import purge_spool
 from gateway.receive.spool import Spool
 from gateway.settings import Settings
 from tests import dicom_files as files
-
-
-class _Predictor:
-    def predict_dataset(self, ds: Dataset, *, heatmap: bool) -> str:
-        return f"predicted {ds.SOPInstanceUID}"
 
 
 def _spooled_copy(root: Path, tmp_path: Path, token: str) -> tuple[Dataset, str]:
@@ -71,9 +66,9 @@ def test_worker_reads_a_relative_path_under_its_spool_mount(
     ds, relative = _spooled_copy(settings.spool_path, tmp_path, "0000aaaa")
     content = (settings.spool_path / relative).read_bytes()
     inst = Instance(sop_instance_uid=str(ds.SOPInstanceUID), path=relative, sha256=_sha256(content))
-    header, prediction, reason = predict_instance(cast(Any, _Predictor()), inst, settings)
-    assert (cast(Any, prediction), reason) == (f"predicted {ds.SOPInstanceUID}", "")
-    assert header is not None and "PixelData" not in header
+    read, reason = read_instance(inst, settings)
+    assert reason == ""
+    assert read is not None and read.SOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_recovery_knows_files_recorded_by_relative_path(tmp_path: Path) -> None:

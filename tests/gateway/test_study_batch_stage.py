@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 
 from gateway.db.models import Instance
-from gateway.pipeline.inference_stage import InferenceStage, predict_instance
+from gateway.pipeline.inference_stage import InferenceStage, read_instance
 from gateway.settings import Settings
-from inference.predictor import Predictor
+from inference.predictor import Prediction, Predictor
 from tests import dicom_files as files
 
 
@@ -42,6 +43,16 @@ def spooled(settings: Settings, tmp_path: Path, src: Path, name: str, **edit: An
     )
 
 
+def one_at_a_time(
+    predictor: Predictor, inst: Instance, settings: Settings
+) -> tuple[Dataset | None, Prediction | None, str]:
+    """The reference: the file read and predicted alone, as before studies were batched."""
+    ds, error = read_instance(inst, settings)
+    if ds is None:
+        return None, None, error
+    return ds, predictor.predict_dataset(ds, heatmap=settings.heatmaps), ""
+
+
 def test_the_study_goes_through_the_model_once_with_the_results_of_one_at_a_time(
     tmp_path: Path, make_settings: Callable[..., Settings], predictor: Predictor
 ) -> None:
@@ -55,7 +66,7 @@ def test_the_study_goes_through_the_model_once_with_the_results_of_one_at_a_time
     ]
     swapped = settings.spool_path / instances[3].path
     swapped.write_bytes(swapped.read_bytes() + b"\0\0")  # changed since receipt
-    alone = [predict_instance(predictor, inst, settings) for inst in instances]
+    alone = [one_at_a_time(predictor, inst, settings) for inst in instances]
     sizes: list[int] = []
     run = predictor.runner.run
     predictor.runner.run = lambda x: sizes.append(len(x)) or run(x)
