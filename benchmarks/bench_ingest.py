@@ -13,7 +13,8 @@ Receivers (every one gets TCP_NODELAY=1 and its own fresh storage folder each ro
 - ``gateway-sqlite`` / ``gateway-postgresql``: ``cxr-gateway listen`` (fsync of every file and a
   database commit before each success status), on SQLite and on a PostgreSQL 15 started here
   with ``fsync=on``;
-- ``noop``: pynetdicom configured as the listener, storing nothing (``benchmarks/noop_scp.py``).
+- ``noop``: pynetdicom configured as the listener, storing nothing (``benchmarks/noop_scp.py``);
+  ``noop-events``: the same with the listener's event-driven loops and whole-PDU reads.
 The sender is DCMTK storescu (``-pdu 131072``), one process per association. One untimed round,
 then ``--repeats`` rounds in which the receivers take turns (interleaved); medians are printed.
 
@@ -70,6 +71,7 @@ RECEIVERS = (
     "gateway-sqlite",
     "gateway-postgresql",
     "noop",
+    "noop-events",
     "baseline-sqlite",
 )
 DEFAULT_RECEIVERS = RECEIVERS[:5]
@@ -177,9 +179,10 @@ class Bench:
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    def noop(self, paths: list[Path], assoc: int) -> float:
+    def noop(self, paths: list[Path], assoc: int, events: bool = False) -> float:
         port = free_port()
         command = [sys.executable, str(ROOT / "benchmarks" / "noop_scp.py"), str(port), "NOOP"]
+        command += ["--events"] if events else []
         return self._process(command, port, "NOOP", paths, assoc, storescu)
 
     def orthanc(self, paths: list[Path], assoc: int) -> float:
@@ -228,8 +231,8 @@ class Bench:
             return self.storescp(paths, assoc, sync=True)
         if receiver == "orthanc":
             return self.orthanc(paths, assoc)
-        if receiver == "noop":
-            return self.noop(paths, assoc)
+        if receiver in ("noop", "noop-events"):
+            return self.noop(paths, assoc, events=receiver == "noop-events")
         if receiver == "baseline-sqlite":
             return self.gateway(paths, assoc, "sqlite", code=self.baseline)
         return self.gateway(paths, assoc, receiver.removeprefix("gateway-"))

@@ -25,6 +25,11 @@ process, with heat maps, as the worker did before issue #21 (one image at a time
 machine's load average is printed with each row: the machine may be shared.
 ``--baseline DIR``: every row runs first with the gateway processes of another checkout (say
 main's, from ``git worktree add``), then with this one's: before and after in one run.
+``--deliver-after`` (split layout): the delivery worker is stopped while the burst is inferred,
+so the deliveries wait in their queue and the PACS and the EHR receive nothing meanwhile; it is
+started once every study is inferred, and results/min is then the rate at which it drains the
+queue. The inference workers have the cores to themselves, as on an inference host whose PACS,
+EHR and delivery workers are other machines; this machine has no second host to show that with.
 """
 
 from __future__ import annotations
@@ -261,14 +266,18 @@ def first_done_by_all(sessions, actors: set[str], before: set[str]) -> float | N
 
 
 def measure_burst(
-    sessions, gw_port: int, burst: list[list[Path]], slow: bool, pipeline: Pipeline
-) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    sessions, gw_port: int, burst: list[list[Path]], slow: bool, pipeline: Pipeline,
+    deliver_after: bool = False,
+) -> dict[str, float]:  # type: ignore[no-untyped-def]  # fmt: skip
     """Queue the burst with the inference workers stopped, start them, and measure: the rate
     of inference once every worker has done its first study, of results (with a slow EHR,
-    inference only: what counts is that it keeps its pace), and the CPU per study."""
+    inference only: what counts is that it keeps its pace), and the CPU per study. With
+    ``deliver_after`` the delivery worker is stopped until every study is inferred."""
     before = set(times(sessions, "job.done"))
     queued = count(sessions, "study.queued")
     pipeline.stop_inference()
+    if deliver_after:
+        pipeline.stop_delivery()
     for study in burst:
         send(gw_port, study)
     wait_count(sessions, "study.queued", queued + len(burst))
@@ -289,6 +298,8 @@ def measure_burst(
     ))  # fmt: skip
     if slow:
         return result
+    if deliver_after:
+        pipeline.start_delivery()
     sr, dr = wait_delivered(sessions, len(before) + len(burst))
     done = {uid: max(sr[uid], dr[uid]) for uid in sr if uid in dr and uid not in before}
     result["per_min"] = steady_rate(list(done.values()))
@@ -307,14 +318,29 @@ class Pipeline:
         self.env, self.work, self.tag, self.code, self.peers = env, work, tag, code, peers
         commands = worker_commands(layout, workers)
         self.inference_commands = [c for c in commands if "delivery" not in c]
+        self.delivery_commands = [c for c in commands if "delivery" in c]
         self.listener = start_gateway(env, work / f"listen-{tag}.log", ("listen",), cwd=code)
-        self.delivery = [
-            start_gateway(env, work / f"worker-delivery-{tag}.log", c, cwd=code)
-            for c in commands
-            if "delivery" in c
-        ]
+        self.delivery: list[GatewayProcess] = []
         self.inference: list[GatewayProcess] = []
         self.starts = 0
+        self.start_delivery(wait=False)
+
+    def start_delivery(self, wait: bool = True) -> None:
+        self.starts += 1
+        self.delivery = [
+            start_gateway(
+                self.env, self.work / f"worker-delivery-{self.tag}-{self.starts}.log", c,
+                cwd=self.code,
+            )
+            for c in self.delivery_commands
+        ]  # fmt: skip
+        if wait:
+            wait_ready(self.delivery)
+
+    def stop_delivery(self) -> None:
+        for p in self.delivery:
+            p.stop()
+        self.delivery = []
 
     def start_inference(self) -> list[GatewayProcess]:
         self.starts += 1
@@ -401,7 +427,9 @@ def run(
         wait_count(sessions, "dicom-sr.delivered", 1)
         if ehr_delay <= 0:
             wait_count(sessions, "fhir.delivered", 1)
-        result = measure_burst(sessions, gw_port, burst, ehr_delay > 0, pipeline)
+        result = measure_burst(
+            sessions, gw_port, burst, ehr_delay > 0, pipeline, args.deliver_after
+        )
         return {**result, **measure_latency(sessions, gw_port, paced, len(burst) + 1)}
     finally:
         pipeline.stop()
@@ -448,6 +476,11 @@ def main() -> None:
     )
     parser.add_argument("--slow-studies", type=int, default=10, help="burst size with a slow EHR")
     parser.add_argument(
+        "--deliver-after",
+        action="store_true",
+        help="split layout: the delivery worker waits until the burst is inferred",
+    )
+    parser.add_argument(
         "--baseline", type=Path, default=None, help="another checkout, run before this one"
     )
     args = parser.parse_args()
@@ -470,7 +503,8 @@ def main() -> None:
     print(
         f"input: {args.studies} studies (burst) + {args.paced} (one at a time) x {args.images} x "
         f"{source.name} ({source.stat().st_size / 1e6:.1f} MB); quiet time {args.quiet} s; "
-        f"{args.database} + Redis; workers use the solo pool"
+        f"{args.database} + Redis; workers use the solo pool; deliveries "
+        f"{'after the burst is inferred' if args.deliver_after else 'while it is inferred'}"
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)

@@ -334,3 +334,44 @@ def test_an_ehr_that_trickles_its_answer_is_cut_at_the_deadline(trickled):
         with FhirClient(config, sleep=Sleeps()) as client, pytest.raises(FhirUnavailable):
             client.resolve_patient(MRN_SYSTEM, MRN)
         assert time.monotonic() - started < 4
+
+
+def test_test_server_searches_by_token_as_medplum_does(fhir_server):
+    """The test server narrows identifier and _tag searches with an index
+    (tools/fhir-test-server/server.mjs); Medplum's matching still decides: the system counts,
+    alternatives are ORed, and what a failed transaction created is not found."""
+
+    def post(resource: dict[str, Any]) -> str:
+        response = httpx.post(f"{fhir_server.base_url}/{resource['resourceType']}", json=resource)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+    def ids(**params: Any) -> set[str]:
+        return {r["id"] for r in search(fhir_server, "Device", **params)}
+
+    a = post({"resourceType": "Device", "identifier": [{"system": "urn:a", "value": "X1"}]})
+    b = post({"resourceType": "Device", "identifier": [{"system": "urn:b", "value": "X1"}]})
+    c = post({"resourceType": "Device", "meta": {"tag": [{"system": "urn:t", "code": "v1"}]}})
+    assert ids(identifier="urn:a|X1") == {a}
+    assert ids(identifier="X1") == {a, b}
+    assert ids(identifier="urn:a|X1,urn:b|X1") == {a, b}
+    assert ids(identifier="urn:c|X1") == set()
+    assert ids(_tag="urn:t|v1") == {c}
+    assert ids(_tag="urn:t|v2") == set()
+    failing = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Device", "identifier": [{"value": "X2"}]},
+                "request": {"method": "POST", "url": "Device"},
+            },
+            {
+                "resource": {"resourceType": "Nonsense"},
+                "request": {"method": "POST", "url": "Nonsense"},
+            },
+        ],
+    }
+    response = httpx.post(fhir_server.base_url, json=failing)
+    assert response.status_code >= 400
+    assert ids(identifier="X2") == set()
