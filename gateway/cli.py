@@ -62,7 +62,11 @@ def listen() -> None:
     from gateway.service import configure_logging, run_listener
 
     configure_logging()
-    run_listener(_settings())
+    try:
+        run_listener(_settings())
+    except ConfigurationError as exc:
+        typer.echo(f"cxr-gateway listen: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command()

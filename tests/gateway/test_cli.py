@@ -28,6 +28,15 @@ def test_invalid_settings_name_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 2 and "CXR_DATABASE_URL" in result.stderr
 
 
+def test_listen_with_a_rule_naming_an_unknown_destination_exits_2(tmp_path: Path) -> None:
+    rules = json.dumps([{"name": "r1", "destinations": ["nowhere"]}])
+    env = {"CXR_DATA_DIR": str(tmp_path), "CXR_ROUTING_RULES": rules, "CXR_DICOM_PORT": "0"}
+    result = cli("listen", env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unknown destinations ['nowhere']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_config_file_is_read_and_env_wins(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('ae_title = "FROMFILE"\nquiet_seconds = 7.5\n')
