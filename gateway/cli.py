@@ -62,7 +62,11 @@ def listen() -> None:
     from gateway.service import configure_logging, run_listener
 
     configure_logging()
-    run_listener(_settings())
+    try:
+        run_listener(_settings())
+    except ConfigurationError as exc:
+        typer.echo(f"cxr-gateway listen: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command()
@@ -206,8 +210,15 @@ def check(
 def purge_spool_command(
     older_than_days: Annotated[float, typer.Option(min=0, help="age of the study's last image")],
     dry_run: Annotated[bool, typer.Option(help="only count what would be deleted")] = False,
+    include_failed: Annotated[
+        bool,
+        typer.Option(
+            help="also studies with a failed or held delivery (it can then never be retried)"
+        ),
+    ] = False,
 ) -> None:
-    """Delete spooled images of finished, fully delivered studies older than N days (audited)."""
+    """Delete spooled images of finished, fully delivered studies older than N days (audited).
+    A failed or held delivery keeps its study's images until it is retried and delivered."""
     import getpass
 
     from gateway.db.session import make_engine, make_session_factory
@@ -221,6 +232,7 @@ def purge_spool_command(
         actor=f"cli:{getpass.getuser()}",
         spool_root=settings.spool_path,
         dry_run=dry_run,
+        include_failed=include_failed,
     )
     verb = "would delete" if dry_run else "deleted"
     typer.echo(

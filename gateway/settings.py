@@ -603,6 +603,10 @@ def _check_production(settings: Settings) -> None:
         problems.append("CXR_WEB_SECURE_COOKIES=true (HTTPS in front of the console)")
     if settings.fhir_base_url.startswith("http://"):
         problems.append("an https CXR_FHIR_BASE_URL")
+    if settings.fhir_token_url.startswith("http://"):
+        problems.append("an https CXR_FHIR_TOKEN_URL (client credentials go there)")
+    if settings.fhir_base_url and not settings.fhir_verify_tls:
+        problems.append("CXR_FHIR_VERIFY_TLS=true (CXR_FHIR_CA_BUNDLE for a private CA)")
     if any(d.url.startswith("http://") for d in settings.dicomweb_destinations):
         problems.append("https URLs in CXR_DICOMWEB_DESTINATIONS")
     if problems:

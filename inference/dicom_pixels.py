@@ -25,6 +25,7 @@ from inference.bounded_read import (
     check_pixel_count,
     read_dicom_bytes,
 )
+from inference.codestream import CHECKED_SYNTAXES, FrameSizeError, check_frames
 
 FloatImage = npt.NDArray[np.float32]
 
@@ -110,6 +111,12 @@ def _pixel_array(ds: Any) -> npt.NDArray[Any]:
     """The stored pixels of ``ds``; PixelDecodeError when absent or undecodable."""
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PixelDecodeError("dataset has no pixel data")
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax in CHECKED_SYNTAXES and "PixelData" in ds:
+        try:  # before any decoder allocates for the size a frame claims
+            check_frames(ds.PixelData, syntax, int(ds.Rows), int(ds.Columns))
+        except (FrameSizeError, AttributeError, TypeError, ValueError) as exc:
+            raise PixelDecodeError(f"cannot decode pixel data: {exc}") from exc
     try:
         arr: npt.NDArray[Any] = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unsupported or broken data

@@ -58,6 +58,14 @@ FRONTAL_VIEW_CODES = {
     ("SRT", "R-10206"),  # postero-anterior
 }
 FRONTAL_VIEW_MEANINGS = ("antero-posterior", "postero-anterior", "frontal")
+# The two frontal projections as the header names them: View Position, or a coded view.
+PROJECTION_CODES = {
+    ("SCT", "399348003"): "AP",
+    ("SRT", "R-10202"): "AP",
+    ("SCT", "272479007"): "PA",
+    ("SRT", "R-10206"): "PA",
+}
+PROJECTION_MEANINGS = {"antero-posterior": "AP", "postero-anterior": "PA"}
 MIN_SIDE = 128
 # Free-text fields where devices and technologists name the projection and the patient.
 DESCRIPTION_FIELDS = (
@@ -151,6 +159,22 @@ def _view_reason(ds: Any, words: set[str]) -> str | None:
     if len(orientation) > 1 and orientation[1][:1] == "H":
         # Columns running towards the head: the film is stored upside down.
         return f"patient orientation {'/'.join(orientation)}: the image is upside down"
+    return None
+
+
+def header_projection(ds: Any) -> str | None:
+    """ "AP" or "PA" when the header says which frontal projection the film is (View Position,
+    else a coded view), or None when it does not say."""
+    view = str(getattr(ds, "ViewPosition", "") or "").strip().upper()
+    if view in ("AP", "PA"):
+        return view
+    for item in getattr(ds, "ViewCodeSequence", []) or []:
+        scheme = str(getattr(item, "CodingSchemeDesignator", "") or "").strip().upper()
+        value = str(getattr(item, "CodeValue", "") or "").strip()
+        meaning = str(getattr(item, "CodeMeaning", "") or "").strip().lower()
+        found = PROJECTION_CODES.get((scheme, value)) or PROJECTION_MEANINGS.get(meaning)
+        if found is not None:
+            return found
     return None
 
 

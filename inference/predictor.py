@@ -1,7 +1,7 @@
 """Public API for the gateway worker and the CLI: load the artifact once, predict per image.
 
     predictor = Predictor.load()                    # or Predictor.load(Path("models/..."))
-    reason = header_decline_reason(ds)              # inference.input_check, header only
+    reason = predictor.header_decline_reason(ds, patient_age(ds))  # header only
     pred = predictor.predict_dataset(ds)            # DICOM: header check + decode + predict
     pred = predictor.predict_array(img2d)           # any 2-D image (JPEG/PNG/decoded DICOM)
     preds = predictor.predict_datasets([ds1, ds2])  # a study: its images in one model batch
@@ -31,6 +31,7 @@ from inference.input_check import (
     OrientationModel,
     decline_reasons,
     header_decline_reason,
+    header_projection,
     thumbnail,
 )
 from inference.population import AgeRange, PatientAge, age_decline_reason, patient_age
@@ -38,6 +39,7 @@ from inference.population_check import PopulationModel
 from inference.preprocess import input_box, preprocess_with_box, to_gray
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "cxr-pneumonia-v1"
+PROJECTION_NAMES = {"AP": "anterior-posterior", "PA": "postero-anterior"}
 
 
 def default_model_dir() -> Path:
@@ -230,7 +232,7 @@ class Predictor:
         decoding, the colour check and the preprocessing. Returns the prepared image, or the
         "no result" (a Prediction) when a check declines it."""
         age = patient_age(ds)
-        reason = header_decline_reason(ds) or self.age_decline_reason(age)
+        reason = self.header_decline_reason(ds, age)
         if reason is not None:
             return self.declined(reason)
         try:
@@ -254,6 +256,29 @@ class Predictor:
         if pixels.colour is not None:
             return self.declined(pixels.colour)
         return self.predict_array(pixels.image, heatmap=heatmap)
+
+    def header_decline_reason(self, ds: Any, age: PatientAge | None) -> str | None:
+        """Why a DICOM image gets no result from its header alone, or None: not a frontal
+        chest radiograph (``input_check.header_decline_reason``), a patient outside the
+        intended ages, or a projection other than the one the model was validated on."""
+        return (
+            header_decline_reason(ds)
+            or self.age_decline_reason(age)
+            or self.projection_decline_reason(ds)
+        )
+
+    def projection_decline_reason(self, ds: Any) -> str | None:
+        """Why a film the header names postero-anterior (or anterior-posterior) gets no result
+        from a model validated on the other projection (model.json ``population``), or None
+        (the same projection, or the header does not say)."""
+        validated = self.meta.population.projection if self.meta.population else ""
+        stated = header_projection(ds)
+        if stated is None or validated not in PROJECTION_NAMES or stated == validated:
+            return None
+        return (
+            f"view is {PROJECTION_NAMES[stated]}: the model was validated on "
+            f"{PROJECTION_NAMES[validated]} films only"
+        )
 
     def age_decline_reason(self, age: PatientAge | None) -> str | None:
         """Why a patient of ``age`` gets no result (outside the intended ages), or None."""

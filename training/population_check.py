@@ -201,7 +201,8 @@ def card_section(report: dict[str, Any], population: str) -> str:
     return f"""{CARD_SECTION}
 Population: {whom} The DICOM header rules decline first: a Patient's Age (or birth
 date and study date) outside the population's ages, lateral or oblique views (View Position,
-View Code Sequence, descriptions, Patient Orientation), other body parts and modalities.
+View Code Sequence, descriptions, Patient Orientation), the other frontal projection (View
+Position or View Code Sequence), other body parts and modalities.
 For images whose header does not say (PNG/JPEG uploads, DICOM without an age), a logistic
 regression on {method["features"]} separates the training films from films outside the
 population ({method["classifier"]}; {method["fit"]}). Declined above

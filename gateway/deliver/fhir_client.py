@@ -309,6 +309,9 @@ class FhirClient:
                     limits=NO_KEEPALIVE,  # request_within bounds a request by its own connection
                     transport=self._transport,
                     headers={"Accept": _FHIR_JSON},
+                    # Never through a proxy, CA file or .netrc named by the environment: the
+                    # settings say where patient data and credentials go, and whom to trust.
+                    trust_env=False,
                 )
             return self._http
 

@@ -160,5 +160,5 @@ def check_rules(settings: Settings, destination_names: list[str]) -> None:
         if unknown:
             raise ConfigurationError(
                 f"routing rule {rule.name!r} names unknown destinations {unknown}; "
-                f"configured: {sorted(destination_names)}"
+                f"configured: {sorted(set(destination_names))}"
             )

@@ -68,6 +68,9 @@ TRANSFER_SYNTAXES: list[str | UID] = [
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
+# "Refused: Not authorized" (PS3.7 C.4.1.1.1): a C-STORE on an association that may only C-ECHO
+NOT_AUTHORIZED = 0x0124
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -75,8 +78,11 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 PeerPolicy = Callable[[str, str, str], str | None]
 
 
-def make_peer_policy(settings: Settings) -> PeerPolicy:
-    """Return ``policy(calling_ae, called_ae, address) -> rejection reason | None``."""
+def make_peer_policy(settings: Settings, *, own_check: bool = False) -> PeerPolicy:
+    """Return ``policy(calling_ae, called_ae, address) -> rejection reason | None``: whether
+    the peer may send. With ``own_check`` it also admits our own health check (`cxr-gateway
+    check --dicom`: our AE title, from loopback) to associate; such an association may only
+    C-ECHO, so its C-STOREs are checked again without ``own_check``."""
     allowed: list[AllowedPeer] = list(settings.allowed_peers)
     our_ae = settings.ae_title
 
@@ -84,8 +90,8 @@ def make_peer_policy(settings: Settings) -> PeerPolicy:
         if called_ae.strip() != our_ae:
             return "called_ae_not_recognised"
         loopback = _is_loopback(address)
-        if calling_ae.strip() == our_ae and loopback:
-            return None  # our own health check (`cxr-gateway check --dicom`)
+        if own_check and calling_ae.strip() == our_ae and loopback:
+            return None
         if allowed:
             if not any(peer.matches(calling_ae, address) for peer in allowed):
                 return "calling_ae_or_host_not_allowed"
@@ -212,6 +218,7 @@ class Listener:
         self.sessions = sessions
         self.ingestor = ingestor
         self._server: ThreadedAssociationServer | None = None
+        self._may_store = make_peer_policy(settings)
 
     @property
     def port(self) -> int:
@@ -233,7 +240,7 @@ class Listener:
         ]
         ae.supported_contexts = contexts
 
-        policy = make_peer_policy(self.settings)
+        policy = make_peer_policy(self.settings, own_check=True)
         audit_reject = self._audit_rejection
 
         audit = self._audit
@@ -368,6 +375,16 @@ class Listener:
             sop_class_uid=str(getattr(request, "AffectedSOPClassUID", "") or ""),
             sop_instance_uid=str(getattr(request, "AffectedSOPInstanceUID", "") or ""),
         )
+        refusal = self._may_store(peer.ae_title, self.settings.ae_title, peer.address)
+        if refusal is not None:  # our own health check's association: C-ECHO only
+            not_allowed = IngestError(
+                f"C-STORE refused: {refusal}",
+                status=NOT_AUTHORIZED,
+                reason=refusal,
+                sop_instance_uid=requested.sop_instance_uid,
+            )
+            self.ingestor.audit_failure(peer, not_allowed, sop_class=requested.sop_class_uid)
+            return NOT_AUTHORIZED
         # The dataset exactly as the peer sent it, without copying it.
         body = request.DataSet.getbuffer()  # type: ignore[union-attr]
         try:

@@ -1,9 +1,11 @@
 """Spool retention: received images are kept until their study is finished and old enough.
 
 A study (all its versions) is purgeable when every version is reported, failed or not routed,
-no delivery is still pending or retrying, and its last instance arrived more than
-``older_than_days`` ago. Its files are deleted; the database rows and the audit log stay (the
-path is kept for the record; the console shows the images as purged). Each purge is audited.
+no delivery is still pending or retrying, none failed or is held (an administrator may retry
+those, and an SR is rebuilt from the spooled headers; ``include_failed`` purges them anyway),
+and its last instance arrived more than ``older_than_days`` ago. Its files are deleted; the
+database rows and the audit log stay (the path is kept for the record; the console shows the
+images as purged). Each purge is audited.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
-from gateway.db.models import UNFINISHED_DELIVERY, Delivery, Instance, Study, StudyState, utcnow
+from gateway.db.models import (
+    UNFINISHED_DELIVERY,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Study,
+    StudyState,
+    utcnow,
+)
 from gateway.db.session import transaction
 from gateway.receive.spool import spool_file
 
 FINISHED = (StudyState.REPORTED, StudyState.FAILED, StudyState.NOT_ROUTED)
+# Delivery states that keep a study's images: still to be attempted, or waiting for an
+# administrator's retry (the default), or only the former (``include_failed``).
+KEPT_WITH_FAILED = UNFINISHED_DELIVERY
+KEPT = (*UNFINISHED_DELIVERY, DeliveryState.FAILED, DeliveryState.HELD)
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,9 @@ class PurgeResult:
     bytes: int
 
 
-def purgeable_study_uids(session: Session, *, older_than: dt.datetime) -> list[str]:
+def purgeable_study_uids(
+    session: Session, *, older_than: dt.datetime, include_failed: bool = False
+) -> list[str]:
     newest = (
         select(Study.study_uid)
         .group_by(Study.study_uid)
@@ -41,7 +57,7 @@ def purgeable_study_uids(session: Session, *, older_than: dt.datetime) -> list[s
     undelivered = (
         select(Study.study_uid)
         .join(Delivery, Delivery.study_id == Study.id)
-        .where(Delivery.state.in_(UNFINISHED_DELIVERY))
+        .where(Delivery.state.in_(KEPT_WITH_FAILED if include_failed else KEPT))
     )
     query = newest.where(Study.study_uid.not_in(unfinished), Study.study_uid.not_in(undelivered))
     return list(session.execute(query).scalars())
@@ -54,6 +70,7 @@ def purge_spool(
     actor: str,
     spool_root: Path,
     dry_run: bool = False,
+    include_failed: bool = False,
 ) -> PurgeResult:
     """Delete the spooled files of purgeable studies (see the module docstring); audited per
     study. ``spool_root`` (this host's mount of the spool) resolves the paths rows record
@@ -61,7 +78,7 @@ def purge_spool(
     root = spool_root
     cutoff = utcnow() - dt.timedelta(days=older_than_days)
     with sessions() as session:
-        uids = purgeable_study_uids(session, older_than=cutoff)
+        uids = purgeable_study_uids(session, older_than=cutoff, include_failed=include_failed)
     files = size = 0
     for uid in uids:
         with sessions() as session:
@@ -94,6 +111,7 @@ def purge_spool(
                     "files": len(existing),
                     "bytes": study_bytes,
                     "older_than_days": older_than_days,
+                    "include_failed": include_failed,
                 },
             )
     return PurgeResult(len(uids), files, size)

@@ -27,6 +27,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from gateway.errors import GatewayError, IngestError
 from gateway.receive.ingest import (
     CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH,
     OUT_OF_RESOURCES,
     SUCCESS,
     Ingestor,
@@ -255,6 +256,14 @@ def store_part(ingestor: Ingestor, peer: Peer, data: bytes, study_uid: str | Non
             dataset_bytes, syntax, max_bytes=ingestor.limits.max_instance_bytes
         )
         found_study = str(dataset.get("StudyInstanceUID", ""))
+        for keyword in ("SOPClassUID", "SOPInstanceUID"):  # the file meta is made of them
+            if not str(dataset.get(keyword, "") or ""):
+                raise IngestError(
+                    f"{keyword} missing",
+                    status=DATASET_DOES_NOT_MATCH,
+                    reason="missing_uid",
+                    study_uid=found_study,
+                )
         if study_uid is not None and found_study != study_uid:
             raise IngestError(
                 f"the instance belongs to study {found_study or 'none'}, the URL names {study_uid}",

@@ -171,12 +171,12 @@ def _check_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Any:
 
 def _predict(predictor: Predictor, data: bytes, dataset: Any, max_pixels: int) -> Prediction:
     from inference.dicom_pixels import PixelDecodeError, decode_image_bytes, dicom_to_image
-    from inference.input_check import colour_decline_reason_of_file, header_decline_reason
+    from inference.input_check import colour_decline_reason_of_file
 
     if dataset is not None:
         try:
             age = patient_age(dataset)
-            reason = header_decline_reason(dataset) or predictor.age_decline_reason(age)
+            reason = predictor.header_decline_reason(dataset, age)
             if reason is not None:  # a readable file that is not for this model: "no result"
                 return predictor.declined(reason)
             # Unlike the worker (which records a decline), an upload that cannot be decoded

@@ -375,3 +375,17 @@ def test_test_server_searches_by_token_as_medplum_does(fhir_server):
     response = httpx.post(fhir_server.base_url, json=failing)
     assert response.status_code >= 400
     assert ids(identifier="X2") == set()
+
+
+def test_the_client_ignores_a_proxy_named_by_the_environment(
+    fhir_server, monkeypatch: pytest.MonkeyPatch
+):
+    """Where patient data goes is the settings' word alone: a proxy in HTTP(S)_PROXY (here one
+    that cannot be reached) is not used."""
+    create_patient(fhir_server)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with client_for(fhir_server) as client:
+        assert client.find_patient(MRN_SYSTEM, MRN) is not None

@@ -28,6 +28,15 @@ def test_invalid_settings_name_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 2 and "CXR_DATABASE_URL" in result.stderr
 
 
+def test_listen_with_a_rule_naming_an_unknown_destination_exits_2(tmp_path: Path) -> None:
+    rules = json.dumps([{"name": "r1", "destinations": ["nowhere"]}])
+    env = {"CXR_DATA_DIR": str(tmp_path), "CXR_ROUTING_RULES": rules, "CXR_DICOM_PORT": "0"}
+    result = cli("listen", env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unknown destinations ['nowhere']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_config_file_is_read_and_env_wins(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('ae_title = "FROMFILE"\nquiet_seconds = 7.5\n')
@@ -213,3 +222,41 @@ def test_purge_spool_keeps_unfinished_studies(
     assert sum(1 for _ in spool.rglob("*.dcm")) == 1  # study b untouched
     listed = cli("audit", "list", "--kind", "spool.purged", "--json", env=env)
     assert json.loads(listed.stdout.splitlines()[0])["study_uid"] == a_uid
+
+
+def test_purge_spool_keeps_studies_whose_delivery_may_be_retried(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    """A failed or held delivery can be retried by an administrator, and a retried SR is built
+    from the spooled headers: its study's images stay unless --include-failed says otherwise."""
+    from sqlalchemy import select, update
+
+    from gateway.db.models import Delivery, Study
+    from gateway.db.session import transaction
+
+    gw = gateway_factory()
+    uids = {}
+    for name, state in (("failed", "failed"), ("held", "held"), ("done", "delivered")):
+        files.study_files(files.CHEST_CR, tmp_path / name, 1)
+        sent = cli("send", str(tmp_path / name), "--port", str(gw.port), "--aet", "CXRGW")
+        assert sent.returncode == 0
+        uid = str(dcmread(next((tmp_path / name).iterdir())).StudyInstanceUID)
+        uids[name] = uid
+        with transaction(gw.sessions) as session:
+            session.execute(update(Study).where(Study.study_uid == uid).values(state="reported"))
+            study_id = session.execute(select(Study.id).where(Study.study_uid == uid)).scalar()
+            session.add(
+                Delivery(study_id=study_id, kind="dicom-sr", destination="pacs", state=state)
+            )
+    env = {"CXR_DATA_DIR": str(gw.settings.data_dir)}
+    spool = gw.settings.spool_path
+    done = cli("purge-spool", "--older-than-days", "0", env=env)
+    assert done.returncode == 0 and "deleted 1 files" in done.stdout, done.stdout
+    assert not (spool / uids["done"]).exists()
+    assert (spool / uids["failed"]).exists() and (spool / uids["held"]).exists()
+    forced = cli("purge-spool", "--older-than-days", "0", "--include-failed", env=env)
+    assert forced.returncode == 0 and "deleted 2 files" in forced.stdout, forced.stdout
+    assert not any(spool.rglob("*.dcm"))
+    listed = cli("audit", "list", "--kind", "spool.purged", "--json", env=env)
+    details = [json.loads(line)["detail"] for line in listed.stdout.splitlines()]
+    assert sorted(d["include_failed"] for d in details) == [False, True, True]

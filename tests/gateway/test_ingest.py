@@ -277,6 +277,36 @@ def test_unknown_calling_ae_is_rejected_at_association(
     assert storescu(gw2.port, [path], aet="ORTHANC").returncode != 0
 
 
+def test_own_health_check_association_may_echo_but_not_store(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    """Our own AE title from loopback is let in for `cxr-gateway check --dicom`, but with an
+    allow-list that does not name it, its C-STORE is refused (0x0124) and audited: anyone on
+    the gateway's host could otherwise store under the gateway's own name."""
+    gw = gateway_factory(allowed_peers=[{"ae_title": "PACS", "host": "10.9.9.9"}])
+    ours = gw.settings.ae_title
+    path = tmp_path / "one.dcm"
+    ds = files.with_new_uids(files.CHEST_CR, path)
+    ae = AE(ae_title=ours)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=ours)
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(path).Status == 0x0124
+    finally:
+        assoc.release()
+    assert count(gw, Instance) == 0
+    [failed] = audit(gw, "instance.failed")
+    assert failed.actor == ours and failed.sop_instance_uid == ds.SOPInstanceUID
+    assert json.loads(failed.detail)["reason"] == "calling_ae_or_host_not_allowed"
+    # Without an allow-list the embedded default trusts loopback, our AE title included.
+    gw2 = gateway_factory(data_dir=tmp_path / "d2")
+    assert storescu(gw2.port, [path], aet=ours).returncode == 0
+    assert count(gw2, Instance) == 1
+
+
 def test_wrong_called_ae_is_rejected(
     gateway_factory: Callable[..., RunningGateway], tmp_path: Path
 ) -> None:

@@ -104,6 +104,40 @@ def test_real_dicoms(predictor: Predictor) -> None:
             assert pixels_only.probability is None, (path.name, pixels_only.ood_score)
 
 
+def test_a_postero_anterior_film_gets_no_result(predictor: Predictor) -> None:
+    """The model was validated on anterior-posterior films (model.json population): a child's
+    film the header names postero-anterior, by View Position or by a coded view, is declined;
+    the same film named AP, or not named, gets a result."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    from gateway.monitor.drift import reason_category
+    from tests.dicom_files import CHILD_CR
+
+    assert predictor.meta.population is not None
+    assert predictor.meta.population.projection == "AP"
+    ds = pydicom.dcmread(CHILD_CR)
+    assert ds.ViewPosition == "AP"
+    assert predictor.predict_dataset(ds, heatmap=False).probability is not None
+    del ds.ViewPosition
+    assert predictor.predict_dataset(ds, heatmap=False).probability is not None
+    ds.ViewPosition = "PA"
+    pred = predictor.predict_dataset(ds, heatmap=False)
+    assert pred.probability is None
+    assert pred.declined_reason == (
+        "view is postero-anterior: the model was validated on anterior-posterior films only"
+    )
+    assert reason_category(pred.declined_reason) == "view_header"
+    del ds.ViewPosition
+    code = Dataset()
+    code.CodingSchemeDesignator, code.CodeValue = "SCT", "272479007"
+    code.CodeMeaning = "postero-anterior"
+    ds.ViewCodeSequence = [code]
+    assert predictor.predict_dataset(ds, heatmap=False).declined_reason == pred.declined_reason
+    code.CodeValue, code.CodeMeaning = "399348003", "antero-posterior"
+    assert predictor.predict_dataset(ds, heatmap=False).probability is not None
+
+
 def test_colour_photo_gets_no_result_from_predict(tmp_path: Path, predictor: Predictor) -> None:
     from inference.file_prediction import predict_file
 

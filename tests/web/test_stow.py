@@ -142,6 +142,27 @@ def test_a_sender_stores_an_instance_as_c_store_would(stow: Stow, tmp_path: Path
     assert len(stow.events("instance.duplicate")) == 1
 
 
+def test_a_part_without_its_sop_uids_fails_alone(stow: Stow, tmp_path: Path) -> None:
+    """A dataset with no SOP Class or SOP Instance UID (its file meta naming them or not) is
+    that part's 0xA900 and an audit record, not a 500 for the whole request."""
+    good = child_cr(tmp_path, "good.dcm")
+    broken = []
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        path = tmp_path / f"no-{keyword}.dcm"
+        files.with_new_uids(files.CHILD_CR, path)
+        ds = dcmread(path)
+        delattr(ds, keyword)
+        ds.save_as(path)
+        broken.append(path.read_bytes())
+    r = stow.post([good, *broken])
+    assert r.status_code == 202, r.text
+    assert len(sequence(r.json(), "00081199")) == 1
+    failed = sequence(r.json(), "00081198")
+    assert [f["00081197"]["Value"] for f in failed] == [[0xA900], [0xA900]]
+    assert [e["reason"] for e in stow.events("instance.failed")] == ["missing_uid"] * 2
+    assert stow.instances() == 1
+
+
 def test_the_study_in_the_url_must_be_each_instances(stow: Stow, tmp_path: Path) -> None:
     study = generate_uid()
     inside = child_cr(tmp_path, "in.dcm", study_uid=study)
@@ -406,6 +427,19 @@ def test_the_c_store_allow_list_applies_with_the_sender_as_calling_ae(
     assert [e["_actor"] for e in stow.events("stow.refused")] == ["modality1", "", "modality1"]
     assert stow.instances() == 1
     assert stow.events("user.login_failed") == []
+
+
+def test_a_sender_named_as_our_own_ae_title_gets_no_loopback_exception(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The C-STORE listener lets our own AE title in from loopback for its health check
+    (C-ECHO only); STOW-RS has no such check, so a sender account with the gateway's AE title,
+    posting from loopback, is refused like any other pair not on the list."""
+    peers = [{"ae_title": "X", "host": "10.9.9.9"}]
+    stow = Stow(make_settings(web_port=0, ae_title="modality1", allowed_peers=peers))
+    assert stow.post([child_cr(tmp_path)]).status_code == 403
+    assert [e["reason"] for e in stow.events("stow.refused")] == ["calling_ae_or_host_not_allowed"]
+    assert stow.instances() == 0
 
 
 def test_stored_and_refused_on_both_databases(
