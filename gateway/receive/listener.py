@@ -180,6 +180,9 @@ class _CheckingACSE(ACSE):
 
 
 TLS_HANDSHAKE_SECONDS = 30
+# How far past CXR_MAX_INSTANCE_MB one C-STORE's dataset may go before the association is cut
+# off as it arrives (short of it, the whole instance is received and refused with 0xA700).
+DATASET_ALLOWANCE_BYTES = 4 * 2**20
 
 
 class _DeferredHandshakeServer(ThreadedAssociationServer):
@@ -248,6 +251,10 @@ class Listener:
         gate = ConnectionGate(self.settings)
         deadline = self.settings.association_request_seconds
         max_pdu = self.ingestor.limits.max_instance_bytes + 2**20  # + command and PDV headers
+        # Up to DATASET_ALLOWANCE_BYTES over the instance limit, a C-STORE is received and
+        # answered 0xA700 (audited with its UID); past it, the connection is closed as it
+        # arrives, so that a message never holds much more than the limit in memory.
+        max_dataset = self.ingestor.limits.max_instance_bytes + DATASET_ALLOWANCE_BYTES
 
         class Handler(RequestHandler):
             """One connection: admitted by the gate, then it must complete the TLS handshake
@@ -310,8 +317,11 @@ class Listener:
             def _create_association(self) -> Association:
                 assoc = super()._create_association()
                 # A PDU carries part of one instance (plus its command): never more than
-                # the instance limit allows, whatever the peer announces.
-                pynetdicom_events.install(assoc, max_pdu_bytes=max_pdu)
+                # the instance limit allows, whatever the peer announces; nor do all the
+                # PDUs of one message.
+                pynetdicom_events.install(
+                    assoc, max_pdu_bytes=max_pdu, max_dataset_bytes=max_dataset
+                )
                 assoc.acse = _CheckingACSE(assoc, policy, audit_reject, self._request_arrived.set)
                 return assoc
 
@@ -422,7 +432,9 @@ class Listener:
 
     def _on_aborted(self, event: evt.Event) -> None:
         peer = self._peer(event)
-        self._audit("association.aborted", "warning", peer.ae_title, peer.address, {})
+        reason = pynetdicom_events.closed_reason(event.assoc)  # we closed it: why
+        detail = {} if reason is None else {"reason": reason}
+        self._audit("association.aborted", "warning", peer.ae_title, peer.address, detail)
 
     def _audit_rejection(self, *, calling: str, called: str, address: str, reason: str) -> None:
         log.warning("association rejected: %s", reason)

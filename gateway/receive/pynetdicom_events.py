@@ -11,7 +11,9 @@ changes one accepted association, before it starts, so that
   is queued for sending (at most ``POLL_SECONDS`` when neither happens, to check the timers);
 - its association reactor waits on the DIMSE message queue (at most ``POLL_SECONDS``, to check
   release, abort and the timers as before);
-- its socket reads a PDU whole into one buffer instead of 4 KB pieces.
+- its socket reads a PDU whole into one buffer instead of 4 KB pieces, and counts the bytes
+  pynetdicom keeps of the DIMSE message being received (``MessageBudget``): a peer that sends
+  more than the limit in one message, in however many PDUs, is cut off as it arrives.
 ``EventAE`` gives the associations it requests (our C-STORE SCU) the same DUL and socket, and a
 reactor that a ``send_*`` method need not wait for (``_requestor_reactor``).
 Everything else (the state machine, timers, the order of checks) is pynetdicom's own.
@@ -25,6 +27,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 import types
 from collections.abc import Callable
@@ -50,10 +53,91 @@ FIRST_BYTES = 2**20
 STALLED_PEER_SECONDS = 60.0
 
 
+# P-DATA-TF (PS3.8 9.3.5): PDU type 4, whose body is presentation data value items: item length
+# (4 bytes, big endian, counting what follows), presentation context ID (1 byte), message
+# control header (1 byte: bit 0 set for a command fragment, bit 1 for the last fragment), then
+# the fragment. pynetdicom's ``DIMSEMessage.decode_msg`` appends each command fragment to the
+# message's encoded command set, each dataset fragment to its dataset, and keeps both until the
+# message is whole: after a last dataset fragment, or a last command fragment of a command
+# without a dataset. It drops the rest of a PDU once a message is whole.
+P_DATA_TF = 0x04
+PDU_TYPES = range(0x01, 0x08)  # as pynetdicom's ``_read_pdu_data``: others are not read further
+COMMAND_FRAGMENT, LAST_FRAGMENT = 0x01, 0x02
+# A command set is a few hundred bytes; ours and the peers' never near this.
+MAX_COMMAND_BYTES = 2**16
+_ITEM_LENGTH = struct.Struct(">L")
+_ELEMENT = struct.Struct("<HHL")  # a command element: group, element, length (implicit VR LE)
+NO_DATASET = 0x0101  # (0000,0800) CommandDataSetType: no dataset follows
+
+
+def _without_dataset(command: bytes | bytearray) -> bool:
+    """Whether an encoded command set (Implicit VR Little Endian) is well formed and says, in
+    exactly one (0000,0800) element, that no dataset follows. Anything else counts as a
+    command with a dataset: the message stays open and its bytes go on counting."""
+    offset, found = 0, []
+    while offset + _ELEMENT.size <= len(command):
+        group, element, length = _ELEMENT.unpack_from(command, offset)
+        offset += _ELEMENT.size
+        if length > len(command) - offset:
+            return False
+        if (group, element) == (0x0000, 0x0800):
+            found.append(command[offset : offset + length])
+        offset += length
+    return offset == len(command) and found == [NO_DATASET.to_bytes(2, "little")]
+
+
+class MessageBudget:
+    """The bytes pynetdicom holds of the DIMSE message being received, counted from the headers
+    of each P-DATA-TF PDU as it is read: at most ``max_dataset_bytes`` of dataset and
+    ``MAX_COMMAND_BYTES`` of command. Only command fragments are copied (to see whether a
+    dataset follows); dataset fragments are counted, never copied."""
+
+    def __init__(self, max_dataset_bytes: int) -> None:
+        self.max_dataset_bytes = max_dataset_bytes
+        self.dataset_bytes = 0
+        self._command = bytearray()
+
+    def add(self, body: bytes | bytearray) -> str | None:
+        """Count the items of one P-DATA-TF PDU (``body``: what follows its 6-byte header).
+        Returns why the connection must be closed (a message over its limit, an item whose
+        length does not fit the PDU), or None."""
+        offset, whole = 0, False
+        while offset < len(body):
+            if len(body) - offset < _ITEM_LENGTH.size + 2:
+                return "malformed_pdu"
+            (length,) = _ITEM_LENGTH.unpack_from(body, offset)
+            start, end = offset + _ITEM_LENGTH.size + 2, offset + _ITEM_LENGTH.size + length
+            if length < 2 or end > len(body):
+                return "malformed_pdu"
+            control = body[offset + _ITEM_LENGTH.size + 1]
+            offset = end
+            if whole:  # dropped by pynetdicom; still checked for its length
+                continue
+            if control & COMMAND_FRAGMENT:
+                if len(self._command) + end - start > MAX_COMMAND_BYTES:
+                    return "command_too_large"
+                self._command += memoryview(body)[start:end]
+                whole = bool(control & LAST_FRAGMENT) and _without_dataset(self._command)
+            else:
+                self.dataset_bytes += end - start
+                if self.dataset_bytes > self.max_dataset_bytes:
+                    return "dataset_too_large"
+                whole = bool(control & LAST_FRAGMENT)
+            if whole:
+                self.dataset_bytes = 0
+                self._command.clear()
+        return None
+
+
 class WholePduSocket(AssociationSocket):
     """Reads a PDU of ``nr_bytes`` into one buffer with as few system calls as the kernel
     allows. A PDU longer than ``max_pdu_bytes`` (set from the instance size limit) closes the
-    connection before anything of it is read; pynetdicom then aborts the association.
+    connection before anything of it is read; so does a P-DATA-TF PDU that takes the message
+    being received past its ``budget`` (or whose items do not fit it), once read; pynetdicom
+    then aborts the association. ``closed_reason`` says why.
+
+    pynetdicom's ``_read_pdu_data`` reads a PDU's 6-byte header, then (for a known PDU type)
+    its body: the socket follows that alternation to know which reads are P-DATA-TF bodies.
 
     pynetdicom leaves the socket blocking with no timeout once connected, and checks its own
     timeouts only between PDUs: a peer that announces a PDU and stops sending it (or stops
@@ -62,6 +146,9 @@ class WholePduSocket(AssociationSocket):
     pynetdicom close the connection and abort the association."""
 
     max_pdu_bytes = 0  # 0: no limit
+    budget: MessageBudget | None = None  # None: no limit
+    closed_reason: str | None = None
+    _body_of: int | None = None  # the type of the PDU whose body the next read is
 
     def _bound_waits(self) -> None:
         assert self.socket is not None
@@ -76,14 +163,39 @@ class WholePduSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
         self._bound_waits()
+        pdu_type, self._body_of = self._body_of, None
         if self.max_pdu_bytes and nr_bytes > self.max_pdu_bytes:
             log.warning(
                 "PDU of %d bytes announced, limit %d: connection closed",
                 nr_bytes,
                 self.max_pdu_bytes,
             )
-            self.close()
-            return bytearray()
+            return self._refuse("pdu_too_large")
+        buffer = self._read(nr_bytes)
+        if pdu_type is None:  # a header
+            if len(buffer) == 6 and buffer[0] in PDU_TYPES:
+                self._body_of = buffer[0]
+        elif pdu_type == P_DATA_TF and self.budget is not None and len(buffer) == nr_bytes:
+            refusal = self.budget.add(buffer)
+            if refusal is not None:
+                log.warning(
+                    "P-DATA-TF refused, %s (dataset bytes of the message: %d, limit %d): "
+                    "connection closed",
+                    refusal,
+                    self.budget.dataset_bytes,
+                    self.budget.max_dataset_bytes,
+                )
+                return self._refuse(refusal)
+        return buffer
+
+    def _refuse(self, reason: str) -> bytearray:
+        """Close the connection; pynetdicom, given no PDU, aborts the association."""
+        self.closed_reason = reason
+        self.close()
+        return bytearray()
+
+    def _read(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
         buffer = bytearray(min(nr_bytes, FIRST_BYTES))
         received = 0
         while received < nr_bytes:
@@ -248,10 +360,11 @@ def _ended(self: Association) -> bool:
     return False
 
 
-def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
+def install(assoc: Association, *, max_pdu_bytes: int = 0, max_dataset_bytes: int = 0) -> None:
     """Give an accepted association, not yet started, the event-driven loops and the
-    whole-PDU socket (PDUs over ``max_pdu_bytes`` close it; 0: no limit). Its timeouts are
-    applied again to the new DUL's timers."""
+    whole-PDU socket (PDUs over ``max_pdu_bytes``, messages with more than
+    ``max_dataset_bytes`` of dataset close it; 0: no limit). Its timeouts are applied again to
+    the new DUL's timers."""
     old = assoc.dul
     assert old.socket is not None and old.socket.socket is not None and not old.is_alive()
     client = old.socket.socket
@@ -259,10 +372,18 @@ def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
     # After the new DUL: the socket queues its "connection open" event (Evt5) on it.
     socket = WholePduSocket(assoc, client_socket=client)
     socket.max_pdu_bytes = max_pdu_bytes
+    if max_dataset_bytes:
+        socket.budget = MessageBudget(max_dataset_bytes)
     assoc.set_socket(socket)
     for name in ("acse_timeout", "network_timeout"):  # their setters set the DUL's timers
         setattr(assoc, name, getattr(assoc, name))
     assoc._run_reactor = types.MethodType(_run_reactor, assoc)  # type: ignore[method-assign]
+
+
+def closed_reason(assoc: Association) -> str | None:
+    """Why the association's socket closed the connection itself (``WholePduSocket``), if it
+    did: ``pdu_too_large``, ``dataset_too_large``, ``command_too_large``, ``malformed_pdu``."""
+    return getattr(assoc.dul.socket, "closed_reason", None)
 
 
 # The requestor side (our C-STORE SCU, gateway/deliver/dicom_store.py). ``AE.associate`` creates
@@ -271,7 +392,10 @@ def install(assoc: Association, *, max_pdu_bytes: int = 0) -> None:
 # over REQUESTOR_MAX_PDU_BYTES close the connection. Its reactor wakes on a message from the
 # peer and on a pause or resume by a ``send_*`` method; when neither happens it checks release,
 # abort and the timers every REQUESTOR_POLL_SECONDS (an abort also queues a message).
+# A C-STORE-RSP has no dataset: a message with more than REQUESTOR_MAX_DATASET_BYTES of one
+# closes the connection too.
 REQUESTOR_MAX_PDU_BYTES = 2**20
+REQUESTOR_MAX_DATASET_BYTES = 2**20
 REQUESTOR_POLL_SECONDS = 0.01
 
 
@@ -338,7 +462,8 @@ def _requestor_reactor(assoc: Association, wake: threading.Event) -> Callable[[]
 class EventAE(AE):
     """An AE whose requested associations (``associate``) wait on events like the listener's:
     the DUL in ``select`` on its socket and its queue, the reactor on ``_requestor_reactor``'s
-    wake-ups; PDUs are read whole. Everything else is pynetdicom's ``AE``."""
+    wake-ups; PDUs are read whole, and bounded like the listener's. Everything else is
+    pynetdicom's ``AE``."""
 
     def _create_socket(
         self,
@@ -355,5 +480,6 @@ class EventAE(AE):
         assoc._run_reactor = _requestor_reactor(assoc, wake)  # type: ignore[method-assign]
         sock = WholePduSocket(assoc, address=address)
         sock.max_pdu_bytes = REQUESTOR_MAX_PDU_BYTES
+        sock.budget = MessageBudget(REQUESTOR_MAX_DATASET_BYTES)
         sock.tls_args = tls_args
         return sock

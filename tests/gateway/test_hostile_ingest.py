@@ -1,5 +1,6 @@
 """Hostile input on the DICOM port: a deflate bomb against a listener whose memory is capped,
-half-open associations, datasets that contradict their request or their transfer syntax, and
+a C-STORE far over the instance limit sent in PDUs each under the PDU limit, half-open
+associations, datasets that contradict their request or their transfer syntax, and
 a study pushed past its instance limit. Each answer is a DICOM status and an audit record, and
 the listener goes on receiving."""
 
@@ -23,6 +24,10 @@ from pydicom.uid import (
     JPEG2000Lossless,
     generate_uid,
 )
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 from sqlalchemy import select, update
 
@@ -158,6 +163,107 @@ def test_announced_pdu_lengths_are_not_believed(
             sock.close()
     assert gw.process.poll() is None
     assert "PDU of 4294967280 bytes announced" in gw.log()
+
+
+def _vm_peak(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU of one presentation data value (PS3.8 9.3.5): item length, presentation
+    context ID, message control header (bit 0 command, bit 1 last fragment), fragment."""
+    item = struct.pack(">LBB", len(fragment) + 2, context_id, control) + fragment
+    return struct.pack(">BBL", 4, 0, len(item)) + item
+
+
+def _stream_c_store(port: int, dataset_bytes: int, pdu_bytes: int) -> tuple[int, int | None]:
+    """One C-STORE whose dataset is ``dataset_bytes`` of zeros, written by hand as P-DATA-TF
+    PDUs of ``pdu_bytes`` each over a real association. Returns how many dataset bytes were
+    sent before the connection broke (all of them if it did not), and the status answered
+    (None when the association ended first)."""
+    ae = AE(ae_title="RAWSCU")
+    ae.dimse_timeout = 120
+    ae.add_requested_context(CR, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRGW")
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CR
+    req.AffectedSOPInstanceUID = generate_uid()
+    req.Priority = 2
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    message.command_set.CommandDataSetType = 0x0001  # a dataset follows
+    command = encode(message.command_set, True, True)
+    assert command is not None
+    context_id = assoc.accepted_contexts[0].context_id
+    assoc._reactor_checkpoint.clear()  # as Association.send_c_store: the answer is ours
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert raw is not None
+    raw.settimeout(60)
+    fragment = bytes(pdu_bytes - 12)
+    sent = 0
+    try:
+        try:
+            raw.sendall(_p_data(context_id, 0x03, command))
+            while sent < dataset_bytes:
+                last = sent + len(fragment) >= dataset_bytes
+                raw.sendall(_p_data(context_id, 0x02 if last else 0x00, fragment))
+                sent += len(fragment)
+        except OSError:
+            return sent, None
+        _, rsp = assoc.dimse.get_msg(block=True)
+        return sent, None if rsp is None else int(rsp.Status)
+    finally:
+        assoc._reactor_checkpoint.set()
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_c_store_over_the_instance_limit_is_cut_off_as_it_arrives(
+    tmp_path: Path, procs: list[GatewayProcess]
+) -> None:
+    """256 MB of dataset in one C-STORE against a 1 MB instance limit, in 64 KB PDUs (each
+    well under the PDU limit): the listener held every fragment until the message was whole
+    (its peak resident memory grew by as much as was sent) before answering 0xA700.
+    Now it stops reading a few MB past the limit: the association is aborted long before the
+    sender is done, memory stays flat, the abort is audited with its reason, nothing is
+    stored, and a real sender stores afterwards."""
+    data_dir = tmp_path / "data"
+    gw = start_gateway(
+        {"CXR_DATA_DIR": str(data_dir), "CXR_MAX_INSTANCE_MB": "1"},
+        tmp_path / "listen.log",
+        ("listen",),
+        address_space_bytes=4096 * 2**20,
+    )
+    procs.append(gw)
+    warm = tmp_path / "warm.dcm"
+    files.with_new_uids(files.CHEST_CR, warm)
+    assert storescu(gw.dicom_port, [warm]).returncode == 0  # warmed up: its threads exist
+    database = f"sqlite:///{data_dir / 'gateway.sqlite3'}"
+    before = _vm_peak(gw.process.pid)
+    total = 256 * 2**20
+    sent, status = _stream_c_store(gw.dicom_port, total, 64 * 2**10)
+    grown = _vm_peak(gw.process.pid) - before
+    print(f"sent {sent >> 20} MB of {total >> 20} MB, status {status}, peak grew {grown >> 20} MB")
+    assert status is None and sent < 32 * 2**20, f"{sent >> 20} MB sent, status {status}"
+    assert grown < 48 * 2**20, f"peak resident memory grew by {grown >> 20} MB"
+    assert gw.process.poll() is None
+    wait_until(lambda: bool(_events(database, "association.aborted")), 10, "the abort audited")
+    aborted = _events(database, "association.aborted")
+    assert [json.loads(e.detail) for e in aborted] == [{"reason": "dataset_too_large"}]
+    assert aborted[0].actor == "RAWSCU"
+    assert "P-DATA-TF refused, dataset_too_large (dataset bytes of the message" in gw.log()
+    ok = tmp_path / "ok.dcm"
+    files.with_new_uids(files.CHEST_CR, ok)
+    assert storescu(gw.dicom_port, [ok]).returncode == 0, gw.log()[-2000:]
+    assert len(_events(database, "instance.stored")) == 2  # the warm-up and this one
+    assert not _events(database, "instance.failed")
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding(

@@ -5,6 +5,7 @@ ones (the listener's) and requested ones (``EventAE``, the sender's) into DCMTK 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import queue
@@ -22,6 +23,9 @@ from pydicom import dcmread
 from pynetdicom import AE, evt, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.transport import (
@@ -62,6 +66,35 @@ def test_the_upstream_names_and_loops_are_the_ones_reimplemented() -> None:
     assert hasattr(RequestHandler, "_create_association")
 
 
+def test_the_upstream_reading_and_decoding_the_budget_follows() -> None:
+    """``WholePduSocket`` tells a PDU's header from its body by the order of
+    ``_read_pdu_data``'s reads, and ``MessageBudget`` counts what ``decode_msg`` keeps of a
+    message: command and dataset fragments, until a last dataset fragment or a command set
+    without a dataset, the rest of the PDU dropped; closing the socket queues Evt17."""
+    read = inspect.getsource(DULServiceProvider._read_pdu_data)
+    header = read.index("self.socket.recv(6)")
+    known = read.index("if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):")
+    assert header < known < read.index("self.socket.recv(pdu_length)")
+    assert read.count("self.socket.recv(") == 2
+    assert tuple(pynetdicom_events.PDU_TYPES) == (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+    assert pynetdicom.dul._PDU_TYPES[b"\x04"][0] is pynetdicom.pdu.P_DATA_TF
+    decode = inspect.getsource(DIMSEMessage.decode_msg)
+    for line in (
+        "for context_id, data in primitive.presentation_data_value_list:",
+        "if control_header_byte & 1:",
+        "self.encoded_command_set.write(data[1:])",
+        "if control_header_byte & 2:",
+        "if self.command_set.CommandDataSetType == 0x0101:",
+        "cast(BytesIO, self.data_set).write(data[1:])",
+        "if control_header_byte & 2 != 0:",
+    ):
+        assert line in decode, line
+    assert decode.count("return True") == 2  # a whole message ends the PDU's decoding
+    received = inspect.getsource(DIMSEServiceProvider.receive_primitive)
+    assert "self.message = None" in received
+    assert 'self.event_queue.put("Evt17")' in inspect.getsource(AssociationSocket.close)
+
+
 def test_the_upstream_names_the_requestor_relies_on() -> None:
     """EventAE changes a requested association in ``AE._create_socket``, which ``associate``
     calls after creating the association and before ``request`` starts it; a ``send_*`` method
@@ -86,11 +119,102 @@ def test_the_upstream_names_the_requestor_relies_on() -> None:
     assert AddressInformation.__name__ == "AddressInformation"
 
 
+def _command(message: Any, primitive: Any, *, dataset: bool) -> bytes:
+    message.primitive_to_message(primitive)
+    message.command_set.CommandDataSetType = 0x0001 if dataset else 0x0101
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def _store_command() -> bytes:
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    req.AffectedSOPInstanceUID = "1.2.3.4"
+    req.Priority = 2
+    return _command(C_STORE_RQ(), req, dataset=True)
+
+
+def _echo_command() -> bytes:
+    req = C_ECHO()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    return _command(C_ECHO_RQ(), req, dataset=False)
+
+
+def _items(*pdvs: tuple[int, bytes]) -> bytes:
+    """A P-DATA-TF PDU's body: one item per (message control header, fragment)."""
+    return b"".join(struct.pack(">LBB", len(data) + 2, 1, control) + data for control, data in pdvs)
+
+
+COMMAND_LAST, DATASET, DATASET_LAST = 0x03, 0x00, 0x02
+
+
+def test_the_budget_counts_dataset_fragments_until_the_last() -> None:
+    budget = pynetdicom_events.MessageBudget(10_000)
+    assert budget.add(_items((COMMAND_LAST, _store_command()))) is None
+    assert budget.dataset_bytes == 0  # command fragments are not dataset
+    assert budget.add(_items((DATASET, bytes(4000)), (DATASET, bytes(4000)))) is None
+    assert budget.dataset_bytes == 8000
+    assert budget.add(_items((DATASET_LAST, bytes(2000)))) is None  # exactly the limit
+    assert budget.dataset_bytes == 0  # the message is whole: the next one starts from 0
+    for _ in range(3):  # so messages under the limit never add up, however many
+        assert budget.add(_items((COMMAND_LAST, _store_command()))) is None
+        assert budget.add(_items((DATASET, bytes(6000)), (DATASET_LAST, bytes(3000)))) is None
+    assert budget.add(_items((COMMAND_LAST, _store_command()), (DATASET, bytes(9000)))) is None
+    assert budget.add(_items((DATASET, bytes(1000)))) is None
+    assert budget.add(_items((DATASET_LAST, bytes(1)))) == "dataset_too_large"
+
+
+def test_the_budget_ends_a_message_at_a_command_without_dataset() -> None:
+    """Echoes are whole at their command; their command bytes never add up. A command with a
+    dataset keeps the message open; commands piled in one message reach the command limit."""
+    budget = pynetdicom_events.MessageBudget(1000)
+    echo = _echo_command()
+    for _ in range(2 * pynetdicom_events.MAX_COMMAND_BYTES // len(echo)):
+        assert budget.add(_items((COMMAND_LAST, echo))) is None
+    store = _store_command()
+    refusals = [budget.add(_items((COMMAND_LAST, store))) for _ in range(1000)]
+    first = refusals.index("command_too_large")
+    assert first == pynetdicom_events.MAX_COMMAND_BYTES // len(store)
+    # A command that does not say plainly that no dataset follows keeps the message open.
+    budget = pynetdicom_events.MessageBudget(1000)
+    assert budget.add(_items((COMMAND_LAST, echo[:-3]))) is None
+    assert budget.add(_items((DATASET, bytes(900)))) is None
+    assert budget.add(_items((COMMAND_LAST, echo), (DATASET, bytes(200)))) == ("dataset_too_large")
+
+
+def test_the_budget_drops_the_rest_of_a_pdu_after_a_whole_message_as_pynetdicom() -> None:
+    budget = pynetdicom_events.MessageBudget(1000)
+    body = _items(
+        (COMMAND_LAST, _store_command()), (DATASET_LAST, bytes(10)), (DATASET, bytes(999))
+    )
+    assert budget.add(body) is None
+    assert budget.dataset_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        struct.pack(">LBB", 0, 1, DATASET),  # no context ID nor control header
+        struct.pack(">LB", 1, 1),  # no control header
+        struct.pack(">LBB", 1000, 1, DATASET) + bytes(10),  # longer than the PDU
+        struct.pack(">LBB", 0xFFFFFFFF, 1, DATASET),
+        _items((DATASET, bytes(10))) + b"\x00\x00",  # a truncated item header
+    ],
+)
+def test_the_budget_refuses_items_that_do_not_fit_their_pdu(body: bytes) -> None:
+    budget = pynetdicom_events.MessageBudget(1000)
+    assert budget.add(body) == "malformed_pdu"
+
+
 class _Recorded:
     def __init__(self) -> None:
         self.loops: list[tuple[str, str]] = []
         self.aborted = threading.Event()
         self.closed = threading.Event()
+        self.associations: list[Association] = []
 
 
 @pytest.fixture
@@ -103,14 +227,22 @@ def impatient_server() -> Iterator[tuple[int, _Recorded]]:
     yield from _serve(network_timeout=2)
 
 
-def _serve(*, network_timeout: float) -> Iterator[tuple[int, _Recorded]]:
+@pytest.fixture
+def bounded_server() -> Iterator[tuple[int, _Recorded]]:
+    yield from _serve(network_timeout=60, max_dataset_bytes=2**20)
+
+
+def _serve(
+    *, network_timeout: float, max_dataset_bytes: int = 0
+) -> Iterator[tuple[int, _Recorded]]:
     """An in-process SCP whose accepted associations get ``install``: its port, what it saw."""
     recorded = _Recorded()
 
     class Handler(RequestHandler):
         def _create_association(self) -> Association:
             assoc = super()._create_association()
-            pynetdicom_events.install(assoc)
+            pynetdicom_events.install(assoc, max_dataset_bytes=max_dataset_bytes)
+            recorded.associations.append(assoc)
             return assoc
 
     def on_store(event: Event) -> int:
@@ -190,6 +322,8 @@ def test_a_requested_association_stores_releases_and_aborts(storescp: Storescp) 
         "EventDUL",
         "WholePduSocket",
     )
+    budget = assoc.dul.socket.budget  # type: ignore[union-attr]
+    assert budget.max_dataset_bytes == pynetdicom_events.REQUESTOR_MAX_DATASET_BYTES
     statuses = [int(assoc.send_c_store(ds).Status) for _ in range(20)]
     assoc.release()
     assert assoc.is_released and statuses == [0] * 20
@@ -247,6 +381,30 @@ def test_a_reactor_that_wakes_late_never_takes_a_c_store_answer(storescp: Stores
             assoc.release()
     assert statuses == [0] * 5
     assert time.perf_counter() - start < 5  # a lost answer costs the DIMSE timeout, 5 s
+
+
+def test_a_message_over_the_budget_ends_the_accepted_association(
+    bounded_server: tuple[int, _Recorded],
+) -> None:
+    """Instances under the 1 MB limit store, one after another; one whose dataset passes it,
+    in PDUs of 16 KB, closes the connection before it is whole and is never handled."""
+    port, recorded = bounded_server
+    ds = dcmread(files.CHEST_CR)
+    assoc = _associate(port)
+    statuses = [int(assoc.send_c_store(ds).Status) for _ in range(20)]
+    assert statuses == [0] * 20
+    assoc.release()
+    big = dcmread(files.CHEST_CR)
+    big.PixelData = bytes(2 * 2**20)
+    assoc = _associate(port)
+    with contextlib.suppress(OSError):  # the listener closed the connection under the sender
+        assoc.send_c_store(big)
+    assert recorded.aborted.wait(10)
+    assert pynetdicom_events.closed_reason(recorded.associations[-1]) == "dataset_too_large"
+    assert pynetdicom_events.closed_reason(recorded.associations[0]) is None
+    assert len(recorded.loops) == 20
+    if assoc.is_established:
+        assoc.abort()
 
 
 def _stall_mid_pdu(sock: socket.socket) -> None:
