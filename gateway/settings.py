@@ -460,8 +460,11 @@ class Settings(BaseSettings):
         hl7_names = [d.name for d in self.hl7_destinations]
         if len(hl7_names) != len(set(hl7_names)):
             raise ValueError("hl7_destinations have duplicate names")
-        # An attempt must end well within its lease: after it, another worker may take the
-        # delivery over and send the same ORU again while the first still waits for its ACK.
+        # The lease heartbeat (deliveries.LeaseHeartbeat) keeps a running attempt's claim, so an
+        # attempt may outlast the lease. HL7 has no idempotency at all (a second ORU is a second
+        # result), so an HL7 attempt must still end well within one lease, as defense in depth:
+        # should the heartbeat fail to extend it (database unreachable), another worker could
+        # take the delivery over and send the ORU again while the first still waits for its ACK.
         lease = self.job_lease_seconds
         slow = [d.name for d in self.hl7_destinations if 2 * d.timeout_seconds > lease]
         if slow:

@@ -19,9 +19,11 @@ import datetime as dt
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from pydicom import dcmread
@@ -209,6 +211,87 @@ def write_outbox(folder: Path, name: str, data: bytes) -> Path:
 Sender = Callable[[DeliveryJob], dict[str, Any]]
 
 
+def extend_lease(sessions: sessionmaker[Session], job: DeliveryJob, lease_seconds: float) -> bool:
+    """Move this attempt's lease end to now + ``lease_seconds``, only while the attempt still
+    holds its claim (the guard ``finish`` uses: ``sending`` with this attempt's number). False
+    when it no longer does (an administrator changed the row, or another worker claimed it)."""
+    with transaction(sessions) as session:
+        return (
+            rows_changed(
+                session.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id == job.delivery_id,
+                        Delivery.state == DeliveryState.SENDING,
+                        Delivery.attempts == job.attempts,
+                    )
+                    .values(next_attempt_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+                )
+            )
+            == 1
+        )
+
+
+class LeaseHeartbeat:
+    """While an attempt runs, its worker keeps its own lease alive: every ``lease_seconds / 3``
+    a daemon thread calls ``extend_lease``. One attempt may legitimately outlast the lease (a
+    FHIR delivery is several requests, each with retries, timeouts and Retry-After waits; a
+    DICOMweb timeout may be an hour); without the heartbeat another worker would claim the
+    delivery meanwhile and send it a second time, concurrently (conditional creates are not
+    atomic on many FHIR servers: a duplicate report). A worker that dies stops beating, so its
+    lease still runs out and the delivery is retried as before.
+
+    The thread stops when the guard no longer matches (logged; the attempt's outcome is then
+    dropped by ``finish`` as a stale attempt) and when the ``with`` block ends, before the
+    outcome is written. An error in a beat (the database is down) is logged and the next beat
+    tries again; it never ends the attempt."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], job: DeliveryJob, lease_seconds: float
+    ) -> None:
+        self.sessions, self.job, self.lease_seconds = sessions, job, lease_seconds
+        self.interval = lease_seconds / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-heartbeat-{job.delivery_id}", daemon=True
+        )
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()  # no beat after this: the outcome is written next
+
+    def _run(self) -> None:
+        job = self.job
+        while not self._stop.wait(self.interval):
+            try:
+                held = extend_lease(self.sessions, job, self.lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - never end the attempt; next beat retries
+                log.warning(
+                    "delivery %s attempt %s: lease not extended (%s), trying again in %g s",
+                    job.delivery_id,
+                    job.attempts,
+                    type(exc).__name__,
+                    self.interval,
+                )
+                continue
+            if not held:
+                log.warning(
+                    "delivery %s attempt %s no longer holds its claim: lease heartbeat stops",
+                    job.delivery_id,
+                    job.attempts,
+                )
+                return
+
+
 def finish(
     sessions: sessionmaker[Session],
     job: DeliveryJob,
@@ -298,12 +381,15 @@ def attempt(
     actor: str = "worker",
 ) -> str:
     """Claim and try one delivery once; its outcome is audited with ``actor``. Returns its new
-    state (or "skipped-claim")."""
-    if not claim_delivery(sessions, delivery_id, lease_seconds=settings.job_lease_seconds):
+    state (or "skipped-claim"). The claim's lease is kept alive while the sender runs
+    (``LeaseHeartbeat``)."""
+    lease = settings.job_lease_seconds
+    if not claim_delivery(sessions, delivery_id, lease_seconds=lease):
         return "skipped-claim"
     job = load_job(sessions, delivery_id, spool_root=settings.spool_path)
     try:
-        remote = senders[job.kind](job)
+        with LeaseHeartbeat(sessions, job, lease):
+            remote = senders[job.kind](job)
     except HeldDelivery as exc:
         return finish(
             sessions, job, settings=settings, state=DeliveryState.HELD, error=str(exc), actor=actor
