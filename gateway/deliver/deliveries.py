@@ -186,11 +186,13 @@ def load_job(sessions: sessionmaker[Session], delivery_id: int, *, spool_root: P
 
 
 def source_headers(paths: list[Path]) -> list[Dataset]:
+    """The headers of the study's spooled instances that can be read; a damaged file (pydicom
+    raises many kinds of errors, struct.error for a truncated one) is left out, logged."""
     headers: list[Dataset] = []
     for path in paths:
         try:
             headers.append(dcmread(path, stop_before_pixels=True))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one damaged file never fails the delivery
             log.warning("cannot read header of %s: %s", path.name, type(exc).__name__)
     return headers
 

@@ -101,20 +101,24 @@ class Coordinator:
             log.error("audit checkpoint not written: database error %s", type(exc).__name__)
 
     def assemble(self) -> list[int]:
-        """Complete every study that has been quiet long enough and publish its job."""
+        """Complete every study that has been quiet long enough and publish its job. A study
+        that fails here is logged and left for the next pass; the others go on."""
         quiet = self.settings.quiet_seconds
         with self.sessions() as session:
             session.connection(execution_options={READ_ONLY: True})  # no write lock
             candidates = studies.quiet_study_ids(session, quiet)
         jobs: list[int] = []
         for study_id in candidates:
-            route = self.route(study_id)
-            with transaction(self.sessions) as session:
-                job = studies.complete_study(
-                    session=session, study_id=study_id, quiet_seconds=quiet, route=route
-                )
-                if job is not None:
-                    jobs.append(job.id)
+            try:
+                route = self.route(study_id)
+                with transaction(self.sessions) as session:
+                    job = studies.complete_study(
+                        session=session, study_id=study_id, quiet_seconds=quiet, route=route
+                    )
+                    if job is not None:
+                        jobs.append(job.id)
+            except Exception:  # one study never holds back the others
+                log.exception("study %s not completed in this pass; tried again next", study_id)
         for job_id in jobs:
             publish_job(app=self.app, sessions=self.sessions, job_id=job_id)
         return jobs

@@ -18,7 +18,6 @@ import fnmatch
 from dataclasses import dataclass
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -145,7 +144,7 @@ def read_facts(
                     age_years=age.years if age is not None else None,
                 )
             )
-        except (OSError, InvalidDicomError, ValueError, AttributeError):
+        except Exception:  # noqa: BLE001 - a damaged file (pydicom raises many kinds): unreadable
             unreadable += 1
             facts.append(
                 InstanceFacts(row.modality, "", row.sop_class_uid, row.calling_ae, "", "", None)

@@ -231,3 +231,45 @@ def test_a_rule_that_excludes_a_modality(
         studies = {s.study_uid: s for s in session.execute(select(Study)).scalars()}
     assert list(jobs) == [studies[cr_uid].id]
     assert studies[dx_uid].state == StudyState.NOT_ROUTED
+
+
+def test_a_damaged_spool_file_holds_back_no_study(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    """A spooled file cut short (a disk fault) makes pydicom raise struct.error: its study is
+    still routed, the file counted unreadable, and every other study is completed in the same
+    pass; the delivery's header reading leaves the file out."""
+    from gateway.db.models import Instance
+    from gateway.deliver.deliveries import source_headers
+    from gateway.pipeline.celery_app import make_celery
+    from gateway.pipeline.coordinator import Coordinator
+    from gateway.receive.spool import spool_file
+
+    rules = [{"name": "chest", "match": {"body_part": ["CHEST"]}, "destinations": ["outbox"]}]
+    gw = gateway_factory(routing_rules=rules, quiet_seconds=3600)  # its own pass never completes
+    damaged = files.study_files(files.CHILD_CR, tmp_path / "damaged", 1)[0]
+    healthy = files.study_files(files.CHILD_CR, tmp_path / "healthy", 1)[0]
+    assert storescu(gw.port, [damaged, healthy]).returncode == 0
+    uid = {name: str(dcmread(p).StudyInstanceUID) for name, p in (("d", damaged), ("h", healthy))}
+    with gw.sessions() as session:
+        paths = {
+            study_uid: spool_file(gw.settings.spool_path, path)
+            for study_uid, path in session.execute(
+                select(Study.study_uid, Instance.path).join(Instance.study)
+            ).all()
+        }
+    with open(paths[uid["d"]], "r+b") as fh:
+        fh.truncate(152)
+    settings = gw.settings.model_copy(update={"quiet_seconds": 0.0})
+    coordinator = Coordinator(settings=settings, sessions=gw.sessions, app=make_celery(settings))
+    assert len(coordinator.assemble()) == 1  # the healthy study's job
+    with gw.sessions() as session:
+        states = dict(session.execute(select(Study.study_uid, Study.state)).all())
+    # The damaged study matches no rule on a header nobody can read: stored, not routed.
+    assert states == {uid["d"]: StudyState.NOT_ROUTED, uid["h"]: StudyState.QUEUED}
+    (not_routed,) = routed_events(gw, uid["d"])["study.not_routed"]
+    assert not_routed["route"]["unreadable_headers"] == 1
+    (completed,) = routed_events(gw, uid["h"])["study.completed"]
+    assert completed["route"]["rule"] == "chest"
+    headers = source_headers([paths[uid["d"]], paths[uid["h"]]])
+    assert [str(h.StudyInstanceUID) for h in headers] == [uid["h"]]
