@@ -29,8 +29,10 @@ audit_app = typer.Typer(help="The audit log: list, export, verify.", no_args_is_
 deliveries_app = typer.Typer(
     help="Result deliveries (SR to PACS, FHIR to EHR).", no_args_is_help=True
 )
+jobs_app = typer.Typer(help="Inference jobs (one per study version).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(deliveries_app, name="deliveries")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(audit_app, name="audit")
 
 
@@ -396,6 +398,88 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery i
         typer.echo(f"delivery {delivery_id} not found or not failed/held", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"delivery {delivery_id} will be retried at the next reconciliation")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[
+        str | None,
+        typer.Option(help="pending, queued, running, done, failed, superseded"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List inference jobs, newest first."""
+    from sqlalchemy import select
+
+    from gateway.db.models import Job, Study
+    from gateway.db.session import make_engine, make_session_factory
+
+    sessions = make_session_factory(make_engine(_settings().database))
+    query = (
+        select(Job, Study.study_uid, Study.version, Study.state)
+        .join(Study, Study.id == Job.study_id)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    )
+    if state:
+        query = query.where(Job.state == state)
+    with sessions() as session:
+        for j, study_uid, version, study_state in session.execute(query).all():
+            row = {
+                "id": j.id,
+                "study_uid": study_uid,
+                "version": version,
+                "study_state": study_state,
+                "state": j.state,
+                "attempts": j.attempts,
+                "finished_at": j.finished_at.isoformat() if j.finished_at else None,
+                "last_error": j.last_error,
+            }
+            if as_json:
+                typer.echo(json.dumps(row, sort_keys=True))
+            else:
+                error = j.last_error.replace("\n", " ")[:80]
+                typer.echo(
+                    f"{j.id:>6} {j.state:<10} {j.attempts:>3} {study_uid} v{version} {error}"
+                )
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID")],
+    version: Annotated[
+        int | None, typer.Option(min=1, help="study version (default: the latest)")
+    ] = None,
+) -> None:
+    """Process a failed study version again, with a fresh attempt budget (audited); exit 1
+    when it is not failed (or not the study's latest version)."""
+    import getpass
+
+    from gateway.db.session import make_engine, make_session_factory, transaction
+    from gateway.pipeline.celery_app import make_celery, publish_job
+    from gateway.pipeline.tasks import RetryRefused, retry_failed_job
+
+    settings = _settings()
+    sessions = make_session_factory(make_engine(settings.database))
+    try:
+        with transaction(sessions) as session:
+            retried = retry_failed_job(
+                session=session,
+                study_uid=study_uid,
+                version=version,
+                actor=f"cli:{getpass.getuser()}",
+            )
+    except RetryRefused as exc:
+        typer.echo(f"jobs retry: study {study_uid}: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    what = f"study {study_uid} version {retried.version} (job {retried.job_id})"
+    if publish_job(
+        app=make_celery(settings), sessions=sessions, job_id=retried.job_id, reason="retry"
+    ):
+        typer.echo(f"{what} queued for processing again")
+    else:
+        typer.echo(f"{what} will be queued at the next reconciliation (broker unreachable)")
 
 
 @app.command()

@@ -289,6 +289,11 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(default=300.0, gt=0)
     job_lease_seconds: float = Field(default=600.0, gt=0)
     max_job_attempts: int = Field(default=5, ge=1, le=100)
+    # A transient error (disk full, a shared spool briefly unreadable, the database busy) is
+    # retried after base * 2**(attempt - 1) s, at most the cap: with the defaults the 5 attempts
+    # span 2 + 4 + 8 + 16 = 30 min, an outage an operator can see and clear (docs/operations.md).
+    job_retry_backoff_seconds: float = Field(default=120.0, gt=0)
+    job_retry_backoff_max_seconds: float = Field(default=3600.0, gt=0)
 
     # Model
     model_dir: Path | None = None  # default: the model shipped in models/ (or CXR_MODEL_DIR)

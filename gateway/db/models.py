@@ -162,6 +162,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # worker runs started
     publish_count: Mapped[int] = mapped_column(Integer, default=0)  # times sent to the broker
+    # When last handed to the broker; for a job waiting for its retry, when the retry is due.
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     lease_until: Mapped[dt.datetime | None] = mapped_column(default=None)

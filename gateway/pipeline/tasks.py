@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery, Task
@@ -33,6 +34,7 @@ from gateway.pipeline.celery_app import (
     TASK_PROCESS_STUDY,
     job_lost,
     publish_deliveries,
+    publish_job,
 )
 from gateway.pipeline.runtime import DeliveryRuntime, WorkerRuntime
 from gateway.settings import Settings
@@ -42,6 +44,22 @@ log = logging.getLogger(__name__)
 
 class TransientError(GatewayError):
     """Worth retrying later (a peer is down, the database is busy)."""
+
+
+# A job's states in which it may still run: an earlier version of a study in one of these holds
+# back the later versions (their reports amend its report, so it must be made first).
+UNFINISHED_JOB = (JobState.PENDING, JobState.QUEUED, JobState.RUNNING)
+
+
+def job_retry_delay(settings: Settings, attempts: int) -> float:
+    """Seconds before the next attempt of a job whose attempt number ``attempts`` met a
+    transient error: ``CXR_JOB_RETRY_BACKOFF_SECONDS`` doubled per attempt, at most
+    ``CXR_JOB_RETRY_BACKOFF_MAX_SECONDS``. With the defaults (120 s, 1 h) the 5 attempts span
+    2 + 4 + 8 + 16 = 30 min: a full disk or a shared spool that is briefly away gets the time
+    an operator needs to clear it, not the 30 s that 2, 4, 8, 16 s gave."""
+    exponent = min(max(0, attempts - 1), 32)  # no float overflow with a large attempt limit
+    delay = settings.job_retry_backoff_seconds * 2**exponent
+    return float(min(settings.job_retry_backoff_max_seconds, delay))
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
@@ -114,7 +132,17 @@ def claim_job(
     A job whose holder is gone (its lease expired, or its process on this host has exited,
     killed by the kernel for its memory, say) is taken over, and the loss is recorded on the
     job; after ``attempt_limit`` attempts it fails for good with that reason instead, so an
-    input that kills every worker that opens it never stays `running`."""
+    input that kills every worker that opens it never stays `running`.
+
+    A later version of a study is not claimed while an earlier version's job is pending,
+    queued or running: its report amends the earlier one, which must exist first. It stays
+    queued, with no attempt used (``job.deferred``); when the earlier job ends (done or
+    failed) the worker publishes it again (``publish_later_versions``), and the reconciler
+    does after ``CXR_REQUEUE_AFTER_SECONDS`` should that message be lost.
+
+    The study row is locked before the job row is updated (``SELECT ... FOR UPDATE`` on
+    PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` locks the database), the order in which
+    ``studies.study_for_new_instance`` takes them, so the two never deadlock."""
     now = utcnow()
     if attempt_limit is not None:
         cause = _holder_gone(sessions, job_id, now)
@@ -130,6 +158,14 @@ def claim_job(
                 return None
             now = utcnow()
     with transaction(sessions) as session:
+        study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar()
+        if study_id is None:
+            return None
+        study = _lock_study(session, study_id)
+        earlier = _unfinished_earlier_version(session, study) if study.version > 1 else None
+        if earlier is not None:
+            _defer(session, job_id, study, earlier, worker, now)
+            return None
         claimed = rows_changed(
             session.execute(
                 update(Job)
@@ -153,8 +189,6 @@ def claim_job(
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        study = session.get(Study, job.study_id)
-        assert study is not None
         study.state = StudyState.PROCESSING
         record_event(
             session=session,
@@ -164,6 +198,89 @@ def claim_job(
             detail={"job_id": job_id, "study_id": study.id, "attempt": job.attempts},
         )
         return study
+
+
+def _lock_study(session: Session, study_id: int) -> Study:
+    """The study row, locked for this transaction on PostgreSQL (SQLite: BEGIN IMMEDIATE)."""
+    query = select(Study).where(Study.id == study_id)
+    if session.connection().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.execute(query).scalar_one()
+
+
+def _unfinished_earlier_version(session: Session, study: Study) -> int | None:
+    """The latest earlier version of the study whose job may still run, or None."""
+    return session.execute(
+        select(Study.version)
+        .join(Job, Job.study_id == Study.id)
+        .where(
+            Study.study_uid == study.study_uid,
+            Study.version < study.version,
+            Job.state.in_(UNFINISHED_JOB),
+        )
+        .order_by(Study.version.desc())
+        .limit(1)
+    ).scalar()
+
+
+def _defer(
+    session: Session, job_id: int, study: Study, earlier: int, worker: str, now: Any
+) -> None:
+    """Leave a claimable job for later, no attempt used. Its ``enqueued_at`` moves to now, so
+    the reconciler publishes it again only after CXR_REQUEUE_AFTER_SECONDS."""
+    deferred = rows_changed(
+        session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                or_(
+                    Job.state.in_([JobState.PENDING, JobState.QUEUED]),
+                    (Job.state == JobState.RUNNING) & (Job.lease_until < now),
+                ),
+            )
+            .values(enqueued_at=now)
+        )
+    )
+    if deferred:
+        record_event(
+            session=session,
+            kind="job.deferred",
+            outcome="warning",
+            actor=worker,
+            study_uid=study.study_uid,
+            detail={
+                "job_id": job_id,
+                "study_id": study.id,
+                "version": study.version,
+                "waits_for_version": earlier,
+            },
+        )
+
+
+def publish_later_versions(app: Celery, sessions: sessionmaker[Session], job_id: int) -> int:
+    """After job ``job_id`` ended (done or failed), publish the waiting jobs of the study's
+    later versions (``claim_job`` deferred them). Returns how many the broker took; the
+    reconciler publishes the others later."""
+    with sessions() as session:
+        study = session.execute(
+            select(Study).join(Job, Job.study_id == Study.id).where(Job.id == job_id)
+        ).scalar()
+        if study is None:
+            return 0
+        waiting = list(
+            session.execute(
+                select(Job.id)
+                .join(Study, Study.id == Job.study_id)
+                .where(
+                    Study.study_uid == study.study_uid,
+                    Study.version > study.version,
+                    Job.state.in_([JobState.PENDING, JobState.QUEUED]),
+                )
+                .order_by(Study.version)
+            ).scalars()
+        )
+    reason = f"version {study.version} finished"
+    return sum(publish_job(app=app, sessions=sessions, job_id=j, reason=reason) for j in waiting)
 
 
 def _holder_gone(sessions: sessionmaker[Session], job_id: int, now: Any) -> str | None:
@@ -208,36 +325,118 @@ def finish_job(
     study_state: StudyState,
     error: str = "",
     worker: str = "",
+    retry_in: float = 0.0,
 ) -> None:
+    """End an attempt: done, failed, or queued again with its next attempt ``retry_in``
+    seconds from now (``enqueued_at`` becomes that time: the reconciler publishes it again
+    only if that message is lost, CXR_REQUEUE_AFTER_SECONDS after it was due)."""
     with transaction(sessions) as session:
+        study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar_one()
+        study = _lock_study(session, study_id)  # study, then job: as claim_job and ingest
         job = session.get(Job, job_id)
         assert job is not None
-        study = session.get(Study, job.study_id)
-        assert study is not None
+        now = utcnow()
         job.state = state
-        job.finished_at = utcnow() if state in (JobState.DONE, JobState.FAILED) else None
+        job.finished_at = now if state in (JobState.DONE, JobState.FAILED) else None
         job.lease_until = None
         job.last_error = error[:2000]
+        if state == JobState.QUEUED:
+            job.enqueued_at = now + _seconds(retry_in)
         study.state = study_state
         kind = {
             JobState.DONE: "job.done",
             JobState.FAILED: "job.failed",
             JobState.QUEUED: "job.retry_scheduled",
         }[state]
+        detail: dict[str, Any] = {
+            "job_id": job_id,
+            "study_id": study.id,
+            "attempt": job.attempts,
+            "study_state": str(study_state),
+            "error": error[:500],
+        }
+        if state == JobState.QUEUED:
+            detail["retry_in_seconds"] = retry_in
         record_event(
             session=session,
             kind=kind,
             outcome="success" if state == JobState.DONE else "failure",
             actor=worker,
             study_uid=study.study_uid,
-            detail={
-                "job_id": job_id,
-                "study_id": study.id,
-                "attempt": job.attempts,
-                "study_state": str(study_state),
-                "error": error[:500],
-            },
+            detail=detail,
         )
+
+
+class RetryRefused(GatewayError):
+    """An administrator's retry of a job that is not failed, or not the study's latest."""
+
+
+@dataclass(frozen=True)
+class RetriedJob:
+    job_id: int
+    study_id: int
+    version: int
+
+
+def retry_failed_job(
+    *, session: Session, study_uid: str, version: int | None = None, actor: str
+) -> RetriedJob:
+    """An administrator puts the failed job of a study version back (audited,
+    ``job.retry_requested``): the job is pending again with a fresh attempt budget and the
+    version ``complete``, so it is processed again once published (the caller publishes it;
+    the reconciler does otherwise). ``version`` defaults to the latest; an earlier one is
+    refused, since the latest version is inferred on all the images of the earlier ones.
+    Raises RetryRefused, saying why, when there is nothing to retry. In the caller's
+    transaction; the study row is locked first (as claim_job does)."""
+    latest = session.execute(
+        select(Study.version)
+        .where(Study.study_uid == study_uid)
+        .order_by(Study.version.desc())
+        .limit(1)
+    ).scalar()
+    if latest is None:
+        raise RetryRefused("no study with this Study Instance UID", study_uid=study_uid)
+    version = latest if version is None else version
+    study_id = session.execute(
+        select(Study.id).where(Study.study_uid == study_uid, Study.version == version)
+    ).scalar()
+    if study_id is None:
+        raise RetryRefused(
+            f"the study has no version {version} (latest: {latest})", study_uid=study_uid
+        )
+    if version < latest:
+        raise RetryRefused(
+            f"version {version} is not the latest: version {latest} covers its images",
+            study_uid=study_uid,
+        )
+    study = _lock_study(session, study_id)
+    job = session.execute(
+        select(Job).where(Job.study_id == study_id).order_by(Job.id.desc()).limit(1)
+    ).scalar()
+    if study.state != StudyState.FAILED or job is None or job.state != JobState.FAILED:
+        raise RetryRefused(
+            f"version {version} is {study.state}, not failed: nothing to retry",
+            study_uid=study_uid,
+        )
+    previous_attempts = job.attempts
+    job.state = JobState.PENDING
+    job.attempts = 0
+    job.lease_until = job.finished_at = job.enqueued_at = None
+    job.worker = ""
+    study.state = StudyState.COMPLETE
+    record_event(
+        session=session,
+        kind="job.retry_requested",
+        actor=actor,
+        study_uid=study_uid,
+        detail={
+            "job_id": job.id,
+            "study_id": study_id,
+            "version": version,
+            "previous_attempts": previous_attempts,
+        },
+    )
+    return RetriedJob(job.id, study_id, version)
 
 
 def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: str) -> str:
@@ -253,7 +452,8 @@ def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: 
     try:
         new_state = runtime.process(runtime, study)
     except (TransientError, OperationalError, OSError) as exc:
-        # A database that is down or busy, a full disk: worth another attempt later.
+        # A database that is down or busy, a full disk, a shared spool briefly away: worth
+        # another attempt later, minutes later (job_retry_delay), not seconds.
         if attempts < attempt_limit:
             finish_job(
                 runtime.sessions,
@@ -262,6 +462,7 @@ def run_job(runtime: WorkerRuntime, job_id: int, *, attempt_limit: int, worker: 
                 study_state=StudyState.QUEUED,
                 error=str(exc),
                 worker=worker,
+                retry_in=job_retry_delay(runtime.settings, attempts),
             )
             return "retry"
         finish_job(
@@ -376,11 +577,16 @@ def _register_process_study(app: Celery, runtime: Callable[[], WorkerRuntime]) -
                     study_id=study_id,
                     republish_after=rt.settings.requeue_after_seconds,
                 )
+        if outcome in ("done", "failed"):
+            publish_later_versions(self.app, rt.sessions, int(job_id))
         if outcome == "retry":
-            attempt = self.request.retries + 1
-            raise self.retry(
-                countdown=min(300, 2**attempt), max_retries=rt.settings.max_job_attempts
-            )
+            # The delay of the attempt that failed, as run_job stored it (the job's attempts,
+            # not the message's retries: a message published again starts those at 0). The
+            # attempt limit is the job's, counted in the database.
+            with rt.sessions() as session:
+                job = session.get(Job, int(job_id))
+                attempts = job.attempts if job else 1
+            raise self.retry(countdown=job_retry_delay(rt.settings, attempts), max_retries=None)
         return outcome
 
 

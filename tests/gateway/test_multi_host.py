@@ -124,6 +124,7 @@ def hosts(
         "CXR_RECONCILE_INTERVAL_SECONDS": "1",
         "CXR_REQUEUE_AFTER_SECONDS": "10",
         "CXR_MAX_JOB_ATTEMPTS": "6",
+        "CXR_JOB_RETRY_BACKOFF_SECONDS": "2",  # the storage fault of step 1: seconds apart
         "CXR_MODEL_DIR": str(model_dir),
     }
     running = Hosts(tmp_path, env)

@@ -33,7 +33,14 @@ def test_unreadable_spool_file_is_retried_then_fails_never_partial(
     attempts with the reason (instance, host, error), the study is failed, no finding, no
     delivery, no image declined."""
     database = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
-    env = process_env(tmp_path, model_dir, database, redis_server.url, CXR_MAX_JOB_ATTEMPTS="2")
+    env = process_env(
+        tmp_path,
+        model_dir,
+        database,
+        redis_server.url,
+        CXR_MAX_JOB_ATTEMPTS="2",
+        CXR_JOB_RETRY_BACKOFF_SECONDS="2",  # retried seconds apart, not minutes
+    )
     listener = start_gateway(env, tmp_path / "listen.log", ("listen",))
     procs.append(listener)
     db = Recorded(database)
