@@ -68,9 +68,10 @@ def order_identifier(finding: StudyFinding, config: FhirMappingConfig) -> tuple[
 def earlier_version(finding: StudyFinding, config: FhirMappingConfig, ehr: EhrRecords) -> Json:
     """The reference to the version this one replaces; {} when there is none.
 
-    From the EHR: the newest version there that is not this one, as a versioned reference
-    (a retried delivery finds its own version on top, when the transaction went through but the
-    answer was lost: the one below it is then the earlier version); {} when the EHR holds no
+    From the EHR: the newest version there that is older than this one, as a versioned
+    reference (a retried delivery finds its own version on top, when the transaction went
+    through but the answer was lost: the one below it is then the earlier version; a later
+    version of the study found there is never the one this replaces); {} when the EHR holds no
     earlier version. Without the EHR (the outbox): a logical reference by the identifier of the
     version the finding says it amends.
     """
@@ -88,6 +89,8 @@ def earlier_version(finding: StudyFinding, config: FhirMappingConfig, ehr: EhrRe
         ]
         if any(i["value"] == ours for i in versions):
             continue
+        if any((_version_number(i["value"]) or 0) >= finding.version for i in versions):
+            continue  # this version or a later one of the study: not the one this replaces
         rid, vid = resource.get("id"), resource.get("meta", {}).get("versionId")
         if not rid or not vid:
             continue
@@ -96,6 +99,12 @@ def earlier_version(finding: StudyFinding, config: FhirMappingConfig, ehr: EhrRe
             ref["identifier"] = {"system": system, "value": versions[0]["value"]}
         return ref
     return {}
+
+
+def _version_number(value: str) -> int | None:
+    """N of a version identifier ``<report id>/v<N>`` (``report_version_id``); None otherwise."""
+    _, sep, number = str(value).rpartition("/v")
+    return int(number) if sep and number.isdigit() else None
 
 
 def _patient_id_of(reference: Json) -> str:

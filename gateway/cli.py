@@ -386,15 +386,21 @@ def deliveries_retry(delivery_id: Annotated[int, typer.Argument(help="delivery i
     """Ask for another attempt of a failed or held delivery (audited); a worker sends it."""
     import getpass
 
+    from gateway.db.models import Delivery, DeliveryState
     from gateway.db.session import make_engine, make_session_factory, transaction
     from gateway.deliver.deliveries import retry_delivery
 
     sessions = make_session_factory(make_engine(_settings().database))
     with transaction(sessions) as session:
-        done = retry_delivery(
+        outcome = retry_delivery(
             session=session, delivery_id=delivery_id, actor=f"cli:{getpass.getuser()}"
         )
-    if not done:
+        delivery = session.get(Delivery, delivery_id)
+        error = delivery.last_error if delivery else ""
+    if outcome == DeliveryState.SKIPPED:  # a later version went to the same destination
+        typer.echo(f"delivery {delivery_id} not retried: {error}; marked skipped", err=True)
+        raise typer.Exit(code=1)
+    if not outcome:
         typer.echo(f"delivery {delivery_id} not found or not failed/held", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"delivery {delivery_id} will be retried at the next reconciliation")

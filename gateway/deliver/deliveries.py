@@ -28,7 +28,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.audit import record_event
@@ -116,8 +116,20 @@ def create_deliveries(*, session: Session, settings: Settings, study: Study) -> 
     session.flush()
 
 
-def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seconds: float) -> bool:
+def claim_delivery(
+    sessions: sessionmaker[Session],
+    delivery_id: int,
+    lease_seconds: float,
+    *,
+    max_attempts: int | None = None,
+) -> bool:
+    """Claim a due delivery for one attempt (attempts + 1, the lease in ``next_attempt_at``).
+    A ``sending`` row whose lease expired is claimed again only while it has attempts left
+    (``max_attempts``); one that has none is ``worker_lost``'s to fail."""
     now = utcnow()
+    lost = (Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at < now)
+    if max_attempts is not None:
+        lost = lost & (Delivery.attempts < max_attempts)
     with transaction(sessions) as session:
         return (
             rows_changed(
@@ -127,8 +139,7 @@ def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seco
                         Delivery.id == delivery_id,
                         or_(
                             Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRYING]),
-                            (Delivery.state == DeliveryState.SENDING)
-                            & (Delivery.next_attempt_at < now),
+                            lost,
                         ),
                     )
                     .values(
@@ -140,6 +151,79 @@ def claim_delivery(sessions: sessionmaker[Session], delivery_id: int, lease_seco
             )
             == 1
         )
+
+
+WORKER_LOST = "worker lost during the last attempt (its lease expired without an outcome)"
+
+
+def worker_lost(
+    sessions: sessionmaker[Session], delivery_id: int, *, max_attempts: int, actor: str
+) -> bool:
+    """Fail a delivery whose worker died in its last allowed attempt (the row is ``sending``,
+    its lease expired, ``max_attempts`` used): ``finish`` never ran, so without this it would
+    be claimed again forever (an input that kills every worker that sends it). Audited as
+    ``delivery.failed``; an administrator may retry it like any failed delivery. True when it
+    was failed here."""
+    now = utcnow()
+    with transaction(sessions) as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.attempts < max_attempts:
+            return False
+        error = f"gave up after {delivery.attempts} attempts: {WORKER_LOST}"
+        changed = rows_changed(
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.id == delivery_id,
+                    Delivery.state == DeliveryState.SENDING,
+                    Delivery.next_attempt_at < now,
+                    Delivery.attempts == delivery.attempts,
+                )
+                .values(state=DeliveryState.FAILED, last_error=error, next_attempt_at=None)
+            )
+        )
+        if changed != 1:
+            return False
+        study = session.get(Study, delivery.study_id)
+        record_event(
+            session=session,
+            kind="delivery.failed",
+            outcome="failure",
+            actor=actor,
+            study_uid=study.study_uid if study else "",
+            detail={
+                "delivery_id": delivery_id,
+                "destination": delivery.destination,
+                "attempt": delivery.attempts,
+                "error": error,
+                "reason": "worker_lost",
+            },
+        )
+        return True
+
+
+def superseded_by(session: Session, delivery: Delivery) -> int | None:
+    """The newest later version of the delivery's study that has a delivery of the same kind
+    and destination (in whatever state), or None. Sending this one after it would overwrite the
+    newer report (the FHIR report is a PUT on one identifier, HL7 a corrected result)."""
+    study = session.get(Study, delivery.study_id)
+    if study is None:
+        return None
+    newest: int | None = session.execute(
+        select(func.max(Study.version))
+        .join(Delivery, Delivery.study_id == Study.id)
+        .where(
+            Study.study_uid == study.study_uid,
+            Study.version > study.version,
+            Delivery.kind == delivery.kind,
+            Delivery.destination == delivery.destination,
+        )
+    ).scalar()
+    return newest
+
+
+def superseded_error(version: int) -> str:
+    return f"superseded by version {version}: not sent (it would replace the newer report)"
 
 
 @dataclass
@@ -385,10 +469,25 @@ def attempt(
     """Claim and try one delivery once; its outcome is audited with ``actor``. Returns its new
     state (or "skipped-claim"). The claim's lease is kept alive while the sender runs
     (``LeaseHeartbeat``)."""
-    lease = settings.job_lease_seconds
-    if not claim_delivery(sessions, delivery_id, lease_seconds=lease):
+    lease, limit = settings.job_lease_seconds, settings.delivery_max_attempts
+    if worker_lost(sessions, delivery_id, max_attempts=limit, actor=actor):
+        return DeliveryState.FAILED
+    if not claim_delivery(sessions, delivery_id, lease_seconds=lease, max_attempts=limit):
         return "skipped-claim"
     job = load_job(sessions, delivery_id, spool_root=settings.spool_path)
+    with sessions() as session:
+        delivery = session.get(Delivery, delivery_id)
+        newer = superseded_by(session, delivery) if delivery is not None else None
+    if newer is not None:  # a later version of the study went (or goes) to this destination
+        return finish(
+            sessions,
+            job,
+            settings=settings,
+            state=DeliveryState.SKIPPED,
+            error=superseded_error(newer),
+            detail={"reason": "superseded", "superseded_by_version": newer},
+            actor=actor,
+        )
     try:
         with LeaseHeartbeat(sessions, job, lease):
             remote = senders[job.kind](job)
@@ -436,12 +535,40 @@ def due_deliveries(session: Session, *, now: dt.datetime) -> list[int]:
     )
 
 
-def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> bool:
-    """An administrator asks for another attempt of a failed or held delivery (audited)."""
+def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> str:
+    """An administrator asks for another attempt of a failed or held delivery (audited).
+
+    Returns ``retrying``; ``skipped`` when a later version of the study has a delivery of the
+    same kind and destination: it is not sent again (it would replace the newer report in the
+    EHR or PACS) but closed as skipped, its ``last_error`` says by which version, audited as
+    ``delivery.skipped``; "" when there is no such delivery or it is not retryable."""
     delivery = session.get(Delivery, delivery_id)
     if delivery is None or delivery.state not in RETRYABLE_DELIVERY:
-        return False
+        return ""
     study = session.get(Study, delivery.study_id)
+    newer = superseded_by(session, delivery)
+    if newer is not None:
+        error = superseded_error(newer)
+        delivery.state, delivery.last_error, delivery.next_attempt_at = (
+            DeliveryState.SKIPPED,
+            error,
+            None,
+        )
+        record_event(
+            session=session,
+            kind="delivery.skipped",
+            actor=actor,
+            study_uid=study.study_uid if study else "",
+            detail={
+                "delivery_id": delivery_id,
+                "destination": delivery.destination,
+                "error": error,
+                "reason": "superseded",
+                "superseded_by_version": newer,
+                "retry_requested": True,
+            },
+        )
+        return DeliveryState.SKIPPED
     delivery.state, delivery.attempts, delivery.next_attempt_at = (
         DeliveryState.RETRYING,
         0,
@@ -454,4 +581,4 @@ def retry_delivery(*, session: Session, delivery_id: int, actor: str) -> bool:
         study_uid=study.study_uid if study else "",
         detail={"delivery_id": delivery_id, "destination": delivery.destination},
     )
-    return True
+    return DeliveryState.RETRYING

@@ -179,14 +179,17 @@ def heatmap(request: Request, user: Reader, study_id: int, sop: str) -> Response
     )
 
 
-def _retry(request: Request, user: CurrentUser, delivery_id: int) -> bool:
+def _retry(request: Request, user: CurrentUser, delivery_id: int) -> str:
+    """``retry_delivery``'s outcome: "retrying", "skipped" (superseded by a later version:
+    not resent), "" (refused, audited)."""
     with transaction(context(request).sessions) as session:
         from gateway.db.models import Delivery
 
-        done = retry_delivery(session=session, delivery_id=delivery_id, actor=user.username)
+        outcome = retry_delivery(session=session, delivery_id=delivery_id, actor=user.username)
         delivery = session.get(Delivery, delivery_id)
         study_id = delivery.study_id if delivery else None
-    if not done:
+        request.state.retry_error = delivery.last_error if delivery else ""
+    if not outcome:
         audit(
             request,
             kind="delivery.retry_refused",
@@ -195,7 +198,7 @@ def _retry(request: Request, user: CurrentUser, delivery_id: int) -> bool:
             detail={"delivery_id": delivery_id, "study_id": study_id},
         )
     request.state.retry_study_id = study_id
-    return done
+    return outcome
 
 
 @router.post("/deliveries/{delivery_id}/retry", include_in_schema=False)
@@ -203,11 +206,12 @@ def retry_form(
     request: Request, user: Admin, delivery_id: int, csrf: Annotated[str, Form()] = ""
 ) -> Response:
     check_csrf(request, user, csrf)
-    done = _retry(request, user, delivery_id)
+    outcome = _retry(request, user, delivery_id)
     study_id = request.state.retry_study_id
     if study_id is None:
         return render(request, "error.html", 404, message=f"There is no delivery {delivery_id}.")
-    flag = "ok" if done else "refused"
+    flags: dict[str, str] = {DeliveryState.RETRYING: "ok", DeliveryState.SKIPPED: "superseded"}
+    flag = flags.get(outcome, "refused")
     return RedirectResponse(f"/studies/{study_id}?retried={flag}", status_code=303)
 
 
@@ -215,7 +219,10 @@ def retry_form(
 def retry_api(request: Request, user: Admin, delivery_id: int) -> Response:
     """Ask for another attempt of a failed or held delivery (admin, X-CSRF-Token; audited)."""
     check_csrf(request, user, None)
-    if not _retry(request, user, delivery_id):
+    outcome = _retry(request, user, delivery_id)
+    if outcome == DeliveryState.SKIPPED:  # a later version went to the same destination
+        return problem(409, "Conflict", f"not retried: {request.state.retry_error}; skipped")
+    if not outcome:
         return problem(409, "Conflict", "no such delivery, or it is not failed or held")
     return JSONResponse(
         {"delivery_id": delivery_id, "state": DeliveryState.RETRYING}, status_code=202

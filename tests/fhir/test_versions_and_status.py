@@ -108,6 +108,34 @@ def test_outbox_amendment_names_the_earlier_version_by_identifier(
     assert prov["activity"]["coding"][0]["code"] == "UPDATE"
 
 
+def test_a_later_version_in_the_ehr_is_never_the_one_revised(
+    mapping_config: FhirMappingConfig,
+) -> None:
+    """The EHR holds versions 3 (newest) and 1 of the report; version 2, if it is ever built
+    (its delivery is skipped as superseded, gateway.deliver.deliveries), names version 1 as the
+    one it revises, not the later version 3."""
+    from fhir_mappings.ehr import earlier_version
+    from tests.fhir.conftest import found
+
+    def in_ehr(number: int, version_id: str) -> dict[str, Any]:
+        value = f"{report_id_for(STUDY_UID, number)}/v{number}"
+        return {
+            "resourceType": "DiagnosticReport",
+            "id": "r1",
+            "meta": {"versionId": version_id},
+            "identifier": [{"system": VERSION_SYSTEM, "value": value}],
+        }
+
+    v2 = version_of(make_finding(0.95, version=2), legacy=False)
+    ehr = found(report_versions=(in_ehr(3, "2"), in_ehr(1, "1")))
+    assert earlier_version(v2, mapping_config, ehr) == {
+        "reference": "DiagnosticReport/r1/_history/1",
+        "identifier": {"system": VERSION_SYSTEM, "value": f"{report_id_for(STUDY_UID, 1)}/v1"},
+    }
+    only_later = found(report_versions=(in_ehr(3, "1"),))
+    assert earlier_version(v2, mapping_config, only_later) == {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("policy", "expected"),

@@ -624,3 +624,48 @@ def test_upload_of_an_upside_down_chest_gives_no_result_with_the_reason(api: Api
         else:  # without the upside-down check, this normal film was called pneumonia
             assert body["result"] == "no result" and body["probability"] is None
             assert "upside down" in body["declined_reason"]
+
+
+def test_a_superseded_delivery_is_not_retried(api: Api, sqlite_web_settings: Settings) -> None:
+    """An administrator retries version 2's failed EHR delivery after version 3's was
+    delivered: refused with the reason (resending would replace the newer report), the row is
+    closed as skipped, nothing is scheduled; the page says so too."""
+    from gateway.db.migrate import upgrade
+    from gateway.db.models import Delivery, Study
+
+    engine = make_engine(sqlite_web_settings.database)
+    upgrade(engine)
+    sessions = make_session_factory(engine)
+    ids = {}
+    with transaction(sessions) as session:
+        for version, state in ((2, "failed"), (3, "delivered")):
+            study = Study(study_uid="1.2.3.4", version=version, state="reported")
+            session.add(study)
+            session.flush()
+            row = Delivery(study_id=study.id, kind="fhir", destination="ehr", state=state)
+            session.add(row)
+            session.flush()
+            ids[version] = (study.id, row.id)
+        page_row = Delivery(study_id=ids[2][0], kind="hl7", destination="ris", state="held")
+        session.add(page_row)
+        session.add(Delivery(study_id=ids[3][0], kind="hl7", destination="ris", state="pending"))
+        session.flush()
+        page_id = page_row.id
+    admin = api("admin")
+
+    r = admin.post(f"/api/deliveries/{ids[2][1]}/retry")
+    assert r.status_code == 409
+    assert r.json()["detail"].startswith("not retried: superseded by version 3")
+    csrf = {"csrf": admin.headers["X-CSRF-Token"]}
+    r = admin.post(f"/deliveries/{page_id}/retry", data=csrf, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].endswith("?retried=superseded")
+    assert "a later version of this study" in admin.get(r.headers["location"]).text
+
+    with sessions() as session:
+        for delivery_id in (ids[2][1], page_id):
+            row = session.get(Delivery, delivery_id)
+            assert row is not None
+            assert (row.state, row.next_attempt_at) == ("skipped", None)
+    assert [json.loads(e.detail)["superseded_by_version"] for e in events(
+        sqlite_web_settings, "delivery.skipped")] == [3, 3]  # fmt: skip
+    assert events(sqlite_web_settings, "delivery.retry_requested") == []
