@@ -34,7 +34,7 @@ def make_dataset(
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = modality
     ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
+    ds.ViewPosition = "AP"  # the model's population: anterior-posterior films
     arr = np.asarray(pixels)
     if arr.ndim == 3:
         ds.NumberOfFrames = arr.shape[0]

@@ -27,7 +27,7 @@ def test_intended_use_states_the_population_checks_figures() -> None:
     adults = report["by_category"]["frontal_chest_adult"]
     val = report["validation_declined"]
     assert f"{adults['declined']} of {adults['n']} adult frontal films" in card
-    assert f"wrongly declining {val['declined']} of {val['n']}" in card
+    assert f"wrongly declines {val['declined']} of {val['n']}" in card
     assert f"{adults['n'] - adults['declined']} of {adults['n']} adult films without an age" in card
     # Without a population check the card says only what the export knows.
     plain = render_model_card(replace(meta, population=None), summary)
