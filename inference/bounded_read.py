@@ -338,15 +338,18 @@ def image_file_dimensions(data: bytes) -> tuple[int, int] | None:
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)
     if data[:2] == b"\xff\xd8":
-        return _jpeg_dimensions(data)
+        return jpeg_dimensions(data)
     return None
 
 
-# Start-of-frame markers (baseline, extended, progressive, lossless, and the arithmetic ones).
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Start-of-frame markers (baseline, extended, progressive, lossless, the arithmetic ones, and
+# JPEG-LS's SOF55).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
 
 
-def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
+def jpeg_dimensions(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG or JPEG-LS frame header (SOF); ValueError when there is
+    none before the scan. Also reads the frames in DICOM Pixel Data (inference.codestream)."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:

@@ -14,17 +14,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from inference.bounded_read import jpeg_dimensions
+
 _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD)
 _JPEG_SOI = b"\xff\xd8"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
-# Start-of-frame markers: JPEG's SOF0-3, 5-7, 9-11, 13-15, and JPEG-LS's SOF55.
-_SOF_MARKERS = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC)}) | {
-    *range(0xCD, 0xD0),
-    0xF7,
-}
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length
 # How far into a JP2 file its codestream (and its SIZ) may start: the boxes before it are small.
 _JP2_SEARCH_BYTES = 1 << 16
 # How much of a frame is read for its header: a JPEG's SOF follows its APP segments (at most
@@ -85,7 +81,13 @@ def frame_size(fragment: bytes) -> tuple[int, int] | None:
     not start with a JPEG, JPEG-LS or JPEG 2000 frame. FrameSizeError when it starts one whose
     size cannot be read."""
     if fragment.startswith(_JPEG_SOI):
-        return _jpeg_size(fragment)
+        try:
+            columns, rows = jpeg_dimensions(fragment)
+        except (ValueError, struct.error) as exc:
+            raise FrameSizeError(f"a JPEG frame whose size cannot be read ({exc})") from exc
+        if rows == 0:  # the number of lines given later by a DNL marker: refused
+            raise FrameSizeError("a JPEG frame that does not state its number of lines")
+        return rows, columns
     if fragment.startswith(_J2K_SOC_SIZ):
         return _siz_size(fragment, 4)
     if fragment.startswith(_JP2_SIGNATURE):
@@ -112,35 +114,6 @@ def _fragments(pixel_data: memoryview) -> Iterator[memoryview]:
         if not first:
             yield pixel_data[start : start + length]
         position, first = start + length, False
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    """The SOF segment's number of lines and samples per line (ITU-T T.81 B.2.2, T.87)."""
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            raise FrameSizeError("a JPEG frame whose markers cannot be followed")
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            position += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
-            break
-        (length,) = struct.unpack_from(">H", data, position + 2)
-        if marker in _SOF_MARKERS:
-            if length < 8 or position + 9 > len(data):
-                break
-            lines, samples = struct.unpack_from(">HH", data, position + 5)
-            if lines == 0:  # the number of lines given later by a DNL marker: refused
-                raise FrameSizeError("a JPEG frame that does not state its number of lines")
-            return lines, samples
-        if length < 2:
-            break
-        position += 2 + length
-    raise FrameSizeError("a JPEG frame whose size cannot be read")
 
 
 def _siz_size(data: bytes, at: int) -> tuple[int, int]:
